@@ -1,0 +1,125 @@
+"""``ModelParallelConfig``: how a model is split and run, shared by every parallel layer.
+
+Parallel layers, pipeline schedules and DDP read this config; ``TransformerConfig``
+extends it with the model's shape. Field names are Megatron-Core's, so configs written
+for it port unchanged. Hooks (``finalize_model_grads_func``, ``no_sync_func`` ...) are set
+by the training loop, not by users, and are not part of a model's identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ContextManager, Optional
+
+import torch
+
+__all__ = ["ModelParallelConfig"]
+
+
+@dataclasses.dataclass
+class ModelParallelConfig:
+    """Parallel degrees, precision and the hooks the schedules call."""
+
+    # -- degrees ------------------------------------------------------------------------
+    tensor_model_parallel_size: int = 1
+    """Ranks that split every weight matrix (Megatron tensor parallelism)."""
+
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the layers into consecutive stages."""
+
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank for the interleaved schedule (None: not interleaved)."""
+
+    sequence_parallel: bool = False
+    """Split activations outside the tensor-parallel region along the sequence over tp
+    ranks (Korthikanti et al. 2022): saves activation memory at the same communication."""
+
+    context_parallel_size: int = 1
+    """Ranks that split the sequence inside attention (ring attention)."""
+
+    expert_model_parallel_size: int = 1
+    """Ranks that split the experts of MoE layers."""
+
+    expert_tensor_parallel_size: Optional[int] = None
+    """Tensor parallelism inside each expert (None: same as tensor_model_parallel_size)."""
+
+    # -- initialization and precision ---------------------------------------------------
+    perform_initialization: bool = True
+    """Run init methods on new parameters; turn off when weights are loaded right after."""
+
+    use_cpu_initialization: bool = False
+    """Initialize master weights on the CPU (always the case on CPU runs)."""
+
+    fp16: bool = False
+    """Parameters and activations in float16 (with a loss scaler in the optimizer)."""
+
+    bf16: bool = False
+    """Parameters and activations in bfloat16."""
+
+    params_dtype: torch.dtype = torch.float32
+    """dtype of parameters as created."""
+
+    deterministic_mode: bool = False
+    """Prefer deterministic kernels so two identical runs give bitwise-equal results."""
+
+    gradient_accumulation_fusion: bool = False
+    """Linear layers add weight gradients straight into ``param.main_grad`` (the DDP
+    buffer) instead of producing ``param.grad``; saves one buffer and one add per step."""
+
+    # -- pipeline -----------------------------------------------------------------------
+    pipeline_dtype: Optional[torch.dtype] = None
+    """dtype of activations sent between pipeline stages (None: params_dtype)."""
+
+    variable_seq_lengths: bool = False
+    """Exchange tensor shapes between stages every micro-batch (sequence lengths vary)."""
+
+    batch_p2p_comm: bool = True
+    """Group each step's sends and receives into one batch_isend_irecv call."""
+
+    deallocate_pipeline_outputs: bool = False
+    """Free a stage's output data once sent, keeping only its autograd graph."""
+
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    """Layers on the first stage when splitting unevenly (None: even split)."""
+
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    """Layers on the last stage when splitting unevenly (None: even split)."""
+
+    microbatch_group_size_per_vp_stage: Optional[int] = None
+    """Micro-batches run on one model chunk before moving to the next in the interleaved
+    schedule (None: pipeline_model_parallel_size)."""
+
+    # -- hooks the training loop sets ---------------------------------------------------
+    timers: Optional[Callable] = None
+    """Timer factory used by schedules and optimizers (None: no timing)."""
+
+    finalize_model_grads_func: Optional[Callable] = None
+    """Called by the schedule after the last backward (DDP grad sync, tied embeddings)."""
+
+    grad_scale_func: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    """Scales the loss before backward (the fp16 loss scaler)."""
+
+    no_sync_func: Optional[Callable[[], ContextManager]] = None
+    """Context manager that defers DDP gradient reduction during accumulation."""
+
+    grad_sync_func: Optional[Callable] = None
+    """Starts gradient reduction for a model chunk (overlap with the pipeline)."""
+
+    param_sync_func: Optional[Callable] = None
+    """Starts the parameter all-gather of the distributed optimizer for a chunk."""
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "context_parallel_size", "expert_model_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 are mutually exclusive; set at most one")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            # Megatron silently turns this off; we keep the config honest instead.
+            raise ValueError("sequence_parallel=True needs tensor_model_parallel_size > 1")
+        if self.expert_tensor_parallel_size is None:
+            self.expert_tensor_parallel_size = self.tensor_model_parallel_size
+        if self.pipeline_dtype is None:
+            self.pipeline_dtype = self.params_dtype
