@@ -132,9 +132,25 @@ def _collect(procs, results, world_size, timeout, fn) -> List[Any]:
             values[rank] = pickle.loads(payload)
         else:
             errors[rank] = payload
-            # One failure usually leaves the others blocked in a collective: stop now.
-            raise AssertionError(f"{fn.__name__} failed on rank {rank}:\n{payload}")
+            # One failure usually leaves the others blocked in a collective (or failing as a
+            # symptom of it): give them a moment to report, then stop.
+            _drain(results, errors, values, grace=2.0)
+            raise AssertionError(f"{fn.__name__} failed on ranks {sorted(errors)}"
+                                 + _format_errors(errors))
     return [values[r] for r in range(world_size)]
+
+
+def _drain(results, errors, values, grace):
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            rank, status, payload = results.get(timeout=max(deadline - time.monotonic(), 0.01))
+        except queue_module.Empty:
+            return
+        if status == "ok":
+            values[rank] = pickle.loads(payload)
+        else:
+            errors[rank] = payload
 
 
 def _format_errors(errors: Dict[int, str]) -> str:

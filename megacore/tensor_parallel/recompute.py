@@ -1,0 +1,107 @@
+"""Activation recompute (checkpointing) that replays random streams exactly.
+
+``checkpoint(fn, distribute_saved_activations, *args)`` runs ``fn`` without keeping its
+intermediate activations and runs it again during backward. Dropout inside ``fn`` must
+draw the same masks both times, so the checkpoint records every random stream it could
+touch (the CPU generator, the accelerator generator, and the tracker's named streams) at
+forward time and restores them for the recompute, then puts the streams back where the
+backward pass found them. Gradients are therefore bitwise equal with and without
+recompute.
+
+``distribute_saved_activations``: the one tensor kept for recompute (``args[0]``) is
+stored as this rank's ``1/tp`` slice and all-gathered before recomputing; it saves memory
+when that input is replicated over tp.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from megacore import device, parallel_state
+from megacore.tensor_parallel.random import get_rng_tracker
+
+__all__ = ["checkpoint", "CheckpointFunction"]
+
+
+def _capture_rng():
+    return device.get_rng_state(), device.get_device_rng_state(), get_rng_tracker().get_states()
+
+
+def _restore_rng(states) -> None:
+    host, dev, tracked = states
+    device.set_rng_state(host)
+    device.set_device_rng_state(dev)
+    get_rng_tracker().set_states(tracked)
+
+
+def _split_for_rank(x: torch.Tensor, group) -> torch.Tensor:
+    flat = x.detach().contiguous().view(-1)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if flat.numel() % world:
+        raise ValueError(f"cannot distribute a saved activation of {flat.numel()} elements "
+                         f"over {world} tensor-parallel ranks")
+    return flat.chunk(world)[rank].clone()
+
+
+def _gather_from_ranks(part: torch.Tensor, shape, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    out = torch.empty(part.numel() * world, dtype=part.dtype, device=part.device)
+    dist.all_gather_into_tensor(out, part, group=group)
+    return out.view(shape)
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """Forward without saving activations; recompute them with the same RNG in backward."""
+
+    @staticmethod
+    def forward(ctx, run_function, distribute_saved_activations, *args):
+        ctx.run_function = run_function
+        ctx.distribute = distribute_saved_activations and parallel_state.model_parallel_is_initialized() \
+            and parallel_state.get_tensor_model_parallel_world_size() > 1
+        ctx.rng_states = _capture_rng()
+        with torch.no_grad():
+            outputs = run_function(*args)
+        tensors = list(args)
+        if ctx.distribute and torch.is_tensor(args[0]):
+            group = parallel_state.get_tensor_model_parallel_group()
+            ctx.first_shape = args[0].shape
+            ctx.first_requires_grad = args[0].requires_grad
+            tensors[0] = _split_for_rank(args[0], group)
+        ctx.tensor_positions = [i for i, a in enumerate(tensors) if torch.is_tensor(a)]
+        ctx.non_tensors = {i: a for i, a in enumerate(tensors) if not torch.is_tensor(a)}
+        ctx.num_args = len(tensors)
+        ctx.save_for_backward(*[tensors[i] for i in ctx.tensor_positions])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        saved = dict(zip(ctx.tensor_positions, ctx.saved_tensors))
+        args = [saved[i] if i in saved else ctx.non_tensors[i] for i in range(ctx.num_args)]
+        if ctx.distribute and 0 in saved:
+            group = parallel_state.get_tensor_model_parallel_group()
+            args[0] = _gather_from_ranks(args[0], ctx.first_shape, group)
+            args[0].requires_grad_(ctx.first_requires_grad)
+        inputs = [a.detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                  for a in args]
+        current = _capture_rng()
+        _restore_rng(ctx.rng_states)
+        try:
+            with torch.enable_grad():
+                outputs = ctx.run_function(*inputs)
+        finally:
+            _restore_rng(current)
+        if torch.is_tensor(outputs):
+            outputs = (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                 if torch.is_tensor(o) and o.requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        grads = tuple(a.grad if torch.is_tensor(a) else None for a in inputs)
+        return (None, None) + grads
+
+
+def checkpoint(function: Callable, distribute_saved_activations: bool, *args: Any):
+    """Run ``function(*args)`` now and again in backward instead of storing activations."""
+    return CheckpointFunction.apply(function, distribute_saved_activations, *args)
