@@ -1,0 +1,618 @@
+"""Megatron-style command-line flags, generated from the config dataclasses.
+
+Each flag is one row of ``FLAGS``: the Megatron flag name and the config field it sets.
+The parser takes type, default, choices and help text (the field's docstring) from the
+dataclass, and :func:`parse_args` turns the parsed flags back into the configs at once,
+returning a :class:`RunConfig`; there is no global ``args``. A ``--yaml-cfg`` file can
+give the same settings (keys are field names or flag names); flags on the command line
+override it. :func:`validate_run_config` rejects every inconsistent combination before
+training, naming the flags involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import dataclasses
+import inspect
+import json
+import math
+import textwrap
+import typing
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megacore.distributed import DistributedDataParallelConfig
+from megacore.optimizer import OptimizerConfig
+from megacore.parallel_state import ParallelLayout
+from megacore.training.training_config import (
+    CheckpointArgs,
+    DataArgs,
+    GPTModelArgs,
+    LoggingArgs,
+    SchedulerArgs,
+    TrainingArgs,
+)
+from megacore.transformer import TransformerConfig
+
+__all__ = ["Flag", "FLAGS", "RunConfig", "ArgumentValidationError", "build_parser",
+           "parse_args", "validate_run_config", "run_config_to_dict"]
+
+SECTIONS = {
+    "model": TransformerConfig,
+    "gpt": GPTModelArgs,
+    "optimizer": OptimizerConfig,
+    "ddp": DistributedDataParallelConfig,
+    "data": DataArgs,
+    "training": TrainingArgs,
+    "scheduler": SchedulerArgs,
+    "logging": LoggingArgs,
+    "checkpoint": CheckpointArgs,
+}
+
+
+class ArgumentValidationError(ValueError):
+    """An inconsistent combination of flags; the message names them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line flag and the config field it sets.
+
+    ``invert``: a store-true flag that sets a boolean field to False
+    (``--disable-bias-linear`` -> ``add_bias_linear=False``). ``derived``: the flag is read
+    by :func:`_derive` instead of being copied into a field.
+    """
+
+    flag: str
+    section: str
+    field: str
+    invert: bool = False
+    derived: bool = False
+    choices: Optional[Sequence[Any]] = None
+    nargs: Optional[str] = None
+    type: Optional[type] = None
+
+
+def _f(flag, section, field=None, **kw):
+    return Flag(flag, section, field or flag.lstrip("-").replace("-", "_"), **kw)
+
+
+FLAGS: List[Flag] = [
+    # model shape (TransformerConfig)
+    _f("--num-layers", "model"), _f("--hidden-size", "model"),
+    _f("--ffn-hidden-size", "model"), _f("--num-attention-heads", "model"),
+    _f("--num-query-groups", "model"), _f("--kv-channels", "model"),
+    _f("--group-query-attention", "model", "group_query_attention", derived=True, type=bool),
+    _f("--normalization", "model", choices=["LayerNorm", "RMSNorm"]),
+    _f("--norm-epsilon", "model", "layernorm_epsilon"),
+    _f("--swiglu", "model", "swiglu", derived=True, type=bool),
+    _f("--disable-bias-linear", "model", "add_bias_linear", invert=True),
+    _f("--add-qkv-bias", "model"), _f("--qk-layernorm", "model"),
+    _f("--hidden-dropout", "model"), _f("--attention-dropout", "model"),
+    _f("--init-method-std", "model"),
+    _f("--apply-residual-connection-post-layernorm", "model"),
+    _f("--recompute-granularity", "model", choices=["full", "selective"]),
+    _f("--recompute-method", "model", choices=["uniform", "block"]),
+    _f("--recompute-num-layers", "model"),
+    _f("--distribute-saved-activations", "model"),
+    _f("--calculate-per-token-loss", "model"),
+    # parallelism (ModelParallelConfig part of TransformerConfig)
+    _f("--tensor-model-parallel-size", "model"), _f("--pipeline-model-parallel-size", "model"),
+    _f("--num-layers-per-virtual-pipeline-stage", "model", "num_layers_per_virtual_pipeline_stage",
+       derived=True, type=int),
+    _f("--num-virtual-stages-per-pipeline-rank", "model", "virtual_pipeline_model_parallel_size"),
+    _f("--decoder-first-pipeline-num-layers", "model", "num_layers_in_first_pipeline_stage"),
+    _f("--decoder-last-pipeline-num-layers", "model", "num_layers_in_last_pipeline_stage"),
+    _f("--context-parallel-size", "model"), _f("--expert-model-parallel-size", "model"),
+    _f("--expert-tensor-parallel-size", "model"),
+    _f("--sequence-parallel", "model"),
+    _f("--gradient-accumulation-fusion", "model"),
+    _f("--deterministic-mode", "model"),
+    _f("--fp16", "model", "fp16", derived=True, type=bool),
+    _f("--bf16", "model", "bf16", derived=True, type=bool),
+    # GPTModel
+    _f("--seq-length", "gpt"), _f("--max-position-embeddings", "gpt"),
+    _f("--position-embedding-type", "gpt", choices=["learned_absolute", "rope", "none"]),
+    _f("--rotary-percent", "gpt"), _f("--rotary-base", "gpt"),
+    _f("--untie-embeddings-and-output-weights", "gpt"),
+    _f("--make-vocab-size-divisible-by", "gpt"),
+    # optimizer
+    _f("--optimizer", "optimizer", choices=["adam", "adamw", "sgd"]),
+    _f("--lr", "optimizer"), _f("--min-lr", "optimizer"), _f("--weight-decay", "optimizer"),
+    _f("--adam-beta1", "optimizer"), _f("--adam-beta2", "optimizer"),
+    _f("--adam-eps", "optimizer"), _f("--sgd-momentum", "optimizer"),
+    _f("--clip-grad", "optimizer"), _f("--loss-scale", "optimizer"),
+    _f("--initial-loss-scale", "optimizer"), _f("--min-loss-scale", "optimizer"),
+    _f("--loss-scale-window", "optimizer"), _f("--hysteresis", "optimizer"),
+    _f("--use-distributed-optimizer", "optimizer"),
+    _f("--log-num-zeros-in-grad", "optimizer"),
+    # DDP
+    _f("--overlap-grad-reduce", "ddp"), _f("--overlap-param-gather", "ddp"),
+    _f("--ddp-bucket-size", "ddp", "bucket_size"),
+    _f("--accumulate-allreduce-grads-in-fp32", "ddp", "grad_reduce_in_fp32"),
+    _f("--check-for-nan-in-loss-and-grad", "ddp", "check_for_nan_in_grad"),
+    # data and tokenizer
+    _f("--data-path", "data", nargs="*"), _f("--split", "data"),
+    _f("--train-data-path", "data", nargs="*"), _f("--valid-data-path", "data", nargs="*"),
+    _f("--test-data-path", "data", nargs="*"), _f("--data-cache-path", "data"),
+    _f("--mock-data", "data"),
+    _f("--tokenizer-type", "data", choices=["GPT2BPETokenizer", "BertWordPieceLowerCase",
+                                            "BertWordPieceCase", "SentencePieceTokenizer",
+                                            "HuggingFaceTokenizer", "NullTokenizer"]),
+    _f("--vocab-file", "data"), _f("--merge-file", "data"), _f("--tokenizer-model", "data"),
+    _f("--vocab-size", "data"), _f("--reset-position-ids", "data"),
+    _f("--reset-attention-mask", "data"), _f("--eod-mask-loss", "data"),
+    _f("--num-workers", "data"),
+    # batch, duration, evaluation, seeds, exit
+    _f("--micro-batch-size", "training"), _f("--global-batch-size", "training"),
+    _f("--rampup-batch-size", "training", nargs="*"),
+    _f("--train-iters", "training"), _f("--train-samples", "training"),
+    _f("--eval-interval", "training"), _f("--eval-iters", "training"),
+    _f("--skip-train", "training"), _f("--seed", "training"),
+    _f("--exit-interval", "training"), _f("--exit-duration-in-mins", "training"),
+    _f("--exit-signal-handler", "training"),
+    _f("--distributed-backend", "training", choices=["gloo", "nccl"]),
+    _f("--distributed-timeout-minutes", "training"),
+    # learning-rate schedule
+    _f("--lr-decay-style", "scheduler",
+       choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"]),
+    _f("--lr-decay-iters", "scheduler"), _f("--lr-decay-samples", "scheduler"),
+    _f("--lr-warmup-iters", "scheduler"), _f("--lr-warmup-samples", "scheduler"),
+    _f("--lr-warmup-fraction", "scheduler"), _f("--lr-warmup-init", "scheduler"),
+    _f("--lr-wsd-decay-style", "scheduler",
+       choices=["exponential", "linear", "cosine", "minus_sqrt"]),
+    _f("--lr-wsd-decay-iters", "scheduler"),
+    _f("--start-weight-decay", "scheduler"), _f("--end-weight-decay", "scheduler"),
+    _f("--weight-decay-incr-style", "scheduler", choices=["constant", "linear", "cosine"]),
+    _f("--use-checkpoint-opt_param-scheduler", "scheduler", "use_checkpoint_opt_param_scheduler"),
+    _f("--override-opt_param-scheduler", "scheduler", "override_opt_param_scheduler"),
+    # logging
+    _f("--log-interval", "logging"), _f("--log-jsonl", "logging"),
+    _f("--tensorboard-dir", "logging"), _f("--wandb-project", "logging"),
+    _f("--wandb-exp-name", "logging"), _f("--log-params-norm", "logging"),
+    # checkpointing
+    _f("--save", "checkpoint"), _f("--load", "checkpoint"), _f("--save-interval", "checkpoint"),
+    _f("--no-load-optim", "checkpoint"), _f("--no-load-rng", "checkpoint"),
+    _f("--finetune", "checkpoint"),
+    _f("--ckpt-format", "checkpoint", choices=["torch", "torch_dist"]),
+    _f("--async-save", "checkpoint"),
+    _f("--ckpt-convert-format", "checkpoint", choices=["torch", "torch_dist"]),
+    _f("--ckpt-convert-save", "checkpoint"),
+]
+
+_FLAG_OF_FIELD = {(f.section, f.field): f.flag for f in FLAGS}
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything ``pretrain`` needs, as typed configs (the result of parsing flags)."""
+
+    model: TransformerConfig
+    gpt: GPTModelArgs
+    optimizer: OptimizerConfig
+    ddp: DistributedDataParallelConfig
+    data: DataArgs
+    training: TrainingArgs
+    scheduler: SchedulerArgs
+    logging: LoggingArgs
+    checkpoint: CheckpointArgs
+    yaml_cfg: Optional[str] = None
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self._dp
+
+    _dp: int = 1
+    num_microbatches: int = 1
+
+
+# -- docstrings of dataclass fields, for --help ----------------------------------------
+def _field_docs(cls) -> Dict[str, str]:
+    docs: Dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _scalar_type(annotation) -> Optional[type]:
+    """int/float/str/bool of a field annotation (Optional and List unwrapped)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_type(args[0]) if len(args) == 1 else None
+    if origin in (list, List):
+        return _scalar_type(typing.get_args(annotation)[0])
+    return annotation if annotation in (int, float, str, bool) else None
+
+
+def _field_info(flag: Flag):
+    cls = SECTIONS[flag.section]
+    hints = typing.get_type_hints(cls)
+    if flag.derived:
+        return flag.type, None
+    if flag.field not in hints:
+        raise KeyError(f"{flag.flag}: {cls.__name__} has no field {flag.field!r}")
+    field = {f.name: f for f in dataclasses.fields(cls)}[flag.field]
+    default = field.default if field.default is not dataclasses.MISSING else None
+    return _scalar_type(hints[flag.field]), default
+
+
+def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
+    """The argparse parser for every flag in ``FLAGS`` (plus ``--yaml-cfg``)."""
+    parser = argparse.ArgumentParser(
+        description="megacore GPT pretraining (Megatron-style flags)", allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--yaml-cfg", default=None,
+                        help="YAML file with the same settings; command-line flags win")
+    docs = {name: _field_docs(cls) for name, cls in SECTIONS.items()}
+    groups = {name: parser.add_argument_group(name) for name in SECTIONS}
+    for flag in FLAGS:
+        kind, default = _field_info(flag)
+        help_text = docs[flag.section].get(flag.field, "")
+        if default is not None and not isinstance(default, bool):
+            help_text += f" (default: {default})"
+        kwargs: Dict[str, Any] = dict(dest=_dest(flag), default=None, help=help_text)
+        if kind is bool and flag.nargs is None:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=kind or str)
+            if flag.choices:
+                kwargs["choices"] = flag.choices
+            if flag.nargs:
+                kwargs["nargs"] = flag.nargs
+        groups[flag.section].add_argument(flag.flag, **kwargs)
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser)
+    return parser
+
+
+def _dest(flag: Flag) -> str:
+    return flag.flag.lstrip("-").replace("-", "_")
+
+
+def _load_yaml(path: str) -> Dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ArgumentValidationError(f"--yaml-cfg {path}: cannot read: {e}") from e
+    except yaml.YAMLError as e:
+        raise ArgumentValidationError(f"--yaml-cfg {path}: invalid YAML: {e}") from e
+    if not isinstance(content, dict):
+        raise ArgumentValidationError(f"--yaml-cfg {path}: expected a mapping of settings")
+    known = {_dest(f): f for f in FLAGS}
+    out = {}
+    for key, value in content.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known:
+            raise ArgumentValidationError(f"--yaml-cfg {path}: unknown setting {key!r}")
+        out[dest] = value
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, *, world_size: Optional[int] = None,
+               extra_args_provider=None, ignore_unknown_args: bool = False) -> RunConfig:
+    """Parse flags (and ``--yaml-cfg``) into a validated :class:`RunConfig`.
+
+    ``world_size`` (default: from ``torch.distributed`` or 1) is needed to derive the
+    data-parallel size and check the layout. Unknown flags are an error.
+    """
+    parser = build_parser(extra_args_provider)
+    if ignore_unknown_args:
+        ns, _ = parser.parse_known_args(argv)
+    else:
+        ns = parser.parse_args(argv)
+    values = {k: v for k, v in vars(ns).items() if v is not None}
+    if ns.yaml_cfg:
+        values = {**_load_yaml(ns.yaml_cfg), **values}
+    run = _build_run_config(values)
+    run.yaml_cfg = ns.yaml_cfg
+    if world_size is None:
+        world_size = (torch.distributed.get_world_size()
+                      if torch.distributed.is_available() and torch.distributed.is_initialized()
+                      else 1)
+    validate_run_config(run, world_size)
+    return run
+
+
+# -- from flags to configs --------------------------------------------------------------
+def _section_kwargs(values: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    kwargs: Dict[str, Dict[str, Any]] = {name: {} for name in SECTIONS}
+    for flag in FLAGS:
+        dest = _dest(flag)
+        if flag.derived or dest not in values:
+            continue
+        value = values[dest]
+        if flag.invert:
+            value = not value
+        kwargs[flag.section][flag.field] = value
+    return kwargs
+
+
+def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
+    """Flags that set several fields or need arithmetic."""
+    model = kw["model"]
+    if values.get("swiglu"):
+        model["gated_linear_unit"] = True
+        model["activation_func"] = F.silu
+    fp16, bf16 = bool(values.get("fp16")), bool(values.get("bf16"))
+    if fp16 and bf16:
+        raise ArgumentValidationError("--fp16 and --bf16 are mutually exclusive")
+    if fp16 or bf16:
+        dtype = torch.float16 if fp16 else torch.bfloat16
+        for section in ("model", "optimizer"):
+            kw[section].update(fp16=fp16, bf16=bf16, params_dtype=dtype)
+    if values.get("use_distributed_optimizer"):
+        kw["ddp"]["use_distributed_optimizer"] = True
+    if values.get("group_query_attention") and "num_query_groups" not in model:
+        raise ArgumentValidationError("--group-query-attention needs --num-query-groups")
+    per_stage = values.get("num_layers_per_virtual_pipeline_stage")
+    if per_stage is not None:
+        if "virtual_pipeline_model_parallel_size" in model:
+            raise ArgumentValidationError(
+                "--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank"
+                " are alternatives; give one")
+        pp = model.get("pipeline_model_parallel_size", 1)
+        layers = model.get("num_layers", 0)
+        if pp < 2:
+            raise ArgumentValidationError(
+                "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        if per_stage < 1 or layers % (pp * per_stage):
+            raise ArgumentValidationError(
+                f"--num-layers {layers} must be divisible by --pipeline-model-parallel-size {pp} "
+                f"x --num-layers-per-virtual-pipeline-stage {per_stage}")
+        model["virtual_pipeline_model_parallel_size"] = layers // (pp * per_stage)
+    if model.get("virtual_pipeline_model_parallel_size") == 1:
+        model["virtual_pipeline_model_parallel_size"] = None
+
+
+def _build_section(name: str, kwargs: Dict[str, Any]):
+    cls = SECTIONS[name]
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        flags = [flag for (section, field), flag in _FLAG_OF_FIELD.items()
+                 if section == name and re.search(rf"\b{field}\b", str(e))]
+        hint = f" [flags: {', '.join(sorted(set(flags)))}]" if flags else ""
+        raise ArgumentValidationError(f"invalid {name} settings: {e}{hint}") from e
+
+
+def _build_run_config(values: Dict[str, Any]) -> RunConfig:
+    kw = _section_kwargs(values)
+    _derive(values, kw)
+    for key in ("rampup_batch_size",):
+        if key in kw["training"]:
+            kw["training"][key] = [int(v) for v in kw["training"][key]]
+    built = {name: _build_section(name, kw[name]) for name in SECTIONS}
+    return RunConfig(**built)
+
+
+# -- checks across configs (one place) ---------------------------------------------------
+def validate_run_config(run: RunConfig, world_size: int) -> None:
+    """Reject inconsistent combinations, naming the flags; derive dp and micro-batches."""
+    for check in _CHECKS:
+        check(run, world_size)
+
+
+def _fail(message: str):
+    raise ArgumentValidationError(message)
+
+
+def _check_layout(run: RunConfig, world_size: int) -> None:
+    m = run.model
+    try:
+        layout = ParallelLayout(world_size, m.tensor_model_parallel_size,
+                                m.pipeline_model_parallel_size,
+                                m.virtual_pipeline_model_parallel_size,
+                                m.context_parallel_size, m.expert_model_parallel_size,
+                                m.expert_tensor_parallel_size)
+    except ValueError as e:
+        raise ArgumentValidationError(str(e)) from e
+    run._dp = layout.data_parallel_size
+
+
+def _check_model_shape(run: RunConfig, world_size: int) -> None:
+    m, g = run.model, run.gpt
+    if m.num_layers < 1 or m.hidden_size < 1 or m.num_attention_heads < 1:
+        _fail("--num-layers, --hidden-size and --num-attention-heads are required and must "
+              "be positive")
+    if g.position_embedding_type == "learned_absolute" and g.seq_length > g.max_position_embeddings:
+        _fail(f"--seq-length {g.seq_length} exceeds --max-position-embeddings "
+              f"{g.max_position_embeddings} with learned absolute positions")
+    tp, cp = m.tensor_model_parallel_size, m.context_parallel_size
+    if m.sequence_parallel and g.seq_length % tp:
+        _fail(f"--sequence-parallel needs --seq-length ({g.seq_length}) divisible by "
+              f"--tensor-model-parallel-size ({tp})")
+    if cp > 1 and g.seq_length % (2 * cp):
+        _fail(f"--context-parallel-size {cp} needs --seq-length ({g.seq_length}) divisible by "
+              f"2 x {cp}")
+
+
+def _check_pipeline(run: RunConfig, world_size: int) -> None:
+    m = run.model
+    pp = m.pipeline_model_parallel_size
+    first, last = m.num_layers_in_first_pipeline_stage, m.num_layers_in_last_pipeline_stage
+    if pp == 1 and (first is not None or last is not None):
+        _fail("--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers need "
+              "--pipeline-model-parallel-size > 1")
+    from megacore.pipeline_parallel.layer_split import pipeline_layer_counts
+
+    try:
+        pipeline_layer_counts(m.num_layers, pp, m.virtual_pipeline_model_parallel_size,
+                              first, last)
+    except ValueError as e:
+        raise ArgumentValidationError(str(e)) from e
+
+
+def _check_batch(run: RunConfig, world_size: int) -> None:
+    t = run.training
+    dp, mbs = run._dp, t.micro_batch_size
+    if t.global_batch_size is None:
+        t.global_batch_size = mbs * dp
+    if t.global_batch_size % (mbs * dp):
+        _fail(f"--global-batch-size {t.global_batch_size} must be divisible by "
+              f"--micro-batch-size {mbs} x data-parallel size {dp}")
+    run.num_microbatches = t.global_batch_size // (mbs * dp)
+    vpp = run.model.virtual_pipeline_model_parallel_size
+    pp = run.model.pipeline_model_parallel_size
+    if vpp is not None and run.num_microbatches % pp:
+        _fail(f"the interleaved schedule needs the number of micro-batches "
+              f"(--global-batch-size / (--micro-batch-size x dp) = {run.num_microbatches}) to "
+              f"be divisible by --pipeline-model-parallel-size {pp}")
+    if t.rampup_batch_size is not None:
+        start, incr, _ = t.rampup_batch_size
+        if start < 1 or incr < 1 or start % (mbs * dp) or incr % (mbs * dp):
+            _fail("--rampup-batch-size start and increment must be positive multiples of "
+                  f"--micro-batch-size x dp ({mbs * dp})")
+
+
+def _check_duration(run: RunConfig, world_size: int) -> None:
+    t, s = run.training, run.scheduler
+    if (t.train_iters is None) == (t.train_samples is None) and not t.skip_train:
+        _fail("give exactly one of --train-iters and --train-samples")
+    if t.train_iters is not None and t.train_iters < 0:
+        _fail(f"--train-iters must be >= 0, got {t.train_iters}")
+    if t.train_samples is not None and t.rampup_batch_size is None and t.train_iters is None:
+        pass
+    if t.train_iters is not None and (s.lr_decay_samples or s.lr_warmup_samples):
+        _fail("--lr-decay-samples / --lr-warmup-samples go with --train-samples, not "
+              "--train-iters")
+    if s.lr_warmup_fraction is not None and s.lr_warmup_iters:
+        _fail("--lr-warmup-fraction and --lr-warmup-iters are alternatives; give one")
+    decay = s.lr_decay_iters if s.lr_decay_iters is not None else t.train_iters
+    if decay is not None and s.lr_warmup_iters > max(decay, 0) and s.lr_decay_style != "constant":
+        _fail(f"--lr-warmup-iters {s.lr_warmup_iters} exceeds the decay length {decay} "
+              "(--lr-decay-iters or --train-iters)")
+    if s.lr_decay_style == "WSD" and s.lr_wsd_decay_iters is None:
+        _fail("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    if t.rampup_batch_size is not None and t.train_samples is None:
+        _fail("--rampup-batch-size needs --train-samples (the number of steps is not fixed)")
+
+
+def _check_optimizer(run: RunConfig, world_size: int) -> None:
+    o = run.optimizer
+    if o.lr is None:
+        _fail("--lr is required")
+    if o.min_lr is not None and o.min_lr > o.lr:
+        _fail(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
+    if o.loss_scale is not None and not o.fp16:
+        _fail("--loss-scale applies to --fp16 training only")
+
+
+def _check_recompute(run: RunConfig, world_size: int) -> None:
+    m = run.model
+    if m.recompute_num_layers is not None:
+        per_stage = m.num_layers // m.pipeline_model_parallel_size
+        if m.recompute_method == "block" and m.recompute_num_layers > per_stage:
+            _fail(f"--recompute-num-layers {m.recompute_num_layers} exceeds the "
+                  f"{per_stage} layers of a pipeline stage")
+
+
+def _check_data(run: RunConfig, world_size: int) -> None:
+    d = run.data
+    separate = any(p for p in (d.train_data_path, d.valid_data_path, d.test_data_path))
+    if d.mock_data and (d.data_path or separate):
+        _fail("--mock-data cannot be combined with --data-path / --train-data-path")
+    if d.data_path and separate:
+        _fail("--data-path (with --split) and --train/valid/test-data-path are alternatives")
+    if not (d.mock_data or d.data_path or separate) and not run.training.skip_train:
+        _fail("no training data: give --data-path, --train-data-path or --mock-data")
+    if d.data_path and len(d.data_path) > 1 and len(d.data_path) % 2:
+        _fail("--data-path with several datasets must be weight/prefix pairs: "
+              "w1 prefix1 w2 prefix2 ...")
+    if d.tokenizer_type == "GPT2BPETokenizer" and not (d.vocab_file and d.merge_file):
+        _fail("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+    if d.tokenizer_type in ("BertWordPieceLowerCase", "BertWordPieceCase") and not d.vocab_file:
+        _fail(f"--tokenizer-type {d.tokenizer_type} needs --vocab-file")
+    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer") \
+            and not d.tokenizer_model:
+        _fail(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+    if d.tokenizer_type == "NullTokenizer" and not d.vocab_size:
+        _fail("--tokenizer-type NullTokenizer needs --vocab-size")
+    if d.tokenizer_type is None and not d.mock_data:
+        _fail("--tokenizer-type is required with real data")
+    if d.mock_data and d.tokenizer_type is None and not d.vocab_size:
+        _fail("--mock-data needs a tokenizer or --vocab-size for the vocabulary")
+    try:
+        weights = [float(x) for x in d.split.replace("/", ",").split(",")]
+    except ValueError:
+        _fail(f"--split {d.split!r} must be comma-separated numbers, e.g. 969,30,1")
+    if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        _fail(f"--split {d.split!r} needs up to three non-negative weights with a positive sum")
+
+
+def _check_checkpointing(run: RunConfig, world_size: int) -> None:
+    c, t = run.checkpoint, run.training
+    if c.save_interval is not None and not c.save:
+        _fail("--save-interval needs --save")
+    if c.finetune and not c.load:
+        _fail("--finetune needs --load")
+    if (c.no_load_optim or c.no_load_rng) and not c.load:
+        _fail("--no-load-optim / --no-load-rng need --load")
+    if t.exit_signal_handler and not c.save:
+        _fail("--exit-signal-handler needs --save (it saves a checkpoint on SIGTERM)")
+    if (c.ckpt_convert_format is None) != (c.ckpt_convert_save is None):
+        _fail("--ckpt-convert-format and --ckpt-convert-save go together")
+    if c.ckpt_convert_format is not None and not c.load:
+        _fail("--ckpt-convert-format needs --load (the checkpoint to convert)")
+    if c.async_save and not c.save:
+        _fail("--async-save needs --save")
+
+
+def _check_moe(run: RunConfig, world_size: int) -> None:
+    m = run.model
+    experts = getattr(m, "num_moe_experts", None)
+    ep = m.expert_model_parallel_size
+    if ep > 1 and not experts:
+        _fail(f"--expert-model-parallel-size {ep} needs --num-experts")
+    if experts and experts % ep:
+        _fail(f"--num-experts {experts} must be divisible by --expert-model-parallel-size {ep}")
+
+
+_CHECKS = [_check_layout, _check_model_shape, _check_pipeline, _check_batch,
+           _check_duration, _check_optimizer, _check_recompute, _check_data,
+           _check_checkpointing, _check_moe]
+
+
+# -- printing and saving the resolved configuration -----------------------------------
+def _jsonable(value):
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if callable(value):
+        return getattr(value, "__name__", repr(value))
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value") and hasattr(value, "name"):  # enums
+        return value.name
+    return value
+
+
+def run_config_to_dict(run: RunConfig) -> Dict[str, Dict[str, Any]]:
+    """The resolved configuration as plain JSON-able data (printed and checkpointed)."""
+    out = {}
+    for name in SECTIONS:
+        config = getattr(run, name)
+        out[name] = {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)
+                     if not f.name.endswith("_func") and f.name != "timers"}
+    out["derived"] = {"data_parallel_size": run.data_parallel_size,
+                      "num_microbatches": run.num_microbatches}
+    return json.loads(json.dumps(out, default=str))
