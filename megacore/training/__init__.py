@@ -10,6 +10,17 @@ from megacore.training.arguments import (
     run_config_to_dict,
     validate_run_config,
 )
+from megacore.training.flops import num_floating_point_operations
+from megacore.training.metrics_logger import MetricsLogger, format_log_line
+from megacore.training.training import (
+    TrainState,
+    evaluate,
+    get_model,
+    get_optimizer_param_scheduler,
+    initialize_distributed,
+    pretrain,
+    train_step,
+)
 from megacore.training.training_config import (
     CheckpointArgs,
     DataArgs,
@@ -20,6 +31,16 @@ from megacore.training.training_config import (
 )
 
 __all__ = [
+    "pretrain",
+    "TrainState",
+    "initialize_distributed",
+    "get_model",
+    "get_optimizer_param_scheduler",
+    "train_step",
+    "evaluate",
+    "num_floating_point_operations",
+    "MetricsLogger",
+    "format_log_line",
     "FLAGS",
     "Flag",
     "RunConfig",

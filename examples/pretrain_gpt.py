@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Pretrain a GPT with Megatron-style flags (run under torchrun for several ranks).
+
+    torchrun --nproc-per-node 4 examples/pretrain_gpt.py \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+        --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
+        --max-position-embeddings 128 --micro-batch-size 4 --global-batch-size 16 \
+        --lr 1e-3 --train-iters 200 --data-path my_text_document --split 98,2,0 \
+        --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt
+
+The three functions below are the providers Megatron users know; ``pretrain`` hands each
+the parsed run configuration instead of a global ``args``.
+"""
+
+import functools
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megacore import parallel_state  # noqa: E402
+from megacore.datasets import (  # noqa: E402
+    BlendedMegatronDatasetBuilder,
+    GPTDataset,
+    GPTDatasetConfig,
+    get_blend_from_list,
+)
+from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec  # noqa: E402
+from megacore.tokenizers import build_tokenizer  # noqa: E402
+from megacore.training import pretrain  # noqa: E402
+from megacore.transformer import ModelType  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_model, vocab_size):
+    return build_tokenizer(tokenizer_type or "NullTokenizer", vocab_file=vocab_file,
+                           merge_file=merge_file, tokenizer_model=tokenizer_model,
+                           vocab_size=vocab_size)
+
+
+def get_tokenizer(run):
+    d = run.data
+    return _tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model,
+                      d.vocab_size)
+
+
+def padded_vocab_size(run) -> int:
+    """Vocabulary rounded up to --make-vocab-size-divisible-by. Unlike Megatron, the tp
+    degree does not enter: GPTModel pads for tp itself and masks the padding, so a model
+    has the same vocabulary (and the same loss) in every layout."""
+    multiple = run.gpt.make_vocab_size_divisible_by
+    size = get_tokenizer(run).vocab_size
+    return -(-size // multiple) * multiple
+
+
+def model_provider(run, pre_process=True, post_process=True, vp_stage=None):
+    """Build this rank's GPT chunk."""
+    config = run.model
+    spec = get_gpt_layer_local_spec(num_experts=getattr(config, "num_moe_experts", None),
+                                    qk_layernorm=config.qk_layernorm,
+                                    normalization=config.normalization)
+    return GPTModel(config, spec, vocab_size=padded_vocab_size(run),
+                    max_sequence_length=run.gpt.max_position_embeddings,
+                    pre_process=pre_process, post_process=post_process,
+                    share_embeddings_and_output_weights=not run.gpt.untie_embeddings_and_output_weights,
+                    position_embedding_type=run.gpt.position_embedding_type,
+                    rotary_percent=run.gpt.rotary_percent, rotary_base=run.gpt.rotary_base,
+                    vp_stage=vp_stage)
+
+
+def _blend(paths):
+    return get_blend_from_list(paths) if paths else None
+
+
+def train_valid_test_datasets_provider(run, train_val_test_num_samples):
+    """Build the train, validation and test GPT datasets."""
+    d = run.data
+    separate = d.train_data_path or d.valid_data_path or d.test_data_path
+    config = GPTDatasetConfig(
+        random_seed=run.training.seed, sequence_length=run.gpt.seq_length,
+        blend=None if separate else _blend(d.data_path),
+        blend_per_split=[_blend(d.train_data_path), _blend(d.valid_data_path),
+                         _blend(d.test_data_path)] if separate else None,
+        split=None if separate or d.mock_data else d.split,
+        path_to_cache=d.data_cache_path, mock=d.mock_data, tokenizer=get_tokenizer(run),
+        reset_position_ids=d.reset_position_ids, reset_attention_mask=d.reset_attention_mask,
+        eod_mask_loss=d.eod_mask_loss, create_attention_mask=d.reset_attention_mask)
+    sizes = list(train_val_test_num_samples)
+    if separate:
+        sizes = [n if p else 0 for n, p in zip(sizes, (d.train_data_path, d.valid_data_path,
+                                                       d.test_data_path))]
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+def get_batch(data_iterator):
+    """The micro-batch for this stage: tokens on the first stage, labels on the last."""
+    if not (parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()):
+        return None, None, None, None, None
+    batch = next(data_iterator)
+    return (batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("attention_mask"),
+            batch["position_ids"])
+
+
+def loss_func(loss_mask, output_tensor):
+    """Mean loss over the micro-batch's unmasked tokens; the dp-averaged value is reported."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
+    reported = loss.detach().clone()
+    dp_group = parallel_state.get_data_parallel_group()
+    dist.all_reduce(reported, group=dp_group)
+    reported /= dist.get_world_size(dp_group)
+    return loss, {"lm loss": reported}
+
+
+def forward_step(data_iterator, model):
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
+    return output_tensor, functools.partial(loss_func, loss_mask)
+
+
+def main(argv=None):
+    return pretrain(train_valid_test_datasets_provider, model_provider,
+                    ModelType.encoder_or_decoder, forward_step, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

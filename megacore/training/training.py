@@ -1,0 +1,549 @@
+"""``pretrain``: the training loop behind ``examples/pretrain_gpt.py``.
+
+Megatron users know its shape: providers for datasets and the model, a forward-step
+function, and flags. The differences are that nothing is global (the parsed flags are a
+:class:`~megacore.training.arguments.RunConfig` passed to the providers) and that every
+inconsistency is rejected before any training starts.
+
+Flow: initialize (process groups, seeds) -> build model chunks (one per virtual
+pipeline stage) wrapped in DDP -> optimizer and lr schedule -> load a checkpoint ->
+datasets and iterators that resume at the consumed-samples count -> train (schedule,
+optimizer step, logging, evaluation, saving, exit conditions) -> final save and test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megacore import device, parallel_state
+from megacore.distributed import DistributedDataParallel, finalize_model_grads
+from megacore.optimizer import OptimizerParamScheduler, get_megatron_optimizer
+from megacore.pipeline_parallel import get_forward_backward_func
+from megacore.tensor_parallel import model_parallel_manual_seed
+from megacore.training.arguments import RunConfig, parse_args, run_config_to_dict
+from megacore.training.data_samplers import build_pretraining_data_loader, cyclic_iter
+from megacore.training.flops import num_floating_point_operations
+from megacore.training.metrics_logger import MetricsLogger
+from megacore.training.num_microbatches_calculator import NumMicroBatchesCalculator
+
+__all__ = ["pretrain", "initialize_distributed", "initialize_model_parallel_from_run",
+           "get_model", "get_optimizer_param_scheduler", "train_step", "evaluate",
+           "TrainState", "print_rank_0", "print_rank_last"]
+
+# Peak dense bf16 TFLOP/s per device, for MFU; devices not listed get no MFU figure.
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Progress of a run: what a checkpoint must restore to continue exactly."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+
+
+def print_rank_0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def print_rank_last(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
+        print(message, flush=True)
+
+
+# -- initialization ---------------------------------------------------------------------
+def initialize_distributed(backend: Optional[str] = None, timeout_minutes: int = 10) -> None:
+    """Join the process group started by torchrun (or a one-rank group without it)."""
+    if dist.is_initialized():
+        return
+    backend = backend or device.default_backend()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            device.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    # A plain `python pretrain_gpt.py` run: a world of one, rendezvous through a file.
+    store = tempfile.NamedTemporaryFile(prefix="megacore-rdzv-", delete=False)
+    store.close()
+    os.unlink(store.name)
+    dist.init_process_group(backend, init_method=f"file://{store.name}", rank=0,
+                            world_size=1, timeout=timeout)
+
+
+def initialize_model_parallel_from_run(run: RunConfig) -> None:
+    m = run.model
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=m.tensor_model_parallel_size,
+        pipeline_model_parallel_size=m.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=m.virtual_pipeline_model_parallel_size,
+        context_parallel_size=m.context_parallel_size,
+        expert_model_parallel_size=m.expert_model_parallel_size,
+        expert_tensor_parallel_size=m.expert_tensor_parallel_size,
+        distributed_timeout_minutes=run.training.distributed_timeout_minutes)
+    # One seed everywhere: megacore initializes weights independently of the layout, and
+    # the tracker derives the per-tp-rank streams itself.
+    model_parallel_manual_seed(run.training.seed)
+    if m.deterministic_mode:
+        torch.use_deterministic_algorithms(True)
+
+
+def get_model(model_provider: Callable, run: RunConfig, wrap_with_ddp: bool = True
+              ) -> List[torch.nn.Module]:
+    """One model chunk per virtual pipeline stage, each wrapped in DDP."""
+    vpp = run.model.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        if vpp > 1:
+            parallel_state.set_virtual_pipeline_model_parallel_rank(vp_stage)
+        chunk = model_provider(run, pre_process=parallel_state.is_pipeline_first_stage(),
+                               post_process=parallel_state.is_pipeline_last_stage(),
+                               vp_stage=vp_stage if vpp > 1 else None)
+        chunks.append(chunk)
+    if vpp > 1:
+        parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+    if not wrap_with_ddp:
+        return chunks
+    return [DistributedDataParallel(run.model, run.ddp, chunk,
+                                    # Only the first chunk's buckets overlap with backward.
+                                    disable_bucketing=index > 0)
+            for index, chunk in enumerate(chunks)]
+
+
+def get_optimizer_param_scheduler(run: RunConfig, optimizer) -> OptimizerParamScheduler:
+    """The lr/wd schedule in samples (Megatron counts both in samples when training by
+    samples, in iterations x global batch otherwise)."""
+    t, s, o = run.training, run.scheduler, run.optimizer
+    gbs = t.global_batch_size
+    if t.train_iters is not None:
+        decay_iters = s.lr_decay_iters if s.lr_decay_iters is not None else t.train_iters
+        decay_steps = decay_iters * gbs
+        warmup_steps = (s.lr_warmup_fraction * decay_steps if s.lr_warmup_fraction is not None
+                        else s.lr_warmup_iters * gbs)
+        wsd_steps = (s.lr_wsd_decay_iters or 0) * gbs
+    else:
+        decay_steps = s.lr_decay_samples or t.train_samples
+        warmup_steps = (s.lr_warmup_fraction * decay_steps if s.lr_warmup_fraction is not None
+                        else s.lr_warmup_samples)
+        wsd_steps = (s.lr_wsd_decay_iters or 0) * gbs
+    start_wd = s.start_weight_decay if s.start_weight_decay is not None else o.weight_decay
+    end_wd = s.end_weight_decay if s.end_weight_decay is not None else o.weight_decay
+    return OptimizerParamScheduler(
+        optimizer, init_lr=s.lr_warmup_init, max_lr=o.lr,
+        min_lr=o.min_lr if o.min_lr is not None else 0.0,
+        lr_warmup_steps=int(warmup_steps), lr_decay_steps=max(int(decay_steps), 1),
+        lr_decay_style=s.lr_decay_style, start_wd=start_wd, end_wd=end_wd,
+        wd_incr_steps=max(int(decay_steps), 1), wd_incr_style=s.weight_decay_incr_style,
+        use_checkpoint_opt_param_scheduler=s.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=s.override_opt_param_scheduler,
+        wsd_decay_steps=int(wsd_steps) or None,
+        lr_wsd_decay_style=s.lr_wsd_decay_style)
+
+
+def _install_schedule_hooks(run: RunConfig, model: List[torch.nn.Module], optimizer) -> None:
+    config = run.model
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    if run.ddp.overlap_grad_reduce:
+        config.grad_sync_func = ([m.start_grad_sync for m in model] if len(model) > 1
+                                 else model[0].start_grad_sync)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+
+# -- data -------------------------------------------------------------------------------
+def _num_samples(run: RunConfig, state_train_samples: int) -> List[int]:
+    t = run.training
+    gbs = t.global_batch_size
+    train_samples = t.train_samples if t.train_samples is not None else (t.train_iters or 0) * gbs
+    iters = t.train_iters if t.train_iters is not None else math.ceil(train_samples / gbs)
+    eval_runs = iters // t.eval_interval + 1
+    return [train_samples, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs]
+
+
+def build_data_iterators(run: RunConfig, datasets_provider: Callable, state: TrainState):
+    """(train, valid, test) iterators for this rank, resuming at the consumed samples.
+
+    With virtual pipeline stages each model chunk gets its own iterator over the same
+    data, since every chunk's forward step reads (and may ignore) one micro-batch.
+    """
+    train_ds, valid_ds, test_ds = datasets_provider(run, _num_samples(run, 0))
+    mbs = run.training.micro_batch_size
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    vpp = run.model.virtual_pipeline_model_parallel_size or 1
+
+    def loaders(dataset, consumed, cyclic):
+        out = []
+        for _ in range(vpp):
+            loader = build_pretraining_data_loader(
+                dataset, consumed, micro_batch_size=mbs, data_parallel_rank=dp_rank,
+                data_parallel_size=dp, num_workers=run.data.num_workers)
+            if loader is None:
+                out.append(None)
+            else:
+                out.append(cyclic_iter(loader) if cyclic else iter(loader))
+        return out if vpp > 1 else out[0]
+
+    train = loaders(train_ds, state.consumed_train_samples, False)
+    valid = loaders(valid_ds, 0, True) if valid_ds is not None and len(valid_ds) else None
+    test = loaders(test_ds, 0, True) if test_ds is not None and len(test_ds) else None
+    return train, valid, test
+
+
+# -- one step ---------------------------------------------------------------------------
+def _average_losses(losses: List[Dict[str, Any]]) -> Dict[str, float]:
+    """Mean over micro-batches of each reported loss (last pipeline stage only)."""
+    if not losses:
+        return {}
+    out = {}
+    for key in losses[0]:
+        values = [d[key] for d in losses]
+        if isinstance(values[0], (tuple, list)):  # (sum, count) per-token form
+            total = sum(float(v[0]) for v in values)
+            count = sum(float(v[1]) for v in values)
+            out[key] = total / max(count, 1.0)
+        else:
+            out[key] = sum(float(v) for v in values) / len(values)
+    return out
+
+
+def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, run: RunConfig,
+               num_microbatches: int, global_batch_size: int):
+    """Forward/backward over the global batch, then the optimizer and schedule steps."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    losses = forward_backward(
+        forward_step_func=forward_step_func, data_iterator=data_iterator,
+        model=model if len(model) > 1 else model[0], num_microbatches=num_microbatches,
+        seq_length=run.gpt.seq_length, micro_batch_size=run.training.micro_batch_size,
+        forward_only=False)
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=global_batch_size)
+    return _average_losses(losses), update_successful, grad_norm, num_zeros
+
+
+def evaluate(forward_step_func, data_iterator, model, run: RunConfig, eval_iters: int,
+             num_microbatches: int) -> Dict[str, float]:
+    """Mean validation losses over ``eval_iters`` global batches (forward only)."""
+    for chunk in model:
+        chunk.eval()
+    forward_backward = get_forward_backward_func()
+    totals: Dict[str, float] = {}
+    with torch.no_grad():
+        for _ in range(eval_iters):
+            losses = forward_backward(
+                forward_step_func=forward_step_func, data_iterator=data_iterator,
+                model=model if len(model) > 1 else model[0], num_microbatches=num_microbatches,
+                seq_length=run.gpt.seq_length, micro_batch_size=run.training.micro_batch_size,
+                forward_only=True)
+            for key, value in _average_losses(losses).items():
+                totals[key] = totals.get(key, 0.0) + value / eval_iters
+    for chunk in model:
+        chunk.train()
+    return totals
+
+
+# -- the loop ---------------------------------------------------------------------------
+class _ExitSignal:
+    """SIGTERM sets a flag; ranks agree on it at the end of an iteration."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        self._previous = None
+        if enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def any_rank_received(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _flops_per_step(run: RunConfig, padded_vocab: int, global_batch_size: int) -> float:
+    m = run.model
+    experts = getattr(m, "num_moe_experts", None)
+    freq = getattr(m, "moe_layer_freq", 1)
+    fraction = (sum(freq) / len(freq)) if isinstance(freq, (list, tuple)) else 1.0 / max(freq, 1)
+    return num_floating_point_operations(
+        batch_size=global_batch_size, seq_length=run.gpt.seq_length, num_layers=m.num_layers,
+        hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size, padded_vocab_size=padded_vocab,
+        kv_channels=m.kv_channels, num_query_groups=m.num_query_groups,
+        gated_linear_unit=m.gated_linear_unit, num_experts=experts,
+        moe_router_topk=getattr(m, "moe_router_topk", 1),
+        moe_ffn_hidden_size=getattr(m, "moe_ffn_hidden_size", None),
+        shared_expert_ffn_hidden_size=getattr(m, "moe_shared_expert_intermediate_size", None) or 0,
+        moe_layer_fraction=fraction if experts else 1.0)
+
+
+def _peak_tflops() -> Optional[float]:
+    if device.device_type() != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+
+
+def _memory_mb() -> float:
+    if device.device_type() == "cuda":
+        return device.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _padded_vocab(model) -> int:
+    for chunk in model:
+        inner = chunk.module if hasattr(chunk, "module") else chunk
+        if hasattr(inner, "padded_vocab_size"):
+            return inner.padded_vocab_size
+    return 0
+
+
+def _checkpoint_api():
+    from megacore import checkpointing
+
+    return checkpointing
+
+
+def _save(run, state, model, optimizer, scheduler):
+    ckpt = _checkpoint_api()
+    ckpt.save_checkpoint(
+        state.iteration, model, optimizer, scheduler, save_dir=run.checkpoint.save,
+        ckpt_format=run.checkpoint.ckpt_format,
+        consumed_train_samples=state.consumed_train_samples,
+        consumed_valid_samples=state.consumed_valid_samples,
+        config_dict=run_config_to_dict(run), async_save=run.checkpoint.async_save,
+        extra_state={"skipped_iterations": state.skipped_iterations,
+                     "nan_iterations": state.nan_iterations})
+    print_rank_0(f"saved checkpoint at iteration {state.iteration} to {run.checkpoint.save}")
+
+
+def _load(run, state, model, optimizer, scheduler):
+    ckpt = _checkpoint_api()
+    c = run.checkpoint
+    iteration, consumed_train, consumed_valid, _ = ckpt.load_checkpoint(
+        model, optimizer, scheduler, load_dir=c.load, no_load_optim=c.no_load_optim,
+        no_load_rng=c.no_load_rng, finetune=c.finetune)
+    state.iteration = iteration
+    state.consumed_train_samples = consumed_train
+    state.consumed_valid_samples = consumed_valid
+    print_rank_0(f"loaded checkpoint from {c.load} at iteration {iteration}")
+
+
+def _train(run, state, forward_step_func, model, optimizer, scheduler, train_iter, valid_iter,
+           logger: MetricsLogger, exit_signal: _ExitSignal, start_time: float) -> str:
+    t, c = run.training, run.checkpoint
+    calculator = NumMicroBatchesCalculator(t.global_batch_size, t.micro_batch_size,
+                                           run.data_parallel_size, t.rampup_batch_size)
+    padded_vocab = _padded_vocab(model)
+    peak = _peak_tflops()
+    train_iters = t.train_iters
+    if train_iters is None:
+        train_iters = _iters_for_samples(calculator, t.train_samples)
+    last_log = time.time()
+    seq = run.gpt.seq_length
+    while state.iteration < train_iters:
+        gbs = calculator.global_batch_size_at(state.consumed_train_samples)
+        num_mb = calculator.num_microbatches_at(state.consumed_train_samples)
+        losses, ok, grad_norm, num_zeros = train_step(
+            forward_step_func, train_iter, model, optimizer, scheduler, run, num_mb, gbs)
+        state.iteration += 1
+        state.consumed_train_samples += gbs
+        if not ok:
+            state.skipped_iterations += 1
+        loss_value = losses.get("lm loss")
+        if loss_value is not None and not math.isfinite(loss_value):
+            state.nan_iterations += 1
+        if state.iteration % run.logging.log_interval == 0:
+            elapsed = (time.time() - last_log) / run.logging.log_interval
+            last_log = time.time()
+            flops = _flops_per_step(run, padded_vocab, gbs)
+            tflops = flops / elapsed / 1e12 / dist.get_world_size()
+            metrics = {
+                "consumed_samples": state.consumed_train_samples,
+                "elapsed_ms_per_iteration": elapsed * 1000.0,
+                "tokens_per_sec": gbs * seq / elapsed,
+                "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+                "lr": optimizer.param_groups[0]["lr"],
+                "global_batch_size": gbs,
+                "lm_loss": loss_value,
+                "loss_scale": float(optimizer.get_loss_scale()),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "num_zeros": float(num_zeros) if num_zeros is not None else None,
+                "skipped_iterations": state.skipped_iterations,
+                "nan_iterations": state.nan_iterations,
+                "memory_mb": _memory_mb(),
+            }
+            metrics.update({k.replace(" ", "_"): v for k, v in losses.items() if k != "lm loss"})
+            if _is_logging_rank():
+                logger.log(state.iteration, metrics)
+        if valid_iter is not None and t.eval_iters and state.iteration % t.eval_interval == 0:
+            _run_eval(run, state, forward_step_func, valid_iter, model, logger, calculator,
+                      "validation")
+        if c.save and c.save_interval and state.iteration % c.save_interval == 0:
+            _save(run, state, model, optimizer, scheduler)
+        reason = _exit_reason(run, state, exit_signal, start_time)
+        if reason:
+            return reason
+    return "done"
+
+
+def _iters_for_samples(calculator: NumMicroBatchesCalculator, train_samples: int) -> int:
+    iters, consumed = 0, 0
+    while consumed < train_samples:
+        consumed += calculator.global_batch_size_at(consumed)
+        iters += 1
+    return iters
+
+
+def _is_logging_rank() -> bool:
+    # Losses live on the last pipeline stage; its last rank prints (Megatron's choice).
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def _run_eval(run, state, forward_step_func, valid_iter, model, logger, calculator, name):
+    num_mb = calculator.num_microbatches_at(state.consumed_train_samples)
+    results = evaluate(forward_step_func, valid_iter, model, run, run.training.eval_iters, num_mb)
+    state.consumed_valid_samples += run.training.eval_iters * \
+        calculator.global_batch_size_at(state.consumed_train_samples)
+    if _is_logging_rank() and results:
+        text = " | ".join(f"{k} value: {v:.6E} | {k} PPL: {math.exp(min(v, 50)):.6E}"
+                          for k, v in results.items())
+        print(f" {name} loss at iteration {state.iteration} | {text}", flush=True)
+        logger.log(state.iteration, {k.replace(" ", "_"): v for k, v in results.items()},
+                   prefix=f"{name}_")
+    return results
+
+
+def _exit_reason(run, state, exit_signal: _ExitSignal, start_time: float) -> Optional[str]:
+    t = run.training
+    if t.exit_signal_handler and exit_signal.any_rank_received():
+        return "signal"
+    if t.exit_interval and state.iteration % t.exit_interval == 0:
+        return "exit-interval"
+    if t.exit_duration_in_mins:
+        elapsed = torch.tensor([(time.time() - start_time) / 60.0])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if elapsed.item() > t.exit_duration_in_mins:
+            return "exit-duration"
+    return None
+
+
+def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Callable,
+             model_type: Any, forward_step_func: Callable, *,
+             argv: Optional[Sequence[str]] = None, run_config: Optional[RunConfig] = None,
+             extra_args_provider: Optional[Callable] = None) -> Dict[str, Any]:
+    """Train a model from Megatron-style flags (``argv``, default ``sys.argv[1:]``).
+
+    Args:
+        train_valid_test_datasets_provider: ``(run, [n_train, n_valid, n_test]) ->
+            (train_ds, valid_ds, test_ds)``.
+        model_provider: ``(run, pre_process, post_process, vp_stage) -> module``.
+        model_type: ``ModelType.encoder_or_decoder`` (kept for Megatron compatibility).
+        forward_step_func: ``(data_iterator, model) -> (output_tensor, loss_func)``.
+        run_config: an already parsed configuration (skips flag parsing).
+
+    Returns:
+        A summary: final iteration, last losses, exit reason.
+    """
+    start_time = time.time()
+    backend = None
+    if run_config is None and argv is None:
+        argv = sys.argv[1:]
+    if "--distributed-backend" in (argv or []):
+        backend = list(argv)[list(argv).index("--distributed-backend") + 1]
+    initialize_distributed(backend)
+    run = run_config or parse_args(argv, world_size=dist.get_world_size(),
+                                   extra_args_provider=extra_args_provider)
+    initialize_model_parallel_from_run(run)
+    print_rank_0("megacore pretrain: resolved configuration\n"
+                 + json.dumps(run_config_to_dict(run), indent=1, sort_keys=True))
+
+    model = get_model(model_provider, run)
+    optimizer = get_megatron_optimizer(run.optimizer, model)
+    scheduler = get_optimizer_param_scheduler(run, optimizer)
+    _install_schedule_hooks(run, model, optimizer)
+    state = TrainState()
+    if run.checkpoint.load:
+        _load(run, state, model, optimizer, scheduler)
+    if run.checkpoint.ckpt_convert_format:
+        return _convert_and_exit(run, state, model, optimizer, scheduler)
+
+    train_iter, valid_iter, test_iter = build_data_iterators(
+        run, train_valid_test_datasets_provider, state)
+    logger = MetricsLogger(log_jsonl=run.logging.log_jsonl if _is_logging_rank() else None,
+                           tensorboard_dir=run.logging.tensorboard_dir if _is_logging_rank() else None,
+                           wandb_project=run.logging.wandb_project if _is_logging_rank() else None,
+                           wandb_exp_name=run.logging.wandb_exp_name,
+                           train_iters=run.training.train_iters,
+                           config_dict=run_config_to_dict(run))
+    exit_signal = _ExitSignal(run.training.exit_signal_handler)
+    reason = "skip-train"
+    try:
+        if not run.training.skip_train:
+            reason = _train(run, state, forward_step_func, model, optimizer, scheduler,
+                            train_iter, valid_iter, logger, exit_signal, start_time)
+        if run.checkpoint.save and reason != "skip-train" and not _just_saved(run, state):
+            _save(run, state, model, optimizer, scheduler)
+        summary: Dict[str, Any] = {"iteration": state.iteration, "exit_reason": reason,
+                                   "consumed_train_samples": state.consumed_train_samples}
+        if reason == "done" and valid_iter is not None and run.training.eval_iters:
+            calc = NumMicroBatchesCalculator(run.training.global_batch_size,
+                                             run.training.micro_batch_size,
+                                             run.data_parallel_size)
+            summary["validation"] = _run_eval(run, state, forward_step_func, valid_iter, model,
+                                              logger, calc, "validation (end of training)")
+        if reason == "done" and test_iter is not None and run.training.eval_iters:
+            calc = NumMicroBatchesCalculator(run.training.global_batch_size,
+                                             run.training.micro_batch_size,
+                                             run.data_parallel_size)
+            summary["test"] = _run_eval(run, state, forward_step_func, test_iter, model,
+                                        logger, calc, "test")
+    finally:
+        if run.checkpoint.save:
+            _checkpoint_api().finalize_async_saves()
+        logger.close()
+        exit_signal.restore()
+    return summary
+
+
+def _just_saved(run, state) -> bool:
+    c = run.checkpoint
+    return bool(c.save_interval) and state.iteration % c.save_interval == 0
+
+
+def _convert_and_exit(run, state, model, optimizer, scheduler) -> Dict[str, Any]:
+    """``--ckpt-convert-format F --ckpt-convert-save DIR``: re-save the loaded checkpoint."""
+    converted = dataclasses.replace(
+        run.checkpoint, save=run.checkpoint.ckpt_convert_save,
+        ckpt_format=run.checkpoint.ckpt_convert_format, async_save=False)
+    run = dataclasses.replace(run, checkpoint=converted)
+    _save(run, state, model, optimizer, scheduler)
+    return {"iteration": state.iteration, "exit_reason": "converted"}

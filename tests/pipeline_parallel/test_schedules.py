@@ -1,0 +1,270 @@
+"""Pipelined schedules reproduce the single-process model: losses and every gradient.
+
+A toy model (``toy_model.py``: embedding, Linear+GeLU blocks, output head) is split over
+2 or 4 gloo ranks, with and without interleaving, evenly and unevenly, and trained for
+one step with the schedule from ``get_forward_backward_func``. Its per-micro-batch losses
+and the gradients gathered from all stages must equal the unsplit model's from the same
+seed. fp32 tolerance rtol=1e-5/atol=1e-6: each micro-batch runs the same ops in the same
+order as the reference, and gradients accumulate over micro-batches in the same order, so
+only reassociation noise inside kernels could differ.
+"""
+
+import contextlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megacore import parallel_state
+from megacore.pipeline_parallel import (
+    build_plan, get_forward_backward_func, get_layer_offset_and_count)
+from megacore.pipeline_parallel.schedules import forward_backward_no_pipelining
+from tests.multirank import run_distributed
+from tests.pipeline_parallel.toy_model import (
+    ToyConfig, ToyModel, ToyStage, forward_step_func, make_batches, reference)
+
+SEQ, MBS = 4, 2
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+class _Hooks:
+    """Records what the schedule did with the config's hooks."""
+
+    def __init__(self):
+        self.backwards = 0          # backward passes through the first layer of a chunk
+        self.no_sync_exit_at = []   # value of `backwards` when no_sync contexts closed
+        self.grad_sync_at = []
+        self.finalize_calls = []
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        yield
+        self.no_sync_exit_at.append(self.backwards)
+
+    def grad_sync(self, params):
+        self.grad_sync_at.append(self.backwards)
+
+    def finalize(self, models, *rest):
+        self.finalize_calls.append(len(models))
+
+
+def _stages(full, pp, rank, vpp, layers, first, last):
+    vpp_world = vpp if vpp > 1 else None
+    chunks = []
+    for c in range(vpp):
+        offset, count = get_layer_offset_and_count(layers, pp, rank, vpp_world, c, first, last)
+        chunks.append(ToyStage(full, offset, count, pre_process=(rank == 0 and c == 0),
+                               post_process=(rank == pp - 1 and c == vpp - 1)))
+    return chunks
+
+
+def _run_case(case):
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    vpp, m, layers = case["vpp"], case["m"], case["layers"]
+    parallel_state.set_virtual_pipeline_model_parallel_world_size(vpp if vpp > 1 else None)
+    parallel_state.set_virtual_pipeline_model_parallel_rank(0 if vpp > 1 else None)
+    hooks = _Hooks()
+    config = ToyConfig(pipeline_model_parallel_size=pp, finalize_model_grads_func=hooks.finalize,
+                       **case.get("config", {}))
+    if case.get("hooks"):
+        config.no_sync_func = hooks.no_sync
+        if case["hooks"] == "grad_sync":
+            config.grad_sync_func = hooks.grad_sync
+    chunks = _stages(ToyModel(config, layers), pp, rank, vpp, layers,
+                     case.get("first"), case.get("last"))
+    for chunk in chunks:
+        # Count backward passes through any chunk of this rank (a parameter hook fires
+        # once per backward and, unlike module hooks, leaves the outputs alone).
+        next(chunk.parameters()).register_hook(
+            lambda grad: setattr(hooks, "backwards", hooks.backwards + 1))
+    batches = make_batches(m, SEQ, MBS, vary_seq=case.get("vary_seq", False))
+    schedule = get_forward_backward_func()
+
+    def run(forward_only):
+        iters = [iter(batches) for _ in chunks]
+        return schedule(forward_step_func=forward_step_func,
+                        data_iterator=iters if vpp > 1 else iters[0],
+                        model=chunks if vpp > 1 else chunks[0], num_microbatches=m,
+                        seq_length=SEQ, micro_batch_size=MBS, forward_only=forward_only)
+
+    train = run(False)
+    grads = {}
+    for chunk in chunks:
+        grads.update(chunk.global_grads())
+    evaluation = run(True)
+    return {"schedule": schedule.__name__, "train": [d["lm loss"] for d in train],
+            "eval": [d["lm loss"] for d in evaluation], "grads": grads,
+            "finalize": hooks.finalize_calls, "no_sync_exit_at": hooks.no_sync_exit_at,
+            "grad_sync_at": hooks.grad_sync_at,
+            "vpp_rank_after": parallel_state.get_virtual_pipeline_model_parallel_rank()}
+
+
+def _run_cases(cases):
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=dist.get_world_size())
+    return [_run_case(case) for case in cases]
+
+
+def _check(cases, per_rank):
+    pp = len(per_rank)
+    for i, case in enumerate(cases):
+        config = ToyConfig(**{k: v for k, v in case.get("config", {}).items()
+                              if k not in ("grad_scale_func",)})
+        batches = make_batches(case["m"], SEQ, MBS, vary_seq=case.get("vary_seq", False))
+        ref_losses, ref_grads = reference(ToyModel(config, case["layers"]), batches)
+        results = [r[i] for r in per_rank]
+        expect = "with_interleaving" if case["vpp"] > 1 else "without_interleaving"
+        assert all(expect in r["schedule"] for r in results), case
+        for r in results[:-1]:
+            assert r["train"] == [] and r["eval"] == [], "loss dicts only on the last stage"
+        torch.testing.assert_close(results[-1]["train"], ref_losses, **TOL)
+        # forward_only sees the same weights (no optimizer step): same losses.
+        torch.testing.assert_close(results[-1]["eval"], ref_losses, **TOL)
+        grads = {}
+        for r in results:
+            assert not set(grads) & set(r["grads"]), "a parameter lives on two stages"
+            grads.update(r["grads"])
+        scale = case.get("scale", 1.0)
+        assert sorted(grads) == sorted(ref_grads)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad * scale, **TOL, msg=name)
+        for r in results:
+            assert r["finalize"] == [case["vpp"]], "finalize_model_grads_func once, all chunks"
+            assert r["vpp_rank_after"] == (0 if case["vpp"] > 1 else None)
+        _check_hooks(case, results, pp)
+
+
+def _check_hooks(case, results, pp):
+    if not case.get("hooks"):
+        return
+    m, vpp = case["m"], case["vpp"]
+    for rank, r in enumerate(results):
+        if case["hooks"] == "grad_sync":
+            # One call per chunk, right after that chunk's last backward (counted in the plan).
+            backwards = [s for s in build_plan(rank, pp, m, vpp) if s.op == "backward"]
+            last = {s.chunk: i + 1 for i, s in enumerate(backwards)}
+            assert r["grad_sync_at"] == sorted(last.values())
+            assert r["no_sync_exit_at"] == [m * vpp], "no_sync stays on for the whole step"
+        else:
+            # The context closes just before the final backward, so DDP reduces during it.
+            assert r["no_sync_exit_at"] == [m * vpp - 1]
+            assert r["grad_sync_at"] == []
+
+
+PP2_CASES = [
+    {"vpp": 1, "m": 3, "layers": 4, "hooks": "no_sync"},
+    {"vpp": 2, "m": 4, "layers": 8, "hooks": "grad_sync"},
+    # Uneven 1 + 3 layers, non-batched p2p, freed outputs, loss scaling.
+    {"vpp": 1, "m": 2, "layers": 4, "first": 1, "last": 3, "scale": 4.0,
+     "config": {"batch_p2p_comm": False, "deallocate_pipeline_outputs": True,
+                "grad_scale_func": lambda loss: loss * 4.0}},
+    # Uneven interleaved (rank 0: 1 layer per chunk, rank 1: 2), sequence length varies.
+    {"vpp": 2, "m": 2, "layers": 6, "first": 2, "last": 4, "vary_seq": True,
+     "config": {"variable_seq_lengths": True}},
+]
+
+PP4_CASES = [
+    {"vpp": 1, "m": 5, "layers": 4, "hooks": "no_sync"},
+    {"vpp": 2, "m": 4, "layers": 8, "config": {"deallocate_pipeline_outputs": True}},
+    {"vpp": 1, "m": 3, "layers": 10, "first": 1, "last": 3,
+     "config": {"batch_p2p_comm": False}},
+    {"vpp": 2, "m": 8, "layers": 16, "first": 2, "last": 6},
+]
+
+
+def test_pipeline_matches_single_process_pp2():
+    _check(PP2_CASES, run_distributed(_run_cases, 2, args=(PP2_CASES,)))
+
+
+def test_pipeline_matches_single_process_pp4():
+    _check(PP4_CASES, run_distributed(_run_cases, 4, args=(PP4_CASES,)))
+
+
+def _bad_calls():
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2,
+                                             virtual_pipeline_model_parallel_size=2)
+    config = ToyConfig(pipeline_model_parallel_size=2)
+    full = ToyModel(config, 4)
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    chunks = _stages(full, 2, rank, 2, 4, None, None)
+    errors = []
+    for m, iters in ((3, [iter([])] * 2), (4, [iter([])])):
+        try:
+            get_forward_backward_func()(
+                forward_step_func=forward_step_func, data_iterator=iters, model=chunks,
+                num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+        except ValueError as error:
+            errors.append(str(error))
+    return errors
+
+
+def test_invalid_calls_fail_on_every_rank_before_communicating():
+    for errors in run_distributed(_bad_calls, 2, timeout=60):
+        assert len(errors) == 2
+        assert "--num-virtual-stages-per-pipeline-rank" in errors[0]
+        assert "multiple of --pipeline-model-parallel-size" in errors[0]
+        assert "one per chunk" in errors[1]
+
+
+# ---- no pipelining: no processes needed ------------------------------------------------
+def _single_stage(layers=3, **config):
+    cfg = ToyConfig(**config)
+    full = ToyModel(cfg, layers)
+    return full, ToyStage(ToyModel(cfg, layers), 0, layers, True, True)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_no_pipelining_accumulates_like_one_batch(m):
+    hooks = _Hooks()
+    full, stage = _single_stage(no_sync_func=hooks.no_sync,
+                                finalize_model_grads_func=hooks.finalize)
+    batches = make_batches(m, SEQ, MBS)
+    out = forward_backward_no_pipelining(
+        forward_step_func=forward_step_func, data_iterator=iter(batches), model=[stage],
+        num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+    ref_losses, ref_grads = reference(full, batches)
+    torch.testing.assert_close([d["lm loss"] for d in out], ref_losses, **TOL)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(stage.global_grads()[name], grad, **TOL)
+    assert len(hooks.no_sync_exit_at) == m - 1 and hooks.finalize_calls == [1]
+    stage.zero_grad()
+    evaluation = forward_backward_no_pipelining(
+        forward_step_func=forward_step_func, data_iterator=iter(batches), model=stage,
+        num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS, forward_only=True)
+    torch.testing.assert_close([d["lm loss"] for d in evaluation], ref_losses, **TOL)
+    assert all(p.grad is None or not p.grad.any() for p in stage.parameters())
+    assert hooks.finalize_calls == [1], "no finalize in forward_only"
+
+
+def test_per_token_loss_form_is_not_divided_and_tokens_reach_finalize():
+    seen = {}
+    full, stage = _single_stage(finalize_model_grads_func=lambda models, n: seen.update(n=n))
+    batches = make_batches(2, SEQ, MBS)
+
+    def step(data_iterator, model):
+        output, loss_func = forward_step_func(data_iterator, model)
+
+        def sum_loss(logits):
+            loss, _ = loss_func(logits)
+            tokens = torch.tensor(SEQ * MBS)
+            return loss * tokens, tokens, {"lm loss": loss.detach()}
+        return output, sum_loss
+
+    forward_backward_no_pipelining(forward_step_func=step, data_iterator=iter(batches),
+                                   model=stage, num_microbatches=2, seq_length=SEQ,
+                                   micro_batch_size=MBS)
+    _, ref_grads = reference(full, batches)
+    # Reference uses mean over micro-batches of mean over tokens; the summed form gives
+    # (num micro-batches x tokens) times that before finalize normalizes.
+    factor = 2 * SEQ * MBS
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(stage.global_grads()[name], grad * factor, **TOL)
+    assert int(seen["n"]) == 2 * SEQ * MBS
+
+
+def test_collect_non_loss_data_only_in_forward_only():
+    _, stage = _single_stage()
+    with pytest.raises(ValueError, match="forward_only"):
+        forward_backward_no_pipelining(
+            forward_step_func=forward_step_func, data_iterator=iter([]), model=stage,
+            num_microbatches=1, collect_non_loss_data=True)
