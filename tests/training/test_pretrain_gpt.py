@@ -112,3 +112,18 @@ def test_bad_flag_exits_with_message(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0
     assert "--global-batch-size 7 must be divisible" in proc.stderr
+
+
+def _simple_loop():
+    spec = importlib.util.spec_from_file_location(
+        "simple_loop", os.path.join(ROOT, "examples", "run_simple_train_loop.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main()
+
+
+def test_simple_train_loop_example_learns():
+    histories = run_distributed(_simple_loop, 2, timeout=240)
+    first, last = histories[0][0], histories[0][-1]
+    assert histories[0] == histories[1], "tp ranks report the same loss"
+    assert last < 0.5 * first, (first, last)
