@@ -90,8 +90,12 @@ def train_valid_test_datasets_provider(run, train_val_test_num_samples):
         eod_mask_loss=d.eod_mask_loss, create_attention_mask=d.reset_attention_mask)
     sizes = list(train_val_test_num_samples)
     if separate:
-        sizes = [n if p else 0 for n, p in zip(sizes, (d.train_data_path, d.valid_data_path,
-                                                       d.test_data_path))]
+        present = (d.train_data_path, d.valid_data_path, d.test_data_path)
+    elif d.mock_data:
+        present = (True, True, True)
+    else:  # a split weighted 0 (e.g. --split 98,2,0) is not asked for samples
+        present = [float(w) > 0 for w in d.split.replace("/", ",").split(",")] + [False] * 2
+    sizes = [n if p else 0 for n, p in zip(sizes, present)]
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
 
