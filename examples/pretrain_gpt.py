@@ -16,7 +16,6 @@ import functools
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,6 +31,10 @@ from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec  # noqa: E402
 from megacore.tokenizers import build_tokenizer  # noqa: E402
 from megacore.training import pretrain  # noqa: E402
 from megacore.transformer import ModelType  # noqa: E402
+from megacore.transformer.context_parallel import (  # noqa: E402
+    get_batch_on_this_cp_rank,
+    masked_token_mean_over_cp,
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,16 +107,18 @@ def get_batch(data_iterator):
     if not (parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()):
         return None, None, None, None, None
     batch = next(data_iterator)
+    # Context parallelism: keep this rank's two sequence chunks (load-balanced split).
+    batch = get_batch_on_this_cp_rank(batch, parallel_state.get_context_parallel_world_size(),
+                                      parallel_state.get_context_parallel_rank())
     return (batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("attention_mask"),
             batch["position_ids"])
 
 
 def loss_func(loss_mask, output_tensor):
-    """Mean loss over the micro-batch's unmasked tokens; the dp-averaged value is reported."""
-    losses = output_tensor.float().view(-1)
-    mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
-    reported = loss.detach().clone()
+    """Mean loss over the micro-batch's unmasked tokens of the whole sequence (all cp ranks);
+    the value averaged over data-parallel ranks is reported."""
+    loss, reported = masked_token_mean_over_cp(output_tensor.float(), loss_mask,
+                                               parallel_state.get_context_parallel_group())
     dp_group = parallel_state.get_data_parallel_group()
     dist.all_reduce(reported, group=dp_group)
     reported /= dist.get_world_size(dp_group)

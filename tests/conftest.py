@@ -11,6 +11,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# The first torch.optim optimizer in a process imports torch._dynamo (~3-5 s). Pay it once
+# here so that every forked rank inherits it instead of paying it again.
+torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+
 
 def pytest_addoption(parser):
     parser.addoption("--device", choices=["cpu", "cuda"], default=None,

@@ -59,6 +59,8 @@ LAYOUTS = [
     ("pp2_vpp2", 2, "--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1"),
     ("dp2", 2, ""),
     ("dp2_distopt", 2, "--use-distributed-optimizer"),
+    ("cp2", 2, "--context-parallel-size 2"),
+    ("cp2_tp2", 4, "--context-parallel-size 2 --tensor-model-parallel-size 2 --sequence-parallel"),
     ("tp2_pp2", 4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2"),
     ("tp2_dp2_distopt_sp", 4, "--tensor-model-parallel-size 2 --sequence-parallel "
                               "--use-distributed-optimizer --overlap-grad-reduce"),
