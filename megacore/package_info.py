@@ -13,3 +13,6 @@ __version__ = f"{MAJOR}.{MINOR}.{PATCH}{PRE_RELEASE}"
 __package_name__ = "megacore"
 __description__ = "Model-parallelism core library for transformer training"
 __license__ = "MIT"
+
+__all__ = ["__version__", "__package_name__", "__description__", "__license__",
+           "MAJOR", "MINOR", "PATCH", "PRE_RELEASE"]

@@ -1,0 +1,5 @@
+"""Building blocks shared by the models (embeddings)."""
+
+from megacore.models.common.embeddings import LanguageModelEmbedding
+
+__all__ = ["LanguageModelEmbedding"]

@@ -1,0 +1,99 @@
+"""Module specs for GPT-style decoder layers.
+
+``get_gpt_layer_local_spec``: megacore's own tensor-parallel linears, torch core
+attention, and torch norms (Apex's fused LayerNorm instead when it is importable on
+CUDA). ``get_llama_layer_local_spec`` is the same with RMSNorm; pair it with
+:func:`llama_config_kwargs` (SwiGLU, no biases, no dropout) and
+``position_embedding_type="rope"``. ``get_gpt_layer_with_transformer_engine_spec`` swaps
+the norms for Transformer Engine's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+
+from megacore.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megacore.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megacore.transformer.dot_product_attention import DotProductAttention
+from megacore.transformer.enums import AttnMaskType
+from megacore.transformer.extensions import HAVE_TE, FusedLayerNorm, TENorm, apex_usable
+from megacore.transformer.mlp import MLP, MLPSubmodules
+from megacore.transformer.moe.moe_module_specs import get_moe_module_spec
+from megacore.transformer.spec_utils import ModuleSpec
+from megacore.transformer.torch_norm import LayerNorm, RMSNorm
+from megacore.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+__all__ = ["get_gpt_layer_local_spec", "get_llama_layer_local_spec",
+           "get_gpt_layer_with_transformer_engine_spec", "llama_config_kwargs"]
+
+
+def _local_norm(normalization: str):
+    if normalization == "RMSNorm":
+        return RMSNorm
+    if normalization == "LayerNorm":
+        return FusedLayerNorm if apex_usable() else LayerNorm
+    raise ValueError(f"normalization must be 'LayerNorm' or 'RMSNorm', got {normalization!r}")
+
+
+def _layer_spec(norm, qk_layernorm: bool, num_experts: Optional[int] = None,
+                moe_grouped_gemm: bool = False) -> ModuleSpec:
+    attention = ModuleSpec(
+        module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
+            linear_proj=RowParallelLinear, q_layernorm=norm if qk_layernorm else None,
+            k_layernorm=norm if qk_layernorm else None))
+    if num_experts is not None:
+        mlp = get_moe_module_spec(moe_grouped_gemm)
+    else:
+        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
+            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=norm, self_attention=attention, pre_mlp_layernorm=norm, mlp=mlp))
+
+
+def get_gpt_layer_local_spec(num_experts: Optional[int] = None, moe_grouped_gemm: bool = False,
+                             qk_layernorm: bool = False,
+                             normalization: str = "LayerNorm") -> ModuleSpec:
+    """Pre-norm GPT layer built from megacore's local modules.
+
+    Args:
+        num_experts: not None: every layer's MLP is an MoE layer (the expert count
+            itself comes from the config's ``num_moe_experts``; for MoE on some layers
+            only, pass a ``TransformerBlockSubmodules`` with per-layer specs).
+        moe_grouped_gemm: grouped-GEMM experts (MoE only).
+        qk_layernorm: normalize queries and keys per head (norm of kind ``normalization``).
+        normalization: ``"LayerNorm"`` or ``"RMSNorm"``; should match
+            ``TransformerConfig.normalization``.
+    """
+    return _layer_spec(_local_norm(normalization), qk_layernorm, num_experts, moe_grouped_gemm)
+
+
+def get_llama_layer_local_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    """Llama-style layer: RMSNorm (use with :func:`llama_config_kwargs` and RoPE)."""
+    return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+
+
+def llama_config_kwargs(num_query_groups: Optional[int] = None) -> dict:
+    """``TransformerConfig`` fields that make a Llama-style model: RMSNorm, SwiGLU MLP,
+    no biases, no dropout, grouped-query attention with ``num_query_groups``."""
+    return dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+                add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0,
+                attention_dropout=0.0, num_query_groups=num_query_groups,
+                layernorm_epsilon=1e-5)
+
+
+def get_gpt_layer_with_transformer_engine_spec(qk_layernorm: bool = False,
+                                               normalization: str = "LayerNorm") -> ModuleSpec:
+    """GPT layer with Transformer Engine norms (linears and attention stay local).
+
+    Raises:
+        ImportError: Transformer Engine is not installed.
+    """
+    if not HAVE_TE:
+        raise ImportError("transformer_engine is not installed: use "
+                          "get_gpt_layer_local_spec() instead")
+    del normalization  # TENorm follows TransformerConfig.normalization
+    return _layer_spec(TENorm, qk_layernorm)

@@ -1,0 +1,224 @@
+"""``GPTModel``: embedding, decoder block, output layer and loss, one pipeline stage of it.
+
+Data flow (sequence-first inside; ``[s/tp, b, h]`` where sequence parallelism splits)::
+
+    input_ids [b, s] -> LanguageModelEmbedding -> [s, b, h]        (pre_process stages)
+                     -> TransformerBlock (this stage's layers)       -> [s, b, h]
+                     -> output_layer (column-parallel)               -> logits [s, b, V/tp]
+       labels given:  vocab-parallel cross entropy -> loss [b, s]    (post_process stages)
+       otherwise:     logits [b, s, V/tp] (parallel_output) or [b, s, V] gathered
+
+``V`` is the vocabulary padded to a multiple of tp; padding columns are excluded from the
+loss and set to ``-inf`` in returned logits, so the model computes the same function for
+every tp size.
+
+Tied word embeddings (``share_embeddings_and_output_weights``): on a single stage the
+output layer reuses the embedding table. With pipeline stages the last stage owns a copy
+marked ``shared_embedding=True``; :meth:`GPTModel.setup_embeddings_and_output_layer`
+makes it equal to the first stage's table (zeros it and all-reduces over the embedding
+group, as Megatron-Core does), and ``finalize_model_grads`` keeps their gradients summed.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from megacore.models.common.embeddings.language_model_embedding import (
+    WORD_EMBEDDINGS_INIT_KEY,
+    LanguageModelEmbedding,
+    padded_vocab_init_method,
+    padded_vocab_size,
+)
+from megacore.parallel_state import ProcessGroupCollection
+from megacore.tensor_parallel import ColumnParallelLinear, vocab_parallel_cross_entropy
+from megacore.transformer.context_parallel import get_position_ids_on_cp_rank
+from megacore.transformer.initialization import init_rng_scope
+from megacore.transformer.module import MegatronModule
+from megacore.transformer.rotary_pos_embedding import RotaryEmbedding
+from megacore.transformer.transformer_block import TransformerBlock
+from megacore.transformer.transformer_config import TransformerConfig
+
+__all__ = ["GPTModel"]
+
+_POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
+
+
+class GPTModel(MegatronModule):
+    """Decoder-only transformer language model (one pipeline stage of it).
+
+    Args:
+        config: the transformer config.
+        transformer_layer_spec: spec of each layer (or a block spec).
+        vocab_size: number of real tokens (padded internally to a multiple of tp).
+        max_sequence_length: longest sequence (rows of the learned position table).
+        pre_process: this stage holds the embedding.
+        post_process: this stage holds the final norm, output layer and loss.
+        fp16_lm_cross_entropy: compute the loss on 16-bit logits (default: float32).
+        parallel_output: return logits split over tp; False gathers them.
+        share_embeddings_and_output_weights: tie the output layer to the word embedding.
+        position_embedding_type: ``"learned_absolute"``, ``"rope"`` or ``"none"``.
+        rotary_percent: fraction of each head rotated by RoPE.
+        rotary_base: RoPE frequency base.
+        seq_len_interpolation_factor: RoPE linear position interpolation factor.
+        pg_collection: process groups (default: ``parallel_state``'s grid).
+        vp_stage: virtual pipeline stage of this model chunk.
+    """
+
+    def __init__(self, config: TransformerConfig, transformer_layer_spec, vocab_size: int,
+                 max_sequence_length: int, pre_process: bool = True, post_process: bool = True,
+                 fp16_lm_cross_entropy: bool = False, parallel_output: bool = True,
+                 share_embeddings_and_output_weights: bool = False,
+                 position_embedding_type: str = "learned_absolute", rotary_percent: float = 1.0,
+                 rotary_base: int = 10000, seq_len_interpolation_factor: Optional[float] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None,
+                 vp_stage: Optional[int] = None):
+        super().__init__(config, pg_collection)
+        if position_embedding_type not in _POSITION_EMBEDDING_TYPES:
+            raise ValueError(f"position_embedding_type must be one of "
+                             f"{_POSITION_EMBEDDING_TYPES}, got {position_embedding_type!r}")
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = padded_vocab_size(vocab_size, self.tp_size)
+        self.max_sequence_length = max_sequence_length
+        self.pre_process, self.post_process = pre_process, post_process
+        self.fp16_lm_cross_entropy = fp16_lm_cross_entropy
+        self.parallel_output = parallel_output
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.position_embedding_type = position_embedding_type
+        self.vp_stage = vp_stage
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config, vocab_size, max_sequence_length, position_embedding_type,
+                pg_collection=self.pg_collection)
+        self.rotary_pos_emb = None
+        if position_embedding_type == "rope":
+            self.rotary_pos_emb = RotaryEmbedding(
+                config.kv_channels, rotary_percent, config.rotary_interleaved,
+                seq_len_interpolation_factor, rotary_base)
+        self.decoder = TransformerBlock(config, transformer_layer_spec, pre_process=pre_process,
+                                        post_process=post_process,
+                                        pg_collection=self.pg_collection, vp_stage=vp_stage)
+        if post_process:
+            self.output_layer = self._build_output_layer()
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def _build_output_layer(self) -> ColumnParallelLinear:
+        tied = self.share_embeddings_and_output_weights
+        # A tied copy on a later stage is drawn like the word embedding it mirrors.
+        with init_rng_scope(WORD_EMBEDDINGS_INIT_KEY if tied else "output_layer"):
+            return ColumnParallelLinear(
+                self.config.hidden_size, self.padded_vocab_size, config=self.config,
+                init_method=padded_vocab_init_method(self.config.init_method, self.vocab_size),
+                bias=False, gather_output=not self.parallel_output,
+                skip_weight_param_allocation=self.pre_process and tied,
+                tp_group=self.tp_group)
+
+    # -- tied embeddings ----------------------------------------------------------------
+    def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
+        """The word-embedding table (first stage) or the output weight (last stage)."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self.post_process:
+            return self.output_layer.weight
+        return None
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        """Mark tied weights and make the last stage's copy equal the first stage's table.
+
+        Must be called on every rank of the embedding group (it is, from ``__init__``).
+        """
+        if self.post_process and self.output_layer.weight is not None:
+            self.output_layer.weight.is_embedding_or_output_parameter = True
+        if not self.share_embeddings_and_output_weights:
+            return
+        pp_size = dist.get_world_size(self.pg_collection.pp)
+        if pp_size == 1:
+            return
+        weight = self.shared_embedding_or_output_weight()
+        weight.shared_embedding = True
+        if self.post_process and not self.pre_process:
+            with torch.no_grad():
+                weight.zero_()  # the all-reduce below then copies the first stage's table
+            weight.shared = True
+        embd_group = self.pg_collection.embd
+        if embd_group is not None and dist.get_world_size(embd_group) > 1:
+            with torch.no_grad():
+                dist.all_reduce(weight.data, group=embd_group)
+
+    # -- pipeline -----------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor: Union[torch.Tensor, List[torch.Tensor], None]) -> None:
+        """Input hidden states ``[s, b, h]`` of a stage without the embedding."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError("GPTModel takes one input tensor per stage")
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+                attention_mask: Optional[torch.Tensor],
+                decoder_input: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, inference_context=None,
+                inference_params=None) -> torch.Tensor:
+        """Loss ``[b, s]`` when ``labels`` are given, else logits (see module docstring).
+
+        On stages without ``post_process`` returns the hidden states ``[s, b, h]``.
+        """
+        inference_context = inference_context if inference_context is not None \
+            else inference_params
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids, position_ids)
+        rotary_pos_emb = self._rotary(decoder_input, position_ids, inference_context)
+        hidden_states = self.decoder(decoder_input, attention_mask,
+                                     rotary_pos_emb=rotary_pos_emb,
+                                     inference_context=inference_context)
+        if not self.post_process:
+            return hidden_states
+        weight = self.shared_embedding_or_output_weight() \
+            if self.share_embeddings_and_output_weights else None
+        if labels is None:
+            logits, _ = self.output_layer(hidden_states, weight=weight)  # [s, b, V/tp or V]
+            return self._logits_for_output(logits)
+        # The loss always reads tp-split logits [s, b, V/tp], whatever parallel_output says.
+        logits, _ = self.output_layer(hidden_states, weight=weight, runtime_gather_output=False)
+        if not self.fp16_lm_cross_entropy:
+            logits = logits.float()
+        return self._language_model_loss(logits, labels)
+
+    def _language_model_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # logits [s, b, V/tp], labels [b, s] -> [s, b]; loss [s, b] -> [b, s]
+        target = labels.t().contiguous()
+        loss = vocab_parallel_cross_entropy(logits, target, vocab_size=self.vocab_size,
+                                            group=self.tp_group)
+        return loss.t().contiguous()
+
+    def _rotary(self, decoder_input, position_ids, inference_context):
+        if self.rotary_pos_emb is None:
+            return None
+        if position_ids is not None:
+            return self.rotary_pos_emb.for_positions(position_ids)  # [s, b, 1, rot]
+        hidden = decoder_input if decoder_input is not None else self.decoder.input_tensor
+        seq_len = hidden.size(0)
+        if self.config.sequence_parallel and self.tp_size > 1:
+            seq_len *= self.tp_size  # [s/tp, b, h] -> attention sees s
+        cp_size = dist.get_world_size(self.pg_collection.cp)
+        if cp_size > 1:  # context parallelism: angles of this rank's global positions
+            positions = get_position_ids_on_cp_rank(seq_len * cp_size, cp_size,
+                                                    dist.get_rank(self.pg_collection.cp),
+                                                    self.rotary_pos_emb.inv_freq.device)
+            return self.rotary_pos_emb.for_positions(positions.unsqueeze(0))  # [s/cp, 1, 1, rot]
+        offset = inference_context.sequence_len_offset if inference_context is not None else 0
+        return self.rotary_pos_emb(seq_len, offset)  # [s, 1, 1, rot]
+
+    def _logits_for_output(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.transpose(0, 1).contiguous()  # [s, b, V?] -> [b, s, V?]
+        if not self.parallel_output:
+            return logits[..., :self.vocab_size]
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        per_rank = self.padded_vocab_size // self.tp_size
+        columns = torch.arange(per_rank, device=logits.device) + self.tp_rank * per_rank
+        return logits.masked_fill(columns >= self.vocab_size, float("-inf"))
