@@ -18,7 +18,6 @@ thread. Timings on shared CPUs swing a lot: compare rows of one run, not across 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -33,17 +32,12 @@ import torch.nn.functional as F
 from megacore import parallel_state as ps
 from megacore.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megacore.transformer.mlp import MLP, MLPSubmodules
-from megacore.transformer.moe import MoEConfig, MoELayer
+from megacore.transformer.moe import MoELayer
 from megacore.transformer.transformer_config import TransformerConfig
 
 
-@dataclasses.dataclass
-class _Config(MoEConfig, TransformerConfig):
-    """TransformerConfig with the MoE fields (until TransformerConfig inherits them)."""
-
-
-def _config(args, **fields) -> _Config:
-    return _Config(num_layers=1, hidden_size=args.hidden, num_attention_heads=1,
+def _config(args, **fields) -> TransformerConfig:
+    return TransformerConfig(num_layers=1, hidden_size=args.hidden, num_attention_heads=1,
                    ffn_hidden_size=args.ffn, num_moe_experts=args.experts,
                    moe_router_topk=args.topk, hidden_dropout=0.0, attention_dropout=0.0,
                    activation_func=F.gelu, **fields)

@@ -27,7 +27,7 @@ from megacore.datasets import (  # noqa: E402
     GPTDatasetConfig,
     get_blend_from_list,
 )
-from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec  # noqa: E402
+from megacore.models.gpt import GPTModel, get_gpt_decoder_block_spec  # noqa: E402
 from megacore.tokenizers import build_tokenizer  # noqa: E402
 from megacore.training import pretrain  # noqa: E402
 from megacore.transformer import ModelType  # noqa: E402
@@ -62,9 +62,8 @@ def padded_vocab_size(run) -> int:
 def model_provider(run, pre_process=True, post_process=True, vp_stage=None):
     """Build this rank's GPT chunk."""
     config = run.model
-    spec = get_gpt_layer_local_spec(num_experts=getattr(config, "num_moe_experts", None),
-                                    qk_layernorm=config.qk_layernorm,
-                                    normalization=config.normalization)
+    # Dense layers, or MoE layers where --moe-layer-freq says.
+    spec = get_gpt_decoder_block_spec(config)
     return GPTModel(config, spec, vocab_size=padded_vocab_size(run),
                     max_sequence_length=run.gpt.max_position_embeddings,
                     pre_process=pre_process, post_process=post_process,

@@ -114,6 +114,25 @@ FLAGS: List[Flag] = [
     _f("--deterministic-mode", "model"),
     _f("--fp16", "model", "fp16", derived=True, type=bool),
     _f("--bf16", "model", "bf16", derived=True, type=bool),
+    # mixture of experts
+    _f("--num-experts", "model", "num_moe_experts"),
+    _f("--moe-ffn-hidden-size", "model"), _f("--moe-router-topk", "model"),
+    _f("--moe-router-score-function", "model", choices=["softmax", "sigmoid"]),
+    _f("--moe-router-pre-softmax", "model"),
+    _f("--moe-router-topk-scaling-factor", "model"),
+    _f("--moe-router-load-balancing-type", "model",
+       choices=["aux_loss", "seq_aux_loss", "none"]),
+    _f("--moe-aux-loss-coeff", "model"), _f("--moe-z-loss-coeff", "model"),
+    _f("--moe-router-enable-expert-bias", "model"),
+    _f("--moe-router-bias-update-rate", "model"),
+    _f("--moe-token-dispatcher-type", "model", choices=["allgather", "alltoall"]),
+    _f("--moe-expert-capacity-factor", "model"),
+    _f("--moe-pad-expert-input-to-capacity", "model"),
+    _f("--moe-token-drop-policy", "model", choices=["probs", "position"]),
+    _f("--moe-shared-expert-intermediate-size", "model"),
+    _f("--moe-shared-expert-gate", "model"),
+    _f("--moe-layer-freq", "model", "moe_layer_freq_text", derived=True, type=str),
+    _f("--moe-grouped-gemm", "model"), _f("--moe-per-layer-logging", "model"),
     # GPTModel
     _f("--seq-length", "gpt"), _f("--max-position-embeddings", "gpt"),
     _f("--position-embedding-type", "gpt", choices=["learned_absolute", "rope", "none"]),
@@ -379,8 +398,27 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
                 f"--num-layers {layers} must be divisible by --pipeline-model-parallel-size {pp} "
                 f"x --num-layers-per-virtual-pipeline-stage {per_stage}")
         model["virtual_pipeline_model_parallel_size"] = layers // (pp * per_stage)
+    freq = values.get("moe_layer_freq_text")
+    if freq is not None:
+        model["moe_layer_freq"] = _parse_layer_freq(freq)
     if model.get("virtual_pipeline_model_parallel_size") == 1:
         model["virtual_pipeline_model_parallel_size"] = None
+
+
+def _parse_layer_freq(text) -> Any:
+    """``--moe-layer-freq``: ``2`` (every 2nd layer) or a 0/1 pattern ``1,0,1,0`` /
+    ``[1,0,1,0]`` (one entry per layer)."""
+    if isinstance(text, (int, list)):
+        return text
+    cleaned = str(text).strip().strip("[]")
+    try:
+        values = [int(v) for v in cleaned.split(",") if v.strip()]
+    except ValueError:
+        raise ArgumentValidationError(f"--moe-layer-freq {text!r}: expected an integer or a "
+                                      "comma-separated 0/1 pattern such as 1,0,1,0") from None
+    if len(values) == 1 and "," not in cleaned:
+        return values[0]
+    return values
 
 
 def _build_section(name: str, kwargs: Dict[str, Any]):

@@ -38,6 +38,12 @@ from megacore.training.data_samplers import build_pretraining_data_loader, cycli
 from megacore.training.flops import num_floating_point_operations
 from megacore.training.metrics_logger import MetricsLogger
 from megacore.training.num_microbatches_calculator import NumMicroBatchesCalculator
+from megacore.transformer.moe import (
+    MoEAuxLossAutoScaler,
+    reduce_moe_metrics,
+    reset_moe_metrics,
+    update_router_expert_bias,
+)
 
 __all__ = ["pretrain", "initialize_distributed", "initialize_model_parallel_from_run",
            "get_model", "get_optimizer_param_scheduler", "train_step", "evaluate",
@@ -232,6 +238,10 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ru
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    moe = bool(run.model.num_moe_experts)
+    if moe:
+        # Aux-loss gradients are scaled like the main loss: loss scale / micro-batches.
+        MoEAuxLossAutoScaler.set_loss_scale(float(optimizer.get_loss_scale()) / num_microbatches)
     forward_backward = get_forward_backward_func()
     losses = forward_backward(
         forward_step_func=forward_step_func, data_iterator=data_iterator,
@@ -241,6 +251,8 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ru
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful:
         scheduler.step(increment=global_batch_size)
+    if moe and run.model.moe_router_enable_expert_bias:
+        update_router_expert_bias(model)
     return _average_losses(losses), update_successful, grad_norm, num_zeros
 
 
@@ -402,6 +414,10 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
                 "memory_mb": _memory_mb(),
             }
             metrics.update({k.replace(" ", "_"): v for k, v in losses.items() if k != "lm loss"})
+            if run.model.num_moe_experts:
+                # Collective over tp x cp x dp: every rank reduces, the last rank logs.
+                metrics.update(reduce_moe_metrics(model, per_layer=run.model.moe_per_layer_logging))
+                reset_moe_metrics(model)
             if _is_logging_rank():
                 logger.log(state.iteration, metrics)
         if valid_iter is not None and t.eval_iters and state.iteration % t.eval_interval == 0:

@@ -4,8 +4,8 @@ Every module in :mod:`megacore.transformer` and :mod:`megacore.models` receives 
 these. Field names are Megatron-Core's so configs port unchanged; derived defaults
 (``ffn_hidden_size``, ``kv_channels``, ``num_query_groups``, the init methods) are filled
 in ``__post_init__``, which also rejects inconsistent combinations with a message naming
-the fields. MoE fields (``num_moe_experts``, ``moe_router_topk`` ...) belong to the MoE
-layer and are added next to these when it lands.
+the fields. MoE fields (``num_moe_experts``, ``moe_router_topk`` ...) come from
+:class:`~megacore.transformer.moe_config.MoEConfig`, whose checks run after these.
 
 Shape legend used across the package: ``s`` sequence, ``b`` micro-batch, ``h`` hidden,
 ``np`` attention heads, ``ng`` query groups (key/value heads), ``hn`` head dim
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from megacore.model_parallel_config import ModelParallelConfig
 from megacore.transformer.enums import AttnBackend
 from megacore.transformer.initialization import init_method_normal, scaled_init_method_normal
+from megacore.transformer.moe_config import MoEConfig
 
 __all__ = ["TransformerConfig"]
 
@@ -32,7 +33,7 @@ _RECOMPUTE_METHODS = (None, "uniform", "block")
 
 
 @dataclasses.dataclass
-class TransformerConfig(ModelParallelConfig):
+class TransformerConfig(MoEConfig, ModelParallelConfig):
     """Architecture, regularization, initialization and recompute settings."""
 
     # -- shape --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """GPT: decoder-only language model and its layer specs."""
 
 from megacore.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
     get_llama_layer_local_spec,
@@ -8,5 +9,5 @@ from megacore.models.gpt.gpt_layer_specs import (
 )
 from megacore.models.gpt.gpt_model import GPTModel
 
-__all__ = ["GPTModel", "get_gpt_layer_local_spec", "get_llama_layer_local_spec",
+__all__ = ["GPTModel", "get_gpt_layer_local_spec", "get_gpt_decoder_block_spec", "get_llama_layer_local_spec",
            "get_gpt_layer_with_transformer_engine_spec", "llama_config_kwargs"]

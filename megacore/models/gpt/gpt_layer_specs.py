@@ -20,12 +20,14 @@ from megacore.transformer.dot_product_attention import DotProductAttention
 from megacore.transformer.enums import AttnMaskType
 from megacore.transformer.extensions import HAVE_TE, FusedLayerNorm, TENorm, apex_usable
 from megacore.transformer.mlp import MLP, MLPSubmodules
+from megacore.transformer.moe_config import is_moe_layer
 from megacore.transformer.moe.moe_module_specs import get_moe_module_spec
 from megacore.transformer.spec_utils import ModuleSpec
 from megacore.transformer.torch_norm import LayerNorm, RMSNorm
+from megacore.transformer.transformer_block import TransformerBlockSubmodules
 from megacore.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-__all__ = ["get_gpt_layer_local_spec", "get_llama_layer_local_spec",
+__all__ = ["get_gpt_layer_local_spec", "get_gpt_decoder_block_spec", "get_llama_layer_local_spec",
            "get_gpt_layer_with_transformer_engine_spec", "llama_config_kwargs"]
 
 
@@ -69,6 +71,25 @@ def get_gpt_layer_local_spec(num_experts: Optional[int] = None, moe_grouped_gemm
             ``TransformerConfig.normalization``.
     """
     return _layer_spec(_local_norm(normalization), qk_layernorm, num_experts, moe_grouped_gemm)
+
+
+def get_gpt_decoder_block_spec(config, qk_layernorm: Optional[bool] = None
+                               ) -> TransformerBlockSubmodules:
+    """Per-layer specs for the whole decoder: MoE layers where ``config.moe_layer_freq``
+    says (every layer, every N-th, or an explicit 0/1 pattern), dense MLPs elsewhere.
+
+    Without experts (``config.num_moe_experts`` None) every layer gets the dense spec.
+    """
+    qk = config.qk_layernorm if qk_layernorm is None else qk_layernorm
+    norm = _local_norm(config.normalization)
+    dense = _layer_spec(norm, qk)
+    if not config.num_moe_experts:
+        return TransformerBlockSubmodules(layer_specs=[dense] * config.num_layers,
+                                          layer_norm=norm)
+    moe = _layer_spec(norm, qk, config.num_moe_experts, config.moe_grouped_gemm)
+    specs = [moe if is_moe_layer(config, number) else dense
+             for number in range(1, config.num_layers + 1)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm)
 
 
 def get_llama_layer_local_spec(qk_layernorm: bool = False) -> ModuleSpec:

@@ -15,7 +15,7 @@ from megacore.transformer.moe.load_balancing import (
     update_router_expert_bias,
     z_loss,
 )
-from megacore.transformer.moe.moe_config import (
+from megacore.transformer.moe_config import (
     MoEConfig,
     check_moe_parallelism,
     get_moe_layer_pattern,

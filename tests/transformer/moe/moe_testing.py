@@ -1,31 +1,24 @@
 """Helpers for the MoE tests: a config with the MoE fields, and a one-rank process-group
 collection so a single-process reference model can be built inside a multi-rank test."""
 
-import dataclasses
 
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from megacore.parallel_state import ParallelLayout, ProcessGroupCollection
-from megacore.transformer.moe.moe_config import MoEConfig
 from megacore.transformer.transformer_config import TransformerConfig
 
 _NAMES = ("tp", "cp", "dp", "dp_cp", "pp", "mp", "tp_cp", "tp_dp", "tp_dp_cp", "ep",
           "expt_tp", "tp_ep", "expt_dp", "tp_ep_pp", "embd", "pos_embd")
 
 
-@dataclasses.dataclass
-class MoETestConfig(MoEConfig, TransformerConfig):
-    """TransformerConfig + MoEConfig until TransformerConfig inherits the MoE fields."""
-
-
-def make_config(**overrides) -> MoETestConfig:
+def make_config(**overrides) -> TransformerConfig:
     """Tiny MoE config: h=8, 8 experts of width 8, top-2, fp32, no dropout."""
     fields = dict(num_layers=2, hidden_size=8, num_attention_heads=2, ffn_hidden_size=8,
                   num_moe_experts=8, moe_router_topk=2, hidden_dropout=0.0,
                   attention_dropout=0.0, init_method_std=0.2, activation_func=F.gelu)
     fields.update(overrides)
-    return MoETestConfig(**fields)
+    return TransformerConfig(**fields)
 
 
 def single_rank_collection() -> ProcessGroupCollection:

@@ -1,0 +1,441 @@
+"""Layout-independent keys and shards for every model and optimizer tensor.
+
+The distributed ("torch_dist") format stores each tensor once, under a key that does not
+depend on the parallel layout, as a *global* tensor; each rank writes its shard. A later
+run with any tp/pp/vpp/dp reads the global tensors and cuts its own shards.
+
+Keys (``/`` separates parts, module names keep their dots)::
+
+    model/<global name>                      a model param or persistent buffer
+    optimizer/<field>/<global name>          optimizer state: main_param, exp_avg, ...
+    <key>/block<j>                           block j of a tp-split param with stride s > 1
+
+Global names are the chunk's ``state_dict`` names with pipeline-local indices made global:
+
+* a module with an integer ``layer_number`` (1-based, global) inside a ``ModuleList``
+  (``decoder.layers.<i>``) becomes ``decoder.layers.<layer_number - 1>``: with 4 layers
+  and pp=2 the second stage's ``decoder.layers.0`` is saved as ``decoder.layers.2``; vpp
+  chunks merge the same way;
+* ``...local_experts.<i>`` becomes ``...local_experts.<ep_rank * n_local + i>``, and a
+  param stacking this rank's experts on dim 0 (grouped experts, ``[El, ...]``) is saved
+  as one tensor per expert, ``<key>/expert<global index>``;
+* a tied output weight (``shared_embedding=True`` away from pipeline stage 0, chunk 0)
+  takes the name of the word embedding it mirrors and is not saved a second time; on load
+  it is filled from that key.
+
+Shards: a param with ``tensor_model_parallel=True`` is split along ``partition_dim`` over
+its tp group (expert-tp for ``allreduce=False`` params). With stride 1 the global tensor is
+the concatenation of the rank shards, saved as a ``DTensor`` with ``Shard(dim)``. With
+stride s the global dim is cut in ``tp * s`` blocks and rank r holds blocks
+``r, r + tp, ...`` (see ``tensor_parallel.layers._shard_master_weight``): block j of every
+rank's shard forms global block j, ``[d/s]`` along the dim, saved under ``<key>/block<j>``.
+Replicated tensors are saved whole (DCP keeps one copy of identical (key, offset) items).
+
+Loading reads each global tensor whole (memory: one model copy per rank, fine for the
+converters and CPU runs), fits the vocabulary rows (the padded vocab size may differ
+between layouts: the overlap is copied, extra rows are zero), and slices this rank's shard.
+
+Layout transforms: the fused QKV weight with fewer key/value groups than tp ranks holds
+replicated key/value rows (``transformer.qkv_layout``); it is gathered over tp and saved
+in the logical layout, and expanded for the loading tp size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megacore import device
+from megacore.checkpointing.errors import CheckpointError
+from megacore.checkpointing.parallel_layout import RankLayout
+from megacore.tensor_parallel.layers import VocabParallelEmbedding, _shard_master_weight
+
+__all__ = ["TensorEntry", "unwrap_model_chunks", "model_tensor_entries",
+           "optimizer_tensor_entries", "entries_to_dcp_state_dict", "read_needed_keys",
+           "fill_entries_from_full", "model_key", "optimizer_key", "block_key"]
+
+_LAYER_INDEX = re.compile(r"^\d+$")
+
+
+def model_key(global_name: str) -> str:
+    return f"model/{global_name}"
+
+
+def optimizer_key(field: str, global_name: str) -> str:
+    return f"optimizer/{field}/{global_name}"
+
+
+def block_key(key: str, block: int) -> str:
+    return f"{key}/block{block}"
+
+
+@dataclasses.dataclass
+class LayoutTransform:
+    """Maps a tensor between its tp-dependent full layout and the logical layout."""
+
+    to_logical: Callable[[torch.Tensor], torch.Tensor]
+    from_logical: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass
+class TensorEntry:
+    """One local tensor and where it sits in the checkpoint.
+
+    Attributes:
+        key: checkpoint key (see the module docstring).
+        tensor: the local tensor (param data, buffer, or optimizer state), read on save
+            and written in place on load.
+        tp_dim: dim split over tp, or None when replicated over tp.
+        stride: blocks per rank along ``tp_dim``.
+        tp_size, tp_rank, tp_group: the group ``tp_dim`` is split over.
+        owner: this rank saves it (False for a tied copy saved under another name).
+        vocab: dim 0 is a padded vocabulary that may differ between layouts.
+        transform: tp-layout <-> logical layout map, or None.
+        expert_slot: for a stacked-experts param ``[El, ...]``: which local expert this
+            entry is (``tensor`` is that slice); None otherwise.
+        key_suffix: ``/expert<global index>`` for such slices.
+    """
+
+    key: str
+    tensor: torch.Tensor
+    tp_dim: Optional[int] = None
+    stride: int = 1
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_group: Optional[dist.ProcessGroup] = None
+    owner: bool = True
+    vocab: bool = False
+    transform: Optional[LayoutTransform] = None
+    expert_slot: Optional[int] = None
+    key_suffix: str = ""
+
+    def global_shape(self) -> Tuple[int, ...]:
+        """Shape of the full tensor in this layout (before any transform)."""
+        shape = list(self.tensor.shape)
+        if self.tp_dim is not None:
+            shape[self.tp_dim] *= self.tp_size
+        return tuple(shape)
+
+    def with_tensor(self, key: str, tensor: torch.Tensor) -> "TensorEntry":
+        """The same sharding for another tensor of the param's shape (optimizer state);
+        0-dim tensors (``step``) are replicated."""
+        if tensor.dim() == 0:
+            return dataclasses.replace(self, key=key, tensor=tensor, tp_dim=None, stride=1,
+                                       vocab=False, transform=None, expert_slot=None,
+                                       key_suffix="")
+        if self.expert_slot is not None:
+            tensor = tensor[self.expert_slot]
+        return dataclasses.replace(self, key=key + self.key_suffix, tensor=tensor)
+
+
+# -- naming ------------------------------------------------------------------------------
+def unwrap_model_chunks(model_chunks) -> List[torch.nn.Module]:
+    """The modules inside DDP (or similar ``.module``) wrappers; a single module is
+    accepted as a one-chunk list."""
+    if isinstance(model_chunks, torch.nn.Module):
+        model_chunks = [model_chunks]
+    out = []
+    for chunk in model_chunks:
+        while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+            chunk = chunk.module
+        out.append(chunk)
+    return out
+
+
+def _global_module_prefixes(module: torch.nn.Module, layout: RankLayout) -> Dict[str, str]:
+    """Local module path -> global path, for renamed modules (layers, experts)."""
+    renames: Dict[str, str] = {}
+    for name, sub in module.named_modules():
+        parent, _, last = name.rpartition(".")
+        if not _LAYER_INDEX.match(last):
+            continue
+        number = getattr(sub, "layer_number", None)
+        if isinstance(number, int) and not isinstance(number, bool):
+            renames[name] = f"{parent}.{number - 1}" if parent else str(number - 1)
+        elif parent.endswith("local_experts"):
+            n_local = len(module.get_submodule(parent))
+            index = layout.ep_rank * n_local + int(last)
+            renames[name] = f"{parent}.{index}"
+    return renames
+
+
+def _globalize(name: str, renames: Dict[str, str]) -> str:
+    parts = name.split(".")
+    out: List[str] = []
+    for i in range(len(parts)):
+        local = ".".join(parts[:i + 1])
+        if local in renames:
+            out = renames[local].split(".")
+        else:
+            out.append(parts[i])
+    return ".".join(out)
+
+
+def _tied_embedding_name(chunks: Sequence[torch.nn.Module], names: List[Dict[str, str]],
+                         layout: RankLayout) -> Optional[str]:
+    """Global name of the word embedding that tied output weights mirror: the
+    ``shared_embedding`` param of pipeline stage 0, chunk 0 (all-gathered over pp)."""
+    mine = None
+    if layout.pp_rank == 0 and chunks:
+        for local, tensor in chunks[0].state_dict(keep_vars=True).items():
+            if getattr(tensor, "shared_embedding", False):
+                mine = names[0][local]
+                break
+    if layout.pp == 1 or layout.groups is None:
+        return mine
+    gathered: List[Optional[str]] = [None] * layout.pp
+    dist.all_gather_object(gathered, mine, group=layout.groups.pp)
+    return gathered[0]
+
+
+# -- special layouts ---------------------------------------------------------------------
+def _qkv_transform(attention: torch.nn.Module, tp_size: int) -> LayoutTransform:
+    from megacore.transformer.qkv_layout import collapse_qkv_rows, expand_qkv_rows
+
+    cfg = attention.config
+    kw = dict(num_attention_heads=cfg.num_attention_heads,
+              num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
+              tp_size=tp_size)
+    return LayoutTransform(to_logical=lambda t: collapse_qkv_rows(t, **kw),
+                           from_logical=lambda t: expand_qkv_rows(t, **kw).contiguous())
+
+
+def _transforms(module: torch.nn.Module, layout: RankLayout) -> Dict[str, LayoutTransform]:
+    """Local state-dict name -> transform, for the fused QKV with replicated k/v rows."""
+    out = {}
+    for name, sub in module.named_modules():
+        if getattr(sub, "kv_replicated", False) and hasattr(sub, "linear_qkv"):
+            transform = _qkv_transform(sub, layout.tp)
+            prefix = f"{name}.linear_qkv." if name else "linear_qkv."
+            out[prefix + "weight"] = transform
+            out[prefix + "bias"] = transform
+    return out
+
+
+def _stacked_expert_params(module: torch.nn.Module) -> Dict[str, List[int]]:
+    """Local name -> global expert indices, for params stacking this rank's experts on
+    dim 0 (grouped experts: a module with ``local_expert_indices`` and no
+    ``local_experts`` list). Each expert is saved under its own key, so any ep loads."""
+    out = {}
+    for name, sub in module.named_modules():
+        indices = getattr(sub, "local_expert_indices", None)
+        if indices is None or hasattr(sub, "local_experts"):
+            continue
+        for pname, param in sub.named_parameters(recurse=False):
+            if param.dim() >= 1 and param.shape[0] == len(indices):
+                out[f"{name}.{pname}" if name else pname] = list(indices)
+    return out
+
+
+def _split_experts(entry: TensorEntry, indices: List[int]) -> List[TensorEntry]:
+    tp_dim = None if entry.tp_dim is None else entry.tp_dim - 1
+    return [dataclasses.replace(entry, key=f"{entry.key}/expert{index}",
+                                tensor=entry.tensor[slot], tp_dim=tp_dim, expert_slot=slot,
+                                key_suffix=f"/expert{index}")
+            for slot, index in enumerate(indices)]
+
+
+def _vocab_names(module: torch.nn.Module) -> set:
+    return {f"{name}.weight" if name else "weight" for name, sub in module.named_modules()
+            if isinstance(sub, VocabParallelEmbedding)}
+
+
+# -- entries -----------------------------------------------------------------------------
+def _entry_for(key: str, param: torch.Tensor, layout: RankLayout) -> TensorEntry:
+    """Entry for a param or buffer (attributes read from ``param``, which ``detach``
+    would drop)."""
+    tensor = param.detach()
+    split = bool(getattr(param, "tensor_model_parallel", False))
+    expert = getattr(param, "allreduce", True) is False
+    size = layout.etp if expert else layout.tp
+    if not split:
+        return TensorEntry(key=key, tensor=tensor)
+    return TensorEntry(key=key, tensor=tensor, tp_dim=int(param.partition_dim),
+                       stride=int(getattr(param, "partition_stride", 1)), tp_size=size,
+                       tp_rank=layout.etp_rank if expert else layout.tp_rank,
+                       tp_group=layout.tp_group_for(expert))
+
+
+def model_tensor_entries(model_chunks, layout: RankLayout
+                         ) -> Tuple[List[TensorEntry], Dict[Tuple[int, str], List[TensorEntry]]]:
+    """Entries for every tensor in the chunks' state dicts (collective over pp for the
+    tied-embedding name). Returns the list and a map ``(chunk, local name) -> entries``
+    (several for stacked experts)."""
+    chunks = unwrap_model_chunks(model_chunks)
+    names = []
+    for chunk in chunks:
+        renames = _global_module_prefixes(chunk, layout)
+        names.append({local: _globalize(local, renames) for local in chunk.state_dict()})
+    tied = _tied_embedding_name(chunks, names, layout)
+    entries, by_local = [], {}
+    for index, chunk in enumerate(chunks):
+        transforms, vocab = _transforms(chunk, layout), _vocab_names(chunk)
+        stacked = _stacked_expert_params(chunk)
+        for local, tensor in chunk.state_dict(keep_vars=True).items():
+            if not torch.is_tensor(tensor):
+                raise CheckpointError(f"model chunk {index} state entry {local!r} is a "
+                                      f"{type(tensor).__name__}, not a tensor: the "
+                                      "torch_dist format stores tensors only")
+            global_name, owner = names[index][local], True
+            if getattr(tensor, "shared_embedding", False) and tied is not None \
+                    and not (layout.pp_rank == 0 and index == 0):
+                global_name, owner = tied, False
+            entry = _entry_for(model_key(global_name), tensor, layout)
+            entry.owner = owner
+            entry.vocab = (local in vocab or getattr(tensor, "shared_embedding", False)
+                           or getattr(tensor, "is_embedding_or_output_parameter", False))
+            entry.transform = transforms.get(local)
+            pieces = _split_experts(entry, stacked[local]) if local in stacked else [entry]
+            entries += pieces
+            by_local[(index, local)] = pieces
+    return entries, by_local
+
+
+def _optimizer_members(state: dict) -> List[dict]:
+    if "optimizers" in state:
+        return list(state["optimizers"])
+    if "params" in state and isinstance(state["params"], dict):
+        return [state]
+    raise CheckpointError("the torch_dist format needs a megacore optimizer (state dict with "
+                          "'params' keyed '<chunk>/<param name>'); got keys "
+                          f"{sorted(state)[:5]}")
+
+
+def optimizer_tensor_entries(opt_state: dict, by_local: Dict[Tuple[int, str],
+                                                              List[TensorEntry]]
+                             ) -> List[TensorEntry]:
+    """Entries for each ``params`` tensor of a megacore optimizer state dict (every member
+    of a chained one), sharded like their params."""
+    entries = []
+    for member in _optimizer_members(opt_state):
+        for name, fields in member["params"].items():
+            chunk, _, local = name.partition("/")
+            pieces = by_local.get((int(chunk), local))
+            if pieces is None:
+                raise CheckpointError(f"optimizer state names param {name!r}, which is not in "
+                                      "the model chunks' state dicts")
+            for piece in pieces:
+                global_name = piece.key[len("model/"):len(piece.key) - len(piece.key_suffix)]
+                for field, value in fields.items():
+                    entries.append(piece.with_tensor(optimizer_key(field, global_name), value))
+    return entries
+
+
+# -- save --------------------------------------------------------------------------------
+def _mesh(group, cache: dict):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if id(group) not in cache:
+        cache[id(group)] = DeviceMesh.from_group(group, device.device_type())
+    return cache[id(group)]
+
+
+def _gather_full(entry: TensorEntry) -> torch.Tensor:
+    """All-gather a stride-1 tp-split tensor to its full tp layout (collective over tp)."""
+    local = entry.tensor.movedim(entry.tp_dim, 0).contiguous()
+    flat = torch.empty(entry.tp_size * local.numel(), dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(flat, local.view(-1), group=entry.tp_group)  # [tp * numel]
+    full = flat.view(entry.tp_size * local.shape[0], *local.shape[1:])
+    return full.movedim(0, entry.tp_dim)
+
+
+def entries_to_dcp_state_dict(entries: Sequence[TensorEntry]) -> Dict[str, torch.Tensor]:
+    """The DCP state dict for the owned entries: plain tensors and ``DTensor`` shards.
+
+    Collective over each tp group that holds a transformed (gathered) tensor.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    meshes: dict = {}
+    out: Dict[str, torch.Tensor] = {}
+    for entry in entries:
+        tensor = entry.tensor.detach()
+        if entry.transform is not None:
+            full = _gather_full(entry) if entry.tp_dim is not None and entry.tp_size > 1 \
+                else tensor
+            if entry.owner:
+                out[entry.key] = entry.transform.to_logical(full).contiguous()
+            continue
+        if not entry.owner:
+            continue
+        if entry.tp_dim is None:
+            out[entry.key] = tensor
+            continue
+        blocks = [tensor] if entry.stride == 1 else list(tensor.chunk(entry.stride,
+                                                                      entry.tp_dim))
+        for j, block in enumerate(blocks):
+            key = entry.key if entry.stride == 1 else block_key(entry.key, j)
+            block = block.contiguous()
+            if entry.tp_size == 1:
+                out[key] = block
+                continue
+            shape = list(block.shape)
+            shape[entry.tp_dim] *= entry.tp_size
+            out[key] = DTensor.from_local(block, _mesh(entry.tp_group, meshes),
+                                          [Shard(entry.tp_dim)], run_check=False,
+                                          shape=torch.Size(shape),
+                                          stride=torch.empty(shape, device="meta").stride())
+    return out
+
+
+# -- load --------------------------------------------------------------------------------
+def _source_keys(entry: TensorEntry) -> List[str]:
+    if entry.tp_dim is not None and entry.stride > 1 and entry.transform is None:
+        return [block_key(entry.key, j) for j in range(entry.stride)]
+    return [entry.key]
+
+
+def read_needed_keys(entries: Sequence[TensorEntry], saved: Dict[str, object]
+                     ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Empty full tensors (saved shape and dtype) for every key the entries need, and the
+    keys that are missing from the checkpoint metadata ``saved`` (key -> tensor metadata)."""
+    request, missing = {}, []
+    for entry in entries:
+        for key in _source_keys(entry):
+            meta = saved.get(key)
+            if meta is None or not hasattr(meta, "size"):
+                missing.append(key)
+            elif key not in request:
+                request[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    return request, missing
+
+
+def _fit_vocab(full: torch.Tensor, wanted: Tuple[int, ...], entry: TensorEntry) -> torch.Tensor:
+    if tuple(full.shape) == wanted:
+        return full
+    if entry.vocab and full.dim() == len(wanted) and full.shape[1:] == wanted[1:]:
+        fitted = torch.zeros(wanted, dtype=full.dtype)
+        rows = min(full.shape[0], wanted[0])
+        fitted[:rows] = full[:rows]
+        return fitted
+    raise CheckpointError(f"{entry.key}: checkpoint holds shape {tuple(full.shape)}, the model "
+                          f"needs {wanted} (global, over tp={entry.tp_size})")
+
+
+def fill_entries_from_full(entries: Sequence[TensorEntry], full: Dict[str, torch.Tensor],
+                           path: str) -> None:
+    """Copy this rank's shard of each loaded global tensor into its entry (in place)."""
+    for entry in entries:
+        keys = _source_keys(entry)
+        if any(k not in full for k in keys):
+            continue  # missing and tolerated (strict=False)
+        if len(keys) == 1:
+            tensor = full[keys[0]]
+        else:
+            tensor = torch.cat([full[k] for k in keys], dim=entry.tp_dim)
+        wanted = entry.global_shape()
+        if entry.transform is not None:
+            tensor = entry.transform.from_logical(tensor)
+        tensor = _fit_vocab(tensor, wanted, entry)
+        if entry.tp_dim is not None and entry.tp_size > 1:
+            tensor = _shard_master_weight(tensor, entry.tp_dim, entry.stride, entry.tp_rank,
+                                          entry.tp_size)
+        if tuple(tensor.shape) != tuple(entry.tensor.shape):
+            raise CheckpointError(f"{path}: {entry.key} has local shape {tuple(tensor.shape)} "
+                                  f"after sharding, the model needs {tuple(entry.tensor.shape)}")
+        with torch.no_grad():
+            entry.tensor.copy_(tensor)

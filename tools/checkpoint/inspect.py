@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Print what a megacore checkpoint holds, without building a model.
+
+    python tools/checkpoint/inspect.py CHECKPOINT            # format, versions, layout,
+                                                             # config, iteration, tensors
+    python tools/checkpoint/inspect.py CHECKPOINT --verify   # also read every file
+    python tools/checkpoint/inspect.py CHECKPOINT --json     # machine-readable
+
+CHECKPOINT is a save directory (its latest_checkpointed_iteration.txt is followed) or one
+iter_XXXXXXX directory. Exit status: 0 fine, 1 verification found problems, 2 unreadable.
+"""
+
+import os
+import sys
+
+# This file is named like the standard library's ``inspect``, which torch imports: run as
+# a script, its own directory must not shadow it. Import the repository instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("checkpoint", help="save directory or iter_XXXXXXX directory")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every file and report missing or unreadable ones")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--no-tensors", action="store_true", help="omit the tensor list")
+    args = parser.parse_args(argv)
+
+    from megacore.checkpointing import (
+        CheckpointError,
+        format_checkpoint_info,
+        read_checkpoint_info,
+        verify_checkpoint,
+    )
+
+    try:
+        info = read_checkpoint_info(args.checkpoint)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problems = verify_checkpoint(args.checkpoint) if args.verify else None
+    if args.json:
+        out = info.to_dict()
+        if args.no_tensors:
+            out.pop("tensors")
+        if problems is not None:
+            out["problems"] = problems
+        print(json.dumps(out, indent=1, default=str))
+    else:
+        print(format_checkpoint_info(info, show_tensors=not args.no_tensors))
+        if problems is not None:
+            print("verify: OK" if not problems else
+                  "verify: FAILED\n" + "\n".join(f"  {p}" for p in problems))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
