@@ -67,8 +67,13 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, *, micro_batch
         return None
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                          data_parallel_rank, data_parallel_size, drop_last)
+    # A private generator: creating a DataLoader iterator otherwise draws from the global
+    # stream, which would shift dropout masks after a resume (the checkpointed RNG state
+    # is restored before the iterators are built).
+    generator = torch.Generator().manual_seed(data_parallel_rank)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=False, persistent_workers=num_workers > 0)
+                                       pin_memory=False, persistent_workers=num_workers > 0,
+                                       generator=generator)
 
 
 def cyclic_iter(iterable) -> Iterator:

@@ -423,6 +423,8 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
         if valid_iter is not None and t.eval_iters and state.iteration % t.eval_interval == 0:
             _run_eval(run, state, forward_step_func, valid_iter, model, logger, calculator,
                       "validation")
+        if c.save and c.async_save:
+            _checkpoint_api().finalize_async_saves(blocking=False)  # collective, cheap
         if c.save and c.save_interval and state.iteration % c.save_interval == 0:
             _save(run, state, model, optimizer, scheduler)
         reason = _exit_reason(run, state, exit_signal, start_time)
@@ -544,7 +546,7 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
                                         logger, calc, "test")
     finally:
         if run.checkpoint.save:
-            _checkpoint_api().finalize_async_saves()
+            _checkpoint_api().finalize_async_saves(blocking=True)
         logger.close()
         exit_signal.restore()
     return summary

@@ -1,0 +1,126 @@
+"""Checkpoints through examples/pretrain_gpt.py: exact resume, resharding, flags, SIGTERM.
+
+Exact resume is bitwise (``--deterministic-mode``, same layout, dropout on so the RNG
+states must be restored too). Resuming a torch_dist checkpoint in another layout is
+compared with rtol 1e-5, the fp32 tolerance of the layout tests.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.multirank import run_distributed
+from tests.training.test_pretrain_gpt import ROOT, SCRIPT, _run_pretrain
+
+MODEL = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
+         "--max-position-embeddings 16 --micro-batch-size 2 --global-batch-size 8 --lr 1e-2 "
+         "--train-iters 6 --mock-data --vocab-size 97 --log-interval 1 --eval-iters 0 "
+         "--hidden-dropout 0.1 --attention-dropout 0.0 --seed 11 --lr-warmup-iters 1 "
+         "--deterministic-mode")
+
+
+def _records(path):
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "lm_loss" in r]
+
+
+def _train(tmp_path, name, world, extra):
+    log = tmp_path / f"{name}.jsonl"
+    run_distributed(_run_pretrain, world, args=(shlex.split(f"{MODEL} {extra} --log-jsonl {log}"),),
+                    timeout=240)
+    return _records(log)
+
+
+CASES = [
+    ("torch", "--tensor-model-parallel-size 2", 2),
+    ("torch", "--pipeline-model-parallel-size 2 --use-distributed-optimizer", 2),
+    ("torch_dist", "--tensor-model-parallel-size 2 --use-distributed-optimizer", 2),
+    ("torch_dist", "--pipeline-model-parallel-size 2", 2),
+]
+
+
+@pytest.mark.parametrize("fmt, layout, world", CASES, ids=[f"{c[0]}-{c[1][2:20]}" for c in CASES])
+def test_exact_resume_is_bitwise(tmp_path, fmt, layout, world):
+    straight = _train(tmp_path, "straight", world, layout)
+    ckpt = tmp_path / "ckpt"
+    first = _train(tmp_path, "first", world, f"{layout} --save {ckpt} --save-interval 3 "
+                                             f"--exit-interval 3 --ckpt-format {fmt}")
+    assert [r["iteration"] for r in first] == [1, 2, 3]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    second = _train(tmp_path, "second", world, f"{layout} --load {ckpt} --ckpt-format {fmt}")
+    assert [r["iteration"] for r in second] == [4, 5, 6]
+    resumed = first + second
+    assert [r["lm_loss"] for r in resumed] == [r["lm_loss"] for r in straight]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
+    assert [r["consumed_samples"] for r in resumed] == [r["consumed_samples"] for r in straight]
+
+
+NO_DROPOUT = "--hidden-dropout 0"
+
+
+@pytest.mark.parametrize("save_layout, save_world, load_layout, load_world", [
+    ("--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2", 4, "", 1),
+    ("", 1, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2", 4),
+], ids=["tp2pp2-to-tp1pp1", "tp1pp1-to-tp2pp2"])
+def test_torch_dist_resumes_in_another_layout(tmp_path, save_layout, save_world, load_layout,
+                                              load_world):
+    straight = _train(tmp_path, "straight", 1, NO_DROPOUT)
+    ckpt = tmp_path / "ckpt"
+    first = _train(tmp_path, "first", save_world,
+                   f"{NO_DROPOUT} {save_layout} --save {ckpt} --save-interval 3 --exit-interval 3")
+    second = _train(tmp_path, "second", load_world, f"{NO_DROPOUT} {load_layout} --load {ckpt}")
+    losses = [r["lm_loss"] for r in first + second]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor([r["lm_loss"] for r in straight]),
+                               rtol=1e-5, atol=0)
+
+
+def test_load_flags_behave_as_in_megatron(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    straight = _train(tmp_path, "straight", 1, "")
+    _train(tmp_path, "first", 1, f"--save {ckpt} --save-interval 3 --exit-interval 3")
+    exact = _train(tmp_path, "exact", 1, f"--load {ckpt}")
+    no_optim = _train(tmp_path, "no_optim", 1, f"--load {ckpt} --no-load-optim")
+    no_rng = _train(tmp_path, "no_rng", 1, f"--load {ckpt} --no-load-rng")
+    finetune = _train(tmp_path, "finetune", 1, f"--load {ckpt} --finetune")
+    expected = [r["lm_loss"] for r in straight[3:]]
+    assert [r["lm_loss"] for r in exact] == expected
+    # Fresh Adam moments: the first step after loading differs, the iteration count does not.
+    assert [r["iteration"] for r in no_optim] == [4, 5, 6]
+    assert no_optim[0]["lm_loss"] == expected[0], "weights were loaded: the first loss matches"
+    assert no_optim[1]["lm_loss"] != expected[1]
+    # Other dropout masks: the losses differ from the exact resume.
+    assert [r["iteration"] for r in no_rng] == [4, 5, 6]
+    assert [r["lm_loss"] for r in no_rng] != expected
+    # Finetune: weights only, counting restarts at iteration 0 with no samples consumed.
+    assert [r["iteration"] for r in finetune] == [1, 2, 3, 4, 5, 6]
+    assert finetune[0]["consumed_samples"] == 8
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, SCRIPT] + shlex.split(MODEL.replace("--train-iters 6", "--train-iters 100000")) \
+        + ["--exit-signal-handler", "--save", str(ckpt)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        for line in proc.stdout:
+            if "iteration        3/" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+            assert time.time() < deadline, "training did not start"
+        output = proc.stdout.read()
+        assert proc.wait(timeout=120) == 0, output[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert saved >= 3
+    assert f"saved checkpoint at iteration {saved}" in output
