@@ -11,7 +11,10 @@ tp ranks), and keeps the slice that matches its shard.
 * sequence-parallel activations ``[s/tp, b, h]``: draw ``[s, b, h]``, keep this rank's
   sequence chunk;
 * replicated activations ``[s, b, h]``: draw and keep all of it (every tp rank draws
-  the same mask, as the single process does).
+  the same mask, as the single process does);
+* context-parallel activations ``[s/cp, b, h]`` (two sequence chunks per rank, see
+  :mod:`megacore.transformer.context_parallel.sequence_split`): draw ``[s, b, h]`` and keep
+  the rows of this rank's global token positions (then its sequence-parallel slice).
 
 The price is drawing tp times more random numbers than the shard needs (generation is
 cheap next to the matmuls around it). Every rank advances the default generator by the
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sharded_dropout"]
+from megacore.transformer.context_parallel.sequence_split import get_position_ids_on_cp_rank
+
+__all__ = ["sharded_dropout", "sequence_dropout"]
 
 
 def sharded_dropout(x: torch.Tensor, p: float, training: bool, *, dim: int = 0,
@@ -52,3 +57,33 @@ def sharded_dropout(x: torch.Tensor, p: float, training: bool, *, dim: int = 0,
     if full_shape[dim] != x.size(dim) or start:
         keep = keep.narrow(dim, start, x.size(dim)).contiguous()  # copy: free the full mask
     return x * keep * (1.0 / (1.0 - p))
+
+
+def sequence_dropout(x: torch.Tensor, p: float, training: bool, *, tp_size: int = 1,
+                     tp_rank: int = 0, sequence_parallel: bool = False, cp_size: int = 1,
+                     cp_rank: int = 0) -> torch.Tensor:
+    """Dropout on activations ``[s_local, b, h]`` with the single-process mask.
+
+    ``s_local`` is ``s / cp`` (``/ tp`` more under sequence parallelism). The mask of the
+    full ``[s, b, h]`` is drawn and this rank's rows picked by their global positions, so
+    any tp/sp/cp layout drops exactly the elements the single process drops.
+
+    Example: s=8, cp=2, cp rank 0 holds positions [0, 1, 6, 7]; with sequence parallelism
+    over tp=2, tp rank 1 of it holds [6, 7].
+    """
+    if not training or p == 0.0:
+        return x
+    sp = sequence_parallel and tp_size > 1
+    if cp_size == 1:
+        if not sp:
+            return sharded_dropout(x, p, training)
+        return sharded_dropout(x, p, training, dim=0, full_size=x.size(0) * tp_size,
+                               start=tp_rank * x.size(0))
+    per_cp_rank = x.size(0) * (tp_size if sp else 1)
+    full = per_cp_rank * cp_size
+    rows = get_position_ids_on_cp_rank(full, cp_size, cp_rank, device=x.device)
+    if sp:
+        rows = rows[tp_rank * x.size(0):(tp_rank + 1) * x.size(0)]
+    keep = torch.empty([full] + list(x.shape[1:]), dtype=torch.bool,
+                       device=x.device).bernoulli_(1.0 - p)
+    return x * keep.index_select(0, rows) * (1.0 / (1.0 - p))

@@ -29,7 +29,8 @@ def resolve_pg_collection(
 
 
 class MegatronModule(torch.nn.Module):
-    """Base class: holds ``config`` and the tensor-parallel group, size and rank.
+    """Base class: holds ``config``, the tensor-parallel group, size and rank, and the
+    context-parallel size and rank.
 
     Args:
         config: the transformer config.
@@ -44,6 +45,8 @@ class MegatronModule(torch.nn.Module):
         self.tp_group = self.pg_collection.tp
         self.tp_size = dist.get_world_size(self.tp_group)
         self.tp_rank = dist.get_rank(self.tp_group)
+        self.cp_size = dist.get_world_size(self.pg_collection.cp)
+        self.cp_rank = dist.get_rank(self.pg_collection.cp)
 
     def set_input_tensor(self, input_tensor: Optional[torch.Tensor]) -> None:
         """Pipeline stages other than the first receive their input here, not in forward."""

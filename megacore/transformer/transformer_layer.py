@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from megacore.parallel_state import ProcessGroupCollection
-from megacore.transformer.dropout import sharded_dropout
+from megacore.transformer.dropout import sequence_dropout
 from megacore.transformer.enums import AttnMaskType
 from megacore.transformer.module import MegatronModule
 from megacore.transformer.spec_utils import IdentityOp, ModuleSpec, build_module
@@ -84,11 +84,8 @@ class TransformerLayer(MegatronModule):
                           residual: torch.Tensor) -> torch.Tensor:
         if bias is not None:
             x = x + bias
-        if self.config.sequence_parallel and self.tp_size > 1:
-            # x is [s/tp, b, h]: draw the [s, b, h] mask and keep our sequence chunk.
-            x = sharded_dropout(x, self.hidden_dropout, self.training, dim=0,
-                                full_size=x.size(0) * self.tp_size,
-                                start=self.tp_rank * x.size(0))
-        else:
-            x = sharded_dropout(x, self.hidden_dropout, self.training)
+        # x is [s/cp(/tp), b, h]: the mask of the full [s, b, h], our rows of it.
+        x = sequence_dropout(x, self.hidden_dropout, self.training, tp_size=self.tp_size,
+                             tp_rank=self.tp_rank, sequence_parallel=self.config.sequence_parallel,
+                             cp_size=self.cp_size, cp_rank=self.cp_rank)
         return residual + x

@@ -23,7 +23,7 @@ import torch
 from megacore import device
 from megacore.parallel_state import ProcessGroupCollection
 from megacore.tensor_parallel import VocabParallelEmbedding, scatter_to_sequence_parallel_region
-from megacore.transformer.dropout import sharded_dropout
+from megacore.transformer.dropout import sequence_dropout
 from megacore.transformer.initialization import init_rng_scope
 from megacore.transformer.module import MegatronModule
 from megacore.transformer.transformer_config import TransformerConfig
@@ -119,8 +119,7 @@ class LanguageModelEmbedding(MegatronModule):
         embeddings = embeddings.contiguous()
         if self.config.fp32_residual_connection:
             embeddings = embeddings.float()
-        if self.sequence_parallel:
-            return sharded_dropout(embeddings, self.config.hidden_dropout, self.training, dim=0,
-                                   full_size=embeddings.size(0) * self.tp_size,
-                                   start=self.tp_rank * embeddings.size(0))
-        return sharded_dropout(embeddings, self.config.hidden_dropout, self.training)
+        return sequence_dropout(embeddings, self.config.hidden_dropout, self.training,
+                                tp_size=self.tp_size, tp_rank=self.tp_rank,
+                                sequence_parallel=self.sequence_parallel, cp_size=self.cp_size,
+                                cp_rank=self.cp_rank)
