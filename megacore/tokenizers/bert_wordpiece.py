@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
-from megacore.tokenizers.megatron_tokenizer import MegatronTokenizer, file_digest
+from megacore.tokenizers.megatron_tokenizer import VocabDictTokenizer, file_digest
 
 __all__ = ["BertWordPieceTokenizer", "read_wordpiece_vocab"]
 
@@ -28,7 +28,7 @@ def read_wordpiece_vocab(vocab_file: str) -> Dict[str, int]:
     return vocab
 
 
-class BertWordPieceTokenizer(MegatronTokenizer):
+class BertWordPieceTokenizer(VocabDictTokenizer):
     """WordPiece over a BERT ``vocab.txt``.
 
     Args:
@@ -67,18 +67,6 @@ class BertWordPieceTokenizer(MegatronTokenizer):
     def detokenize(self, ids: Sequence[int]) -> str:
         tokens = [self._inv_vocab[int(i)] for i in ids]
         return " ".join(tokens).replace(" ##", "").strip()
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> Dict[int, str]:
-        return self._inv_vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
 
     @property
     def cls(self) -> int:

@@ -20,7 +20,7 @@ import logging
 from functools import lru_cache
 from typing import Dict, List, Sequence, Tuple
 
-from megacore.tokenizers.megatron_tokenizer import MegatronTokenizer, file_digest
+from megacore.tokenizers.megatron_tokenizer import VocabDictTokenizer, file_digest
 
 __all__ = ["GPT2BPETokenizer", "GPT2_SPLIT_PATTERN", "bytes_to_unicode", "read_merges"]
 
@@ -74,7 +74,7 @@ def read_merges(merge_file: str) -> List[Tuple[str, str]]:
     return merges
 
 
-class GPT2BPETokenizer(MegatronTokenizer):
+class GPT2BPETokenizer(VocabDictTokenizer):
     """GPT-2 byte-level BPE, id-exact with Megatron's and Hugging Face's GPT-2 tokenizers.
 
     Args:
@@ -112,18 +112,6 @@ class GPT2BPETokenizer(MegatronTokenizer):
     def backend_name(self) -> str:
         """``"tiktoken"`` or ``"tokenizers"``: which library encodes."""
         return self._backend.name
-
-    @property
-    def vocab(self) -> Dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> Dict[int, str]:
-        return self._inv_vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
 
     @property
     def eod(self) -> int:

@@ -13,7 +13,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from typing import Any, Dict, Iterable, List, Sequence
 
-__all__ = ["MegatronTokenizer", "file_digest"]
+__all__ = ["MegatronTokenizer", "VocabDictTokenizer", "file_digest"]
 
 
 class MegatronTokenizer(ABC):
@@ -87,6 +87,26 @@ class MegatronTokenizer(ABC):
     def mask(self) -> int:
         """Mask id."""
         return self._missing("mask")
+
+
+class VocabDictTokenizer(MegatronTokenizer):
+    """A tokenizer whose vocabulary is a token -> id dict it keeps in ``self._vocab``
+    (and ``self._inv_vocab`` for id -> token); subclasses fill both in ``__init__``."""
+
+    _vocab: Dict[str, int]
+    _inv_vocab: Dict[int, str]
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        return self._vocab
+
+    @property
+    def inv_vocab(self) -> Dict[int, str]:
+        return self._inv_vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
 
 
 def file_digest(paths: Iterable[str]) -> str:

@@ -532,18 +532,15 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
             _save(run, state, model, optimizer, scheduler)
         summary: Dict[str, Any] = {"iteration": state.iteration, "exit_reason": reason,
                                    "consumed_train_samples": state.consumed_train_samples}
-        if reason == "done" and valid_iter is not None and run.training.eval_iters:
+        if reason == "done" and run.training.eval_iters:
             calc = NumMicroBatchesCalculator(run.training.global_batch_size,
                                              run.training.micro_batch_size,
                                              run.data_parallel_size)
-            summary["validation"] = _run_eval(run, state, forward_step_func, valid_iter, model,
-                                              logger, calc, "validation (end of training)")
-        if reason == "done" and test_iter is not None and run.training.eval_iters:
-            calc = NumMicroBatchesCalculator(run.training.global_batch_size,
-                                             run.training.micro_batch_size,
-                                             run.data_parallel_size)
-            summary["test"] = _run_eval(run, state, forward_step_func, test_iter, model,
-                                        logger, calc, "test")
+            for key, name, iterator in (("validation", "validation (end of training)", valid_iter),
+                                        ("test", "test", test_iter)):
+                if iterator is not None:
+                    summary[key] = _run_eval(run, state, forward_step_func, iterator, model,
+                                             logger, calc, name)
     finally:
         if run.checkpoint.save:
             _checkpoint_api().finalize_async_saves(blocking=True)
