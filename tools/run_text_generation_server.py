@@ -8,7 +8,7 @@
 
 Model flags are those of ``examples/pretrain_gpt.py``. A megacore checkpoint stores its
 run configuration, so ``--load`` alone is enough: the model shape and tokenizer flags
-are read from it (flags given on the command line win). The parallel layout is always
+are read from it (a model flag given on the command line must agree with it). The parallel layout is always
 the one given here (default: one rank), whatever layout the checkpoint was saved in.
 Training-only flags (``--lr``, ``--train-iters``, data paths) are not needed.
 
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from examples.pretrain_gpt import get_tokenizer, model_provider  # noqa: E402
-from megacore.checkpointing import load_checkpoint, read_checkpoint_info  # noqa: E402
+from megacore.checkpointing import load_checkpoint  # noqa: E402
 from megacore.inference import InferenceConfig, TextGenerationController  # noqa: E402
 from megacore.inference.generation_service import ServiceConfig  # noqa: E402
 from megacore.inference.server import ServerConfig, run_text_generation_server  # noqa: E402
@@ -35,23 +35,8 @@ from megacore.training.training import (  # noqa: E402
     initialize_distributed,
     initialize_model_parallel_from_run,
     print_rank_0,
+    saved_run_config,
 )
-
-# Flags that define the model's weights and tokenizer: taken from the checkpoint's saved
-# configuration unless given on the command line. Parallel sizes are not among them.
-CHECKPOINT_MODEL_FLAGS = (
-    "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
-    "--num-query-groups", "--kv-channels", "--normalization", "--norm-epsilon",
-    "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm",
-    "--apply-residual-connection-post-layernorm", "--seq-length", "--max-position-embeddings",
-    "--position-embedding-type", "--rotary-percent", "--rotary-base",
-    "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by",
-    "--tokenizer-type", "--vocab-file", "--merge-file", "--tokenizer-model", "--vocab-size",
-)
-
-# Training-only settings that parse_args insists on; irrelevant for serving.
-SERVING_DEFAULTS = ["--skip-train", "--lr", "0.0"]
-
 
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("text generation server")
@@ -75,36 +60,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _flag_value_args(flag: arguments.Flag, value) -> list:
-    if isinstance(value, bool):  # store_true flags (``invert``: the flag sets False)
-        return [flag.flag] if value != flag.invert else []
-    return [flag.flag, str(value)]
-
-
-def flags_from_checkpoint_config(config: dict) -> list:
-    """Command-line flags reproducing the model and tokenizer of a saved run config."""
-    if not config:
-        return []
-    by_name = {f.flag: f for f in arguments.FLAGS}
-    argv = []
-    for name in CHECKPOINT_MODEL_FLAGS:
-        flag = by_name[name]
-        value = config.get(flag.section, {}).get(flag.field)
-        if value is not None:
-            argv += _flag_value_args(flag, value)
-    model = config.get("model", {})
-    # --swiglu is the only flag that sets gated_linear_unit (with SiLU); the saved config
-    # leaves out callables such as activation_func.
-    if model.get("gated_linear_unit") and model.get("activation_func", "silu") == "silu":
-        argv.append("--swiglu")
-    if model.get("num_query_groups") not in (None, model.get("num_attention_heads")):
-        argv.append("--group-query-attention")
-    for dtype_flag in ("fp16", "bf16"):
-        if model.get(dtype_flag):
-            argv.append(f"--{dtype_flag}")
-    return argv
-
-
 def _load_dir(argv) -> str:
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--load")
@@ -112,15 +67,15 @@ def _load_dir(argv) -> str:
 
 
 def parse_serving_args(argv=None):
-    """``(run, server_args)``: flags = serving defaults, then the checkpoint's model
-    flags, then the command line (later flags win)."""
+    """``(run, server_args)``: the checkpoint's model and tokenizer settings, checked
+    against any model flag given on the command line (a mismatch is an error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     load = _load_dir(argv)
     if not load:
         raise SystemExit("--load is required: the checkpoint to serve")
-    info = read_checkpoint_info(load)
-    full = SERVING_DEFAULTS + flags_from_checkpoint_config(info.config) + argv
-    run = arguments.parse_args(full, extra_args_provider=add_server_args)
+    run = arguments.parse_args(argv, extra_args_provider=add_server_args,
+                               checkpoint_config=saved_run_config(load), checkpoint_path=load,
+                               for_inference=True)
     server_args, _ = add_server_args(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
     # A one-token decode step cannot be split along the sequence over tp ranks.
     run.model.sequence_parallel = False

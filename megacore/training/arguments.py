@@ -39,7 +39,8 @@ from megacore.training.training_config import (
 from megacore.transformer import TransformerConfig
 
 __all__ = ["Flag", "FLAGS", "RunConfig", "ArgumentValidationError", "build_parser",
-           "parse_args", "validate_run_config", "run_config_to_dict"]
+           "parse_args", "validate_run_config", "run_config_to_dict", "CHECKPOINT_MODEL_FLAGS",
+           "model_flags_from_config"]
 
 SECTIONS = {
     "model": TransformerConfig,
@@ -327,28 +328,126 @@ def _load_yaml(path: str) -> Dict[str, Any]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, *, world_size: Optional[int] = None,
-               extra_args_provider=None, ignore_unknown_args: bool = False) -> RunConfig:
+               extra_args_provider=None, ignore_unknown_args: bool = False,
+               checkpoint_config: Optional[Dict[str, Any]] = None,
+               checkpoint_path: str = "the checkpoint",
+               for_inference: bool = False) -> RunConfig:
     """Parse flags (and ``--yaml-cfg``) into a validated :class:`RunConfig`.
 
-    ``world_size`` (default: from ``torch.distributed`` or 1) is needed to derive the
-    data-parallel size and check the layout. Unknown flags are an error.
+    Args:
+        argv: the flags (default ``sys.argv[1:]``). Unknown flags are an error.
+        world_size: number of ranks (default: from ``torch.distributed`` or 1), needed to
+            derive the data-parallel size and check the layout.
+        extra_args_provider: ``parser -> parser`` adding a program's own flags.
+        checkpoint_config: the run configuration saved in a checkpoint (``--load``). Its
+            model and tokenizer settings (:data:`CHECKPOINT_MODEL_FLAGS`) fill flags not
+            given; a flag given with a different value is an error naming both values.
+        checkpoint_path: where ``checkpoint_config`` came from, for messages.
+        for_inference: skip the checks that only matter for training (lr, duration, data).
     """
     parser = build_parser(extra_args_provider)
     if ignore_unknown_args:
         ns, _ = parser.parse_known_args(argv)
     else:
         ns = parser.parse_args(argv)
-    values = {k: v for k, v in vars(ns).items() if v is not None}
+    values = {k: v for k, v in vars(ns).items() if v is not None and v is not False}
     if ns.yaml_cfg:
         values = {**_load_yaml(ns.yaml_cfg), **values}
+    if checkpoint_config:
+        values = _merge_checkpoint_config(values, checkpoint_config, checkpoint_path)
     run = _build_run_config(values)
     run.yaml_cfg = ns.yaml_cfg
     if world_size is None:
         world_size = (torch.distributed.get_world_size()
                       if torch.distributed.is_available() and torch.distributed.is_initialized()
                       else 1)
-    validate_run_config(run, world_size)
+    validate_run_config(run, world_size, for_inference=for_inference)
     return run
+
+
+# -- the model configuration a checkpoint carries ----------------------------------------
+CHECKPOINT_MODEL_FLAGS = (
+    "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+    "--num-query-groups", "--kv-channels", "--normalization", "--norm-epsilon",
+    "--swiglu", "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm",
+    "--apply-residual-connection-post-layernorm", "--max-position-embeddings",
+    "--position-embedding-type", "--rotary-percent", "--rotary-base",
+    "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by",
+    "--num-experts", "--moe-ffn-hidden-size", "--moe-router-topk", "--moe-layer-freq",
+    "--moe-shared-expert-intermediate-size", "--moe-shared-expert-gate", "--moe-grouped-gemm",
+    "--tokenizer-type", "--vocab-file", "--merge-file", "--tokenizer-model", "--vocab-size",
+)
+"""Flags that define a checkpoint's weights and vocabulary: read from its saved config."""
+
+_CHECKPOINT_DEFAULT_FLAGS = ("--seq-length",)
+"""Filled from the saved config when not given, but free to change (e.g. fine-tuning on
+shorter sequences)."""
+
+
+def _config_values(config: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """argparse destinations -> values for :data:`CHECKPOINT_MODEL_FLAGS`."""
+    by_flag = {f.flag: f for f in FLAGS}
+    model = config.get("model", {})
+    out: Dict[str, Any] = {}
+    for name in CHECKPOINT_MODEL_FLAGS:
+        flag = by_flag[name]
+        if name == "--swiglu":
+            out["swiglu"] = bool(model.get("gated_linear_unit")) and \
+                model.get("activation_func", "silu") == "silu"
+            continue
+        if name == "--moe-layer-freq":
+            if model.get("num_moe_experts"):
+                out["moe_layer_freq_text"] = model.get("moe_layer_freq", 1)
+            continue
+        value = config.get(flag.section, {}).get(flag.field)
+        if value is None:
+            continue
+        out[_dest(flag)] = (not value) if flag.invert else value
+    return out
+
+
+def model_flags_from_config(config: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Command-line flags reproducing a saved configuration's model and tokenizer."""
+    by_dest = {_dest(f): f for f in FLAGS}
+    argv: List[str] = []
+    for dest, value in _config_values(config).items():
+        flag = by_dest.get(dest) or next(f for f in FLAGS if f.field == dest)
+        if isinstance(value, bool):
+            argv += [flag.flag] if value else []
+        elif isinstance(value, list):
+            argv += [flag.flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [flag.flag, str(value)]
+    return argv
+
+
+def _merge_checkpoint_config(values: Dict[str, Any], config: Dict[str, Any],
+                             path: str) -> Dict[str, Any]:
+    merged = dict(values)
+    by_dest = {_dest(f): f.flag for f in FLAGS}
+    by_dest["moe_layer_freq_text"] = "--moe-layer-freq"
+    for dest, saved in _config_values(config).items():
+        if dest not in values:
+            if saved is not False:
+                merged[dest] = saved
+            continue
+        given = values[dest]
+        if dest == "moe_layer_freq_text":
+            given = _parse_layer_freq(given)
+        if given != saved:
+            raise ArgumentValidationError(
+                f"{by_dest[dest]} {given} does not match the value {saved} saved in {path}; "
+                f"drop the flag to use the checkpoint's, or convert the checkpoint")
+    by_flag = {f.flag: f for f in FLAGS}
+    for name in _CHECKPOINT_DEFAULT_FLAGS:
+        flag = by_flag[name]
+        saved = config.get(flag.section, {}).get(flag.field)
+        if saved is not None and _dest(flag) not in merged:
+            merged[_dest(flag)] = saved
+    for dtype in ("fp16", "bf16"):  # precision follows the checkpoint unless chosen here
+        if config.get("model", {}).get(dtype) and not (values.get("fp16") or values.get("bf16")):
+            merged[dtype] = True
+    return merged
 
 
 # -- from flags to configs --------------------------------------------------------------
@@ -443,9 +542,14 @@ def _build_run_config(values: Dict[str, Any]) -> RunConfig:
 
 
 # -- checks across configs (one place) ---------------------------------------------------
-def validate_run_config(run: RunConfig, world_size: int) -> None:
-    """Reject inconsistent combinations, naming the flags; derive dp and micro-batches."""
+def validate_run_config(run: RunConfig, world_size: int, *, for_inference: bool = False) -> None:
+    """Reject inconsistent combinations, naming the flags; derive dp and micro-batches.
+
+    ``for_inference`` skips the checks of training-only settings (lr, duration, data).
+    """
     for check in _CHECKS:
+        if for_inference and check in _TRAINING_ONLY_CHECKS:
+            continue
         check(run, world_size)
 
 
@@ -627,6 +731,7 @@ def _check_moe(run: RunConfig, world_size: int) -> None:
 _CHECKS = [_check_layout, _check_model_shape, _check_pipeline, _check_batch,
            _check_duration, _check_optimizer, _check_recompute, _check_data,
            _check_checkpointing, _check_moe]
+_TRAINING_ONLY_CHECKS = (_check_duration, _check_optimizer, _check_data)
 
 
 # -- printing and saving the resolved configuration -----------------------------------
@@ -644,13 +749,18 @@ def _jsonable(value):
     return value
 
 
+# Set by the training loop, not part of a run's identity.
+_RUNTIME_HOOKS = {"timers", "finalize_model_grads_func", "grad_scale_func", "no_sync_func",
+                  "grad_sync_func", "param_sync_func"}
+
+
 def run_config_to_dict(run: RunConfig) -> Dict[str, Dict[str, Any]]:
     """The resolved configuration as plain JSON-able data (printed and checkpointed)."""
     out = {}
     for name in SECTIONS:
         config = getattr(run, name)
         out[name] = {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)
-                     if not f.name.endswith("_func") and f.name != "timers"}
+                     if f.name not in _RUNTIME_HOOKS}
     out["derived"] = {"data_parallel_size": run.data_parallel_size,
                       "num_microbatches": run.num_microbatches}
     return json.loads(json.dumps(out, default=str))

@@ -46,6 +46,7 @@ from megacore.transformer.moe import (
 )
 
 __all__ = ["pretrain", "initialize_distributed", "initialize_model_parallel_from_run",
+           "saved_run_config",
            "get_model", "get_optimizer_param_scheduler", "train_step", "evaluate",
            "TrainState", "print_rank_0", "print_rank_last"]
 
@@ -492,14 +493,17 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
         A summary: final iteration, last losses, exit reason.
     """
     start_time = time.time()
-    backend = None
     if run_config is None and argv is None:
         argv = sys.argv[1:]
-    if "--distributed-backend" in (argv or []):
-        backend = list(argv)[list(argv).index("--distributed-backend") + 1]
+    backend = _flag_value(argv, "--distributed-backend")
     initialize_distributed(backend)
-    run = run_config or parse_args(argv, world_size=dist.get_world_size(),
-                                   extra_args_provider=extra_args_provider)
+    if run_config is None:
+        load_dir = _flag_value(argv, "--load")
+        saved = saved_run_config(load_dir) if load_dir else None
+        run_config = parse_args(argv, world_size=dist.get_world_size(),
+                                extra_args_provider=extra_args_provider,
+                                checkpoint_config=saved, checkpoint_path=load_dir or "")
+    run = run_config
     initialize_model_parallel_from_run(run)
     print_rank_0("megacore pretrain: resolved configuration\n"
                  + json.dumps(run_config_to_dict(run), indent=1, sort_keys=True))
@@ -547,6 +551,26 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
         logger.close()
         exit_signal.restore()
     return summary
+
+
+def _flag_value(argv: Optional[Sequence[str]], flag: str) -> Optional[str]:
+    """The value of ``flag`` in ``argv`` (before full parsing, which needs it)."""
+    argv = list(argv or [])
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def saved_run_config(load_dir: str) -> Optional[Dict[str, Any]]:
+    """The run configuration stored with the latest checkpoint under ``load_dir``
+    (None when there is no checkpoint yet, e.g. ``--save d --load d`` on a first start)."""
+    ckpt = _checkpoint_api()
+    if not os.path.isdir(load_dir) or ckpt.paths.read_tracker(load_dir) is None:
+        return None
+    return ckpt.read_checkpoint_info(load_dir).config
 
 
 def _just_saved(run, state) -> bool:

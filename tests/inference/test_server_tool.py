@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from megacore.training.arguments import parse_args, run_config_to_dict
+from megacore.training.arguments import ArgumentValidationError, parse_args, run_config_to_dict
 from tests.multirank import run_distributed
 from tools import run_text_generation_server as tool
 
@@ -34,23 +34,28 @@ TRAIN = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4
 PROMPT = "def parse"
 
 
-def test_checkpoint_config_becomes_the_same_model_flags():
+def test_checkpoint_config_becomes_the_same_model():
     run = parse_args(TRAIN + ["--num-query-groups", "2", "--group-query-attention",
                               "--qk-layernorm", "--bf16"], world_size=1)
     saved = run_config_to_dict(run)
-    again = parse_args(tool.SERVING_DEFAULTS + tool.flags_from_checkpoint_config(saved),
-                       world_size=1)
+    again = parse_args([], world_size=1, checkpoint_config=saved, for_inference=True)
     restored = run_config_to_dict(again)
     for section in ("model", "gpt"):
         for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                       "num_query_groups", "kv_channels", "normalization", "gated_linear_unit",
-                      "add_bias_linear", "qk_layernorm", "params_dtype",
+                      "activation_func", "add_bias_linear", "qk_layernorm", "params_dtype",
                       "bf16", "position_embedding_type", "max_position_embeddings",
                       "untie_embeddings_and_output_weights", "rotary_base"):
             if field in saved[section]:
                 assert restored[section][field] == saved[section][field], (section, field)
     assert restored["data"]["vocab_file"] == saved["data"]["vocab_file"]
-    assert tool.flags_from_checkpoint_config(None) == []
+    # Model flags that agree with the checkpoint are fine; one that does not is an error.
+    parse_args(["--hidden-size", "32"], world_size=1, checkpoint_config=saved,
+               for_inference=True)
+    with pytest.raises(ArgumentValidationError,
+                       match=r"--hidden-size 64 does not match the value 32 saved in ckpt/x"):
+        parse_args(["--hidden-size", "64"], world_size=1, checkpoint_config=saved,
+                   checkpoint_path="ckpt/x", for_inference=True)
 
 
 def _reference_tokens(load_dir):

@@ -86,6 +86,13 @@ def test_load_flags_behave_as_in_megatron(tmp_path):
     straight = _train(tmp_path, "straight", 1, "")
     _train(tmp_path, "first", 1, f"--save {ckpt} --save-interval 3 --exit-interval 3")
     exact = _train(tmp_path, "exact", 1, f"--load {ckpt}")
+    # --load alone: the model shape comes from the checkpoint's saved configuration.
+    log = tmp_path / "load_alone.jsonl"
+    minimal = ("--lr 1e-2 --train-iters 6 --mock-data --micro-batch-size 2 --global-batch-size 8 "
+               "--log-interval 1 --eval-iters 0 --hidden-dropout 0.1 --attention-dropout 0.0 "
+               f"--seed 11 --lr-warmup-iters 1 --deterministic-mode --load {ckpt} --log-jsonl {log}")
+    run_distributed(_run_pretrain, 1, args=(shlex.split(minimal),), timeout=240)
+    assert [r["lm_loss"] for r in _records(log)] == [r["lm_loss"] for r in straight[3:]]
     no_optim = _train(tmp_path, "no_optim", 1, f"--load {ckpt} --no-load-optim")
     no_rng = _train(tmp_path, "no_rng", 1, f"--load {ckpt} --no-load-rng")
     finetune = _train(tmp_path, "finetune", 1, f"--load {ckpt} --finetune")
