@@ -31,7 +31,6 @@ import datetime
 import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 import torch.distributed as dist
 
 __all__ = [

@@ -32,7 +32,11 @@ from megacore.checkpointing.async_save import agree_success
 from megacore.checkpointing.atomic import atomic_torch_save
 from megacore.checkpointing.errors import CheckpointError
 from megacore.checkpointing.parallel_layout import RankLayout
-from megacore.checkpointing.paths import COMMON_FILENAME, DCP_METADATA_FILENAME, rng_file_path
+from megacore.checkpointing.paths import (
+    COMMON_FILENAME,
+    DCP_METADATA_FILENAME,
+    rng_file_path,
+)
 from megacore.checkpointing.rng_state import capture_rng_state, restore_rng_state
 
 __all__ = ["save_dist_checkpoint", "load_dist_checkpoint", "read_dcp_metadata",

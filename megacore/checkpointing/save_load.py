@@ -25,7 +25,10 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 from megacore.checkpointing import async_save as async_mod
-from megacore.checkpointing.dist_checkpoint import load_dist_checkpoint, save_dist_checkpoint
+from megacore.checkpointing.dist_checkpoint import (
+    load_dist_checkpoint,
+    save_dist_checkpoint,
+)
 from megacore.checkpointing.errors import CheckpointError
 from megacore.checkpointing.legacy import load_legacy_checkpoint, prepare_legacy_save
 from megacore.checkpointing.parallel_layout import RankLayout, current_rank_layout

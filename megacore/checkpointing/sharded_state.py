@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megacore import device
+from megacore import collectives, device
 from megacore.checkpointing.errors import CheckpointError
 from megacore.checkpointing.parallel_layout import RankLayout
 from megacore.tensor_parallel.layers import VocabParallelEmbedding, _shard_master_weight
@@ -338,7 +338,7 @@ def _gather_full(entry: TensorEntry) -> torch.Tensor:
     """All-gather a stride-1 tp-split tensor to its full tp layout (collective over tp)."""
     local = entry.tensor.movedim(entry.tp_dim, 0).contiguous()
     flat = torch.empty(entry.tp_size * local.numel(), dtype=local.dtype, device=local.device)
-    dist.all_gather_into_tensor(flat, local.view(-1), group=entry.tp_group)  # [tp * numel]
+    collectives.all_gather_single(flat, local.view(-1), group=entry.tp_group)  # [tp * numel]
     full = flat.view(entry.tp_size * local.shape[0], *local.shape[1:])
     return full.movedim(0, entry.tp_dim)
 

@@ -16,7 +16,9 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from megacore.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+from megacore.datasets.blended_megatron_dataset_config import (
+    BlendedMegatronDatasetConfig,
+)
 from megacore.datasets.helpers import (
     build_blending_indices,
     build_exhaustive_blending_indices,

@@ -24,7 +24,9 @@ from typing import Callable, List, Optional, Sequence, Type
 import numpy as np
 
 from megacore.datasets.blended_dataset import BlendedDataset
-from megacore.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+from megacore.datasets.blended_megatron_dataset_config import (
+    BlendedMegatronDatasetConfig,
+)
 from megacore.datasets.index_cache import build_on_rank_zero_first
 from megacore.datasets.mock_dataset import MockGPTDataset
 from megacore.datasets.split_and_blend import Blend, Split, split_range

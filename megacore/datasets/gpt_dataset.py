@@ -31,7 +31,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from megacore.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+from megacore.datasets.blended_megatron_dataset_config import (
+    BlendedMegatronDatasetConfig,
+)
 from megacore.datasets.helpers import build_sample_idx, num_samples_in_stream
 from megacore.datasets.index_cache import IndexCache, distributed_rank
 from megacore.datasets.indexed_dataset import IndexedDataset

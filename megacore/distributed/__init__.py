@@ -1,7 +1,9 @@
 """Data parallelism: contiguous bucketed grad buffers, DDP wrapper, grad finalization."""
 
 from megacore.distributed.distributed_data_parallel import DistributedDataParallel
-from megacore.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
+from megacore.distributed.distributed_data_parallel_config import (
+    DistributedDataParallelConfig,
+)
 from megacore.distributed.finalize_model_grads import finalize_model_grads
 from megacore.distributed.param_and_grad_buffer import (
     BufferLayout,

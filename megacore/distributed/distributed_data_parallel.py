@@ -28,8 +28,13 @@ import torch
 import torch.distributed as dist
 
 from megacore import parallel_state
-from megacore.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
-from megacore.distributed.param_and_grad_buffer import ParamAndGradBucket, ParamAndGradBuffer
+from megacore.distributed.distributed_data_parallel_config import (
+    DistributedDataParallelConfig,
+)
+from megacore.distributed.param_and_grad_buffer import (
+    ParamAndGradBucket,
+    ParamAndGradBuffer,
+)
 from megacore.model_parallel_config import ModelParallelConfig
 
 __all__ = ["DistributedDataParallel"]

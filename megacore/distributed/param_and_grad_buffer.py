@@ -40,7 +40,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megacore.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
+from megacore import collectives
+from megacore.distributed.distributed_data_parallel_config import (
+    DistributedDataParallelConfig,
+)
 
 __all__ = ["BufferLayout", "compute_buffer_layout", "ParamAndGradBucket",
            "ParamAndGradBuffer", "shard_range"]
@@ -187,7 +190,7 @@ class ParamAndGradBucket:
         _require_contiguous(self.grad_data, "bucket grad_data")
         if self.ddp_config.use_distributed_optimizer:
             # [numel] -> reduce-scatter -> [numel / dp], written in place into our shard.
-            self.grad_reduce_handle = dist.reduce_scatter_single(
+            self.grad_reduce_handle = collectives.reduce_scatter_single(
                 self.local_shard(self.grad_data), self.grad_data, op=op,
                 group=self.data_parallel_group, async_op=async_op)
         else:
@@ -232,7 +235,7 @@ class ParamAndGradBucket:
         async_op = self.ddp_config.overlap_param_gather and not force_sync
         _require_contiguous(self.param_data, "bucket param_data")
         # [numel / dp] (our shard) -> all-gather -> [numel], in place.
-        self.param_gather_handle = dist.all_gather_single(
+        self.param_gather_handle = collectives.all_gather_single(
             self.param_data, self.local_shard(self.param_data),
             group=self.data_parallel_group, async_op=async_op)
 

@@ -31,7 +31,10 @@ from megacore.inference.sampling import (
     make_generator,
     sample_next_tokens,
 )
-from megacore.inference.text_generation_controller import TextGenerationController, TokenCallback
+from megacore.inference.text_generation_controller import (
+    TextGenerationController,
+    TokenCallback,
+)
 
 __all__ = [
     "GenerationService",

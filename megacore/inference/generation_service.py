@@ -31,7 +31,10 @@ from typing import List, Optional, Sequence
 import torch.distributed as dist
 
 from megacore.inference.inference_request import GenerationRequest, GenerationResult
-from megacore.inference.text_generation_controller import TextGenerationController, TokenCallback
+from megacore.inference.text_generation_controller import (
+    TextGenerationController,
+    TokenCallback,
+)
 
 __all__ = ["GenerationService", "ServiceConfig", "QueueFullError", "follow_requests"]
 

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megacore import device
+from megacore import collectives, device
 from megacore.distributed.param_and_grad_buffer import (
     ParamAndGradBucket,
     ParamAndGradBuffer,
@@ -43,7 +43,11 @@ from megacore.distributed.param_and_grad_buffer import (
 )
 from megacore.optimizer.clip_grads import GradStatsContext
 from megacore.optimizer.grad_scaler import MegatronGradScaler
-from megacore.optimizer.optimizer import MegatronOptimizer, OptimizerFactory, _check_keys
+from megacore.optimizer.optimizer import (
+    MegatronOptimizer,
+    OptimizerFactory,
+    _check_keys,
+)
 from megacore.optimizer.optimizer_config import OptimizerConfig
 
 __all__ = ["DistributedOptimizer"]
@@ -190,7 +194,7 @@ class DistributedOptimizer(MegatronOptimizer):
             return local
         out = torch.empty(dp * rows * shard, dtype=torch.float32, device=local.device)
         # [rows * shard] per rank -> all-gather -> [dp, rows, shard] -> [rows, dp * shard]
-        dist.all_gather_single(out, local.view(-1), group=bucket.data_parallel_group)
+        collectives.all_gather_single(out, local.view(-1), group=bucket.data_parallel_group)
         return out.view(dp, rows, shard).transpose(0, 1).reshape(rows, bucket.numel)
 
     def _param_state(self) -> Dict[str, Dict[str, torch.Tensor]]:

@@ -15,7 +15,12 @@ from megacore.pipeline_parallel.p2p_communication import (
     P2PCommunicator,
     get_tensor_shape,
 )
-from megacore.pipeline_parallel.schedule_plan import ScheduleError, Step, build_plan, simulate
+from megacore.pipeline_parallel.schedule_plan import (
+    ScheduleError,
+    Step,
+    build_plan,
+    simulate,
+)
 from megacore.pipeline_parallel.schedules import (
     forward_backward_no_pipelining,
     forward_backward_pipelining_with_interleaving,

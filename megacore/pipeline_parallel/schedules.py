@@ -39,7 +39,10 @@ import torch.distributed as dist
 from megacore import parallel_state
 from megacore.model_parallel_config import ModelParallelConfig
 from megacore.pipeline_parallel import schedule_plan as plan_lib
-from megacore.pipeline_parallel.p2p_communication import P2PCommunicator, get_tensor_shape
+from megacore.pipeline_parallel.p2p_communication import (
+    P2PCommunicator,
+    get_tensor_shape,
+)
 from megacore.pipeline_parallel.schedule_plan import Step
 
 __all__ = [

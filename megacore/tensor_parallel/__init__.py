@@ -1,7 +1,10 @@
 """Tensor-parallel building blocks: collectives as autograd pairs, parallel linear and
 embedding layers, vocab-parallel cross entropy, RNG streams and activation recompute."""
 
-from megacore.tensor_parallel.cross_entropy import VocabUtility, vocab_parallel_cross_entropy
+from megacore.tensor_parallel.cross_entropy import (
+    VocabUtility,
+    vocab_parallel_cross_entropy,
+)
 from megacore.tensor_parallel.layers import (
     ColumnParallelLinear,
     LinearWithGradAccumulationAndAsyncCommunication,

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parameter import Parameter
 
-from megacore import device, parallel_state
+from megacore import collectives, device, parallel_state
 from megacore.model_parallel_config import ModelParallelConfig
 from megacore.tensor_parallel.mappings import (
     all_gather_along_dim,
@@ -152,7 +152,7 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
             # [s, b, h] -> reduce-scatter -> [s/tp, b, h], overlapped with wgrad below.
             grad_input = grad_input.contiguous()
             sub = torch.empty_like(x)
-            handle = dist.reduce_scatter_tensor(sub, grad_input, group=group, async_op=True)
+            handle = collectives.reduce_scatter_single(sub, grad_input, group=group, async_op=True)
         elif ctx.allreduce_dgrad:
             grad_input = grad_input.contiguous()
             handle = dist.all_reduce(grad_input, group=group, async_op=True)

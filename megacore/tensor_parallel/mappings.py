@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megacore import parallel_state
+from megacore import collectives, parallel_state
 
 __all__ = [
     "copy_to_tensor_model_parallel_region",
@@ -83,7 +83,7 @@ def all_gather_along_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) ->
     x = x.transpose(0, dim).contiguous() if dim != 0 else x.contiguous()
     # [n, ...] per rank -> gather into a flat buffer -> [world * n, ...]
     out = torch.empty((world * x.size(0),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    collectives.all_gather_single(out, x, group=group)
     return out.transpose(0, dim).contiguous() if dim != 0 else out
 
 
@@ -96,7 +96,7 @@ def reduce_scatter_along_first_dim(x: torch.Tensor, group: dist.ProcessGroup) ->
         raise ValueError(f"first dim {x.size(0)} is not divisible by the group size {world}")
     x = x.contiguous()
     out = torch.empty((x.size(0) // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, group=group)
+    collectives.reduce_scatter_single(out, x, group=group)
     return out
 
 

@@ -28,7 +28,8 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
-from megacore import device, parallel_state as ps
+from megacore import device
+from megacore import parallel_state as ps
 
 __all__ = [
     "RNGStatesTracker",

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from megacore import device, parallel_state
+from megacore import collectives, device, parallel_state
 from megacore.tensor_parallel.random import get_rng_tracker
 
 __all__ = ["checkpoint", "CheckpointFunction"]
@@ -49,7 +49,7 @@ def _split_for_rank(x: torch.Tensor, group) -> torch.Tensor:
 def _gather_from_ranks(part: torch.Tensor, shape, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = torch.empty(part.numel() * world, dtype=part.dtype, device=part.device)
-    dist.all_gather_into_tensor(out, part, group=group)
+    collectives.all_gather_single(out, part, group=group)
     return out.view(shape)
 
 

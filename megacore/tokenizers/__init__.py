@@ -6,7 +6,11 @@ or the model stack.
 """
 
 from megacore.tokenizers.bert_wordpiece import BertWordPieceTokenizer
-from megacore.tokenizers.build import TOKENIZER_TYPES, build_tokenizer, vocab_size_with_padding
+from megacore.tokenizers.build import (
+    TOKENIZER_TYPES,
+    build_tokenizer,
+    vocab_size_with_padding,
+)
 from megacore.tokenizers.gpt2_bpe import GPT2BPETokenizer
 from megacore.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
 from megacore.tokenizers.megatron_tokenizer import MegatronTokenizer

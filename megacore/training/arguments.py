@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import re
 import dataclasses
 import inspect
 import json
 import math
+import re
 import textwrap
 import typing
 from typing import Any, Dict, List, Optional, Sequence

@@ -6,7 +6,13 @@ Optional Apex / Transformer Engine modules live in ``megacore.transformer.extens
 
 from megacore.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megacore.transformer.dot_product_attention import DotProductAttention
-from megacore.transformer.enums import AttnBackend, AttnMaskType, AttnType, LayerType, ModelType
+from megacore.transformer.enums import (
+    AttnBackend,
+    AttnMaskType,
+    AttnType,
+    LayerType,
+    ModelType,
+)
 from megacore.transformer.inference_context import StaticInferenceContext
 from megacore.transformer.initialization import (
     init_method_normal,
@@ -15,8 +21,16 @@ from megacore.transformer.initialization import (
 )
 from megacore.transformer.mlp import MLP, MLPSubmodules
 from megacore.transformer.module import MegatronModule
-from megacore.transformer.rotary_pos_embedding import RotaryEmbedding, apply_rotary_pos_emb
-from megacore.transformer.spec_utils import IdentityFuncOp, IdentityOp, ModuleSpec, build_module
+from megacore.transformer.rotary_pos_embedding import (
+    RotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+from megacore.transformer.spec_utils import (
+    IdentityFuncOp,
+    IdentityOp,
+    ModuleSpec,
+    build_module,
+)
 from megacore.transformer.torch_norm import LayerNorm, RMSNorm, WrappedTorchNorm
 from megacore.transformer.transformer_block import (
     TransformerBlock,
@@ -25,7 +39,10 @@ from megacore.transformer.transformer_block import (
     get_transformer_layer_offset,
 )
 from megacore.transformer.transformer_config import TransformerConfig
-from megacore.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megacore.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
 
 __all__ = [
     "TransformerConfig",

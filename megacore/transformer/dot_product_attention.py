@@ -31,7 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megacore.parallel_state import ProcessGroupCollection
-from megacore.transformer.context_parallel.core_attention import context_parallel_core_attention
+from megacore.transformer.context_parallel.core_attention import (
+    context_parallel_core_attention,
+)
 from megacore.transformer.dropout import sharded_dropout
 from megacore.transformer.enums import AttnBackend, AttnMaskType
 from megacore.transformer.module import MegatronModule

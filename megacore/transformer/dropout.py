@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from megacore.transformer.context_parallel.sequence_split import get_position_ids_on_cp_rank
+from megacore.transformer.context_parallel.sequence_split import (
+    get_position_ids_on_cp_rank,
+)
 
 __all__ = ["sharded_dropout", "sequence_dropout"]
 

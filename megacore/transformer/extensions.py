@@ -15,7 +15,9 @@ from megacore import device
 from megacore.transformer.transformer_config import TransformerConfig
 
 try:  # the guarded imports
-    from apex.normalization.fused_layer_norm import FusedLayerNorm as _ApexFusedLayerNorm
+    from apex.normalization.fused_layer_norm import (
+        FusedLayerNorm as _ApexFusedLayerNorm,
+    )
     HAVE_APEX = True
 except Exception:  # noqa: BLE001 - absent, or a broken build: either way unusable
     HAVE_APEX = False

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 
 from megacore.model_parallel_config import ModelParallelConfig
 from megacore.transformer.enums import AttnBackend
-from megacore.transformer.initialization import init_method_normal, scaled_init_method_normal
+from megacore.transformer.initialization import (
+    init_method_normal,
+    scaled_init_method_normal,
+)
 from megacore.transformer.moe_config import MoEConfig
 
 __all__ = ["TransformerConfig"]

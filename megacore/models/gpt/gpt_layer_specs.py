@@ -20,12 +20,15 @@ from megacore.transformer.dot_product_attention import DotProductAttention
 from megacore.transformer.enums import AttnMaskType
 from megacore.transformer.extensions import HAVE_TE, FusedLayerNorm, TENorm, apex_usable
 from megacore.transformer.mlp import MLP, MLPSubmodules
-from megacore.transformer.moe_config import is_moe_layer
 from megacore.transformer.moe.moe_module_specs import get_moe_module_spec
+from megacore.transformer.moe_config import is_moe_layer
 from megacore.transformer.spec_utils import ModuleSpec
 from megacore.transformer.torch_norm import LayerNorm, RMSNorm
 from megacore.transformer.transformer_block import TransformerBlockSubmodules
-from megacore.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megacore.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
 
 __all__ = ["get_gpt_layer_local_spec", "get_gpt_decoder_block_spec", "get_llama_layer_local_spec",
            "get_gpt_layer_with_transformer_engine_spec", "llama_config_kwargs"]

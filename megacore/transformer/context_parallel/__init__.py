@@ -6,9 +6,15 @@ See :mod:`.sequence_split` for the load-balanced layout (rank ``i`` holds chunks
 ``config.context_parallel_size > 1``.
 """
 
-from megacore.transformer.context_parallel.core_attention import context_parallel_core_attention
-from megacore.transformer.context_parallel.keyed_dropout import attention_dropout_keep_mask
-from megacore.transformer.context_parallel.loss_reduction import masked_token_mean_over_cp
+from megacore.transformer.context_parallel.core_attention import (
+    context_parallel_core_attention,
+)
+from megacore.transformer.context_parallel.keyed_dropout import (
+    attention_dropout_keep_mask,
+)
+from megacore.transformer.context_parallel.loss_reduction import (
+    masked_token_mean_over_cp,
+)
 from megacore.transformer.context_parallel.ring_attention import (
     RingAttentionFunction,
     RingBlock,

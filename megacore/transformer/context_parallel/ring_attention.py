@@ -55,8 +55,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megacore.transformer.context_parallel.keyed_dropout import attention_dropout_keep_mask
-from megacore.transformer.context_parallel.sequence_split import get_position_ids_on_cp_rank
+from megacore.transformer.context_parallel.keyed_dropout import (
+    attention_dropout_keep_mask,
+)
+from megacore.transformer.context_parallel.sequence_split import (
+    get_position_ids_on_cp_rank,
+)
 
 __all__ = ["RingBlock", "ring_block_plan", "ring_source_rank", "ring_attention",
            "RingAttentionFunction"]

@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megacore import collectives
+
 __all__ = [
     "cp_chunk_ids",
     "get_position_ids_on_cp_rank",
@@ -154,7 +156,7 @@ def gather_from_context_parallel_ranks(tensor: torch.Tensor, seq_dim: int,
     local = tensor.contiguous()
     # Flat buffer: gloo cannot gather into a stacked output (shared/CPU_NOTES.md).
     flat = torch.empty(cp_size * local.numel(), dtype=local.dtype, device=local.device)
-    dist.all_gather_single(flat, local.view(-1), group=cp_group)
+    collectives.all_gather_single(flat, local.view(-1), group=cp_group)
     # [cp * numel] -> cp x [.., s/cp, ..]
     shards = flat.view(cp_size, *local.shape).unbind(0)
     return merge_cp_shards(shards, seq_dim)

@@ -15,13 +15,11 @@ from megacore.transformer.moe.load_balancing import (
     update_router_expert_bias,
     z_loss,
 )
-from megacore.transformer.moe_config import (
-    MoEConfig,
-    check_moe_parallelism,
-    get_moe_layer_pattern,
-    is_moe_layer,
+from megacore.transformer.moe.moe_layer import (
+    MoELayer,
+    MoESubmodules,
+    get_moe_submodules,
 )
-from megacore.transformer.moe.moe_layer import MoELayer, MoESubmodules, get_moe_submodules
 from megacore.transformer.moe.moe_metrics import (
     MoELayerMetrics,
     reduce_moe_metrics,
@@ -36,7 +34,16 @@ from megacore.transformer.moe.token_dispatcher import (
     MoETokenDispatcher,
     build_token_dispatcher,
 )
-from megacore.transformer.moe.token_dropping import drop_tokens_over_capacity, expert_capacity
+from megacore.transformer.moe.token_dropping import (
+    drop_tokens_over_capacity,
+    expert_capacity,
+)
+from megacore.transformer.moe_config import (
+    MoEConfig,
+    check_moe_parallelism,
+    get_moe_layer_pattern,
+    is_moe_layer,
+)
 
 __all__ = [
     "MoEConfig", "check_moe_parallelism", "get_moe_layer_pattern", "is_moe_layer",

@@ -34,6 +34,8 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 
+from megacore import collectives
+
 __all__ = ["all_to_all", "gather_variable_along_first_dim", "split_variable_along_first_dim",
            "all_gather_counts"]
 
@@ -77,7 +79,7 @@ def all_gather_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.T
         return counts.unsqueeze(0)
     flat = counts.contiguous().view(-1)
     out = flat.new_empty(world * flat.numel())  # flat buffer: gloo can't gather into [W, ...]
-    dist.all_gather_into_tensor(out, flat, group=group)
+    collectives.all_gather_single(out, flat, group=group)
     return out.view((world,) + tuple(counts.shape))
 
 
@@ -89,7 +91,7 @@ def _gather_variable(x: torch.Tensor, sizes: List[int], group: dist.ProcessGroup
     padded = x.new_zeros((longest,) + tuple(x.shape[1:]))
     padded[:x.size(0)] = x
     out = x.new_empty((len(sizes) * longest,) + tuple(x.shape[1:]))
-    dist.all_gather_into_tensor(out, padded, group=group)
+    collectives.all_gather_single(out, padded, group=group)
     blocks = out.view((len(sizes), longest) + tuple(x.shape[1:]))
     return torch.cat([blocks[r, :n] for r, n in enumerate(sizes)], dim=0)
 

@@ -41,11 +41,11 @@ from megacore.transformer.initialization import init_rng_scope
 from megacore.transformer.mlp import MLPSubmodules
 from megacore.transformer.module import MegatronModule
 from megacore.transformer.moe.experts import GroupedMLP, SequentialMLP
-from megacore.transformer.moe_config import check_moe_parallelism
 from megacore.transformer.moe.moe_metrics import MoELayerMetrics
 from megacore.transformer.moe.router import TopKRouter
 from megacore.transformer.moe.shared_experts import SharedExpertMLP
 from megacore.transformer.moe.token_dispatcher import build_token_dispatcher
+from megacore.transformer.moe_config import check_moe_parallelism
 from megacore.transformer.spec_utils import ModuleSpec, build_module
 
 __all__ = ["MoELayer", "MoESubmodules", "get_moe_submodules"]

@@ -43,7 +43,10 @@ from megacore.transformer.moe.load_balancing import (
     switch_load_balancing_loss,
     z_loss,
 )
-from megacore.transformer.moe.token_dropping import drop_tokens_over_capacity, expert_capacity
+from megacore.transformer.moe.token_dropping import (
+    drop_tokens_over_capacity,
+    expert_capacity,
+)
 
 __all__ = ["TopKRouter", "RoutingResult", "topk_routing", "compute_routing_scores_for_aux_loss"]
 

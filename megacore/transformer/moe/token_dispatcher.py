@@ -56,7 +56,12 @@ from megacore.transformer.moe.expert_parallel_comm import (
     split_variable_along_first_dim,
 )
 from megacore.transformer.moe.token_dropping import expert_capacity
-from megacore.transformer.moe.token_permutation import chunk_order, permute, sort_chunks, unpermute
+from megacore.transformer.moe.token_permutation import (
+    chunk_order,
+    permute,
+    sort_chunks,
+    unpermute,
+)
 
 __all__ = ["MoETokenDispatcher", "MoEAllGatherTokenDispatcher", "MoEAlltoAllTokenDispatcher",
            "build_token_dispatcher"]

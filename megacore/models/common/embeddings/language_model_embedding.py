@@ -22,7 +22,10 @@ import torch
 
 from megacore import device
 from megacore.parallel_state import ProcessGroupCollection
-from megacore.tensor_parallel import VocabParallelEmbedding, scatter_to_sequence_parallel_region
+from megacore.tensor_parallel import (
+    VocabParallelEmbedding,
+    scatter_to_sequence_parallel_region,
+)
 from megacore.transformer.dropout import sequence_dropout
 from megacore.transformer.initialization import init_rng_scope
 from megacore.transformer.module import MegatronModule
