@@ -129,3 +129,22 @@ def test_simple_train_loop_example_learns():
     first, last = histories[0][0], histories[0][-1]
     assert histories[0] == histories[1], "tp ranks report the same loss"
     assert last < 0.5 * first, (first, last)
+
+
+MOE = ("--num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 "
+       "--moe-ffn-hidden-size 32 --moe-layer-freq 1,0,1,0")
+
+
+@pytest.mark.parametrize("name, world, extra", [
+    ("ep2_allgather", 2, "--expert-model-parallel-size 2"),
+    ("ep2_alltoall_tp2_sp", 4, "--expert-model-parallel-size 2 --moe-token-dispatcher-type "
+                               "alltoall --tensor-model-parallel-size 2 --sequence-parallel"),
+])
+def test_moe_layouts_equal_single_rank(tmp_path, name, world, extra):
+    """A GPT with MoE on layers 1 and 3: expert parallelism reproduces the ep=1 losses."""
+    ref_losses, _ = _train(tmp_path, "moe_ref", 1, MOE)
+    losses, _ = _train(tmp_path, name, world, f"{MOE} {extra}")
+    assert ref_losses[-1] < ref_losses[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    records = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+    assert any(k.startswith("moe") for k in records[0]), sorted(records[0])
