@@ -147,7 +147,10 @@ def unwrap_model_chunks(model_chunks) -> List[torch.nn.Module]:
 
 
 def _global_module_prefixes(module: torch.nn.Module, layout: RankLayout) -> Dict[str, str]:
-    """Local module path -> global path, for renamed modules (layers, experts)."""
+    """Local module path -> its global index, for renamed modules (layers, experts).
+
+    Only the last component is stored: a path can hold several renamed components (an
+    expert inside a layer of a later pipeline stage), each replaced in turn."""
     renames: Dict[str, str] = {}
     for name, sub in module.named_modules():
         parent, _, last = name.rpartition(".")
@@ -155,11 +158,11 @@ def _global_module_prefixes(module: torch.nn.Module, layout: RankLayout) -> Dict
             continue
         number = getattr(sub, "layer_number", None)
         if isinstance(number, int) and not isinstance(number, bool):
-            renames[name] = f"{parent}.{number - 1}" if parent else str(number - 1)
+            renames[name] = str(number - 1)
         elif parent.endswith("local_experts"):
             n_local = len(module.get_submodule(parent))
             index = layout.ep_rank * n_local + int(last)
-            renames[name] = f"{parent}.{index}"
+            renames[name] = str(index)
     return renames
 
 
@@ -167,11 +170,7 @@ def _globalize(name: str, renames: Dict[str, str]) -> str:
     parts = name.split(".")
     out: List[str] = []
     for i in range(len(parts)):
-        local = ".".join(parts[:i + 1])
-        if local in renames:
-            out = renames[local].split(".")
-        else:
-            out.append(parts[i])
+        out.append(renames.get(".".join(parts[:i + 1]), parts[i]))
     return ".".join(out)
 
 

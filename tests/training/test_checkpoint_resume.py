@@ -43,10 +43,14 @@ CASES = [
     ("torch", "--pipeline-model-parallel-size 2 --use-distributed-optimizer", 2),
     ("torch_dist", "--tensor-model-parallel-size 2 --use-distributed-optimizer", 2),
     ("torch_dist", "--pipeline-model-parallel-size 2", 2),
+    # Experts on both pipeline stages must be saved under their global layer numbers.
+    ("torch_dist", "--pipeline-model-parallel-size 2 --num-experts 4 --moe-ffn-hidden-size 32", 2),
 ]
 
 
-@pytest.mark.parametrize("fmt, layout, world", CASES, ids=[f"{c[0]}-{c[1][2:20]}" for c in CASES])
+@pytest.mark.parametrize("fmt, layout, world", CASES,
+                         ids=["torch-tp2", "torch-pp2-distopt", "torch_dist-tp2-distopt",
+                              "torch_dist-pp2", "torch_dist-pp2-moe"])
 def test_exact_resume_is_bitwise(tmp_path, fmt, layout, world):
     straight = _train(tmp_path, "straight", world, layout)
     ckpt = tmp_path / "ckpt"

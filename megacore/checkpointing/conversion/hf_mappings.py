@@ -1,0 +1,368 @@
+"""Hugging Face GPT-2 / Llama / Mistral / Mixtral names and layouts <-> canonical tensors.
+
+Each :class:`MappingGroup` converts a few canonical tensors to the HF tensors they make up
+and back (exact inverses, so HF -> megacore -> HF is bitwise). Layout facts:
+
+* GPT-2 ``Conv1D`` weights are ``[in, out]``: transposed against megacore's ``[out, in]``.
+* GPT-2's fused ``c_attn`` columns are ``[q | k | v]`` (each head-major); Llama has
+  separate ``q_proj [np*hn, h]``, ``k_proj``/``v_proj [ng*hn, h]``. megacore's fused QKV
+  rows are per key/value group: ``[ng, np/ng + 2, hn]`` = ``[q heads of g, k_g, v_g]``.
+* RoPE: HF rotates halves (``rotate_half``), like megacore's default; with
+  ``rotary_interleaved`` the q/k rows of each head are permuted (pairs ``(2i, 2i+1)`` <->
+  ``(i, i + hn/2)``).
+* SwiGLU: megacore's fc1 is ``[gate; up]`` (``tensor_rules``' stride 2 splits it for tp);
+  HF has ``gate_proj``/``up_proj`` (Mixtral experts: ``w1`` gate, ``w3`` up, ``w2`` down;
+  the router is ``block_sparse_moe.gate``).
+* Tied embeddings: GPT-2 saves no ``lm_head.weight``; if a checkpoint has one it must
+  equal the word embedding (checked, then consumed).
+
+Shapes: ``h`` hidden, ``np`` heads, ``ng`` key/value groups, ``hn`` head dim, ``f`` MLP
+width, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List
+
+import torch
+
+from megacore.checkpointing.conversion.manifest import ConversionError
+from megacore.checkpointing.conversion.model_description import GPTDescription
+from megacore.checkpointing.conversion.tensor_rules import OUTPUT_LAYER, WORD_EMBEDDING
+
+__all__ = ["MappingGroup", "HF_ARCHITECTURES", "mapping_groups", "choose_architecture",
+           "description_from_hf_config", "hf_config_from_description", "qkv_to_megacore",
+           "qkv_from_megacore"]
+
+HF_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
+                    "MixtralForCausalLM")
+_HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+           "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+_TO_HF_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+Tensors = Dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class MappingGroup:
+    """Canonical tensors <-> HF tensors that are converted together.
+
+    Attributes:
+        canonical: canonical model names.
+        hf: HF names written and required on load.
+        to_hf: canonical tensors (by name) -> HF tensors (by name).
+        from_hf: the inverse.
+        duplicates: optional HF names that, when present, must equal ``hf[0]`` (a tied
+            ``lm_head.weight``).
+    """
+
+    canonical: List[str]
+    hf: List[str]
+    to_hf: Callable[[Tensors], Tensors]
+    from_hf: Callable[[Tensors], Tensors]
+    duplicates: List[str] = dataclasses.field(default_factory=list)
+
+
+def _same(c: str, h: str) -> MappingGroup:
+    return MappingGroup([c], [h], lambda t: {h: t[c]}, lambda t: {c: t[h]})
+
+
+def _transposed(c: str, h: str) -> MappingGroup:
+    return MappingGroup([c], [h], lambda t: {h: t[c].t().contiguous()},
+                        lambda t: {c: t[h].t().contiguous()})
+
+
+# -- fused QKV -----------------------------------------------------------------------------
+def qkv_to_megacore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, np_: int, ng: int,
+                    hn: int) -> torch.Tensor:
+    """``q [np*hn, ...]``, ``k, v [ng*hn, ...]`` -> megacore rows ``[ng*(np/ng+2)*hn, ...]``."""
+    rest = tuple(q.shape[1:])
+    parts = (q.reshape(ng, np_ // ng, hn, *rest), k.reshape(ng, 1, hn, *rest),
+             v.reshape(ng, 1, hn, *rest))
+    return torch.cat(parts, dim=1).reshape(ng * (np_ // ng + 2) * hn, *rest).contiguous()
+
+
+def qkv_from_megacore(qkv: torch.Tensor, *, np_: int, ng: int, hn: int):
+    """Inverse of :func:`qkv_to_megacore`: ``(q, k, v)``."""
+    rest, qpg = tuple(qkv.shape[1:]), np_ // ng
+    x = qkv.reshape(ng, qpg + 2, hn, *rest)
+    return (x[:, :qpg].reshape(np_ * hn, *rest).contiguous(),
+            x[:, qpg].reshape(ng * hn, *rest).contiguous(),
+            x[:, qpg + 1].reshape(ng * hn, *rest).contiguous())
+
+
+def _interleaved_to_half(w: torch.Tensor, heads: int, hn: int) -> torch.Tensor:
+    rest = tuple(w.shape[1:])  # per head: rows (2i, 2i+1) -> (i, i + hn/2)
+    return w.reshape(heads, hn // 2, 2, *rest).transpose(1, 2).reshape(heads * hn, *rest)
+
+
+def _half_to_interleaved(w: torch.Tensor, heads: int, hn: int) -> torch.Tensor:
+    rest = tuple(w.shape[1:])
+    return w.reshape(heads, 2, hn // 2, *rest).transpose(1, 2).reshape(heads * hn, *rest)
+
+
+def _gpt2_qkv(prefix: str, c: str, d: GPTDescription, suffix: str) -> MappingGroup:
+    kw = dict(np_=d.num_attention_heads, ng=d.num_query_groups, hn=d.kv_channels)
+    h = f"{prefix}.attn.c_attn.{suffix}"
+
+    def to_hf(t):
+        q, k, v = qkv_from_megacore(t[c], **kw)  # [np*hn, (h)] each
+        fused = torch.cat([q, k, v])  # [3h, (h)]
+        return {h: fused.t().contiguous() if fused.dim() == 2 else fused}
+
+    def from_hf(t):
+        fused = t[h].t() if t[h].dim() == 2 else t[h]  # [h, 3h] -> [3h, h]
+        q, k, v = fused.chunk(3)
+        return {c: qkv_to_megacore(q, k, v, **kw)}
+
+    return MappingGroup([c], [h], to_hf, from_hf)
+
+
+def _llama_qkv(prefix: str, c: str, d: GPTDescription) -> MappingGroup:
+    np_, ng, hn = d.num_attention_heads, d.num_query_groups, d.kv_channels
+    names = [f"{prefix}.self_attn.{p}_proj.weight" for p in "qkv"]
+    inter = d.rotary_interleaved
+
+    def to_hf(t):
+        q, k, v = qkv_from_megacore(t[c], np_=np_, ng=ng, hn=hn)
+        if inter:
+            q, k = _interleaved_to_half(q, np_, hn), _interleaved_to_half(k, ng, hn)
+        return dict(zip(names, (q.contiguous(), k.contiguous(), v)))
+
+    def from_hf(t):
+        q, k, v = (t[n] for n in names)
+        if inter:
+            q, k = _half_to_interleaved(q, np_, hn), _half_to_interleaved(k, ng, hn)
+        return {c: qkv_to_megacore(q, k, v, np_=np_, ng=ng, hn=hn)}
+
+    return MappingGroup([c], names, to_hf, from_hf)
+
+
+def _gated(c: str, gate: str, up: str) -> MappingGroup:
+    def to_hf(t):
+        g, u = t[c].chunk(2)  # [2f, h] -> [f, h] x 2
+        return {gate: g.contiguous(), up: u.contiguous()}
+
+    return MappingGroup([c], [gate, up], to_hf, lambda t: {c: torch.cat([t[gate], t[up]])})
+
+
+def _grouped_expert(p: str, e: int, hp: str) -> List[MappingGroup]:
+    w1, w3, w2 = (f"{hp}.experts.{e}.w{i}.weight" for i in (1, 3, 2))
+    c1, c2 = f"{p}.mlp.experts.weight1/expert{e}", f"{p}.mlp.experts.weight2/expert{e}"
+
+    def to_hf(t):
+        g, u = t[c1].t().chunk(2)  # [h, 2f] -> [2f, h] -> [f, h] x 2
+        return {w1: g.contiguous(), w3: u.contiguous()}
+
+    return [MappingGroup([c1], [w1, w3], to_hf,
+                         lambda t: {c1: torch.cat([t[w1], t[w3]]).t().contiguous()}),
+            _transposed(c2, w2)]
+
+
+# -- per architecture ----------------------------------------------------------------------
+def _gpt2_groups(d: GPTDescription) -> List[MappingGroup]:
+    tied = d.share_embeddings_and_output_weights
+    groups = [MappingGroup([WORD_EMBEDDING], ["transformer.wte.weight"],
+                           lambda t: {"transformer.wte.weight": t[WORD_EMBEDDING]},
+                           lambda t: {WORD_EMBEDDING: t["transformer.wte.weight"]},
+                           duplicates=["lm_head.weight"] if tied else []),
+              _same("embedding.position_embeddings.weight", "transformer.wpe.weight")]
+    for layer in range(d.num_layers):
+        p, h = f"decoder.layers.{layer}", f"transformer.h.{layer}"
+        groups += [_same(f"{p}.input_layernorm.{s}", f"{h}.ln_1.{s}") for s in ("weight", "bias")]
+        groups += [_gpt2_qkv(h, f"{p}.self_attention.linear_qkv.{s}", d, s)
+                   for s in ("weight", "bias")]
+        groups += [_transposed(f"{p}.self_attention.linear_proj.weight", f"{h}.attn.c_proj.weight"),
+                   _same(f"{p}.self_attention.linear_proj.bias", f"{h}.attn.c_proj.bias")]
+        groups += [_same(f"{p}.pre_mlp_layernorm.{s}", f"{h}.ln_2.{s}") for s in ("weight", "bias")]
+        groups += [_transposed(f"{p}.mlp.linear_fc1.weight", f"{h}.mlp.c_fc.weight"),
+                   _same(f"{p}.mlp.linear_fc1.bias", f"{h}.mlp.c_fc.bias"),
+                   _transposed(f"{p}.mlp.linear_fc2.weight", f"{h}.mlp.c_proj.weight"),
+                   _same(f"{p}.mlp.linear_fc2.bias", f"{h}.mlp.c_proj.bias")]
+    groups += [_same(f"decoder.final_layernorm.{s}", f"transformer.ln_f.{s}")
+               for s in ("weight", "bias")]
+    if not tied:
+        groups.append(_same(OUTPUT_LAYER, "lm_head.weight"))
+    return groups
+
+
+def _llama_groups(d: GPTDescription, moe: bool) -> List[MappingGroup]:
+    tied = d.share_embeddings_and_output_weights
+    groups = [MappingGroup([WORD_EMBEDDING], ["model.embed_tokens.weight"],
+                           lambda t: {"model.embed_tokens.weight": t[WORD_EMBEDDING]},
+                           lambda t: {WORD_EMBEDDING: t["model.embed_tokens.weight"]},
+                           duplicates=["lm_head.weight"] if tied else [])]
+    for layer in range(d.num_layers):
+        p, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
+        groups += [_same(f"{p}.input_layernorm.weight", f"{h}.input_layernorm.weight"),
+                   _llama_qkv(h, f"{p}.self_attention.linear_qkv.weight", d),
+                   _same(f"{p}.self_attention.linear_proj.weight", f"{h}.self_attn.o_proj.weight"),
+                   _same(f"{p}.pre_mlp_layernorm.weight", f"{h}.post_attention_layernorm.weight")]
+        if not moe:
+            groups += [_gated(f"{p}.mlp.linear_fc1.weight", f"{h}.mlp.gate_proj.weight",
+                              f"{h}.mlp.up_proj.weight"),
+                       _same(f"{p}.mlp.linear_fc2.weight", f"{h}.mlp.down_proj.weight")]
+            continue
+        hp = f"{h}.block_sparse_moe"
+        groups.append(_same(f"{p}.mlp.router.weight", f"{hp}.gate.weight"))
+        for e in range(d.num_moe_experts):
+            if d.moe_grouped_gemm:
+                groups += _grouped_expert(p, e, hp)
+                continue
+            c = f"{p}.mlp.experts.local_experts.{e}"
+            groups += [_gated(f"{c}.linear_fc1.weight", f"{hp}.experts.{e}.w1.weight",
+                              f"{hp}.experts.{e}.w3.weight"),
+                       _same(f"{c}.linear_fc2.weight", f"{hp}.experts.{e}.w2.weight")]
+    groups.append(_same("decoder.final_layernorm.weight", "model.norm.weight"))
+    if not tied:
+        groups.append(_same(OUTPUT_LAYER, "lm_head.weight"))
+    return groups
+
+
+def _require(ok: bool, arch: str, what: str) -> None:
+    if not ok:
+        raise ConversionError(f"{arch} cannot represent this model: {what}")
+
+
+def _check_fits(d: GPTDescription, arch: str) -> None:
+    if arch == "GPT2LMHeadModel":
+        _require(d.normalization == "LayerNorm", arch, "needs LayerNorm")
+        _require(d.position_embedding_type == "learned_absolute", arch,
+                 "needs learned absolute positions")
+        _require(d.add_bias_linear and not d.gated_linear_unit, arch,
+                 "needs biases and a non-gated MLP")
+        _require(d.num_query_groups == d.num_attention_heads, arch, "needs multi-head attention")
+        _require(d.kv_channels * d.num_attention_heads == d.hidden_size, arch,
+                 "needs kv_channels * heads == hidden_size")
+        _require(d.activation in _TO_HF_ACT, arch, f"activation {d.activation}")
+    else:
+        _require(d.normalization == "RMSNorm", arch, "needs RMSNorm")
+        _require(d.position_embedding_type == "rope" and d.rotary_percent == 1.0, arch,
+                 "needs full RoPE")
+        _require(not d.add_bias_linear and not d.add_qkv_bias, arch, "has no biases")
+        _require(d.gated_linear_unit and d.activation == "silu", arch, "needs SwiGLU")
+    _require(not d.qk_layernorm, arch, "has no q/k layernorm")
+    moe = arch == "MixtralForCausalLM"
+    _require(d.is_moe == moe, arch, "MoE only in MixtralForCausalLM" if d.is_moe
+             else "MixtralForCausalLM needs num_moe_experts")
+    if moe:
+        _require(all(d.is_moe_layer(i) for i in range(d.num_layers)), arch,
+                 "needs MoE in every layer")
+        _require(not d.moe_shared_expert_intermediate_size and not
+                 d.moe_router_enable_expert_bias, arch, "has no shared experts / expert bias")
+
+
+def mapping_groups(d: GPTDescription, architecture: str) -> List[MappingGroup]:
+    """The groups of ``architecture`` for ``d``, in module order.
+
+    Raises:
+        ConversionError: the architecture cannot hold this model (the message says why).
+    """
+    if architecture not in HF_ARCHITECTURES:
+        raise ConversionError(f"unsupported Hugging Face architecture {architecture!r}; "
+                              f"supported: {HF_ARCHITECTURES}")
+    _check_fits(d, architecture)
+    if architecture == "GPT2LMHeadModel":
+        return _gpt2_groups(d)
+    return _llama_groups(d, moe=architecture == "MixtralForCausalLM")
+
+
+def choose_architecture(d: GPTDescription) -> str:
+    """GPT-2 for LayerNorm + learned positions, Mixtral for MoE, else Llama."""
+    if d.normalization == "LayerNorm" and d.position_embedding_type == "learned_absolute":
+        return "GPT2LMHeadModel"
+    return "MixtralForCausalLM" if d.is_moe else "LlamaForCausalLM"
+
+
+# -- config.json ---------------------------------------------------------------------------
+def _rope_theta(cfg: Dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind not in (None, "default"):
+        raise ConversionError(f"RoPE scaling {kind!r} has no megacore equivalent")
+    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def _dtype_name(cfg: Dict[str, Any]) -> str:
+    return str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
+
+
+def description_from_hf_config(cfg: Dict[str, Any]) -> GPTDescription:
+    """A :class:`GPTDescription` from a ``config.json`` dict (architecture from
+    ``architectures[0]``)."""
+    arch = (cfg.get("architectures") or [None])[0]
+    if arch == "GPT2LMHeadModel":
+        act = cfg.get("activation_function", "gelu_new")
+        if act not in _HF_ACT:
+            raise ConversionError(f"GPT-2 activation {act!r} has no megacore equivalent")
+        h = cfg["n_embd"]
+        return GPTDescription(
+            num_layers=cfg["n_layer"], hidden_size=h, num_attention_heads=cfg["n_head"],
+            vocab_size=cfg["vocab_size"], ffn_hidden_size=cfg.get("n_inner") or 4 * h,
+            max_position_embeddings=cfg["n_positions"], normalization="LayerNorm",
+            layernorm_epsilon=cfg.get("layer_norm_epsilon", 1e-5), add_bias_linear=True,
+            activation=_HF_ACT[act], position_embedding_type="learned_absolute",
+            share_embeddings_and_output_weights=cfg.get("tie_word_embeddings", True),
+            params_dtype=_dtype_name(cfg))
+    if arch not in HF_ARCHITECTURES:
+        raise ConversionError(f"unsupported Hugging Face architecture {arch!r}; supported: "
+                              f"{HF_ARCHITECTURES}")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ConversionError(f"{arch} with attention_bias/mlp_bias is not supported")
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ConversionError(f"{arch} activation {cfg.get('hidden_act')!r} is not supported")
+    moe = arch == "MixtralForCausalLM"
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    return GPTDescription(
+        num_layers=cfg["num_hidden_layers"], hidden_size=h, num_attention_heads=heads,
+        vocab_size=cfg["vocab_size"], ffn_hidden_size=cfg["intermediate_size"],
+        num_query_groups=cfg.get("num_key_value_heads") or heads,
+        kv_channels=cfg.get("head_dim") or h // heads,
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        position_embedding_type="rope", normalization="RMSNorm",
+        layernorm_epsilon=cfg.get("rms_norm_eps", 1e-6), add_bias_linear=False,
+        gated_linear_unit=True, activation="silu",
+        share_embeddings_and_output_weights=cfg.get("tie_word_embeddings", False),
+        rotary_base=_rope_theta(cfg),
+        num_moe_experts=cfg["num_local_experts"] if moe else None,
+        moe_ffn_hidden_size=cfg["intermediate_size"] if moe else None,
+        moe_router_topk=cfg.get("num_experts_per_tok", 2) if moe else 2,
+        params_dtype=_dtype_name(cfg))
+
+
+def hf_config_from_description(d: GPTDescription, architecture: str) -> Dict[str, Any]:
+    """A ``config.json`` dict for ``architecture`` describing ``d``."""
+    _check_fits(d, architecture)
+    dtype = d.params_dtype
+    if architecture == "GPT2LMHeadModel":
+        return {"architectures": [architecture], "model_type": "gpt2",
+                "vocab_size": d.vocab_size, "n_positions": d.max_position_embeddings,
+                "n_embd": d.hidden_size, "n_layer": d.num_layers,
+                "n_head": d.num_attention_heads, "n_inner": d.ffn_hidden_size,
+                "activation_function": _TO_HF_ACT[d.activation],
+                "layer_norm_epsilon": d.layernorm_epsilon,
+                "tie_word_embeddings": d.share_embeddings_and_output_weights,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                "scale_attn_weights": True, "torch_dtype": dtype}
+    cfg = {"architectures": [architecture],
+           "model_type": {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                          "MixtralForCausalLM": "mixtral"}[architecture],
+           "vocab_size": d.vocab_size, "hidden_size": d.hidden_size,
+           "intermediate_size": d.expert_ffn_hidden_size if d.is_moe else d.ffn_hidden_size,
+           "num_hidden_layers": d.num_layers, "num_attention_heads": d.num_attention_heads,
+           "num_key_value_heads": d.num_query_groups, "head_dim": d.kv_channels,
+           "hidden_act": "silu", "max_position_embeddings": d.max_position_embeddings,
+           "rms_norm_eps": d.layernorm_epsilon, "rope_theta": float(d.rotary_base),
+           "rope_parameters": {"rope_type": "default", "rope_theta": float(d.rotary_base)},
+           "tie_word_embeddings": d.share_embeddings_and_output_weights,
+           "attention_bias": False, "attention_dropout": 0.0, "torch_dtype": dtype}
+    if architecture == "LlamaForCausalLM":
+        cfg["mlp_bias"] = False
+    if architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
+        cfg["sliding_window"] = None
+    if architecture == "MixtralForCausalLM":
+        cfg.update(num_local_experts=d.num_moe_experts, num_experts_per_tok=d.moe_router_topk,
+                   output_router_logits=False, router_jitter_noise=0.0)
+    return cfg
+

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Convert checkpoints: any megacore layout/format to any other, and Hugging Face.
+
+Megatron's command line::
+
+    python tools/checkpoint/convert.py --model-type GPT --loader megacore --saver megacore \
+        --load-dir ckpt_tp2pp2 --save-dir ckpt_tp1pp4 --ckpt-format torch \
+        --target-tensor-parallel-size 1 --target-pipeline-parallel-size 4
+
+    python tools/checkpoint/convert.py --model-type GPT --saver hf --load-dir ckpt \
+        --save-dir hf_out                  # loader detected; architecture from the model
+    python tools/checkpoint/convert.py --model-type GPT --loader hf --saver megacore \
+        --load-dir hf_llama --save-dir ckpt --target-tensor-parallel-size 2
+
+Loaders: ``megacore`` (legacy ``torch`` or ``torch_dist``, detected), ``hf``
+(architecture from config.json); ``--loader`` may be omitted (detected). Savers:
+``megacore`` (``--ckpt-format torch|torch_dist``, optimizer state carried), ``hf``.
+Converted megacore checkpoints carry no RNG state: resume with ``--no-load-rng``.
+Exit status: 0 done, 2 the conversion stopped (unknown/missing tensors, listed).
+"""
+
+import os
+import sys
+
+# tools/checkpoint/inspect.py would shadow the standard library's ``inspect`` (which torch
+# imports) when this directory is on sys.path: import the repository instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
+
+import argparse  # noqa: E402
+
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9,
+          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MiB"`` or a byte count."""
+    value = text.strip().upper()
+    number = value.rstrip("KMGIB")
+    unit = value[len(number):]
+    if unit not in _UNITS or not number:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 5GB, 512MiB, 1000000)")
+    return int(float(number) * _UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Convert megacore and Hugging Face checkpoints.")
+    p.add_argument("--model-type", required=True, choices=["GPT"])
+    p.add_argument("--loader", default="auto", choices=["auto", "megacore", "hf"],
+                   help="source plugin (default: detected from --load-dir)")
+    p.add_argument("--saver", required=True, choices=["megacore", "hf"])
+    p.add_argument("--load-dir", required=True)
+    p.add_argument("--save-dir", required=True)
+    p.add_argument("--target-tensor-parallel-size", type=int, default=None)
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=None)
+    p.add_argument("--target-expert-parallel-size", type=int, default=None)
+    p.add_argument("--target-num-virtual-stages-per-pipeline-rank", type=int, default=None)
+    p.add_argument("--ckpt-format", default="torch_dist", choices=["torch", "torch_dist"],
+                   help="megacore saver format")
+    p.add_argument("--true-vocab-size", type=int, default=None,
+                   help="vocabulary without padding, when the checkpoint cannot tell")
+    p.add_argument("--hf-architecture", default=None,
+                   help="HF saver: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM or "
+                        "MixtralForCausalLM (default: from the model)")
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),
+                   help="HF saver: bytes per safetensors shard (e.g. 5GB)")
+    p.add_argument("--no-optimizer", action="store_true",
+                   help="megacore saver: drop the optimizer state")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megacore.checkpointing import CheckpointError
+    from megacore.checkpointing.conversion import convert_checkpoint
+
+    try:
+        report = convert_checkpoint(
+            load_dir=args.load_dir, save_dir=args.save_dir, loader=args.loader,
+            saver=args.saver, ckpt_format=args.ckpt_format,
+            target_tensor_parallel_size=args.target_tensor_parallel_size,
+            target_pipeline_parallel_size=args.target_pipeline_parallel_size,
+            target_expert_parallel_size=args.target_expert_parallel_size,
+            target_virtual_pipeline_parallel_size=args.target_num_virtual_stages_per_pipeline_rank,
+            true_vocab_size=args.true_vocab_size, hf_architecture=args.hf_architecture,
+            max_shard_size=args.max_shard_size, save_optimizer=not args.no_optimizer,
+            progress=not args.no_progress)
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"converted {report.num_tensors} tensors ({report.loader} -> {report.saver}) into "
+          f"{report.output} in {report.seconds:.1f}s; peak anonymous memory "
+          f"{report.peak_anon_mb:.0f} MiB, peak RSS {report.peak_rss_mb:.0f} MiB"
+          + (f", largest shard {report.largest_shard_mb:.1f} MiB"
+             if report.largest_shard_mb else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
