@@ -11,8 +11,10 @@ Prints two tables:
    request): requests/s and p50/p99 latency with 1 and 8 concurrent clients, side by
    side (8 clients share batches).
 
-Run: ``python benchmarks/bench_generation.py [--quick] [--layers 4 --hidden 128]`` (about a
-minute on 2 cores).
+Run: ``python benchmarks/bench_generation.py [--quick] [--layers 6 --hidden 256]`` (about a
+minute on 2 cores). The default model is the project's CPU reference point (6 layers,
+hidden 256, shared/CPU_NOTES.md); ``--layers 4 --hidden 128`` shows the overhead-bound
+extreme.
 
 At batch 1 the cached step of this 2.4 M-parameter model is dominated by fixed per-op
 overhead (~1.5 ms per token for 4 layers, mostly module and autograd-function dispatch),
@@ -153,8 +155,8 @@ def bench_server(model, tokenizer, requests: int, tokens: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and requests")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(1)
     store = tempfile.mktemp(prefix="megacore-bench-")

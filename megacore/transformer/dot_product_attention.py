@@ -49,8 +49,9 @@ def build_attention_bias_mask(attn_mask_type: AttnMaskType, attention_mask: Opti
     """Bool mask ``[b or 1, 1, sq, sk]`` (True = masked out) combining causal and padding;
     None when nothing is masked."""
     mask = None
-    if attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal):
+    if attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal) and sq > 1:
         # Query i is at key position (sk - sq + i): it may not see keys after that.
+        # (One query, the newest token of a cached decode step, sees every key: no mask.)
         mask = torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1)
         mask = mask.view(1, 1, sq, sk)
     if attn_mask_type in (AttnMaskType.padding, AttnMaskType.padding_causal):
