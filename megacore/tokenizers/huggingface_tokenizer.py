@@ -14,14 +14,14 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
-from megacore.tokenizers.megatron_tokenizer import MegatronTokenizer, file_digest
+from megacore.tokenizers.megatron_tokenizer import VocabDictTokenizer, file_digest
 
 __all__ = ["HuggingFaceTokenizer"]
 
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
-class HuggingFaceTokenizer(MegatronTokenizer):
+class HuggingFaceTokenizer(VocabDictTokenizer):
     """Args:
         tokenizer_model: path of a ``tokenizer.json`` or of a directory containing one.
 
@@ -46,17 +46,6 @@ class HuggingFaceTokenizer(MegatronTokenizer):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    @property
-    def vocab(self) -> Dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> Dict[int, str]:
-        return self._inv_vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def _special_id(self, role: str, description: str) -> int:
         token = self._special.get(role)

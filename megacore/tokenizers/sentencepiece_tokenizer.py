@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
-from megacore.tokenizers.megatron_tokenizer import MegatronTokenizer, file_digest
+from megacore.tokenizers.megatron_tokenizer import VocabDictTokenizer, file_digest
 
 __all__ = ["GPTSentencePieceTokenizer", "Llama2Tokenizer", "SentencePieceTokenizer"]
 
 
-class _SentencePieceBase(MegatronTokenizer):
+class _SentencePieceBase(VocabDictTokenizer):
     def __init__(self, model_file: str, **identifiers) -> None:
         import sentencepiece
 
@@ -35,15 +35,8 @@ class _SentencePieceBase(MegatronTokenizer):
         return model_id
 
     @property
-    def vocab(self) -> Dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> Dict[int, str]:
-        return self._inv_vocab
-
-    @property
     def vocab_size(self) -> int:
+        # Every piece id counts, including pieces whose text repeats an earlier one.
         return len(self._inv_vocab)
 
 
