@@ -37,6 +37,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from megacore import collectives  # noqa: E402
 from megacore import parallel_state as ps  # noqa: E402
 from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec  # noqa: E402
 from megacore.tensor_parallel import model_parallel_manual_seed  # noqa: E402
@@ -149,7 +150,10 @@ def _bench_time(shape, iters):
 
 
 # -- 2. collective bytes ------------------------------------------------------------------
-_WRAPPED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
+# all_reduce is called on torch.distributed; the flat all-gather / reduce-scatter through
+# megacore.collectives (whose names follow the installed PyTorch).
+_WRAPPED = ((dist, "all_reduce"), (collectives, "all_gather_single"),
+            (collectives, "reduce_scatter_single"))
 
 
 def _install_counters(counts):
@@ -162,7 +166,7 @@ def _install_counters(counts):
             if t > 1:
                 if name == "all_reduce":
                     n, factor = args[0], 2.0
-                elif name == "all_gather_into_tensor":
+                elif name == "all_gather_single":
                     n, factor = args[0], 1.0  # output: the full tensor
                 else:
                     n, factor = args[1], 1.0  # input: the full tensor
@@ -171,8 +175,8 @@ def _install_counters(counts):
             return fn(*args, **kwargs)
         return counted
 
-    for name in _WRAPPED:
-        setattr(dist, name, wrap(name, getattr(dist, name)))
+    for owner, name in _WRAPPED:
+        setattr(owner, name, wrap(name, getattr(owner, name)))
 
 
 def _collective_bytes(shape, sequence_parallel):
@@ -255,8 +259,8 @@ def main():
           f"({s}, {b}, {h}), fp32, bus bytes per rank")
     unit = s * b * h * 4 * (2 - 1) / 2  # (t-1)/t * b*s*h*4 bytes
     analytic = {False: {"all_reduce": 4 * 2 * unit},
-                True: {"all_gather_into_tensor": (4 + 2) * unit,
-                       "reduce_scatter_tensor": 4 * unit}}
+                True: {"all_gather_single": (4 + 2) * unit,
+                       "reduce_scatter_single": 4 * unit}}
     for sp in (False, True):
         measured = run_distributed(_collective_bytes, 2, args=(comm_shape, sp), timeout=600)[0]
         for name in sorted(set(measured) | set(analytic[sp])):
