@@ -11,15 +11,19 @@ which ranks by merge order directly.
 
 A literal ``<|endoftext|>`` in the text is encoded as ordinary characters (as Megatron's
 legacy tokenizer does); the id is only added by ``--append-eod``.
+
+The tiktoken tables are cached on disk by the files' digest (:mod:`.bpe_cache`), so a
+second load skips parsing the merges; ``vocab``/``inv_vocab`` are read on first use.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
-from typing import Dict, List, Sequence, Tuple
+from functools import cached_property, lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from megacore.tokenizers import bpe_cache
 from megacore.tokenizers.megatron_tokenizer import VocabDictTokenizer, file_digest
 
 __all__ = ["GPT2BPETokenizer", "GPT2_SPLIT_PATTERN", "bytes_to_unicode", "read_merges"]
@@ -85,22 +89,45 @@ class GPT2BPETokenizer(VocabDictTokenizer):
         ValueError: ``vocab.json`` has no ``<|endoftext|>`` token (needed for ``eod``).
     """
 
-    def __init__(self, vocab_file: str, merge_file: str) -> None:
-        super().__init__(files_sha256=file_digest([vocab_file, merge_file]))
-        with open(vocab_file, encoding="utf-8") as f:
-            self._vocab: Dict[str, int] = json.load(f)
-        if END_OF_TEXT not in self._vocab:
+    def __init__(self, vocab_file: str, merge_file: str,
+                 cache_dir: Optional[str] = bpe_cache.DEFAULT_CACHE_DIR) -> None:
+        digest = file_digest([vocab_file, merge_file])
+        super().__init__(files_sha256=digest)
+        self._vocab_file = vocab_file
+        cached = bpe_cache.load_ranks(cache_dir, digest)
+        if cached is not None:
+            mergeable, special, info = cached
+            self._backend = _TiktokenBackend.from_ranks(mergeable, special, vocab_file)
+            self._eod, self._size = info["eod"], info["vocab_size"]
+            return
+        vocab = self._vocab
+        if END_OF_TEXT not in vocab:
             raise ValueError(f"{vocab_file}: no {END_OF_TEXT} token, which GPT2BPETokenizer "
                              f"uses as its end-of-document id")
-        self._inv_vocab = {i: t for t, i in self._vocab.items()}
-        self._eod = self._vocab[END_OF_TEXT]
+        self._eod, self._size = vocab[END_OF_TEXT], len(vocab)
         merges = read_merges(merge_file)
-        if _ids_follow_merge_order(self._vocab, merges):
-            self._backend = _TiktokenBackend(self._vocab, merges, vocab_file)
+        if _ids_follow_merge_order(vocab, merges):
+            mergeable, special = _tiktoken_ranks(vocab, merges)
+            self._backend = _TiktokenBackend.from_ranks(mergeable, special, vocab_file)
+            bpe_cache.store_ranks(cache_dir, digest, mergeable, special,
+                                  {"eod": self._eod, "vocab_size": self._size})
         else:
             logger.info("%s: ids of merged tokens do not follow merge order; using the "
                         "`tokenizers` BPE (slower) instead of tiktoken", vocab_file)
-            self._backend = _TokenizersBackend(self._vocab, merges)
+            self._backend = _TokenizersBackend(vocab, merges)
+
+    @cached_property
+    def _vocab(self) -> Dict[str, int]:
+        with open(self._vocab_file, encoding="utf-8") as f:
+            return json.load(f)
+
+    @cached_property
+    def _inv_vocab(self) -> Dict[int, str]:
+        return {i: t for t, i in self._vocab.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size
 
     def tokenize(self, text: str) -> List[int]:
         return self._backend.encode(text)
@@ -138,28 +165,39 @@ def _ids_follow_merge_order(vocab: Dict[str, int], merges: List[Tuple[str, str]]
     return True
 
 
+def _tiktoken_ranks(vocab: Dict[str, int], merges: List[Tuple[str, str]]
+                    ) -> Tuple[Dict[bytes, int], Dict[str, int]]:
+    """tiktoken's tables: raw token bytes -> rank (= id), and the special tokens."""
+    # Token string -> raw bytes: map each printable stand-in back to its byte value
+    # (str.translate + latin-1 runs in C; a per-character loop costs ~0.1 s here).
+    to_latin1 = {ord(c): b for b, c in bytes_to_unicode().items()}
+
+    def raw(token: str) -> bytes:
+        return token.translate(to_latin1).encode("latin-1")
+
+    mergeable = {raw(s): vocab[s] for s in bytes_to_unicode().values()}
+    for left, right in merges:
+        mergeable[raw(left + right)] = vocab[left + right]
+    # Every other vocabulary entry (<|endoftext|>, added tokens) is never produced by
+    # merging; registering it as special lets decode() map its id back.
+    ranked = set(mergeable.values())
+    special = {t: i for t, i in vocab.items() if i not in ranked}
+    return mergeable, special
+
+
 class _TiktokenBackend:
     name = "tiktoken"
 
-    def __init__(self, vocab: Dict[str, int], merges: List[Tuple[str, str]], label: str):
+    def __init__(self, encoding) -> None:
+        self._encoding = encoding
+
+    @classmethod
+    def from_ranks(cls, mergeable: Dict[bytes, int], special: Dict[str, int],
+                   label: str) -> "_TiktokenBackend":
         import tiktoken
 
-        # Token string -> raw bytes: map each printable stand-in back to its byte value
-        # (str.translate + latin-1 runs in C; a per-character loop costs ~0.1 s here).
-        to_latin1 = {ord(c): b for b, c in bytes_to_unicode().items()}
-
-        def raw(token: str) -> bytes:
-            return token.translate(to_latin1).encode("latin-1")
-
-        mergeable = {raw(s): vocab[s] for s in bytes_to_unicode().values()}
-        for left, right in merges:
-            mergeable[raw(left + right)] = vocab[left + right]
-        # Every other vocabulary entry (<|endoftext|>, added tokens) is never produced by
-        # merging; registering it as special lets decode() map its id back.
-        ranked = set(mergeable.values())
-        special = {t: i for t, i in vocab.items() if i not in ranked}
-        self._encoding = tiktoken.Encoding(name=f"gpt2-bpe:{label}", pat_str=GPT2_SPLIT_PATTERN,
-                                           mergeable_ranks=mergeable, special_tokens=special)
+        return cls(tiktoken.Encoding(name=f"gpt2-bpe:{label}", pat_str=GPT2_SPLIT_PATTERN,
+                                     mergeable_ranks=mergeable, special_tokens=special))
 
     def encode(self, text: str) -> List[int]:
         return self._encoding.encode_ordinary(text)

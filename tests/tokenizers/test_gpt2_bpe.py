@@ -117,3 +117,26 @@ def test_build_tokenizer_pads_the_vocabulary():
     assert tokenizer.padded_vocab_size == 6144  # ceil(6000 / 512) * 512
     with pytest.raises(ValueError, match="GPT2BPETokenizer needs --merge-file"):
         build_tokenizer("GPT2BPETokenizer", vocab_file="v.json")
+
+
+def test_cached_tables_give_the_same_tokenizer(tmp_path):
+    """Cold build (stores the tables), warm build (loads them), no cache, corrupt cache:
+    all four encode and decode identically."""
+    vocab, merges = os.path.join(DEMO, "vocab.json"), os.path.join(DEMO, "merges.txt")
+    texts = _texts(os.path.join(DEMO, "demo_corpus.jsonl"), limit=30) + EDGE_CASES
+    cache = tmp_path / "cache"
+    cold = GPT2BPETokenizer(vocab, merges, cache_dir=str(cache))
+    stored = list(cache.iterdir())
+    assert len(stored) == 1 and stored[0].name.endswith(".npz")
+    warm = GPT2BPETokenizer(vocab, merges, cache_dir=str(cache))
+    uncached = GPT2BPETokenizer(vocab, merges, cache_dir=None)
+    stored[0].write_bytes(b"not an npz file")
+    corrupt = GPT2BPETokenizer(vocab, merges, cache_dir=str(cache))
+    for tokenizer in (warm, uncached, corrupt):
+        assert (tokenizer.eod, tokenizer.vocab_size) == (cold.eod, cold.vocab_size)
+        assert tokenizer.backend_name == "tiktoken"
+        for text in texts:
+            ids = cold.tokenize(text)
+            assert tokenizer.tokenize(text) == ids
+            assert tokenizer.detokenize(ids + [cold.eod]) == cold.detokenize(ids + [cold.eod])
+    assert warm.vocab == uncached.vocab and len(warm.inv_vocab) == warm.vocab_size
