@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megacore import device, parallel_state
+from megacore import checkpointing, device, parallel_state
 from megacore.distributed import DistributedDataParallel, finalize_model_grads
 from megacore.optimizer import OptimizerParamScheduler, get_megatron_optimizer
 from megacore.pipeline_parallel import get_forward_backward_func
@@ -339,15 +339,8 @@ def _padded_vocab(model) -> int:
     return 0
 
 
-def _checkpoint_api():
-    from megacore import checkpointing
-
-    return checkpointing
-
-
 def _save(run, state, model, optimizer, scheduler):
-    ckpt = _checkpoint_api()
-    ckpt.save_checkpoint(
+    checkpointing.save_checkpoint(
         state.iteration, model, optimizer, scheduler, save_dir=run.checkpoint.save,
         ckpt_format=run.checkpoint.ckpt_format,
         consumed_train_samples=state.consumed_train_samples,
@@ -359,9 +352,8 @@ def _save(run, state, model, optimizer, scheduler):
 
 
 def _load(run, state, model, optimizer, scheduler):
-    ckpt = _checkpoint_api()
     c = run.checkpoint
-    iteration, consumed_train, consumed_valid, _ = ckpt.load_checkpoint(
+    iteration, consumed_train, consumed_valid, _ = checkpointing.load_checkpoint(
         model, optimizer, scheduler, load_dir=c.load, no_load_optim=c.no_load_optim,
         no_load_rng=c.no_load_rng, finetune=c.finetune)
     state.iteration = iteration
@@ -425,7 +417,7 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
             _run_eval(run, state, forward_step_func, valid_iter, model, logger, calculator,
                       "validation")
         if c.save and c.async_save:
-            _checkpoint_api().finalize_async_saves(blocking=False)  # collective, cheap
+            checkpointing.finalize_async_saves(blocking=False)  # collective, cheap
         if c.save and c.save_interval and state.iteration % c.save_interval == 0:
             _save(run, state, model, optimizer, scheduler)
         reason = _exit_reason(run, state, exit_signal, start_time)
@@ -547,7 +539,7 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
                                              logger, calc, name)
     finally:
         if run.checkpoint.save:
-            _checkpoint_api().finalize_async_saves(blocking=True)
+            checkpointing.finalize_async_saves(blocking=True)
         logger.close()
         exit_signal.restore()
     return summary
@@ -567,10 +559,9 @@ def _flag_value(argv: Optional[Sequence[str]], flag: str) -> Optional[str]:
 def saved_run_config(load_dir: str) -> Optional[Dict[str, Any]]:
     """The run configuration stored with the latest checkpoint under ``load_dir``
     (None when there is no checkpoint yet, e.g. ``--save d --load d`` on a first start)."""
-    ckpt = _checkpoint_api()
-    if not os.path.isdir(load_dir) or ckpt.paths.read_tracker(load_dir) is None:
+    if not os.path.isdir(load_dir) or checkpointing.read_tracker(load_dir) is None:
         return None
-    return ckpt.read_checkpoint_info(load_dir).config
+    return checkpointing.read_checkpoint_info(load_dir).config
 
 
 def _just_saved(run, state) -> bool:
