@@ -16,11 +16,12 @@ import functools
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megacore import parallel_state  # noqa: E402
+from megacore import device, parallel_state  # noqa: E402
 from megacore.datasets import (  # noqa: E402
     BlendedMegatronDatasetBuilder,
     GPTDataset,
@@ -105,7 +106,8 @@ def get_batch(data_iterator):
     """The micro-batch for this stage: tokens on the first stage, labels on the last."""
     if not (parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()):
         return None, None, None, None, None
-    batch = next(data_iterator)
+    batch = {key: value.to(device.current_device(), non_blocking=True)
+             if torch.is_tensor(value) else value for key, value in next(data_iterator).items()}
     # Context parallelism: keep this rank's two sequence chunks (load-balanced split).
     batch = get_batch_on_this_cp_rank(batch, parallel_state.get_context_parallel_world_size(),
                                       parallel_state.get_context_parallel_rank())

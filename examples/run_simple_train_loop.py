@@ -32,9 +32,11 @@ from megacore.transformer import TransformerConfig  # noqa: E402
 SEQ, MBS, VOCAB, STEPS = 32, 4, 128, 30
 
 
-def initialize(tp: int) -> None:
-    if dist.is_initialized():
-        pass  # already joined (e.g. a test harness)
+def initialize(tp: int) -> bool:
+    """Join (or create) the process group; True when this program created it."""
+    created = not dist.is_initialized()  # else already joined (e.g. a test harness)
+    if not created:
+        pass
     elif "RANK" in os.environ:
         dist.init_process_group(device.default_backend())
     else:  # plain `python run_simple_train_loop.py`: a world of one, rendezvous via a file
@@ -43,6 +45,7 @@ def initialize(tp: int) -> None:
     tp = min(tp, dist.get_world_size())
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     model_parallel_manual_seed(123)
+    return created
 
 
 def build_model() -> DistributedDataParallel:
@@ -67,7 +70,7 @@ def synthetic_batches():
 
 
 def forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = {k: v.to(device.current_device()) for k, v in next(data_iterator).items()}
     losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
     def loss_func(output):
@@ -78,7 +81,7 @@ def forward_step(data_iterator, model):
 
 
 def main() -> list:
-    initialize(tp=2)
+    owns_process_group = initialize(tp=2)
     model = build_model()
     optimizer = get_megatron_optimizer(OptimizerConfig(lr=3e-3, weight_decay=0.0), [model])
     model.config.grad_scale_func = optimizer.scale_loss
@@ -98,6 +101,8 @@ def main() -> list:
         if step % 5 == 0 and dist.get_rank() == 0:
             print(f"step {step:3d} | loss {loss:.4f} | grad norm {float(grad_norm):.3f}")
     parallel_state.destroy_model_parallel()
+    if owns_process_group:
+        dist.destroy_process_group()
     return history
 
 

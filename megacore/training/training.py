@@ -76,23 +76,28 @@ def print_rank_last(message: str) -> None:
 
 
 # -- initialization ---------------------------------------------------------------------
-def initialize_distributed(backend: Optional[str] = None, timeout_minutes: int = 10) -> None:
-    """Join the process group started by torchrun (or a one-rank group without it)."""
+def initialize_distributed(backend: Optional[str] = None, timeout_minutes: int = 10) -> bool:
+    """Join the process group started by torchrun (or a one-rank group without it).
+
+    Returns True when this call created the process group (the caller then owns it and
+    destroys it at the end), False when one already existed.
+    """
     if dist.is_initialized():
-        return
+        return False
     backend = backend or device.default_backend()
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
             device.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timeout)
-        return
+        return True
     # A plain `python pretrain_gpt.py` run: a world of one, rendezvous through a file.
     store = tempfile.NamedTemporaryFile(prefix="megacore-rdzv-", delete=False)
     store.close()
     os.unlink(store.name)
     dist.init_process_group(backend, init_method=f"file://{store.name}", rank=0,
                             world_size=1, timeout=timeout)
+    return True
 
 
 def initialize_model_parallel_from_run(run: RunConfig) -> None:
@@ -488,7 +493,18 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     if run_config is None and argv is None:
         argv = sys.argv[1:]
     backend = _flag_value(argv, "--distributed-backend")
-    initialize_distributed(backend)
+    owns_process_group = initialize_distributed(backend)
+    try:
+        return _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_func,
+                         argv, run_config, extra_args_provider, start_time)
+    finally:
+        if owns_process_group:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+
+
+def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_func, argv,
+              run_config, extra_args_provider, start_time) -> Dict[str, Any]:
     if run_config is None:
         load_dir = _flag_value(argv, "--load")
         saved = saved_run_config(load_dir) if load_dir else None
