@@ -26,7 +26,9 @@ __all__ = [
     "default_backend",
     "set_device",
     "synchronize",
+    "device_name",
     "manual_seed",
+    "manual_seed_current",
     "get_rng_state",
     "set_rng_state",
     "get_device_rng_state",
@@ -79,6 +81,19 @@ def synchronize() -> None:
     """Wait for queued device work (timers, benchmarks); a no-op on CPU."""
     if device_type() == "cuda":
         torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    """The accelerator's product name (``"cpu"`` without one)."""
+    return torch.cuda.get_device_name() if device_type() == "cuda" else "cpu"
+
+
+def manual_seed_current(seed: int) -> None:
+    """Seed only the generator activations draw from (the current GPU's, or the CPU's)."""
+    if device_type() == "cuda":
+        torch.cuda.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
 
 
 def manual_seed(seed: int) -> None:

@@ -76,10 +76,7 @@ class RNGStatesTracker:
             raise ValueError(f"RNG stream {name!r} already exists")
         self._seeds.add(seed)
         saved = device.get_device_rng_state()
-        if device.device_type() == "cuda":
-            torch.cuda.manual_seed(seed)
-        else:
-            torch.manual_seed(seed)
+        device.manual_seed_current(seed)
         self._states[name] = device.get_device_rng_state()
         device.set_device_rng_state(saved)
 

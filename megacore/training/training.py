@@ -326,7 +326,7 @@ def _flops_per_step(run: RunConfig, padded_vocab: int, global_batch_size: int) -
 def _peak_tflops() -> Optional[float]:
     if device.device_type() != "cuda":
         return None
-    name = torch.cuda.get_device_name()
+    name = device.device_name()
     return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
 
 
