@@ -30,7 +30,12 @@ import torch.distributed as dist
 
 from megacore import checkpointing, device, parallel_state
 from megacore.distributed import DistributedDataParallel, finalize_model_grads
-from megacore.optimizer import OptimizerParamScheduler, get_megatron_optimizer
+from megacore.optimizer import (
+    GradStatsContext,
+    OptimizerParamScheduler,
+    get_megatron_optimizer,
+    local_grad_norm_squared,
+)
 from megacore.pipeline_parallel import get_forward_backward_func
 from megacore.tensor_parallel import model_parallel_manual_seed
 from megacore.training.arguments import RunConfig, parse_args, run_config_to_dict
@@ -46,7 +51,7 @@ from megacore.transformer.moe import (
 )
 
 __all__ = ["pretrain", "initialize_distributed", "initialize_model_parallel_from_run",
-           "saved_run_config",
+           "saved_run_config", "params_norm",
            "get_model", "get_optimizer_param_scheduler", "train_step", "evaluate",
            "TrainState", "print_rank_0", "print_rank_last"]
 
@@ -336,6 +341,25 @@ def _memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def params_norm(model: List[torch.nn.Module]) -> float:
+    """L2 norm of all model parameters, each counted once over every rank (collective).
+
+    Uses the optimizer's rule for gradient statistics: tp-duplicates and tied copies count
+    zero, and replicas over data (and expert-data) parallel ranks are weighted 1/replicas
+    so that one all-reduce over the world sums every parameter exactly once.
+    """
+    context = GradStatsContext(
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        expert_tp_rank=parallel_state.get_expert_tensor_parallel_rank(),
+        is_first_pipeline_stage=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        dense_replicas=parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+        expert_replicas=parallel_state.get_expert_data_parallel_world_size())
+    pairs = [(p.data, p) for chunk in model for p in chunk.parameters()]
+    total = local_grad_norm_squared(pairs, context, device.current_device())
+    dist.all_reduce(total)
+    return float(total.sqrt().item())
+
+
 def _padded_vocab(model) -> int:
     for chunk in model:
         inner = chunk.module if hasattr(chunk, "module") else chunk
@@ -412,6 +436,8 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
                 "memory_mb": _memory_mb(),
             }
             metrics.update({k.replace(" ", "_"): v for k, v in losses.items() if k != "lm loss"})
+            if run.logging.log_params_norm:
+                metrics["params_norm"] = params_norm(model)  # collective: every rank
             if run.model.num_moe_experts:
                 # Collective over tp x cp x dp: every rank reduces, the last rank logs.
                 metrics.update(reduce_moe_metrics(model, per_layer=run.model.moe_per_layer_logging))

@@ -25,7 +25,8 @@ SCRIPT = os.path.join(ROOT, "examples", "pretrain_gpt.py")
 MODEL = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
          "--max-position-embeddings 16 --micro-batch-size 2 --global-batch-size 8 --lr 1e-2 "
          "--train-iters 5 --mock-data --vocab-size 97 --log-interval 1 --eval-iters 0 "
-         "--hidden-dropout 0 --attention-dropout 0 --seed 5 --lr-warmup-iters 1")
+         "--hidden-dropout 0 --attention-dropout 0 --seed 5 --lr-warmup-iters 1 "
+         "--log-params-norm")
 
 
 def _example():
@@ -42,7 +43,7 @@ def _run_pretrain(argv):
 def _losses(path):
     with open(path) as f:
         records = [r for r in map(json.loads, f) if "lm_loss" in r]  # skip validation records
-    return [r["lm_loss"] for r in records], [r["grad_norm"] for r in records]
+    return [r["lm_loss"] for r in records], [(r["grad_norm"], r["params_norm"]) for r in records]
 
 
 def _train(tmp_path, name, world, extra=""):
@@ -79,6 +80,7 @@ def test_layout_losses_equal_single_rank(reference, tmp_path, name, world, extra
     assert len(losses) == len(ref_losses) == 5
     assert ref_losses[-1] < ref_losses[0], "the reference run should be learning"
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    # (grad norm, params norm) per iteration; grad norms sum squares in another order: 1e-4.
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4, atol=0)
 
 
