@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import pickle
 import queue as queue_module
+import sys
 import tempfile
 import time
 import traceback
@@ -74,6 +75,12 @@ def _cleanup():
             pass
 
 
+# gloo's TCP mesh set-up between freshly forked ranks very rarely fails with "connection
+# closed by peer" (seen once in hundreds of runs on a loaded machine). That is transport
+# set-up, not the code under test, so such a run is repeated once; anything else fails.
+_TRANSPORT_SETUP_FAILURE = "connectFullMesh failed"
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
                     kwargs: Optional[Dict[str, Any]] = None,
                     timeout: float = DEFAULT_TIMEOUT_S) -> List[Any]:
@@ -82,6 +89,16 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
     Raises ``AssertionError`` with the failing rank's traceback, or naming the ranks that
     were still running when ``timeout`` seconds passed.
     """
+    try:
+        return _run_once(fn, world_size, args, kwargs, timeout)
+    except AssertionError as error:
+        if _TRANSPORT_SETUP_FAILURE not in str(error):
+            raise
+        sys.stderr.write(f"{fn.__name__}: gloo transport set-up failed; running it again\n")
+        return _run_once(fn, world_size, args, kwargs, timeout)
+
+
+def _run_once(fn, world_size, args, kwargs, timeout) -> List[Any]:
     if not 1 <= world_size <= 8:
         raise ValueError(f"world_size must be in 1..8, got {world_size}")
     device = selected_device()
