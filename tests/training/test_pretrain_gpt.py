@@ -150,3 +150,30 @@ def test_moe_layouts_equal_single_rank(tmp_path, name, world, extra):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
     records = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
     assert any(k.startswith("moe") for k in records[0]), sorted(records[0])
+
+
+DROPOUT = "--hidden-dropout 0.2 --attention-dropout 0.2"
+
+
+@pytest.fixture(scope="module")
+def reference_with_dropout(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref_dropout")
+    with_dropout, _ = _train(tmp, "ref", 1, DROPOUT)
+    without, _ = _train(tmp, "plain", 1, "")
+    assert with_dropout != without, "dropout must be active"
+    return with_dropout
+
+
+@pytest.mark.parametrize("name, world, extra", [
+    ("pp2", 2, "--pipeline-model-parallel-size 2"),
+    ("pp2_vpp2", 2, "--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1"),
+    ("tp2_pp2_sp", 4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
+                      "--sequence-parallel"),
+])
+def test_dropout_masks_do_not_depend_on_the_layout(reference_with_dropout, tmp_path, name, world,
+                                                   extra):
+    """Each layer draws its masks from its own keyed stream, so pipeline stages and the
+    schedule's interleaving of micro-batches do not change them."""
+    ref_losses = reference_with_dropout
+    losses, _ = _train(tmp_path, name, world, f"{DROPOUT} {extra}")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
