@@ -19,11 +19,18 @@ default generator         ``seed``                                    tp, cp ran
 
 On CPU the tracked generator is torch's default CPU generator; on CUDA the current GPU's
 (all through :mod:`megacore.device`).
+
+Keyed streams (:meth:`RNGStatesTracker.fork_keyed`) are created on first use from the base
+seed and a name, e.g. one per transformer layer for its dropout. A module that draws only
+from its own stream gets the same random numbers wherever it runs: on any pipeline stage,
+in any order relative to other modules, and again on recompute (the checkpoint restores
+the tracker's states).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -53,10 +60,12 @@ class RNGStatesTracker:
     def __init__(self) -> None:
         self._states: Dict[str, torch.Tensor] = {}
         self._seeds: set = set()
+        self.base_seed: Optional[int] = None
 
     def reset(self) -> None:
         self._states = {}
         self._seeds = set()
+        self.base_seed = None
 
     def is_initialized(self) -> bool:
         return bool(self._states)
@@ -75,10 +84,24 @@ class RNGStatesTracker:
         if name in self._states:
             raise ValueError(f"RNG stream {name!r} already exists")
         self._seeds.add(seed)
-        saved = device.get_device_rng_state()
-        device.manual_seed_current(seed)
-        self._states[name] = device.get_device_rng_state()
-        device.set_device_rng_state(saved)
+        self._states[name] = _fresh_state(seed)
+
+    def keyed_seed(self, name: str) -> int:
+        """Seed of keyed stream ``name``: a hash of the base seed and the name."""
+        if self.base_seed is None:
+            raise RuntimeError("keyed RNG streams need model_parallel_manual_seed(seed) first")
+        digest = hashlib.sha256(f"{self.base_seed}/{name}".encode()).digest()
+        return int.from_bytes(digest[:7], "little")
+
+    @contextlib.contextmanager
+    def fork_keyed(self, name: str) -> Iterator[None]:
+        """Like :meth:`fork`, creating stream ``name`` from :meth:`keyed_seed` on first use."""
+        if name not in self._states:
+            # Derived, not registered: a recompute that rolled the tracker back to before
+            # this stream existed re-creates it with the same seed, hence the same numbers.
+            self._states[name] = _fresh_state(self.keyed_seed(name))
+        with self.fork(name):
+            yield
 
     @contextlib.contextmanager
     def fork(self, name: str = MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
@@ -89,6 +112,15 @@ class RNGStatesTracker:
         with device.fork_device_rng(self._states[name]) as out:
             yield
         self._states[name] = out["state"]
+
+
+def _fresh_state(seed: int) -> torch.Tensor:
+    """The device generator's state right after seeding with ``seed``."""
+    saved = device.get_device_rng_state()
+    device.manual_seed_current(seed)
+    state = device.get_device_rng_state()
+    device.set_device_rng_state(saved)
+    return state
 
 
 _TRACKER = RNGStatesTracker()
@@ -120,6 +152,7 @@ def model_parallel_manual_seed(seed: int, *, tp_rank: Optional[int] = None,
         etp_rank = ps.get_expert_tensor_parallel_rank() if initialized else 0
     device.manual_seed(seed)
     _TRACKER.reset()
+    _TRACKER.base_seed = seed
     _TRACKER.add(DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     _TRACKER.add(MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
     _TRACKER.add(EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)

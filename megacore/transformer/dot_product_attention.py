@@ -145,5 +145,6 @@ class DotProductAttention(MegatronModule):
         # Draw the mask of all np heads and keep ours: same mask for every tp layout.
         probs = sharded_dropout(probs, self.dropout_p, self.training, dim=1,
                                 full_size=self.config.num_attention_heads,
-                                start=self.tp_rank * self.num_heads_per_partition)
+                                start=self.tp_rank * self.num_heads_per_partition,
+                                stream=f"dropout/layer{self.layer_number}/attention")
         return torch.matmul(probs, v)

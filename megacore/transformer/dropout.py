@@ -17,15 +17,23 @@ tp ranks), and keeps the slice that matches its shard.
   the rows of this rank's global token positions (then its sequence-parallel slice).
 
 The price is drawing tp times more random numbers than the shard needs (generation is
-cheap next to the matmuls around it). Every rank advances the default generator by the
-same amount as the single process, so later draws stay in step too, and activation
-recompute replays the masks because it restores the default generator.
+cheap next to the matmuls around it).
+
+Each call names its ``stream`` (one per embedding and per transformer layer): the mask is
+drawn from that keyed stream of the RNG tracker, so a layer draws the same masks on
+whichever pipeline stage it runs and in whatever order the schedule interleaves it with
+other layers; activation recompute replays them because it restores the tracker. Without
+a seeded tracker (or without a stream name) masks come from the default generator.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator, Optional
+
 import torch
 
+from megacore.tensor_parallel.random import get_rng_tracker
 from megacore.transformer.context_parallel.sequence_split import (
     get_position_ids_on_cp_rank,
 )
@@ -33,8 +41,19 @@ from megacore.transformer.context_parallel.sequence_split import (
 __all__ = ["sharded_dropout", "sequence_dropout"]
 
 
+@contextlib.contextmanager
+def _mask_stream(stream: Optional[str]) -> Iterator[None]:
+    tracker = get_rng_tracker()
+    if stream is None or tracker.base_seed is None:
+        yield
+        return
+    with tracker.fork_keyed(stream):
+        yield
+
+
 def sharded_dropout(x: torch.Tensor, p: float, training: bool, *, dim: int = 0,
-                    full_size: int = -1, start: int = 0) -> torch.Tensor:
+                    full_size: int = -1, start: int = 0,
+                    stream: Optional[str] = None) -> torch.Tensor:
     """Dropout on ``x``, a slice ``[start, start + x.size(dim))`` of a tensor whose ``dim``
     has ``full_size`` entries; the mask is drawn for the full tensor and sliced.
 
@@ -45,6 +64,7 @@ def sharded_dropout(x: torch.Tensor, p: float, training: bool, *, dim: int = 0,
         dim: dimension along which ``x`` is a shard of the full tensor.
         full_size: size of ``dim`` in the full tensor (-1: ``x`` is the full tensor).
         start: offset of ``x`` along ``dim`` in the full tensor.
+        stream: keyed RNG stream to draw the mask from (see the module docstring).
 
     Returns:
         ``x * mask / (1 - p)`` with the mask's matching slice.
@@ -55,7 +75,8 @@ def sharded_dropout(x: torch.Tensor, p: float, training: bool, *, dim: int = 0,
     if full_size >= 0:
         full_shape[dim] = full_size
     # A bool mask: autograd saves it for backward at 1 byte per element.
-    keep = torch.empty(full_shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    with _mask_stream(stream):
+        keep = torch.empty(full_shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
     if full_shape[dim] != x.size(dim) or start:
         keep = keep.narrow(dim, start, x.size(dim)).contiguous()  # copy: free the full mask
     return x * keep * (1.0 / (1.0 - p))
@@ -63,7 +84,7 @@ def sharded_dropout(x: torch.Tensor, p: float, training: bool, *, dim: int = 0,
 
 def sequence_dropout(x: torch.Tensor, p: float, training: bool, *, tp_size: int = 1,
                      tp_rank: int = 0, sequence_parallel: bool = False, cp_size: int = 1,
-                     cp_rank: int = 0) -> torch.Tensor:
+                     cp_rank: int = 0, stream: Optional[str] = None) -> torch.Tensor:
     """Dropout on activations ``[s_local, b, h]`` with the single-process mask.
 
     ``s_local`` is ``s / cp`` (``/ tp`` more under sequence parallelism). The mask of the
@@ -78,14 +99,15 @@ def sequence_dropout(x: torch.Tensor, p: float, training: bool, *, tp_size: int 
     sp = sequence_parallel and tp_size > 1
     if cp_size == 1:
         if not sp:
-            return sharded_dropout(x, p, training)
+            return sharded_dropout(x, p, training, stream=stream)
         return sharded_dropout(x, p, training, dim=0, full_size=x.size(0) * tp_size,
-                               start=tp_rank * x.size(0))
+                               start=tp_rank * x.size(0), stream=stream)
     per_cp_rank = x.size(0) * (tp_size if sp else 1)
     full = per_cp_rank * cp_size
     rows = get_position_ids_on_cp_rank(full, cp_size, cp_rank, device=x.device)
     if sp:
         rows = rows[tp_rank * x.size(0):(tp_rank + 1) * x.size(0)]
-    keep = torch.empty([full] + list(x.shape[1:]), dtype=torch.bool,
-                       device=x.device).bernoulli_(1.0 - p)
+    with _mask_stream(stream):
+        keep = torch.empty([full] + list(x.shape[1:]), dtype=torch.bool,
+                           device=x.device).bernoulli_(1.0 - p)
     return x * keep.index_select(0, rows) * (1.0 / (1.0 - p))

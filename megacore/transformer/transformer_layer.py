@@ -87,5 +87,6 @@ class TransformerLayer(MegatronModule):
         # x is [s/cp(/tp), b, h]: the mask of the full [s, b, h], our rows of it.
         x = sequence_dropout(x, self.hidden_dropout, self.training, tp_size=self.tp_size,
                              tp_rank=self.tp_rank, sequence_parallel=self.config.sequence_parallel,
-                             cp_size=self.cp_size, cp_rank=self.cp_rank)
+                             cp_size=self.cp_size, cp_rank=self.cp_rank,
+                             stream=f"dropout/layer{self.layer_number}")
         return residual + x

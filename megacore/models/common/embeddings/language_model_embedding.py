@@ -125,4 +125,4 @@ class LanguageModelEmbedding(MegatronModule):
         return sequence_dropout(embeddings, self.config.hidden_dropout, self.training,
                                 tp_size=self.tp_size, tp_rank=self.tp_rank,
                                 sequence_parallel=self.sequence_parallel, cp_size=self.cp_size,
-                                cp_rank=self.cp_rank)
+                                cp_rank=self.cp_rank, stream="dropout/embedding")
