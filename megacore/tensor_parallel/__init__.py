@@ -36,6 +36,7 @@ from megacore.tensor_parallel.random import (
     RNGStatesTracker,
     get_cuda_rng_tracker,
     get_rng_tracker,
+    keyed_stream,
     model_parallel_cuda_manual_seed,
     model_parallel_manual_seed,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "RNGStatesTracker",
     "get_rng_tracker",
     "get_cuda_rng_tracker",
+    "keyed_stream",
     "model_parallel_manual_seed",
     "model_parallel_cuda_manual_seed",
     "MODEL_PARALLEL_RNG_TRACKER_NAME",

@@ -47,6 +47,7 @@ __all__ = [
     "MODEL_PARALLEL_RNG_TRACKER_NAME",
     "DATA_PARALLEL_RNG_TRACKER_NAME",
     "EXPERT_PARALLEL_RNG_TRACKER_NAME",
+    "keyed_stream",
 ]
 
 MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
@@ -112,6 +113,17 @@ class RNGStatesTracker:
         with device.fork_device_rng(self._states[name]) as out:
             yield
         self._states[name] = out["state"]
+
+
+@contextlib.contextmanager
+def keyed_stream(name: Optional[str]) -> Iterator[None]:
+    """Draw from keyed stream ``name`` inside the block; a no-op without a name or before
+    :func:`model_parallel_manual_seed` (the default generator is used then)."""
+    if name is None or _TRACKER.base_seed is None:
+        yield
+        return
+    with _TRACKER.fork_keyed(name):
+        yield
 
 
 def _fresh_state(seed: int) -> torch.Tensor:

@@ -89,6 +89,8 @@ class DotProductAttention(MegatronModule):
         self.softmax_scale = scale if scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.num_heads_per_partition = config.num_attention_heads // self.tp_size
         self.use_sdpa = config.attention_backend in _SDPA_BACKENDS
+        # Attention-probability dropout draws from this layer's own keyed RNG stream.
+        self._dropout_stream = f"dropout/layer{self.layer_number}/attention"
         # Context parallelism (megacore.transformer.context_parallel): ring attention.
         self.cp_group = self.pg_collection.cp if config.context_parallel_size > 1 else None
         if self.cp_group is not None and \
@@ -105,7 +107,8 @@ class DotProductAttention(MegatronModule):
                 query, key, value, cp_group=self.cp_group, attn_mask_type=mask_type,
                 attention_mask=attention_mask, softmax_scale=self.softmax_scale,
                 dropout_p=self.dropout_p if self.training else 0.0,
-                head_offset=self.tp_rank * self.num_heads_per_partition)
+                head_offset=self.tp_rank * self.num_heads_per_partition,
+                dropout_stream=self._dropout_stream)
         sq, b, n, hn = query.shape
         sk = key.size(0)
         # [s, b, n, hn] -> [b, n, s, hn]
@@ -146,5 +149,5 @@ class DotProductAttention(MegatronModule):
         probs = sharded_dropout(probs, self.dropout_p, self.training, dim=1,
                                 full_size=self.config.num_attention_heads,
                                 start=self.tp_rank * self.num_heads_per_partition,
-                                stream=f"dropout/layer{self.layer_number}/attention")
+                                stream=self._dropout_stream)
         return torch.matmul(probs, v)

@@ -28,27 +28,16 @@ a seeded tracker (or without a stream name) masks come from the default generato
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
-from megacore.tensor_parallel.random import get_rng_tracker
+from megacore.tensor_parallel.random import keyed_stream
 from megacore.transformer.context_parallel.sequence_split import (
     get_position_ids_on_cp_rank,
 )
 
 __all__ = ["sharded_dropout", "sequence_dropout"]
-
-
-@contextlib.contextmanager
-def _mask_stream(stream: Optional[str]) -> Iterator[None]:
-    tracker = get_rng_tracker()
-    if stream is None or tracker.base_seed is None:
-        yield
-        return
-    with tracker.fork_keyed(stream):
-        yield
 
 
 def sharded_dropout(x: torch.Tensor, p: float, training: bool, *, dim: int = 0,
@@ -75,7 +64,7 @@ def sharded_dropout(x: torch.Tensor, p: float, training: bool, *, dim: int = 0,
     if full_size >= 0:
         full_shape[dim] = full_size
     # A bool mask: autograd saves it for backward at 1 byte per element.
-    with _mask_stream(stream):
+    with keyed_stream(stream):
         keep = torch.empty(full_shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
     if full_shape[dim] != x.size(dim) or start:
         keep = keep.narrow(dim, start, x.size(dim)).contiguous()  # copy: free the full mask
@@ -107,7 +96,7 @@ def sequence_dropout(x: torch.Tensor, p: float, training: bool, *, tp_size: int 
     rows = get_position_ids_on_cp_rank(full, cp_size, cp_rank, device=x.device)
     if sp:
         rows = rows[tp_rank * x.size(0):(tp_rank + 1) * x.size(0)]
-    with _mask_stream(stream):
+    with keyed_stream(stream):
         keep = torch.empty([full] + list(x.shape[1:]), dtype=torch.bool,
                            device=x.device).bernoulli_(1.0 - p)
     return x * keep.index_select(0, rows) * (1.0 / (1.0 - p))

@@ -6,10 +6,11 @@ the core-attention contract (mask types, dropout, output ``[sq, b, np/tp * hn]``
 rejects what a ring over the zigzag split cannot express: padding masks (a rank would
 need the mask columns of every other rank's keys) and key/value caches (``sk != sq``).
 
-Dropout uses the keyed mask of :mod:`.keyed_dropout`: its seed is drawn from the default
-generator, which is identical on every cp and tp rank (``model_parallel_manual_seed``),
-and each rank passes the global index of its first head, so the mask is one mask of the
-whole ``[b, np, s, s]`` matrix whatever the layout.
+Dropout uses the keyed mask of :mod:`.keyed_dropout`: its seed is drawn from
+``dropout_stream`` (the layer's keyed stream of the RNG tracker, or the default generator
+without one), which is identical on every cp and tp rank and does not depend on the
+pipeline stage; each rank passes the global index of its first head, so the mask is one
+mask of the whole ``[b, np, s, s]`` matrix whatever the layout.
 
 Shapes: query ``[s/cp, b, np/tp, hn]``, key/value ``[s/cp, b, ng/tp, hn]``, output
 ``[s/cp, b, np/tp * hn]``.
@@ -22,6 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megacore.tensor_parallel.random import keyed_stream
 from megacore.transformer.context_parallel.ring_attention import ring_attention
 from megacore.transformer.enums import AttnMaskType
 
@@ -35,7 +37,8 @@ def context_parallel_core_attention(query: torch.Tensor, key: torch.Tensor,
                                     attn_mask_type: AttnMaskType,
                                     attention_mask: Optional[torch.Tensor],
                                     softmax_scale: float, dropout_p: float = 0.0,
-                                    head_offset: int = 0) -> torch.Tensor:
+                                    head_offset: int = 0,
+                                    dropout_stream: Optional[str] = None) -> torch.Tensor:
     """Ring attention over ``cp_group`` with core-attention arguments.
 
     Args:
@@ -48,6 +51,7 @@ def context_parallel_core_attention(query: torch.Tensor, key: torch.Tensor,
         softmax_scale: score scale.
         dropout_p: attention dropout probability in effect (0 in eval).
         head_offset: global index of this rank's first query head (``tp_rank * np/tp``).
+        dropout_stream: keyed RNG stream the dropout seed is drawn from.
 
     Returns:
         ``[s/cp, b, np/tp * hn]``.
@@ -64,7 +68,8 @@ def context_parallel_core_attention(query: torch.Tensor, key: torch.Tensor,
     seed = None
     if dropout_p > 0.0:
         # Same draw on all cp and tp ranks; activation recompute replays it.
-        seed = int(torch.randint(0, _SEED_RANGE, (1,)).item())
+        with keyed_stream(dropout_stream):
+            seed = int(torch.randint(0, _SEED_RANGE, (1,)).item())
     out = ring_attention(query, key, value, cp_group=cp_group,
                          causal=attn_mask_type == AttnMaskType.causal,
                          softmax_scale=softmax_scale, dropout_p=dropout_p, dropout_seed=seed,
