@@ -34,7 +34,10 @@ from megacore.parallel_state import ProcessGroupCollection
 from megacore.transformer.context_parallel.core_attention import (
     context_parallel_core_attention,
 )
-from megacore.transformer.dropout import sharded_dropout
+from megacore.transformer.context_parallel.keyed_dropout import (
+    attention_dropout_keep_mask,
+    draw_attention_dropout_seed,
+)
 from megacore.transformer.enums import AttnBackend, AttnMaskType
 from megacore.transformer.module import MegatronModule
 from megacore.transformer.transformer_config import TransformerConfig
@@ -145,9 +148,18 @@ class DotProductAttention(MegatronModule):
         if mask is not None:
             scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores * coeff, dim=-1).to(q.dtype)  # [b, np/tp, sq, sk]
-        # Draw the mask of all np heads and keep ours: same mask for every tp layout.
-        probs = sharded_dropout(probs, self.dropout_p, self.training, dim=1,
-                                full_size=self.config.num_attention_heads,
-                                start=self.tp_rank * self.num_heads_per_partition,
-                                stream=self._dropout_stream)
-        return torch.matmul(probs, v)
+        return torch.matmul(self._attention_dropout(probs, sq, sk), v)
+
+    def _attention_dropout(self, probs: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
+        """Dropout on probabilities ``[b, np/tp, sq, sk]`` with the keyed mask of ring
+        attention: a hash of (seed, batch, global head, query position, key position), so
+        tp, cp and pp layouts drop exactly the same elements."""
+        if not self.training or self.dropout_p == 0.0:
+            return probs
+        seed = draw_attention_dropout_seed(self._dropout_stream)
+        dev = probs.device
+        first_head = self.tp_rank * self.num_heads_per_partition
+        keep = attention_dropout_keep_mask(
+            seed, probs.size(0), torch.arange(first_head, first_head + probs.size(1), device=dev),
+            torch.arange(sk - sq, sk, device=dev), torch.arange(sk, device=dev), self.dropout_p)
+        return probs.masked_fill(~keep, 0.0) * (1.0 / (1.0 - self.dropout_p))

@@ -1,13 +1,14 @@
-"""Dropout whose mask does not depend on the tensor-parallel layout.
+"""Dropout on activations whose mask does not depend on the parallel layout.
 
 Megatron draws dropout masks for tp-split tensors (attention probabilities, sequence-
 parallel activations) from a per-tp-rank stream, so a tp=2 run and a tp=1 run drop
 different elements. megacore keeps the numerical contract with dropout on instead: every
-rank draws the mask of the *whole* tensor, from the default generator (identical on all
-tp ranks), and keeps the slice that matches its shard.
+rank draws the mask of the *whole* tensor, from a stream that is identical on all tp ranks
+(see ``stream`` below), and keeps the slice that matches its shard.
 
-* attention probabilities ``[b, np/tp, s, s]``: draw ``[b, np, s, s]``, keep this rank's
-  heads;
+* attention probabilities: not here; they use the keyed hash mask of
+  :mod:`megacore.transformer.context_parallel.keyed_dropout` (the same mask whether
+  attention runs as a ring over cp ranks or in one piece);
 * sequence-parallel activations ``[s/tp, b, h]``: draw ``[s, b, h]``, keep this rank's
   sequence chunk;
 * replicated activations ``[s, b, h]``: draw and keep all of it (every tp rank draws

@@ -179,13 +179,15 @@ def test_dropout_masks_do_not_depend_on_the_layout(reference_with_dropout, tmp_p
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
 
 
-def test_context_parallel_dropout_does_not_depend_on_pipeline_or_tp(tmp_path):
-    """Ring attention draws its keyed-mask seed from the layer's stream: cp=2 with pp=2 or
-    with tp=2 reproduces cp=2 alone. (cp=1 uses another, cheaper mask scheme.)"""
-    cp2, _ = _train(tmp_path, "cp2", 2, f"{DROPOUT} --context-parallel-size 2")
-    cp2_pp2, _ = _train(tmp_path, "cp2_pp2", 4,
-                        f"{DROPOUT} --context-parallel-size 2 --pipeline-model-parallel-size 2")
-    cp2_tp2, _ = _train(tmp_path, "cp2_tp2", 4,
-                        f"{DROPOUT} --context-parallel-size 2 --tensor-model-parallel-size 2")
-    for other in (cp2_pp2, cp2_tp2):
-        torch.testing.assert_close(torch.tensor(other), torch.tensor(cp2), rtol=1e-5, atol=0)
+def test_context_parallel_dropout_matches_single_rank(reference_with_dropout, tmp_path):
+    """Ring attention and DotProductAttention draw the same keyed attention-dropout mask
+    from the layer's stream, and hidden dropout keeps the rank's global positions: cp=2
+    alone, with pp=2 and with tp=2 reproduce the single rank with dropout on."""
+    for name, world, extra in [("cp2", 2, "--context-parallel-size 2"),
+                               ("cp2_pp2", 4, "--context-parallel-size 2 "
+                                              "--pipeline-model-parallel-size 2"),
+                               ("cp2_tp2", 4, "--context-parallel-size 2 "
+                                              "--tensor-model-parallel-size 2")]:
+        losses, _ = _train(tmp_path, name, world, f"{DROPOUT} {extra}")
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_with_dropout),
+                                   rtol=1e-5, atol=0, msg=lambda m: f"{name}: {m}")

@@ -23,14 +23,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megacore.tensor_parallel.random import keyed_stream
+from megacore.transformer.context_parallel.keyed_dropout import draw_attention_dropout_seed
 from megacore.transformer.context_parallel.ring_attention import ring_attention
 from megacore.transformer.enums import AttnMaskType
 
 __all__ = ["context_parallel_core_attention"]
-
-_SEED_RANGE = 2 ** 31 - 1
-
 
 def context_parallel_core_attention(query: torch.Tensor, key: torch.Tensor,
                                     value: torch.Tensor, *, cp_group: dist.ProcessGroup,
@@ -67,9 +64,7 @@ def context_parallel_core_attention(query: torch.Tensor, key: torch.Tensor,
                          f"(no key/value cache); got {key.size(0)} keys, {query.size(0)} queries")
     seed = None
     if dropout_p > 0.0:
-        # Same draw on all cp and tp ranks; activation recompute replays it.
-        with keyed_stream(dropout_stream):
-            seed = int(torch.randint(0, _SEED_RANGE, (1,)).item())
+        seed = draw_attention_dropout_seed(dropout_stream)
     out = ring_attention(query, key, value, cp_group=cp_group,
                          causal=attn_mask_type == AttnMaskType.causal,
                          softmax_scale=softmax_scale, dropout_p=dropout_p, dropout_seed=seed,

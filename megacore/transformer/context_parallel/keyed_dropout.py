@@ -17,13 +17,26 @@ Shapes: mask ``[b, heads, sq, sk]`` (bool, True = keep).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-__all__ = ["attention_dropout_keep_mask"]
+from megacore.tensor_parallel.random import keyed_stream
 
+__all__ = ["attention_dropout_keep_mask", "draw_attention_dropout_seed"]
+
+_SEED_RANGE = 2 ** 31 - 1
 _M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # < 2**27: (x < 2**32) * _MUL < 2**59, no int64 overflow
 _UNIFORM_BITS = 24
+
+
+def draw_attention_dropout_seed(stream: Optional[str]) -> int:
+    """The key of one forward pass's attention-dropout mask, drawn from keyed RNG stream
+    ``stream`` (the layer's): equal on every tp and cp rank and pipeline stage, and drawn
+    again identically on recompute (the checkpoint restores the tracker)."""
+    with keyed_stream(stream):
+        return int(torch.randint(0, _SEED_RANGE, (1,)).item())
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

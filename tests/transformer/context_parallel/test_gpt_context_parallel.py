@@ -12,8 +12,8 @@ single-process run.
 Cases: the GPT spec (LayerNorm, GeLU, biases, learned absolute positions, multi-head) and
 the Llama spec (RMSNorm, SwiGLU, RoPE, grouped-query attention with 2 groups).
 
-With attention dropout on, cp=1 draws its masks differently (bernoulli), so the ring's
-keyed dropout is checked for layout independence instead: cp=2 and cp=2 x tp=2 agree.
+With attention dropout on, cp=1 (DotProductAttention) and the ring draw the same keyed
+mask, so cp=2 and cp=2 x tp=2 agree with cp=1.
 Without position ids, RoPE angles must still follow global positions.
 
 Tolerance: fp32; rtol 1e-5 / atol 1e-5 on the loss (~4) and atol 1e-6 on gradients
@@ -144,9 +144,9 @@ def _run_direct(tp, cp, sequence_parallel):
             (loss / MICROBATCHES).backward()
             reported.append(value)
         out[name] = dict(loss=torch.stack(reported).mean(), grads=_global_grads(model))
+    out["dropout"] = _dropout_run(tp, cp, sequence_parallel)
     if cp > 1:
         out["rope_without_position_ids"] = _rope_without_position_ids()
-        out["dropout"] = _dropout_run(tp, cp, sequence_parallel)
     return out
 
 
@@ -255,12 +255,12 @@ def test_rope_positions_default_to_global_under_cp(cp2, cp2_tp2):
     assert all(r["rope_without_position_ids"] for r in cp2 + cp2_tp2)
 
 
-def test_attention_dropout_is_layout_independent(cp2, cp2_tp2):
+def test_attention_dropout_is_layout_independent(reference, cp2, cp2_tp2):
     # Dropout is active: it changes the loss (by ~9e-4 on this near-uniform tiny model,
-    # ~100x the comparison tolerance).
-    for r in cp2 + cp2_tp2:
+    # ~100x the comparison tolerance). cp=1 and the ring use the same keyed mask.
+    for r in [reference] + cp2 + cp2_tp2:
         assert abs(float(r["dropout"]["loss"] - r["dropout"]["eval_loss"])) > 1e-4
-    _compare({"dropout": cp2[0]["dropout"]}, cp2 + cp2_tp2, "attention dropout",
+    _compare({"dropout": reference["dropout"]}, cp2 + cp2_tp2, "attention dropout",
              cases=("dropout",))
 
 
