@@ -70,6 +70,9 @@ def parse_serving_args(argv=None):
     """``(run, server_args)``: the checkpoint's model and tokenizer settings, checked
     against any model flag given on the command line (a mismatch is an error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        arguments.build_parser(add_server_args).print_help()
+        raise SystemExit(0)
     load = _load_dir(argv)
     if not load:
         raise SystemExit("--load is required: the checkpoint to serve")
