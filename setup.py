@@ -66,6 +66,9 @@ setup(
             "httpx>=0.25",
             "transformers>=4.40",
             "sentencepiece>=0.1.99",
+            # Byte-level interop tests against Megatron's own .bin/.idx builder and
+            # GPTDataset (a CPU-only wheel here; needs only numpy, packaging and torch).
+            "megatron-core==0.16.1",
         ],
         "dev": [
             "pytest>=7.4",
@@ -73,6 +76,7 @@ setup(
             "httpx>=0.25",
             "transformers>=4.40",
             "sentencepiece>=0.1.99",
+            "megatron-core==0.16.1",
             "ruff>=0.4",
         ],
         # Optional accelerations, only used on CUDA when importable. NVIDIA Apex is not on
