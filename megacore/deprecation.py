@@ -13,13 +13,15 @@ outlived its announced removal fails the test suite instead of lingering.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
-from typing import Callable, Optional, TypeVar
+from typing import Callable, List, Optional, Sequence, TypeVar
 
 from megacore.package_info import __version__
 
-__all__ = ["MegacoreDeprecationWarning", "deprecated", "warn_deprecated", "parse_version"]
+__all__ = ["MegacoreDeprecationWarning", "deprecated", "warn_deprecated", "parse_version",
+           "DeprecatedFlag", "MIN_MINOR_VERSIONS", "rename_deprecated_flags"]
 
 F = TypeVar("F", bound=Callable)
 
@@ -87,3 +89,60 @@ def deprecated(*, since: str, removed_in: str, alternative: Optional[str] = None
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+# -- command-line flags and config fields ---------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DeprecatedFlag:
+    """A renamed or removed flag that keeps working until ``removed_in``.
+
+    ``replacement`` is the flag that now carries the setting (same type and meaning).
+    The policy: a flag keeps working for at least two minor versions after ``since``
+    (:data:`MIN_MINOR_VERSIONS`), and a row whose ``removed_in`` has been reached fails
+    loudly instead of lingering.
+    """
+
+    flag: str
+    replacement: str
+    since: str
+    removed_in: str
+
+    def check_policy(self, current_version: str = __version__) -> None:
+        since, removed = parse_version(self.since), parse_version(self.removed_in)
+        if removed[0] == since[0] and removed[1] - since[1] < MIN_MINOR_VERSIONS:
+            raise ValueError(f"deprecated flag {self.flag}: removed_in {self.removed_in} must "
+                             f"be at least {MIN_MINOR_VERSIONS} minor versions after "
+                             f"{self.since}")
+        if removed <= since:
+            raise ValueError(f"deprecated flag {self.flag}: removed_in {self.removed_in} must "
+                             f"be later than since {self.since}")
+        if removed <= parse_version(current_version):
+            raise RuntimeError(f"deprecated flag {self.flag} scheduled for removal in "
+                               f"{self.removed_in} still exists in megacore "
+                               f"{current_version}: remove it")
+
+
+MIN_MINOR_VERSIONS = 2
+"""A deprecated flag or config field keeps working for at least this many minor versions."""
+
+
+def rename_deprecated_flags(argv: Sequence[str], table: Sequence[DeprecatedFlag],
+                            current_version: str = __version__) -> List[str]:
+    """``argv`` with every deprecated flag replaced by its replacement, warning once each.
+
+    Both ``--old value`` and ``--old=value`` are handled; anything else (including an
+    unknown flag) is left for the parser to accept or reject.
+    """
+    by_flag = {row.flag: row for row in table}
+    out: List[str] = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        row = by_flag.get(name) if name.startswith("--") else None
+        if row is None:
+            out.append(arg)
+            continue
+        row.check_policy(current_version)
+        warn_deprecated(f"flag {row.flag}", since=row.since, removed_in=row.removed_in,
+                        alternative=row.replacement, stacklevel=2)
+        out.append(row.replacement + sep + value)
+    return out

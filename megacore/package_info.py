@@ -5,7 +5,7 @@ loses or changes one, and update the snapshot in the same commit.
 """
 
 MAJOR = 0
-MINOR = 1
+MINOR = 2
 PATCH = 0
 PRE_RELEASE = ""
 

@@ -1,133 +1,45 @@
 #!/usr/bin/env python
-"""Snapshot of megacore's public API (names and signatures), and the semver rule for it.
+"""Snapshots of megacore's versioned surfaces, and the semver rule for them.
 
-    python tools/api_snapshot.py --check     # exit 1 and list differences if the API changed
-    python tools/api_snapshot.py --update    # rewrite tests/api_snapshot.json
+    python tools/api_snapshot.py --check              # exit 1 and list what changed
+    python tools/api_snapshot.py --update             # rewrite the snapshots + CHANGELOG notes
+    python tools/api_snapshot.py --check --surface cli
 
-The public API is, for megacore and every public subpackage, the names in ``__all__``:
-functions with their signatures, classes with their constructor signature, public
-methods and (for dataclasses) fields. ``--update`` refuses unless the version in
-``megacore/package_info.py`` was bumped enough for the change: removing or changing a
-name needs a MAJOR bump (MINOR while MAJOR is 0), adding names needs a MINOR bump.
+Surfaces (see :mod:`megacore.surfaces`): the Python API (``tests/api_snapshot.json``),
+every program's command line, the run-config schema, the HTTP API (OpenAPI) and the
+checkpoint format (``tests/snapshots/*.json``). ``--update`` refuses unless the version in
+``megacore/package_info.py`` was bumped enough for the change (a removal or a changed
+value needs a MAJOR bump, MINOR while MAJOR is 0; an addition needs a MINOR bump), then
+records each surface's changes under the version and writes them into that version's
+section of ``CHANGELOG.md`` (between ``<!-- surfaces -->`` markers): the release notes
+come from the gates.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib
-import inspect
 import json
 import os
-import pkgutil
+import re
 import sys
+from typing import Dict, List, Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNAPSHOT = os.path.join(ROOT, "tests", "api_snapshot.json")
-sys.path.insert(0, ROOT)
+CHANGELOG = os.path.join(ROOT, "CHANGELOG.md")
 
-
-def _signature(obj) -> str:
-    try:
-        return str(inspect.signature(obj))
-    except (TypeError, ValueError):
-        return "(...)"
-
-
-def _describe(obj):
-    if inspect.isclass(obj):
-        entry = {"kind": "class", "init": _signature(obj.__init__)}
-        methods = {}
-        for name, member in sorted(vars(obj).items()):
-            if name.startswith("_"):
-                continue
-            if isinstance(member, (staticmethod, classmethod)):
-                member = member.__func__
-            if inspect.isfunction(member):
-                methods[name] = _signature(member)
-        entry["methods"] = methods
-        if dataclasses.is_dataclass(obj):
-            entry["fields"] = [f.name for f in dataclasses.fields(obj)]
-        return entry
-    if callable(obj):
-        return {"kind": "function", "signature": _signature(obj)}
-    return {"kind": type(obj).__name__}
-
-
-def public_modules():
-    import megacore
-
-    names = ["megacore"]
-    for info in pkgutil.walk_packages(megacore.__path__, "megacore."):
-        parts = info.name.split(".")
-        if any(p.startswith("_") for p in parts):
-            continue
-        # Packages (their __init__ defines __all__) and top-level modules of megacore.
-        if info.ispkg or len(parts) == 2:
-            names.append(info.name)
-    return sorted(names)
+from megacore.surfaces import (  # noqa: E402  (re-exported: tests and older callers)
+    SURFACES,
+    bump_is_enough,
+    public_modules,  # noqa: F401
+    python_api as _python_api,
+    required_bump,
+)
+from megacore.surfaces import diff_python_api as diff  # noqa: E402,F401
 
 
 def current_api() -> dict:
-    api = {}
-    for module_name in public_modules():
-        module = importlib.import_module(module_name)
-        exported = getattr(module, "__all__", None)
-        if exported is None:
-            continue
-        api[module_name] = {name: _describe(getattr(module, name)) for name in sorted(exported)}
-    return api
-
-
-def diff(old: dict, new: dict):
-    """(added, removed_or_changed) lists of 'module.name' strings."""
-    added, broken = [], []
-    for module in sorted(set(old) | set(new)):
-        o, n = old.get(module, {}), new.get(module, {})
-        for name in sorted(set(o) | set(n)):
-            key = f"{module}.{name}"
-            if name not in o:
-                added.append(key)
-            elif name not in n:
-                broken.append(f"{key} (removed)")
-            elif o[name] != n[name]:
-                added_only = _only_additions(o[name], n[name])
-                (added if added_only else broken).append(f"{key} (changed)")
-    return added, broken
-
-
-def _only_additions(old_entry: dict, new_entry: dict) -> bool:
-    """A class that only gained methods or fields is an addition, not a break."""
-    if old_entry.get("kind") != "class" or new_entry.get("kind") != "class":
-        return False
-    if old_entry["init"] != new_entry["init"] and "fields" not in old_entry:
-        return False
-    old_methods, new_methods = old_entry["methods"], new_entry["methods"]
-    if any(new_methods.get(k) != v for k, v in old_methods.items()):
-        return False
-    old_fields, new_fields = old_entry.get("fields", []), new_entry.get("fields", [])
-    return new_fields[:len(old_fields)] == old_fields
-
-
-def required_bump(old_version: str, added, broken) -> str:
-    from megacore.deprecation import parse_version
-
-    major = parse_version(old_version)[0]
-    if broken:
-        return "major" if major >= 1 else "minor"
-    return "minor" if added else "none"
-
-
-def bump_is_enough(old_version: str, new_version: str, needed: str) -> bool:
-    from megacore.deprecation import parse_version
-
-    o, n = parse_version(old_version), parse_version(new_version)
-    if needed == "major":
-        return n[0] > o[0]
-    if needed == "minor":
-        return n[:2] > o[:2]
-    return True
+    return _python_api()
 
 
 def load_snapshot() -> dict:
@@ -135,42 +47,169 @@ def load_snapshot() -> dict:
         return json.load(f)
 
 
+# -- one surface ------------------------------------------------------------------------------
+def _content_key(name: str) -> str:
+    return "api" if name == "python_api" else "surface"
+
+
+def read(name: str, root: str = ROOT) -> Optional[dict]:
+    path = os.path.join(root, SURFACES[name].snapshot)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def compare(name: str, current, root: str = ROOT):
+    """(snapshot or None, added, broken) of ``current`` against the committed snapshot."""
+    old = read(name, root)
+    base = old[_content_key(name)] if old else {}
+    added, broken = SURFACES[name].diff(base, current)
+    return old, added, broken
+
+
+def check(names: List[str], version: str, root: str = ROOT) -> List[str]:
+    """Problems with the committed snapshots (empty: they match the code and version)."""
+    problems = []
+    for name in names:
+        old, added, broken = compare(name, SURFACES[name].extract(root), root)
+        title = SURFACES[name].title
+        if old is None:
+            problems.append(f"{title}: no snapshot at {SURFACES[name].snapshot}")
+            continue
+        if old["version"] != version:
+            problems.append(f"{title}: snapshot is for {old['version']}, package is {version}")
+        problems += [f"{title}: + {line}" for line in added]
+        problems += [f"{title}: - {line}" for line in broken]
+    return problems
+
+
+def update(names: List[str], version: str, root: str = ROOT) -> List[str]:
+    """Write the snapshots of ``names`` for ``version``; returns refusals (nothing written
+    when there are any)."""
+    pending, refusals = {}, []
+    for name in names:
+        current = SURFACES[name].extract(root)
+        old, added, broken = compare(name, current, root)
+        # Changes within one unreleased version are judged against the version before it.
+        base = None if old is None else (
+            old["version"] if old["version"] != version else old.get("base_version"))
+        if base is not None:
+            needed = required_bump(base, added, broken)
+            if not bump_is_enough(base, version, needed):
+                refusals.append(f"{SURFACES[name].title} changed: needs a {needed} version "
+                                f"bump from {base} (package says {version})")
+                refusals += [f"  {line}" for line in added + broken]
+                continue
+        changes = dict((old or {}).get("changes", {}))
+        lines = [f"+ {line}" for line in added] + [f"- {line}" for line in broken]
+        if lines and base is not None:  # a first snapshot has no released baseline
+            changes[version] = sorted(set(changes.get(version, [])) | set(lines))
+        pending[name] = {"version": version, "base_version": base,
+                         _content_key(name): current, "changes": changes}
+    if refusals:
+        return refusals
+    for name, content in pending.items():
+        path = os.path.join(root, SURFACES[name].snapshot)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=1, sort_keys=True)
+            f.write("\n")
+    write_release_notes(version, root)
+    return []
+
+
+# -- release notes -------------------------------------------------------------------------------
+BEGIN, END = "<!-- surfaces -->", "<!-- /surfaces -->"
+
+
+def release_notes(version: str, root: str = ROOT) -> str:
+    """The generated block for ``version``: each surface's recorded changes."""
+    parts = []
+    for name, surface in SURFACES.items():
+        lines = (read(name, root) or {}).get("changes", {}).get(version, [])
+        if lines:
+            parts.append(f"#### {surface.title}\n" + "\n".join(f"- `{line}`" for line in lines))
+    body = "\n\n".join(parts) if parts else "No change to a versioned surface."
+    return (f"{BEGIN}\n### Versioned surfaces (generated by `tools/api_snapshot.py`)\n\n"
+            f"{body}\n{END}")
+
+
+def _section(text: str, version: str):
+    """(start, end) of the ``## <version>`` section of the CHANGELOG, or None."""
+    match = re.search(rf"^## {re.escape(version)}\b.*$", text, re.M)
+    if match is None:
+        return None
+    following = re.search(r"^## ", text[match.end():], re.M)
+    return match.start(), match.end() + (following.start() if following else len(text) - match.end())
+
+
+def write_release_notes(version: str, root: str = ROOT) -> None:
+    path = os.path.join(root, "CHANGELOG.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    notes = release_notes(version, root)
+    span = _section(text, version)
+    if span is None:
+        first = re.search(r"^## ", text, re.M)
+        at = first.start() if first else len(text)
+        text = text[:at] + f"## {version} (unreleased)\n\n{notes}\n\n" + text[at:]
+    else:
+        section = text[span[0]:span[1]]
+        if BEGIN in section:
+            section = re.sub(rf"{re.escape(BEGIN)}.*?{re.escape(END)}", lambda _: notes,
+                             section, flags=re.S)
+        else:
+            section = section.rstrip("\n") + f"\n\n{notes}\n\n"
+        text = text[:span[0]] + section + text[span[1]:]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def missing_release_notes(root: str = ROOT) -> Dict[str, List[str]]:
+    """Per version, recorded surface changes that its CHANGELOG section does not list."""
+    with open(os.path.join(root, "CHANGELOG.md"), encoding="utf-8") as f:
+        text = f.read()
+    missing: Dict[str, List[str]] = {}
+    for name in SURFACES:
+        for version, lines in (read(name, root) or {}).get("changes", {}).items():
+            span = _section(text, version)
+            section = text[span[0]:span[1]] if span else ""
+            gone = [line for line in lines if f"`{line}`" not in section]
+            if gone:
+                missing.setdefault(version, []).extend(gone)
+    return missing
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--check", action="store_true")
-    mode.add_argument("--update", action="store_true")
+    mode.add_argument("--check", action="store_true",
+                      help="compare the code with the committed snapshots; exit 1 on a change")
+    mode.add_argument("--update", action="store_true",
+                      help="rewrite the snapshots for the package version (refuses a bump too "
+                           "small for the change) and the CHANGELOG's generated notes")
+    parser.add_argument("--surface", action="append", choices=sorted(SURFACES),
+                        help="only this surface (repeatable; default: all)")
     args = parser.parse_args(argv)
 
     from megacore.package_info import __version__
 
-    api = current_api()
-    old = load_snapshot() if os.path.exists(SNAPSHOT) else {"version": None, "api": {}}
-    added, broken = diff(old["api"], api)
+    names = args.surface or list(SURFACES)
     if args.check:
-        if old["version"] != __version__ or added or broken:
-            print(f"snapshot version {old['version']}, package version {__version__}")
-            for line in added:
-                print(f"  + {line}")
-            for line in broken:
-                print(f"  - {line}")
-            return 1
-        print(f"public API matches the snapshot of {__version__}")
-        return 0
-    if old["version"] is not None:
-        needed = required_bump(old["version"], added, broken)
-        if not bump_is_enough(old["version"], __version__, needed):
-            print(f"the API change needs a {needed} version bump from {old['version']} "
-                  f"(package says {__version__}); edit megacore/package_info.py first")
-            for line in added + broken:
-                print(f"  {line}")
-            return 1
-    with open(SNAPSHOT, "w", encoding="utf-8") as f:
-        json.dump({"version": __version__, "api": api}, f, indent=1, sort_keys=True)
-        f.write("\n")
-    print(f"wrote {SNAPSHOT} for version {__version__} "
-          f"({len(added)} added, {len(broken)} removed or changed)")
-    return 0
+        problems = check(names, __version__)
+        for line in problems:
+            print(line)
+        if not problems:
+            print(f"{', '.join(names)}: match the snapshots of {__version__}")
+        return 1 if problems else 0
+    refusals = update(names, __version__)
+    for line in refusals:
+        print(line)
+    if not refusals:
+        print(f"wrote the snapshots of {', '.join(names)} for {__version__} and the "
+              f"CHANGELOG notes")
+    return 1 if refusals else 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from megacore.inference import api_schema as schema
 from megacore.inference.generation_service import (
     GenerationService,
     QueueFullError,
@@ -55,6 +56,7 @@ from megacore.inference.text_api import (
     stop_list,
 )
 from megacore.inference.text_generation_controller import TextGenerationController
+from megacore.package_info import __version__
 
 __all__ = ["ServerConfig", "MegatronGenerateParams", "CompletionParams", "create_app",
            "run_text_generation_server"]
@@ -279,12 +281,14 @@ def create_app(service: GenerationService, tokenizer,
                config: Optional[ServerConfig] = None) -> FastAPI:
     """The FastAPI app serving ``service`` (which must be started)."""
     handlers = _Handlers(service, tokenizer, config or ServerConfig())
-    app = FastAPI(title="megacore text generation", docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.add_api_route("/api", handlers.megatron_api, methods=["PUT"])
-    app.add_api_route("/v1/completions", handlers.completions, methods=["POST"])
-    app.add_api_route("/health", handlers.health, methods=["GET"])
-    app.add_api_route("/v1/models", handlers.models, methods=["GET"])
+    app = FastAPI(title="megacore text generation", version=__version__, docs_url=None,
+                  redoc_url=None, openapi_url="/openapi.json")
+    _route(app, "/api", "PUT", handlers.megatron_api, MegatronGenerateParams,
+           schema.MegatronGenerateResponse)
+    _route(app, "/v1/completions", "POST", handlers.completions, CompletionParams,
+           schema.CompletionResponse, stream=schema.CompletionStreamChunk)
+    _route(app, "/health", "GET", handlers.health, None, schema.HealthResponse)
+    _route(app, "/v1/models", "GET", handlers.models, None, schema.ModelList)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -293,6 +297,29 @@ def create_app(service: GenerationService, tokenizer,
                       f"{error.detail}", None)
 
     return app
+
+
+def _route(app: FastAPI, path: str, method: str, endpoint, body, response,
+           stream=None) -> None:
+    """Add a route; its request body and responses go into the OpenAPI document.
+
+    The handlers read and validate the body themselves (to answer every error in one
+    format), so FastAPI is told the body schema through ``openapi_extra`` instead of a
+    typed parameter.
+    """
+    extra: Dict[str, Any] = {"responses": {"default": {
+        "description": "any error", "content": {"application/json": {
+            "schema": schema.ErrorResponse.model_json_schema()}}}}}
+    if body is not None:
+        extra["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": body.model_json_schema()}}}
+    if stream is not None:
+        extra["responses"]["200"] = {"description": "JSON, or with stream=true "
+                                     "server-sent events", "content": {"text/event-stream": {
+                                         "schema": stream.model_json_schema(),
+                                         "x-stream-format": schema.STREAM_FORMAT}}}
+    app.add_api_route(path, endpoint, methods=[method], response_model=response,
+                      openapi_extra=extra)
 
 
 def _stream(service: GenerationService, requests, params, tokenizer,

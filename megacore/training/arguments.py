@@ -18,6 +18,7 @@ import inspect
 import json
 import math
 import re
+import sys
 import textwrap
 import typing
 from typing import Any, Dict, List, Optional, Sequence
@@ -25,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megacore.deprecation import DeprecatedFlag, rename_deprecated_flags, warn_deprecated
 from megacore.distributed import DistributedDataParallelConfig
 from megacore.optimizer import OptimizerConfig
 from megacore.parallel_state import ParallelLayout
@@ -204,6 +206,16 @@ FLAGS: List[Flag] = [
     _f("--ckpt-convert-save", "checkpoint"),
 ]
 
+DEPRECATED_FLAGS: List[DeprecatedFlag] = []
+"""Renamed or removed flags that keep working, with a warning, until their ``removed_in``
+(at least two minor versions: :class:`~megacore.deprecation.DeprecatedFlag`). They are
+accepted on the command line and as ``--yaml-cfg`` keys, listed by ``--help``, and pinned
+in the command-line snapshot like any flag. Add a row when renaming or removing a flag."""
+
+DEPRECATED_FIELDS: List[DeprecatedFlag] = []
+"""Renamed config fields, as ``DeprecatedFlag("section.old", "section.new", ...)``: a run
+configuration saved in a checkpoint under the old name is read under the new one."""
+
 _FLAG_OF_FIELD = {(f.section, f.field): f.flag for f in FLAGS}
 
 
@@ -296,9 +308,21 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
             if flag.nargs:
                 kwargs["nargs"] = flag.nargs
         groups[flag.section].add_argument(flag.flag, **kwargs)
+    _add_deprecated_flags(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
     return parser
+
+
+def _add_deprecated_flags(parser: argparse.ArgumentParser) -> None:
+    """Describe the deprecated aliases in ``--help`` (they are renamed before parsing)."""
+    parser.deprecated_flags = {row.flag: {"replacement": row.replacement,
+                                          "removed_in": row.removed_in}
+                               for row in DEPRECATED_FLAGS}
+    if DEPRECATED_FLAGS:
+        parser.epilog = "deprecated flags (still accepted, with a warning): " + "; ".join(
+            f"{row.flag} -> {row.replacement} (removed in {row.removed_in})"
+            for row in DEPRECATED_FLAGS)
 
 
 def _dest(flag: Flag) -> str:
@@ -318,9 +342,15 @@ def _load_yaml(path: str) -> Dict[str, Any]:
     if not isinstance(content, dict):
         raise ArgumentValidationError(f"--yaml-cfg {path}: expected a mapping of settings")
     known = {_dest(f): f for f in FLAGS}
+    renamed = {_dest(Flag(r.flag, "", "")): r for r in DEPRECATED_FLAGS}
     out = {}
     for key, value in content.items():
         dest = str(key).lstrip("-").replace("-", "_")
+        if dest in renamed:
+            row = renamed[dest]
+            warn_deprecated(f"--yaml-cfg key {key!r}", since=row.since,
+                            removed_in=row.removed_in, alternative=row.replacement)
+            dest = _dest(Flag(row.replacement, "", ""))
         if dest not in known:
             raise ArgumentValidationError(f"--yaml-cfg {path}: unknown setting {key!r}")
         out[dest] = value
@@ -346,6 +376,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, world_size: Optional[int
         for_inference: skip the checks that only matter for training (lr, duration, data).
     """
     parser = build_parser(extra_args_provider)
+    argv = rename_deprecated_flags(sys.argv[1:] if argv is None else argv, DEPRECATED_FLAGS)
     if ignore_unknown_args:
         ns, _ = parser.parse_known_args(argv)
     else:
@@ -384,8 +415,24 @@ _CHECKPOINT_DEFAULT_FLAGS = ("--seq-length",)
 shorter sequences)."""
 
 
+def upgrade_saved_config(config: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """A saved run configuration with renamed fields (:data:`DEPRECATED_FIELDS`) moved to
+    their new names; the input is not modified."""
+    out = {section: dict(values) for section, values in config.items()
+           if isinstance(values, dict)}
+    for row in DEPRECATED_FIELDS:
+        (old_section, old), (new_section, new) = (row.flag.split("."),
+                                                  row.replacement.split("."))
+        if old in out.get(old_section, {}):
+            warn_deprecated(f"saved config field {row.flag}", since=row.since,
+                            removed_in=row.removed_in, alternative=row.replacement)
+            out.setdefault(new_section, {})[new] = out[old_section].pop(old)
+    return out
+
+
 def _config_values(config: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """argparse destinations -> values for :data:`CHECKPOINT_MODEL_FLAGS`."""
+    config = upgrade_saved_config(config)
     by_flag = {f.flag: f for f in FLAGS}
     model = config.get("model", {})
     out: Dict[str, Any] = {}
@@ -397,7 +444,7 @@ def _config_values(config: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             continue
         if name == "--moe-layer-freq":
             if model.get("num_moe_experts"):
-                out["moe_layer_freq_text"] = model.get("moe_layer_freq", 1)
+                out["moe_layer_freq"] = model.get("moe_layer_freq", 1)
             continue
         value = config.get(flag.section, {}).get(flag.field)
         if value is None:
@@ -425,14 +472,13 @@ def _merge_checkpoint_config(values: Dict[str, Any], config: Dict[str, Any],
                              path: str) -> Dict[str, Any]:
     merged = dict(values)
     by_dest = {_dest(f): f.flag for f in FLAGS}
-    by_dest["moe_layer_freq_text"] = "--moe-layer-freq"
     for dest, saved in _config_values(config).items():
         if dest not in values:
             if saved is not False:
                 merged[dest] = saved
             continue
         given = values[dest]
-        if dest == "moe_layer_freq_text":
+        if dest == "moe_layer_freq":
             given = _parse_layer_freq(given)
         if given != saved:
             raise ArgumentValidationError(
@@ -497,7 +543,7 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
                 f"--num-layers {layers} must be divisible by --pipeline-model-parallel-size {pp} "
                 f"x --num-layers-per-virtual-pipeline-stage {per_stage}")
         model["virtual_pipeline_model_parallel_size"] = layers // (pp * per_stage)
-    freq = values.get("moe_layer_freq_text")
+    freq = values.get("moe_layer_freq")  # the flag's argparse destination
     if freq is not None:
         model["moe_layer_freq"] = _parse_layer_freq(freq)
     if model.get("virtual_pipeline_model_parallel_size") == 1:

@@ -47,3 +47,24 @@ def test_old_checkpoint_resumes_with_recorded_losses(tmp_path, case):
     for g, w in zip(got, want):
         assert g["lm_loss"] == pytest.approx(w["lm_loss"], rel=1e-5), (case, g, w)
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), (case, g, w)
+
+
+def _format_version(case):
+    import glob
+
+    import torch
+
+    ckpt = os.path.join(FIXTURES, case, "ckpt")
+    path = (glob.glob(os.path.join(ckpt, "iter_*", "common.pt"))
+            or glob.glob(os.path.join(ckpt, "iter_*", "mp_rank_*", "model_optim_rng.pt")))[0]
+    return torch.load(path, map_location="cpu", weights_only=True)["checkpoint_version"]
+
+
+def test_the_current_format_version_has_fixtures():
+    """A format change (a new CHECKPOINT_VERSION) must add fixtures written by it, beside
+    the old ones that the loader keeps upgrading (make_fixtures.py)."""
+    from megacore.checkpointing import CHECKPOINT_VERSION
+
+    assert CHECKPOINT_VERSION in {_format_version(case) for case in CASES}, (
+        f"no fixture was written with checkpoint format {CHECKPOINT_VERSION}: run "
+        "tests/fixtures/checkpoints/make_fixtures.py after bumping the package version")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megacore.training import ArgumentValidationError, build_parser, parse_args, run_config_to_dict
+from megacore.training.arguments import model_flags_from_config
 
 BASE = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
         "--max-position-embeddings 64 --lr 1e-3 --train-iters 10 --mock-data --vocab-size 128 "
@@ -160,3 +161,15 @@ def test_bad_data_flags(extra, message):
 
 def test_table_is_big_enough():
     assert len(BAD) + len(DATA_BAD) >= 30
+
+
+def test_moe_layer_freq_takes_effect_and_round_trips_through_a_checkpoint_config():
+    # Regression: the flag's value was read under another key and silently dropped (1).
+    base = ("--num-layers 4 --hidden-size 16 --num-attention-heads 2 --seq-length 8 "
+            "--max-position-embeddings 8 --micro-batch-size 1 --lr 1e-3 --train-iters 1 "
+            "--mock-data --vocab-size 32 --num-experts 2 --moe-ffn-hidden-size 16 ").split()
+    assert parse_args(base + ["--moe-layer-freq", "1,0,1,0"]).model.moe_layer_freq == [1, 0, 1, 0]
+    assert parse_args(base + ["--moe-layer-freq", "[0,1,0,1]"]).model.moe_layer_freq == [0, 1, 0, 1]
+    run = parse_args(base + ["--moe-layer-freq", "2"])
+    assert run.model.moe_layer_freq == 2
+    assert model_flags_from_config(run_config_to_dict(run))[-4:-2] == ["--moe-layer-freq", "2"]
