@@ -123,6 +123,7 @@ FLAGS: List[Flag] = [
     _f("--moe-router-score-function", "model", choices=["softmax", "sigmoid"]),
     _f("--moe-router-pre-softmax", "model"),
     _f("--moe-router-topk-scaling-factor", "model"),
+    _f("--moe-router-num-groups", "model"), _f("--moe-router-group-topk", "model"),
     _f("--moe-router-load-balancing-type", "model",
        choices=["aux_loss", "seq_aux_loss", "none"]),
     _f("--moe-aux-loss-coeff", "model"), _f("--moe-z-loss-coeff", "model"),

@@ -72,6 +72,15 @@ class MoEConfig:
     (the chosen probabilities then sum to < 1), instead of a softmax over the k chosen
     logits (they sum to 1, Mixtral)."""
 
+    moe_router_num_groups: Optional[int] = None
+    """Group-limited routing (DeepSeek-V3's node-limited routing): split the experts into
+    this many equal groups (e.g. one per node) and route each token only within its
+    ``moe_router_group_topk`` best groups, a group scoring the sum of its best
+    ``moe_router_topk // moe_router_group_topk`` scores (expert bias included). None: off."""
+
+    moe_router_group_topk: Optional[int] = None
+    """Groups each token may use under group-limited routing (DeepSeek-V3: 4 of 8)."""
+
     moe_router_topk_scaling_factor: Optional[float] = None
     """Multiply the routing probabilities by this factor (DeepSeek-V2/V3). None: 1."""
 
@@ -145,6 +154,26 @@ class MoEConfig:
         elif not (isinstance(freq, (list, tuple)) and all(v in (0, 1) for v in freq)):
             raise ValueError(f"moe_layer_freq must be an int or a list of 0/1, got {freq!r}")
 
+    def _check_group_limited_routing(self) -> None:
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if groups is None and group_topk is None:
+            return
+        if groups is None or group_topk is None:
+            raise ValueError("moe_router_num_groups and moe_router_group_topk go together "
+                             "(--moe-router-num-groups, --moe-router-group-topk)")
+        experts = self.num_moe_experts or 0
+        if groups < 1 or experts % groups:
+            raise ValueError(f"moe_router_num_groups {groups} must divide num_moe_experts "
+                             f"{experts}")
+        if not 1 <= group_topk <= groups:
+            raise ValueError(f"moe_router_group_topk must be in [1, moe_router_num_groups="
+                             f"{groups}], got {group_topk}")
+        per_group = self.moe_router_topk // group_topk
+        if self.moe_router_topk % group_topk or per_group > experts // groups:
+            raise ValueError(f"moe_router_topk {self.moe_router_topk} must be a multiple of "
+                             f"moe_router_group_topk {group_topk}, at most "
+                             f"{experts // groups} per group")
+
     def _check_moe_router(self) -> None:
         if self.moe_router_load_balancing_type not in ROUTER_LOAD_BALANCING_TYPES:
             raise ValueError(f"moe_router_load_balancing_type must be one of "
@@ -160,6 +189,7 @@ class MoEConfig:
                 self.num_moe_experts:
             raise ValueError(f"moe_router_topk must be in [1, num_moe_experts="
                              f"{self.num_moe_experts}], got {self.moe_router_topk}")
+        self._check_group_limited_routing()
         if self.moe_aux_loss_coeff < 0:
             raise ValueError(f"moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
         if self.moe_z_loss_coeff is not None and self.moe_z_loss_coeff < 0:

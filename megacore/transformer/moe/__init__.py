@@ -26,7 +26,12 @@ from megacore.transformer.moe.moe_metrics import (
     reset_moe_metrics,
 )
 from megacore.transformer.moe.moe_module_specs import get_moe_module_spec
-from megacore.transformer.moe.router import RoutingResult, TopKRouter, topk_routing
+from megacore.transformer.moe.router import (
+    RoutingResult,
+    TopKRouter,
+    group_limited_choice,
+    topk_routing,
+)
 from megacore.transformer.moe.shared_experts import SharedExpertMLP
 from megacore.transformer.moe.token_dispatcher import (
     MoEAllGatherTokenDispatcher,
@@ -48,7 +53,7 @@ from megacore.transformer.moe_config import (
 __all__ = [
     "MoEConfig", "check_moe_parallelism", "get_moe_layer_pattern", "is_moe_layer",
     "MoELayer", "MoESubmodules", "get_moe_submodules", "get_moe_module_spec",
-    "TopKRouter", "RoutingResult", "topk_routing",
+    "TopKRouter", "RoutingResult", "topk_routing", "group_limited_choice",
     "MoETokenDispatcher", "MoEAllGatherTokenDispatcher", "MoEAlltoAllTokenDispatcher",
     "build_token_dispatcher",
     "SequentialMLP", "GroupedMLP", "expert_init_key", "SharedExpertMLP",

@@ -11,7 +11,8 @@ softmax, pre-softmax   top-k of ``softmax(logits) (+ bias)``       the k softmax
 sigmoid                top-k of ``sigmoid(logits) (+ bias)``       the k sigmoids / their sum
 =====================  ==========================================  ===========================
 
-(times ``moe_router_topk_scaling_factor`` when set). The expert bias (aux-loss-free
+(times ``moe_router_topk_scaling_factor`` when set; with ``moe_router_num_groups`` the
+choice is first limited to each token's best expert groups, DeepSeek-V3). The expert bias (aux-loss-free
 balancing) only changes which experts are chosen, never the probabilities.
 
 Capacity dropping (``token_dropping``), the load-balancing loss and the z-loss
@@ -48,7 +49,8 @@ from megacore.transformer.moe.token_dropping import (
     expert_capacity,
 )
 
-__all__ = ["TopKRouter", "RoutingResult", "topk_routing", "compute_routing_scores_for_aux_loss"]
+__all__ = ["TopKRouter", "RoutingResult", "topk_routing", "group_limited_choice",
+           "compute_routing_scores_for_aux_loss"]
 
 
 @dataclasses.dataclass
@@ -73,13 +75,36 @@ class RoutingResult:
     z_loss: Optional[torch.Tensor] = None
 
 
+def group_limited_choice(for_choice: torch.Tensor, topk: int, num_groups: int,
+                         group_topk: int) -> torch.Tensor:
+    """``for_choice [T, E]`` with the experts outside each token's best groups set to -inf.
+
+    The experts form ``num_groups`` contiguous groups (``E / num_groups`` each, e.g. the
+    experts of one node); a group's score is the sum of its best ``topk // group_topk``
+    scores, and each token keeps its ``group_topk`` best groups. Worked example, E=8,
+    4 groups of 2, topk=2, group_topk=2: scores ``[.9 .1 | .2 .2 | .8 .7 | .0 .3]`` give
+    group scores ``[.9 .2 .8 .3]`` (best 1 per group), groups 0 and 2 are kept, and the
+    top-2 experts are chosen among ``{0, 1, 4, 5}``: experts 0 and 4.
+    """
+    tokens, experts = for_choice.shape
+    grouped = for_choice.view(tokens, num_groups, experts // num_groups)  # [T, G, E/G]
+    group_scores = grouped.topk(topk // group_topk, dim=-1).values.sum(dim=-1)  # [T, G]
+    keep_groups = group_scores.topk(group_topk, dim=-1).indices  # [T, group_topk]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, keep_groups, True)
+    keep = keep.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)  # [T, E]
+    return for_choice.masked_fill(~keep, float("-inf"))
+
+
 def topk_routing(logits: torch.Tensor, topk: int, score_function: str = "softmax",
                  pre_softmax: bool = False, expert_bias: Optional[torch.Tensor] = None,
-                 scaling_factor: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 scaling_factor: Optional[float] = None, num_groups: Optional[int] = None,
+                 group_topk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Choose ``topk`` experts per token (table in the module docstring).
 
     Args:
         logits: ``[T, E]`` fp32.
+        num_groups, group_topk: group-limited routing (:func:`group_limited_choice`),
+            applied to the scores used for the choice (bias included).
 
     Returns:
         ``(probs [T, E], routing_map [T, E] bool)``.
@@ -92,6 +117,8 @@ def topk_routing(logits: torch.Tensor, topk: int, score_function: str = "softmax
         raise ValueError(f"moe_router_score_function must be 'softmax' or 'sigmoid', "
                          f"got {score_function!r}")
     for_choice = scores if expert_bias is None else scores + expert_bias
+    if num_groups is not None:
+        for_choice = group_limited_choice(for_choice, topk, num_groups, group_topk)
     top_indices = torch.topk(for_choice.detach(), k=topk, dim=-1).indices  # [T, k]
     top_scores = torch.gather(scores, 1, top_indices)  # [T, k]
     if score_function == "softmax" and not pre_softmax:
@@ -168,7 +195,8 @@ class TopKRouter(MegatronModule):
         probs, routing_map = topk_routing(
             logits, self.topk, self.config.moe_router_score_function,
             self.config.moe_router_pre_softmax, self.expert_bias,
-            self.config.moe_router_topk_scaling_factor)
+            self.config.moe_router_topk_scaling_factor, self.config.moe_router_num_groups,
+            self.config.moe_router_group_topk)
         tokens_per_expert = routing_map.sum(dim=0)  # [E], before dropping
         if self.expert_bias is not None and self.training:
             self.local_tokens_per_expert += tokens_per_expert.to(torch.float64)
