@@ -95,6 +95,9 @@ FLAGS: List[Flag] = [
     _f("--swiglu", "model", "swiglu", derived=True, type=bool),
     _f("--disable-bias-linear", "model", "add_bias_linear", invert=True),
     _f("--add-qkv-bias", "model"), _f("--qk-layernorm", "model"),
+    _f("--multi-latent-attention", "model"), _f("--q-lora-rank", "model"),
+    _f("--kv-lora-rank", "model"), _f("--qk-head-dim", "model"),
+    _f("--qk-pos-emb-head-dim", "model"), _f("--v-head-dim", "model"),
     _f("--hidden-dropout", "model"), _f("--attention-dropout", "model"),
     _f("--init-method-std", "model"),
     _f("--apply-residual-connection-post-layernorm", "model"),
@@ -408,6 +411,9 @@ CHECKPOINT_MODEL_FLAGS = (
     "--num-experts", "--moe-ffn-hidden-size", "--moe-router-topk", "--moe-layer-freq",
     "--moe-shared-expert-intermediate-size", "--moe-shared-expert-gate", "--moe-grouped-gemm",
     "--tokenizer-type", "--vocab-file", "--merge-file", "--tokenizer-model", "--vocab-size",
+    "--multi-latent-attention", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim",
+    "--qk-pos-emb-head-dim", "--v-head-dim", "--moe-router-num-groups",
+    "--moe-router-group-topk", "--moe-router-score-function", "--moe-router-topk-scaling-factor",
 )
 """Flags that define a checkpoint's weights and vocabulary: read from its saved config."""
 

@@ -121,8 +121,8 @@ class DotProductAttention(MegatronModule):
             ctx = self._sdpa(q, k, v, mask_type, attention_mask, sq, sk)
         else:
             ctx = self._unfused(q, k, v, mask_type, attention_mask, sq, sk)
-        # [b, np, sq, hn] -> [sq, b, np, hn] -> [sq, b, np * hn]
-        return ctx.permute(2, 0, 1, 3).reshape(sq, b, n * hn)
+        # [b, np, sq, hv] -> [sq, b, np, hv] -> [sq, b, np * hv] (hv: value head dim)
+        return ctx.permute(2, 0, 1, 3).reshape(sq, b, n * ctx.size(-1))
 
     def _sdpa(self, q, k, v, mask_type, attention_mask, sq, sk):
         is_causal = mask_type == AttnMaskType.causal and sq == sk

@@ -46,10 +46,13 @@ class StaticInferenceContext:
         """Store ``key``/``value`` ``[s, b, ng/tp, hn]`` at the current offsets; return the
         cached keys/values of positions ``0 .. offset + s - 1`` for these rows."""
         if layer_number not in self.key_value_memory_dict:
-            shape = (self.max_sequence_length, self.max_batch_size) + tuple(key.shape[2:])
+            # Key and value may differ in width (multi-latent attention caches its latent
+            # and rotary key here).
+            rows = (self.max_sequence_length, self.max_batch_size)
             self.key_value_memory_dict[layer_number] = (
-                torch.empty(shape, dtype=key.dtype, device=key.device),
-                torch.empty(shape, dtype=value.dtype, device=value.device))
+                torch.empty(rows + tuple(key.shape[2:]), dtype=key.dtype, device=key.device),
+                torch.empty(rows + tuple(value.shape[2:]), dtype=value.dtype,
+                            device=value.device))
         key_cache, value_cache = self.key_value_memory_dict[layer_number]
         s0, b0 = self.sequence_len_offset, self.batch_size_offset
         s1, b1 = s0 + key.size(0), b0 + key.size(1)

@@ -26,6 +26,7 @@ from megacore.transformer.initialization import (
     init_method_normal,
     scaled_init_method_normal,
 )
+from megacore.transformer.mla_config import MLAConfig
 from megacore.transformer.moe_config import MoEConfig
 
 __all__ = ["TransformerConfig"]
@@ -36,7 +37,7 @@ _RECOMPUTE_METHODS = (None, "uniform", "block")
 
 
 @dataclasses.dataclass
-class TransformerConfig(MoEConfig, ModelParallelConfig):
+class TransformerConfig(MLAConfig, MoEConfig, ModelParallelConfig):
     """Architecture, regularization, initialization and recompute settings."""
 
     # -- shape --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megacore import device
 from megacore import parallel_state as ps
 from megacore.models.gpt import (
+    get_gpt_decoder_block_spec,
     GPTModel,
     get_gpt_layer_local_spec,
     get_llama_layer_local_spec,
@@ -32,6 +33,8 @@ from tests.multirank import run_distributed
 
 FWD_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
+MLA = dict(multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8,
+           qk_pos_emb_head_dim=4, v_head_dim=6)
 VOCAB, SEQ, BATCH = 51, 8, 2  # 51 is divisible by neither 2 nor 4: padded to 52
 
 CASES = {
@@ -41,6 +44,13 @@ CASES = {
     "gpt_gathered_output": dict(spec="gpt", cfg={}, model=dict(parallel_output=False)),
     "llama_gqa2": dict(spec="llama", cfg=llama_config_kwargs(num_query_groups=2),
                        model=dict(position_embedding_type="rope")),
+    # Multi-latent attention (DeepSeek-V3 shape): replicated down-projections and latent
+    # norms, column-parallel up-projections; with and without the query latent.
+    "mla": dict(spec="mla", cfg=dict(**llama_config_kwargs(), **MLA, rotary_interleaved=True),
+                model=dict(position_embedding_type="rope")),
+    "mla_no_q_lora": dict(spec="mla", cfg=dict(**llama_config_kwargs(),
+                                               **{**MLA, "q_lora_rank": None}),
+                          model=dict(position_embedding_type="rope")),
     "llama_mqa_qknorm_tied": dict(
         spec="llama", qk_layernorm=True, cfg=llama_config_kwargs(num_query_groups=1),
         model=dict(position_embedding_type="rope", rotary_percent=0.5,
@@ -55,7 +65,9 @@ def _build(case, tp, sequence_parallel, **cfg_overrides):
     cfg.update(case["cfg"])
     cfg.update(cfg_overrides)
     config = TransformerConfig(**cfg)
-    if case["spec"] == "gpt":
+    if case["spec"] == "mla":
+        spec = get_gpt_decoder_block_spec(config)
+    elif case["spec"] == "gpt":
         spec = get_gpt_layer_local_spec(qk_layernorm=case.get("qk_layernorm", False))
     else:
         spec = get_llama_layer_local_spec(qk_layernorm=case.get("qk_layernorm", False))

@@ -20,6 +20,11 @@ from megacore.transformer.dot_product_attention import DotProductAttention
 from megacore.transformer.enums import AttnMaskType
 from megacore.transformer.extensions import HAVE_TE, FusedLayerNorm, TENorm, apex_usable
 from megacore.transformer.mlp import MLP, MLPSubmodules
+from megacore.transformer.multi_latent_attention import (
+    MLASelfAttention,
+    MLASelfAttentionSubmodules,
+    ReplicatedLinear,
+)
 from megacore.transformer.moe.moe_module_specs import get_moe_module_spec
 from megacore.transformer.moe_config import is_moe_layer
 from megacore.transformer.spec_utils import ModuleSpec
@@ -42,9 +47,21 @@ def _local_norm(normalization: str):
     raise ValueError(f"normalization must be 'LayerNorm' or 'RMSNorm', got {normalization!r}")
 
 
+def _mla_attention_spec(norm) -> ModuleSpec:
+    """Multi-latent attention (``config.multi_latent_attention``): replicated
+    down-projections, latent norms of the model's kind, column-parallel up-projections."""
+    return ModuleSpec(
+        module=MLASelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=ColumnParallelLinear, linear_q_down_proj=ReplicatedLinear,
+            linear_q_up_proj=ColumnParallelLinear, linear_kv_down_proj=ReplicatedLinear,
+            linear_kv_up_proj=ColumnParallelLinear, core_attention=DotProductAttention,
+            linear_proj=RowParallelLinear, q_layernorm=norm, kv_layernorm=norm))
+
+
 def _layer_spec(norm, qk_layernorm: bool, num_experts: Optional[int] = None,
-                moe_grouped_gemm: bool = False) -> ModuleSpec:
-    attention = ModuleSpec(
+                moe_grouped_gemm: bool = False, mla: bool = False) -> ModuleSpec:
+    attention = _mla_attention_spec(norm) if mla else ModuleSpec(
         module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
@@ -85,11 +102,12 @@ def get_gpt_decoder_block_spec(config, qk_layernorm: Optional[bool] = None
     """
     qk = config.qk_layernorm if qk_layernorm is None else qk_layernorm
     norm = _local_norm(config.normalization)
-    dense = _layer_spec(norm, qk)
+    mla = config.multi_latent_attention
+    dense = _layer_spec(norm, qk, mla=mla)
     if not config.num_moe_experts:
         return TransformerBlockSubmodules(layer_specs=[dense] * config.num_layers,
                                           layer_norm=norm)
-    moe = _layer_spec(norm, qk, config.num_moe_experts, config.moe_grouped_gemm)
+    moe = _layer_spec(norm, qk, config.num_moe_experts, config.moe_grouped_gemm, mla=mla)
     specs = [moe if is_moe_layer(config, number) else dense
              for number in range(1, config.num_layers + 1)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm)

@@ -94,8 +94,11 @@ class GPTModel(MegatronModule):
                 pg_collection=self.pg_collection)
         self.rotary_pos_emb = None
         if position_embedding_type == "rope":
+            # MLA rotates only each head's decoupled rotary part.
+            rotary_dim = config.qk_pos_emb_head_dim if config.multi_latent_attention \
+                else config.kv_channels
             self.rotary_pos_emb = RotaryEmbedding(
-                config.kv_channels, rotary_percent, config.rotary_interleaved,
+                rotary_dim, rotary_percent, config.rotary_interleaved,
                 seq_len_interpolation_factor, rotary_base)
         self.decoder = TransformerBlock(config, transformer_layer_spec, pre_process=pre_process,
                                         post_process=post_process,
