@@ -115,21 +115,31 @@ def get_batch(data_iterator):
             batch["position_ids"])
 
 
-def loss_func(loss_mask, output_tensor):
+def loss_func(loss_mask, mtp_losses, output_tensor):
     """Mean loss over the micro-batch's unmasked tokens of the whole sequence (all cp ranks);
-    the value averaged over data-parallel ranks is reported."""
+    the value averaged over data-parallel ranks is reported (with each multi-token
+    prediction depth's loss, already part of the gradient, as ``mtp_<k> loss``)."""
     loss, reported = masked_token_mean_over_cp(output_tensor.float(), loss_mask,
                                                parallel_state.get_context_parallel_group())
+    values = torch.stack([reported.reshape(()), *[m.float().reshape(()) for m in mtp_losses]])
     dp_group = parallel_state.get_data_parallel_group()
-    dist.all_reduce(reported, group=dp_group)
-    reported /= dist.get_world_size(dp_group)
-    return loss, {"lm loss": reported}
+    dist.all_reduce(values, group=dp_group)
+    values /= dist.get_world_size(dp_group)
+    report = {"lm loss": values[0]}
+    report.update({f"mtp_{k} loss": v for k, v in enumerate(values[1:], start=1)})
+    return loss, report
+
+
+def _mtp_losses(model):
+    mtp = getattr(getattr(model, "module", model), "mtp", None)
+    return list(mtp.last_losses) if mtp is not None else []
 
 
 def forward_step(data_iterator, model):
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
-    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
-    return output_tensor, functools.partial(loss_func, loss_mask)
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels,
+                          loss_mask=loss_mask)
+    return output_tensor, functools.partial(loss_func, loss_mask, _mtp_losses(model))
 
 
 def main(argv=None):

@@ -96,6 +96,7 @@ FLAGS: List[Flag] = [
     _f("--disable-bias-linear", "model", "add_bias_linear", invert=True),
     _f("--add-qkv-bias", "model"), _f("--qk-layernorm", "model"),
     _f("--multi-latent-attention", "model"), _f("--q-lora-rank", "model"),
+    _f("--mtp-num-layers", "model"), _f("--mtp-loss-scaling-factor", "model"),
     _f("--kv-lora-rank", "model"), _f("--qk-head-dim", "model"),
     _f("--qk-pos-emb-head-dim", "model"), _f("--v-head-dim", "model"),
     _f("--hidden-dropout", "model"), _f("--attention-dropout", "model"),
@@ -412,7 +413,7 @@ CHECKPOINT_MODEL_FLAGS = (
     "--moe-shared-expert-intermediate-size", "--moe-shared-expert-gate", "--moe-grouped-gemm",
     "--tokenizer-type", "--vocab-file", "--merge-file", "--tokenizer-model", "--vocab-size",
     "--multi-latent-attention", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim",
-    "--qk-pos-emb-head-dim", "--v-head-dim", "--moe-router-num-groups",
+    "--qk-pos-emb-head-dim", "--v-head-dim", "--mtp-num-layers", "--moe-router-num-groups",
     "--moe-router-group-topk", "--moe-router-score-function", "--moe-router-topk-scaling-factor",
 )
 """Flags that define a checkpoint's weights and vocabulary: read from its saved config."""

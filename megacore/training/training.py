@@ -250,8 +250,9 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ru
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     moe = bool(run.model.num_moe_experts)
-    if moe:
-        # Aux-loss gradients are scaled like the main loss: loss scale / micro-batches.
+    if moe or run.model.mtp_num_layers:
+        # Aux-loss (MoE balancing, multi-token prediction) gradients are scaled like the
+        # main loss: loss scale / micro-batches.
         MoEAuxLossAutoScaler.set_loss_scale(float(optimizer.get_loss_scale()) / num_microbatches)
     forward_backward = get_forward_backward_func()
     losses = forward_backward(

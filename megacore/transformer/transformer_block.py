@@ -70,7 +70,8 @@ class TransformerBlockSubmodules:
     layer_norm: Union[ModuleSpec, type, None] = None
 
 
-def _block_submodules(config: TransformerConfig, spec) -> TransformerBlockSubmodules:
+def block_submodules(config: TransformerConfig, spec) -> TransformerBlockSubmodules:
+    """Per-layer specs and final norm of ``spec`` (a block spec, or one layer spec)."""
     if isinstance(spec, TransformerBlockSubmodules):
         if len(spec.layer_specs) != config.num_layers:
             raise ValueError(f"TransformerBlockSubmodules.layer_specs has "
@@ -78,7 +79,7 @@ def _block_submodules(config: TransformerConfig, spec) -> TransformerBlockSubmod
                              f"(num_layers={config.num_layers})")
         return spec
     if isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
-        return _block_submodules(config, spec.submodules)
+        return block_submodules(config, spec.submodules)
     # A single layer spec used for every layer; the final norm matches its input norm.
     norm = getattr(spec.submodules, "input_layernorm", None) if isinstance(spec, ModuleSpec) \
         else None
@@ -115,7 +116,7 @@ class TransformerBlock(MegatronModule):
         pp_rank = dist.get_rank(self.pg_collection.pp)
         offset = get_transformer_layer_offset(config, pp_rank, vp_stage)
         count = get_num_layers_to_build(config, pp_rank, vp_stage)
-        submodules = _block_submodules(config, spec)
+        submodules = block_submodules(config, spec)
         layers = []
         for i in range(count):
             number = offset + i + 1

@@ -166,8 +166,18 @@ class TransformerConfig(MLAConfig, MoEConfig, ModelParallelConfig):
     """Schedules divide the summed loss by the number of tokens of the whole global batch
     instead of averaging per micro-batch."""
 
+    # -- multi-token prediction (megacore.transformer.multi_token_prediction) -------------
+    mtp_num_layers: Optional[int] = None
+    """DeepSeek-V3's multi-token prediction: this many extra depths, depth k predicting the
+    token k+1 positions ahead from the decoder's output (None: off)."""
+
+    mtp_loss_scaling_factor: float = 0.1
+    """Weight of the MTP loss (averaged over the depths) added to the language-model loss."""
+
     def __post_init__(self):
         super().__post_init__()
+        if self.mtp_num_layers is not None and self.mtp_num_layers < 1:
+            raise ValueError(f"mtp_num_layers must be None or >= 1, got {self.mtp_num_layers}")
         self._fill_defaults()
         self._check_shape()
         self._check_numerics()

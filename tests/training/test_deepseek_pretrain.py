@@ -36,3 +36,34 @@ def test_deepseek_style_model_layouts_equal_single_rank(reference, tmp_path, nam
     losses, norms = _train(tmp_path, name, world, f"{DEEPSEEK} {extra}")
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4, atol=0)
+
+
+MTP_LAYOUTS = [
+    ("tp2_sp", 2, "--tensor-model-parallel-size 2 --sequence-parallel"),
+    ("ep2_dp2", 2, "--expert-model-parallel-size 2"),
+]
+
+
+def _mtp_losses(path):
+    import json
+
+    with open(path) as f:
+        return [r["mtp_1_loss"] for r in map(json.loads, f) if "mtp_1_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def mtp_reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mtp_ref")
+    return _train(path, "ref", 1, f"{DEEPSEEK} --mtp-num-layers 1"), _mtp_losses(path / "ref.jsonl")
+
+
+@pytest.mark.parametrize("name, world, extra", MTP_LAYOUTS, ids=[l[0] for l in MTP_LAYOUTS])
+def test_multi_token_prediction_layouts_equal_single_rank(mtp_reference, tmp_path, name, world,
+                                                          extra):
+    (ref_losses, ref_norms), ref_mtp = mtp_reference
+    assert len(ref_mtp) == len(ref_losses) and ref_mtp[-1] < ref_mtp[0]
+    losses, norms = _train(tmp_path, name, world, f"{DEEPSEEK} --mtp-num-layers 1 {extra}")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(_mtp_losses(tmp_path / f"{name}.jsonl")),
+                               torch.tensor(ref_mtp), rtol=1e-5, atol=0)

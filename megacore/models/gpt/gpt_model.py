@@ -36,6 +36,8 @@ from megacore.parallel_state import ProcessGroupCollection
 from megacore.tensor_parallel import ColumnParallelLinear, vocab_parallel_cross_entropy
 from megacore.transformer.context_parallel import get_position_ids_on_cp_rank
 from megacore.transformer.initialization import init_rng_scope
+from megacore.transformer.multi_token_prediction import MultiTokenPrediction
+from megacore.transformer.transformer_block import block_submodules
 from megacore.transformer.module import MegatronModule
 from megacore.transformer.rotary_pos_embedding import RotaryEmbedding
 from megacore.transformer.transformer_block import TransformerBlock
@@ -103,8 +105,11 @@ class GPTModel(MegatronModule):
         self.decoder = TransformerBlock(config, transformer_layer_spec, pre_process=pre_process,
                                         post_process=post_process,
                                         pg_collection=self.pg_collection, vp_stage=vp_stage)
+        self.mtp = None
         if post_process:
             self.output_layer = self._build_output_layer()
+            if config.mtp_num_layers:
+                self.mtp = self._build_mtp(transformer_layer_spec)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 
@@ -118,6 +123,19 @@ class GPTModel(MegatronModule):
                 bias=False, gather_output=not self.parallel_output,
                 skip_weight_param_allocation=self.pre_process and tied,
                 tp_group=self.tp_group)
+
+    def _build_mtp(self, spec) -> MultiTokenPrediction:
+        if not self.pre_process:
+            raise ValueError("multi-token prediction needs the word embedding on the last "
+                             "pipeline stage: --mtp-num-layers with "
+                             "--pipeline-model-parallel-size > 1 is not supported yet")
+        if dist.get_world_size(self.pg_collection.cp) > 1:
+            raise ValueError("multi-token prediction shifts labels across the sequence: "
+                             "--mtp-num-layers with --context-parallel-size > 1 is not "
+                             "supported")
+        submodules = block_submodules(self.config, spec)
+        return MultiTokenPrediction(self.config, submodules.layer_specs[-1],
+                                    submodules.layer_norm, pg_collection=self.pg_collection)
 
     # -- tied embeddings ----------------------------------------------------------------
     def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
@@ -165,8 +183,12 @@ class GPTModel(MegatronModule):
                 attention_mask: Optional[torch.Tensor],
                 decoder_input: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, inference_context=None,
-                inference_params=None) -> torch.Tensor:
+                inference_params=None, loss_mask: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         """Loss ``[b, s]`` when ``labels`` are given, else logits (see module docstring).
+
+        ``loss_mask`` ``[b, s]`` is only read by multi-token prediction (which normalizes
+        its own loss); the returned loss is per token, unmasked.
 
         On stages without ``post_process`` returns the hidden states ``[s, b, h]``.
         """
@@ -186,6 +208,18 @@ class GPTModel(MegatronModule):
             logits, _ = self.output_layer(hidden_states, weight=weight)  # [s, b, V/tp or V]
             return self._logits_for_output(logits)
         # The loss always reads tp-split logits [s, b, V/tp], whatever parallel_output says.
+        logits, _ = self.output_layer(hidden_states, weight=weight, runtime_gather_output=False)
+        if not self.fp16_lm_cross_entropy:
+            logits = logits.float()
+        loss = self._language_model_loss(logits, labels)
+        if self.mtp is not None:
+            loss = self.mtp.attach_loss(
+                loss, hidden_states, input_ids, position_ids, labels, loss_mask,
+                attention_mask, rotary_pos_emb, embed=self.embedding,
+                token_loss=lambda h, target: self._token_loss(h, target, weight))
+        return loss
+
+    def _token_loss(self, hidden_states, labels, weight):
         logits, _ = self.output_layer(hidden_states, weight=weight, runtime_gather_output=False)
         if not self.fp16_lm_cross_entropy:
             logits = logits.float()
