@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,6 +37,7 @@ from megacore.checkpointing.paths import (
     rng_file_path,
 )
 from megacore.checkpointing.rng_state import capture_rng_state, restore_rng_state
+from megacore.checkpointing.safe_dcp import read_dcp_metadata_file, safe_dcp_load
 
 __all__ = ["save_dist_checkpoint", "load_dist_checkpoint", "read_dcp_metadata",
            "read_common", "list_tensors", "verify_dcp_files", "read_full_tensors"]
@@ -57,16 +57,13 @@ def read_common(iter_dir: str) -> Dict[str, Any]:
 
 
 def read_dcp_metadata(iter_dir: str):
-    """DCP ``Metadata`` of an iteration directory (``state_dict_metadata``: key -> meta)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    if not os.path.isfile(os.path.join(iter_dir, DCP_METADATA_FILENAME)):
+    """DCP ``Metadata`` of an iteration directory (``state_dict_metadata``: key -> meta),
+    read with the restricted unpickler of ``safe_dcp`` (never DCP's ``pickle.load``)."""
+    path = os.path.join(iter_dir, DCP_METADATA_FILENAME)
+    if not os.path.isfile(path):
         raise CheckpointError(f"{iter_dir}: {DCP_METADATA_FILENAME} is missing (the save did "
                               "not finish, or this is not a torch_dist checkpoint)")
-    try:
-        return FileSystemReader(iter_dir).read_metadata()
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{iter_dir}: cannot read DCP metadata ({exc})") from exc
+    return read_dcp_metadata_file(path)
 
 
 # -- optimizer common part ---------------------------------------------------------------
@@ -229,8 +226,6 @@ def _check_missing(iter_dir, missing, strict) -> Optional[str]:
 def load_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimizer, *,
                          strict: bool, load_optim: bool, load_rng: bool) -> Dict[str, Any]:
     """Load model (and optimizer, RNG) state into this layout; returns ``common``."""
-    import torch.distributed.checkpoint as dcp
-
     common = read_common(iter_dir)
     saved = read_dcp_metadata(iter_dir).state_dict_metadata
     entries, by_local = ss.model_tensor_entries(model_chunks, layout)
@@ -253,7 +248,7 @@ def load_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimi
         request.update(opt_request)
         entries = entries + opt_entries
     _agree(layout, problem)
-    dcp.load(request, checkpoint_id=iter_dir, no_dist=not layout.is_distributed)
+    safe_dcp_load(request, iter_dir, no_dist=not layout.is_distributed)
     ss.fill_entries_from_full(entries, request, iter_dir)
     if template is not None:
         _apply_optimizer_common(template, common.get("optimizer"))
@@ -307,13 +302,9 @@ def verify_dcp_files(iter_dir: str) -> List[str]:
 
 def read_full_tensors(iter_dir: str, keys: Sequence[str]) -> Dict[str, torch.Tensor]:
     """Read whole tensors by key in this process (no process group needed)."""
-    import torch.distributed.checkpoint as dcp
-
     saved = read_dcp_metadata(iter_dir).state_dict_metadata
     request = {k: torch.empty(tuple(saved[k].size), dtype=saved[k].properties.dtype)
                for k in keys}
-    with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(request, checkpoint_id=iter_dir, no_dist=True)
+    safe_dcp_load(request, iter_dir, no_dist=True, quiet_single_process=True)
     return request
 

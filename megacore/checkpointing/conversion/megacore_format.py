@@ -67,6 +67,7 @@ from megacore.checkpointing.paths import (
     resolve_checkpoint_dir,
     write_tracker,
 )
+from megacore.checkpointing.safe_dcp import safe_dcp_load
 from megacore.checkpointing.save_load import CHECKPOINT_VERSION
 from megacore.models.common.embeddings.language_model_embedding import padded_vocab_size
 from megacore.package_info import __version__
@@ -302,16 +303,12 @@ class DistSource(CanonicalSource):
             parts.sort(key=lambda k: int(_BLOCK.match(k).group(2)) if _BLOCK.match(k) else 0)
 
     def _read(self, keys: List[str]) -> Dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-
         request = {}
         for key in keys:
             for dcp_key in self.blocks[key]:
                 meta = self.meta[dcp_key]
                 request[dcp_key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        with warnings.catch_warnings():  # "assuming ... a single process": intended
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(request, checkpoint_id=self.iter_dir, no_dist=True)
+        safe_dcp_load(request, self.iter_dir, no_dist=True, quiet_single_process=True)
         out = {}
         for key in keys:
             _, name = parse_key(key)
