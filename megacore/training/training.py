@@ -29,7 +29,11 @@ import torch
 import torch.distributed as dist
 
 from megacore import checkpointing, device, parallel_state
-from megacore.distributed import DistributedDataParallel, finalize_model_grads
+from megacore.distributed import (
+    DistributedDataParallel,
+    NonFiniteGradientError,
+    finalize_model_grads,
+)
 from megacore.optimizer import (
     GradStatsContext,
     OptimizerParamScheduler,
@@ -140,10 +144,18 @@ def get_model(model_provider: Callable, run: RunConfig, wrap_with_ddp: bool = Tr
         parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     if not wrap_with_ddp:
         return chunks
-    return [DistributedDataParallel(run.model, run.ddp, chunk,
+    # Under fp16 dynamic loss scaling, overflowing grads are expected: the scaler skips
+    # those steps, so only the loss check applies (Megatron behaves the same way).
+    ddp = dataclasses.replace(run.ddp, check_for_nan_in_grad=run.ddp.check_for_nan_in_grad
+                              and not _dynamic_loss_scaling(run))
+    return [DistributedDataParallel(run.model, ddp, chunk,
                                     # Only the first chunk's buckets overlap with backward.
                                     disable_bucketing=index > 0)
             for index, chunk in enumerate(chunks)]
+
+
+def _dynamic_loss_scaling(run: RunConfig) -> bool:
+    return bool(run.model.fp16) and run.optimizer.loss_scale is None
 
 
 def get_optimizer_param_scheduler(run: RunConfig, optimizer) -> OptimizerParamScheduler:
@@ -406,8 +418,16 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
     while state.iteration < train_iters:
         gbs = calculator.global_batch_size_at(state.consumed_train_samples)
         num_mb = calculator.num_microbatches_at(state.consumed_train_samples)
-        losses, ok, grad_norm, num_zeros = train_step(
-            forward_step_func, train_iter, model, optimizer, scheduler, run, num_mb, gbs)
+        try:
+            losses, ok, grad_norm, num_zeros = train_step(
+                forward_step_func, train_iter, model, optimizer, scheduler, run, num_mb, gbs)
+        except NonFiniteGradientError as exc:
+            raise NonFiniteTrainingError(
+                f"iteration {state.iteration + 1}: {exc}; stopping the run (no checkpoint is "
+                f"written from this state; {_NAN_CHECK_FLAG} turns the check off)") from exc
+        if run.ddp.check_for_nan_in_grad:
+            _stop_on_non_finite(state.iteration + 1, losses.get("lm loss"),
+                                None if _dynamic_loss_scaling(run) else grad_norm)
         state.iteration += 1
         state.consumed_train_samples += gbs
         if not ok:
@@ -455,6 +475,35 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
         if reason:
             return reason
     return "done"
+
+
+_NAN_CHECK_FLAG = "--no-check-for-nan-in-loss-and-grad"
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """A training step produced a NaN/Inf loss or gradient (names the iteration and
+    ranks); raised on every rank before anything is saved from that state."""
+
+
+def _stop_on_non_finite(iteration: int, loss: Optional[float],
+                        grad_norm: Optional[float]) -> None:
+    """Collective over the world: raise on every rank when any rank saw a non-finite loss
+    (only the last pipeline stage has one) or grad norm. One all-reduce of ``world``
+    numbers, each rank writing its own slot (1: loss, 2: grad norm)."""
+    flags = torch.zeros(dist.get_world_size())
+    if loss is not None and not math.isfinite(loss):
+        flags[dist.get_rank()] = 1
+    elif grad_norm is not None and not math.isfinite(float(grad_norm)):
+        flags[dist.get_rank()] = 2
+    dist.all_reduce(flags)
+    bad = {r: int(v) for r, v in enumerate(flags.tolist()) if v}
+    if bad:
+        what = " and ".join(sorted({"loss" if v == 1 else "gradient norm"
+                                    for v in bad.values()}))
+        raise NonFiniteTrainingError(
+            f"iteration {iteration}: non-finite (NaN/Inf) {what} on rank(s) {sorted(bad)}; "
+            f"stopping the run (no checkpoint is written from this state; {_NAN_CHECK_FLAG} "
+            "turns the check off)")
 
 
 def _iters_for_samples(calculator: NumMicroBatchesCalculator, train_samples: int) -> int:
