@@ -129,12 +129,14 @@ def has_pending_async_save() -> bool:
 
 def async_process_group(layout: RankLayout):
     """A gloo group over the world for DCP's background collectives (created once, by a
-    collective call on every rank; None without a process group)."""
+    collective call on every rank, with the model-parallel groups' timeout; None without
+    a process group)."""
     global _ASYNC_GROUP
     if not layout.is_distributed:
         return None
     if _ASYNC_GROUP is None:
-        _ASYNC_GROUP = dist.new_group(backend="gloo")
+        timeout = layout.groups.timeout if layout.groups is not None else None
+        _ASYNC_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     return _ASYNC_GROUP
 
 

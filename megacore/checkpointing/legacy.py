@@ -179,6 +179,7 @@ def load_legacy_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, opti
     """Load this rank's file into the model (and optimizer, scheduler, RNG); returns the
     file's state (its common entries name iteration, consumed samples, config)."""
     chunks = unwrap_model_chunks(model_chunks)
+    _check_layout(iter_dir, layout, len(chunks))  # metadata only (the first file, mmap)
     path = legacy_rank_file(iter_dir, layout)
     problem = None
     if has_digests(iter_dir):
@@ -187,7 +188,6 @@ def load_legacy_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, opti
         logger.warning("%s: saved without file digests (older megacore): integrity not "
                        "checked", iter_dir)
     agree_no_problem(layout, problem)
-    _check_layout(iter_dir, layout, len(chunks))
     state = read_legacy_file(path)
     _load_model(path, state, chunks, strict)
     if load_optim and optimizer is not None:

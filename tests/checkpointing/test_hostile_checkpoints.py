@@ -202,3 +202,43 @@ def test_checkpoint_without_digests_still_loads(saved, tmp_path, fmt):
     assert read_tracker(str(ckpt)) == 3
     assert verify_checkpoint(str(ckpt)) == []  # the new save has digests and they match
     assert list((ckpt / "iter_0000003").rglob("*.sha256"))
+
+
+def test_binary_tracker_is_a_named_error(saved, tmp_path):
+    ckpt = _copy(saved, "torch", tmp_path)
+    tracker = ckpt / "latest_checkpointed_iteration.txt"
+    tracker.write_bytes(b"\xff\xfe\x00\x81garbage")
+    with pytest.raises(CheckpointError, match="tracker file should hold an iteration number") \
+            as e:
+        read_checkpoint_info(str(ckpt))
+    assert str(tracker) in str(e.value)
+
+
+def _async_run_logging_tracker(argv, save_dir):
+    """Train with --async-save; record, for every "saved checkpoint" line, the iteration
+    the tracker names at that moment."""
+    from megacore.training import training
+
+    seen = []
+    original = training.print_rank_0
+
+    def spy(message):
+        if message.startswith("saved checkpoint at iteration"):
+            seen.append((int(message.split()[4]), read_tracker(save_dir)))
+        original(message)
+
+    training.print_rank_0 = spy
+    try:
+        _run_pretrain(argv)
+    finally:
+        training.print_rank_0 = original
+    return seen
+
+
+def test_async_save_logs_saved_only_once_complete(tmp_path):
+    save = tmp_path / "async"
+    argv = shlex.split(f"{MODEL} --train-iters 3 --save {save} --save-interval 1 "
+                       "--async-save --ckpt-format torch_dist")
+    (seen,) = run_distributed(_async_run_logging_tracker, 1, args=(argv, str(save)))
+    assert [it for it, _ in seen] == [1, 2, 3]
+    assert all(tracker == it for it, tracker in seen), seen  # the tracker already moved
