@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megacore import checkpointing, device, parallel_state
+from megacore.checkpointing.async_save import reset_async_state
 from megacore.distributed import (
     DistributedDataParallel,
     NonFiniteGradientError,
@@ -598,16 +600,34 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     t = run_config.training
     owns_process_group = initialize_distributed(t.distributed_backend,
                                                 t.distributed_timeout_minutes)
+    succeeded = False
     try:
-        return _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_func,
-                         run_config, start_time)
+        summary = _pretrain(train_valid_test_datasets_provider, model_provider,
+                            forward_step_func, run_config, start_time)
+        succeeded = True
+        return summary
     except BaseException as exc:
         _report_communication_failure(exc, t.distributed_timeout_minutes)
         raise
     finally:
         if owns_process_group:
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+            shutdown_distributed(barrier=succeeded)
+
+
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Tear down in order, the default process group last, so that no C++ thread of a
+    group (gloo's workers and transport loop) is still joinable when the interpreter
+    exits: release what still references groups (data iterators, device meshes: one
+    garbage collection), wait for every rank at a barrier (no rank closes its connections
+    while a peer still uses them; skipped after a failure, where peers may be gone), then
+    forget the model-parallel and checkpoint groups and destroy every group."""
+    gc.collect()
+    if barrier and dist.is_initialized():
+        dist.barrier()
+    reset_async_state()
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _parse(argv: Sequence[str], extra_args_provider) -> RunConfig:
