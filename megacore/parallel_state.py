@@ -314,6 +314,9 @@ class ProcessGroupCollection:
     embd: Optional[dist.ProcessGroup]
     pos_embd: Optional[dist.ProcessGroup]
     ranks: Dict[str, List[int]]
+    timeout: Optional[datetime.timedelta] = None
+    """The timeout every group was created with (None: torch's default); groups created
+    later for the same run (e.g. the background checkpoint group) use it too."""
 
     @classmethod
     def build(cls, layout: ParallelLayout,
@@ -342,7 +345,7 @@ class ProcessGroupCollection:
                     created[key] = dist.new_group(list(key), timeout=timeout)
                 if rank in group_ranks:
                     groups[name], ranks[name] = created[key], list(group_ranks)
-        return cls(layout=layout, ranks=ranks, **groups)
+        return cls(layout=layout, ranks=ranks, timeout=timeout, **groups)
 
     def size(self, name: str) -> int:
         """World size of this rank's group ``name``."""
@@ -369,7 +372,7 @@ def initialize_model_parallel(
     expert_model_parallel_size: int = 1,
     expert_tensor_parallel_size: Optional[int] = None,
     order: str = "tp-cp-ep-dp-pp",
-    distributed_timeout_minutes: int = 30,
+    distributed_timeout_minutes: float = 30,
 ) -> ProcessGroupCollection:
     """Validate the degrees, create all groups and install them as the default grid.
 

@@ -29,7 +29,8 @@ from megacore.checkpointing.errors import CheckpointError
 from megacore.checkpointing.parallel_layout import RankLayout
 
 __all__ = ["AsyncSaveHandle", "finalize_async_saves", "has_pending_async_save",
-           "agree_success", "set_pending", "async_process_group", "reset_async_state"]
+           "agree_success", "agree_no_problem", "set_pending", "async_process_group",
+           "reset_async_state"]
 
 
 def agree_success(layout: RankLayout, ok: bool) -> bool:
@@ -39,6 +40,19 @@ def agree_success(layout: RankLayout, ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def agree_no_problem(layout: RankLayout, problem: Optional[str]) -> None:
+    """Raise :class:`CheckpointError` on every rank when any rank found a problem (a lone
+    raise would leave the other ranks waiting in their next collective; collective)."""
+    problems = [problem]
+    if layout.is_distributed and layout.world_size > 1:
+        problems = [None] * layout.world_size
+        dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p]
+    if found:
+        raise CheckpointError(found[0] if len(set(found)) == 1
+                              else "\n".join(sorted(set(found))))
 
 
 class AsyncSaveHandle:
@@ -115,12 +129,14 @@ def has_pending_async_save() -> bool:
 
 def async_process_group(layout: RankLayout):
     """A gloo group over the world for DCP's background collectives (created once, by a
-    collective call on every rank; None without a process group)."""
+    collective call on every rank, with the model-parallel groups' timeout; None without
+    a process group)."""
     global _ASYNC_GROUP
     if not layout.is_distributed:
         return None
     if _ASYNC_GROUP is None:
-        _ASYNC_GROUP = dist.new_group(backend="gloo")
+        timeout = layout.groups.timeout if layout.groups is not None else None
+        _ASYNC_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     return _ASYNC_GROUP
 
 

@@ -25,6 +25,7 @@ from megacore.checkpointing.dist_checkpoint import (
     verify_dcp_files,
 )
 from megacore.checkpointing.errors import CheckpointError
+from megacore.checkpointing.integrity import DIGEST_SUFFIX, check_digests, has_digests
 from megacore.checkpointing.legacy import read_legacy_file
 from megacore.checkpointing.paths import (
     LEGACY_FILENAME,
@@ -145,10 +146,24 @@ def _expected_legacy_files(layout: Dict[str, Any]) -> List[str]:
             for p in range(pp) for t in range(tp) for e in range(ep)]
 
 
-def _verify_legacy(info: CheckpointInfo) -> List[str]:
+def _non_finite(path: str, tensors: Iterator[Tuple[str, torch.Tensor]]) -> List[str]:
     problems = []
-    for rel in _expected_legacy_files(info.parallel_layout):
-        path = os.path.join(info.path, rel)
+    for key, tensor in tensors:
+        if tensor.is_floating_point() and tensor.numel():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                problems.append(f"{path}: tensor {key} holds {bad} non-finite value(s) "
+                                f"(NaN/Inf) of {tensor.numel()}")
+    return problems
+
+
+def _verify_legacy(info: CheckpointInfo) -> List[str]:
+    files = [os.path.join(info.path, rel)
+             for rel in _expected_legacy_files(info.parallel_layout)]
+    problems = check_digests(files) if has_digests(info.path) else []
+    for path in files:
+        if any(p.startswith(f"{path}:") for p in problems):
+            continue  # already named; its bytes are not worth parsing
         try:
             state = read_legacy_file(path)  # a full read: every tensor's bytes
         except CheckpointError as exc:
@@ -157,14 +172,25 @@ def _verify_legacy(info: CheckpointInfo) -> List[str]:
         if state.get("iteration") != info.iteration:
             problems.append(f"{path}: iteration {state.get('iteration')}, expected "
                             f"{info.iteration}")
+        problems += _non_finite(path, _walk_tensors(state, ""))
     return problems
+
+
+def _dist_files(info: CheckpointInfo) -> List[str]:
+    world = int(info.parallel_layout.get("world_size", 1))
+    rng = [rng_file_path(info.path, r) for r in range(world)]
+    return [os.path.join(info.path, rel) for rel in info.files] + \
+        [p for p in rng if os.path.isfile(p + DIGEST_SUFFIX) or os.path.isfile(p)]
 
 
 def _verify_dist(info: CheckpointInfo) -> List[str]:
     problems = verify_dcp_files(info.path)
+    if has_digests(info.path):
+        problems += [p for p in check_digests(_dist_files(info)) if p not in problems]
     if not problems:
         try:
-            read_full_tensors(info.path, [key for key, _, _ in info.tensors])
+            tensors = read_full_tensors(info.path, [key for key, _, _ in info.tensors])
+            problems += _non_finite(info.path, iter(sorted(tensors.items())))
         except BaseException as exc:  # noqa: BLE001 - DCP raises BaseException subclasses
             problems.append(f"{info.path}: reading tensors failed ({exc!r})")
     world = int(info.parallel_layout.get("world_size", 1))
@@ -181,7 +207,9 @@ def _verify_dist(info: CheckpointInfo) -> List[str]:
 
 
 def verify_checkpoint(load_dir: str) -> List[str]:
-    """Read every file of the checkpoint; returns the problems found (empty: all good)."""
+    """Read every file of the checkpoint, check it against the digests recorded at save
+    (when the checkpoint has them) and every floating tensor for NaN/Inf; returns the
+    problems found, each naming its file (empty: all good)."""
     try:
         info = read_checkpoint_info(load_dir)
     except CheckpointError as exc:

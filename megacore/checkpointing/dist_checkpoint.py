@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megacore.checkpointing import sharded_state as ss
-from megacore.checkpointing.async_save import agree_success
-from megacore.checkpointing.atomic import atomic_torch_save
+from megacore.checkpointing.async_save import agree_no_problem, agree_success
 from megacore.checkpointing.errors import CheckpointError
+from megacore.checkpointing.integrity import (
+    check_digests,
+    has_digests,
+    record_dcp_digests,
+    torch_save_with_digest,
+)
 from megacore.checkpointing.parallel_layout import RankLayout
 from megacore.checkpointing.paths import (
     COMMON_FILENAME,
@@ -38,6 +42,7 @@ from megacore.checkpointing.paths import (
     rng_file_path,
 )
 from megacore.checkpointing.rng_state import capture_rng_state, restore_rng_state
+from megacore.checkpointing.safe_dcp import read_dcp_metadata_file, safe_dcp_load
 
 __all__ = ["save_dist_checkpoint", "load_dist_checkpoint", "read_dcp_metadata",
            "read_common", "list_tensors", "verify_dcp_files", "read_full_tensors"]
@@ -57,16 +62,13 @@ def read_common(iter_dir: str) -> Dict[str, Any]:
 
 
 def read_dcp_metadata(iter_dir: str):
-    """DCP ``Metadata`` of an iteration directory (``state_dict_metadata``: key -> meta)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    if not os.path.isfile(os.path.join(iter_dir, DCP_METADATA_FILENAME)):
+    """DCP ``Metadata`` of an iteration directory (``state_dict_metadata``: key -> meta),
+    read with the restricted unpickler of ``safe_dcp`` (never DCP's ``pickle.load``)."""
+    path = os.path.join(iter_dir, DCP_METADATA_FILENAME)
+    if not os.path.isfile(path):
         raise CheckpointError(f"{iter_dir}: {DCP_METADATA_FILENAME} is missing (the save did "
                               "not finish, or this is not a torch_dist checkpoint)")
-    try:
-        return FileSystemReader(iter_dir).read_metadata()
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{iter_dir}: cannot read DCP metadata ({exc})") from exc
+    return read_dcp_metadata_file(path)
 
 
 # -- optimizer common part ---------------------------------------------------------------
@@ -104,10 +106,11 @@ def _optimizer_common(opt_state: dict, layout: RankLayout) -> List[Dict[str, Any
 def save_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimizer,
                          common: Dict[str, Any], *, save_rng: bool,
                          async_group: Optional[dist.ProcessGroup] = None):
-    """Write one iteration directory. Synchronous, returns None; with ``async_group``
+    """Write one iteration directory. Synchronous, writes everything but the digests of
+    the DCP files and returns the local function that records them; with ``async_group``
     (a group of its own, so background collectives never interleave with training's)
-    the small files are written now and the returned function writes the tensors (run it
-    in a background thread)."""
+    the small files are written now and the returned function writes the tensors and
+    their digests (run it in a background thread)."""
     import torch.distributed.checkpoint as dcp
 
     entries, by_local = ss.model_tensor_entries(model_chunks, layout)
@@ -127,15 +130,18 @@ def save_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimi
         raise CheckpointError(f"saving {iter_dir} failed on at least one rank; the previous "
                               f"checkpoint remains the latest ({error!r} here)") from error
     no_dist = not layout.is_distributed
+    rank = 0 if no_dist else layout.global_rank
     if async_group is None:
         dcp.save(state, checkpoint_id=iter_dir, no_dist=no_dist)
-        return None
+        # Local: the caller agrees over all ranks that it succeeded before the tracker.
+        return lambda: record_dcp_digests(iter_dir, rank, coordinator=rank == 0)
     # Own staging instead of dcp.async_save: its stager fails on the param views DTensors
     # wrap ("invalid python storage", torch 2.13). Clones keep training free to step.
     staged = {k: v.detach().clone() for k, v in state.items()}
 
     def write() -> None:
         dcp.save(staged, checkpoint_id=iter_dir, process_group=async_group, no_dist=no_dist)
+        record_dcp_digests(iter_dir, rank, coordinator=rank == 0)
 
     return write
 
@@ -144,27 +150,14 @@ def _write_small_files(iter_dir: str, layout: RankLayout, common: Dict[str, Any]
                        save_rng: bool) -> None:
     os.makedirs(os.path.dirname(rng_file_path(iter_dir, 0)), exist_ok=True)
     if save_rng:
-        atomic_torch_save({"layout": layout.degrees(), "global_rank": layout.global_rank,
+        torch_save_with_digest({"layout": layout.degrees(), "global_rank": layout.global_rank,
                            "rng_state": capture_rng_state()},
                           rng_file_path(iter_dir, layout.global_rank))
     if layout.global_rank == 0:
-        atomic_torch_save(common, os.path.join(iter_dir, COMMON_FILENAME))
+        torch_save_with_digest(common, os.path.join(iter_dir, COMMON_FILENAME))
 
 
 # -- load ------------------------------------------------------------------------------
-def _agree(layout: RankLayout, problem: Optional[str]) -> None:
-    """Raise on every rank when any rank found a problem (a lone raise would leave the
-    other ranks waiting in the next collective)."""
-    problems = [problem]
-    if layout.is_distributed and layout.world_size > 1:
-        problems = [None] * layout.world_size
-        dist.all_gather_object(problems, problem)
-    found = [p for p in problems if p]
-    if found:
-        raise CheckpointError(found[0] if len(set(found)) == 1
-                              else "\n".join(sorted(set(found))))
-
-
 def _unexpected_model_keys(layout, entries, saved) -> List[str]:
     needed = {k for e in entries for k in ss._source_keys(e)}
     if layout.is_distributed and layout.world_size > 1:
@@ -226,11 +219,30 @@ def _check_missing(iter_dir, missing, strict) -> Optional[str]:
     return None
 
 
+def _integrity_problems(iter_dir: str, layout: RankLayout, load_rng: bool) -> Optional[str]:
+    """Check the digests this rank is responsible for: the small shared files, its RNG
+    file, and every ``world``-th DCP data file (so each byte is hashed once)."""
+    if not has_digests(iter_dir):
+        if layout.global_rank == 0:
+            logger.warning("%s: saved without file digests (older megacore): integrity not "
+                           "checked", iter_dir)
+        return None
+    paths = [os.path.join(iter_dir, DCP_METADATA_FILENAME),
+             os.path.join(iter_dir, COMMON_FILENAME)]
+    rng = rng_file_path(iter_dir, layout.global_rank)
+    if load_rng and os.path.isfile(rng):
+        paths.append(rng)
+    data = sorted(f for f in os.listdir(iter_dir) if f.endswith(".distcp"))
+    world = layout.world_size if layout.is_distributed else 1
+    rank = layout.global_rank if layout.is_distributed else 0
+    paths += [os.path.join(iter_dir, f) for f in data[rank::world]]
+    return "\n".join(check_digests(paths)) or None
+
+
 def load_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimizer, *,
                          strict: bool, load_optim: bool, load_rng: bool) -> Dict[str, Any]:
     """Load model (and optimizer, RNG) state into this layout; returns ``common``."""
-    import torch.distributed.checkpoint as dcp
-
+    agree_no_problem(layout, _integrity_problems(iter_dir, layout, load_rng))
     common = read_common(iter_dir)
     saved = read_dcp_metadata(iter_dir).state_dict_metadata
     entries, by_local = ss.model_tensor_entries(model_chunks, layout)
@@ -252,8 +264,8 @@ def load_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimi
                        f"{opt_missing[:5]} (pass no_load_optim=True to skip the optimizer)")
         request.update(opt_request)
         entries = entries + opt_entries
-    _agree(layout, problem)
-    dcp.load(request, checkpoint_id=iter_dir, no_dist=not layout.is_distributed)
+    agree_no_problem(layout, problem)
+    safe_dcp_load(request, iter_dir, no_dist=not layout.is_distributed)
     ss.fill_entries_from_full(entries, request, iter_dir)
     if template is not None:
         _apply_optimizer_common(template, common.get("optimizer"))
@@ -307,13 +319,9 @@ def verify_dcp_files(iter_dir: str) -> List[str]:
 
 def read_full_tensors(iter_dir: str, keys: Sequence[str]) -> Dict[str, torch.Tensor]:
     """Read whole tensors by key in this process (no process group needed)."""
-    import torch.distributed.checkpoint as dcp
-
     saved = read_dcp_metadata(iter_dir).state_dict_metadata
     request = {k: torch.empty(tuple(saved[k].size), dtype=saved[k].properties.dtype)
                for k in keys}
-    with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(request, checkpoint_id=iter_dir, no_dist=True)
+    safe_dcp_load(request, iter_dir, no_dist=True, quiet_single_process=True)
     return request
 

@@ -27,8 +27,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megacore.checkpointing.atomic import atomic_torch_save
+from megacore.checkpointing.async_save import agree_no_problem
 from megacore.checkpointing.errors import CheckpointError
+from megacore.checkpointing.integrity import check_digest, has_digests, torch_save_with_digest
 from megacore.checkpointing.parallel_layout import RankLayout
 from megacore.checkpointing.paths import LEGACY_FILENAME, legacy_file_path
 from megacore.checkpointing.rng_state import capture_rng_state, restore_rng_state
@@ -106,7 +107,7 @@ def prepare_legacy_save(iter_dir: str, layout: RankLayout, model_chunks, optimiz
 
     def write() -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_torch_save(state, path)
+        torch_save_with_digest(state, path)
 
     return write
 
@@ -178,8 +179,15 @@ def load_legacy_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, opti
     """Load this rank's file into the model (and optimizer, scheduler, RNG); returns the
     file's state (its common entries name iteration, consumed samples, config)."""
     chunks = unwrap_model_chunks(model_chunks)
-    _check_layout(iter_dir, layout, len(chunks))
+    _check_layout(iter_dir, layout, len(chunks))  # metadata only (the first file, mmap)
     path = legacy_rank_file(iter_dir, layout)
+    problem = None
+    if has_digests(iter_dir):
+        problem = check_digest(path)
+    elif layout.global_rank == 0:
+        logger.warning("%s: saved without file digests (older megacore): integrity not "
+                       "checked", iter_dir)
+    agree_no_problem(layout, problem)
     state = read_legacy_file(path)
     _load_model(path, state, chunks, strict)
     if load_optim and optimizer is not None:

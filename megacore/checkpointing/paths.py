@@ -70,8 +70,7 @@ def read_tracker(load_dir: str) -> Optional[int]:
     path = os.path.join(load_dir, TRACKER_FILENAME)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        text = f.read().strip()
+    text = _tracker_text(path)
     if text == _RELEASE:
         return 0
     try:
@@ -79,6 +78,16 @@ def read_tracker(load_dir: str) -> Optional[int]:
     except ValueError:
         raise CheckpointError(f"{path}: tracker file should hold an iteration number or "
                               f"'release', found {text[:40]!r}") from None
+
+
+def _tracker_text(path: str) -> str:
+    with open(path, "rb") as f:
+        raw = f.read(64)
+    try:
+        return raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: tracker file should hold an iteration number or "
+                              f"'release' in ASCII, found binary bytes {raw[:16]!r}") from None
 
 
 def _looks_like_iteration_dir(path: str) -> bool:
@@ -96,7 +105,7 @@ def resolve_checkpoint_dir(load_dir: str) -> Tuple[str, Optional[int]]:
         raise CheckpointError(f"checkpoint directory {load_dir!r} does not exist")
     iteration = read_tracker(load_dir)
     if iteration is not None:
-        text = open(os.path.join(load_dir, TRACKER_FILENAME)).read().strip()
+        text = _tracker_text(os.path.join(load_dir, TRACKER_FILENAME))
         path = os.path.join(load_dir, _RELEASE) if text == _RELEASE \
             else iteration_dir(load_dir, iteration)
         if not os.path.isdir(path):

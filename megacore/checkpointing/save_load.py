@@ -24,6 +24,8 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
+import torch
+
 from megacore.checkpointing import async_save as async_mod
 from megacore.checkpointing.dist_checkpoint import (
     load_dist_checkpoint,
@@ -84,6 +86,17 @@ def _tracker_finalizer(save_dir: str, iteration: int, layout: RankLayout):
     return finalize
 
 
+def _non_finite_param(chunks, layout: RankLayout, iter_dir: str) -> Optional[str]:
+    for index, chunk in enumerate(chunks):
+        for name, param in chunk.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param.detach()).all()):
+                where = f"chunk {index} " if len(chunks) > 1 else ""
+                return (f"refusing to save {iter_dir}: parameter {where}{name!r} on rank "
+                        f"{layout.global_rank} holds NaN/Inf values; nothing was written and "
+                        "the previous checkpoint remains the latest")
+    return None
+
+
 def _run_sync(job, layout: RankLayout, iter_dir: str) -> None:
     """Run a local write; fail on every rank if it failed on any (no lone raise)."""
     error = None
@@ -136,6 +149,8 @@ def save_checkpoint(iteration: int, model_chunks, optimizer, opt_param_scheduler
     common = _common_state(ckpt_format, iteration, layout, len(chunks), consumed_train_samples,
                            consumed_valid_samples, config_dict, extra_state,
                            opt_param_scheduler)
+    # Before any file: a checkpoint with NaN/Inf weights would poison every resume.
+    async_mod.agree_no_problem(layout, _non_finite_param(chunks, layout, iter_dir))
     finalize = _tracker_finalizer(save_dir, iteration, layout)
     handle = async_mod.AsyncSaveHandle(layout, finalize, iter_dir) if async_save else None
     if layout.global_rank == 0:
@@ -152,8 +167,10 @@ def save_checkpoint(iteration: int, model_chunks, optimizer, opt_param_scheduler
         group = async_mod.async_process_group(layout) if async_save else None
         job = save_dist_checkpoint(iter_dir, layout, chunks, optimizer, common,
                                    save_rng=rng_state, async_group=group)
-        if handle is not None and job is not None:
+        if handle is not None:
             handle.add_thread_job(job)
+        else:
+            _run_sync(job, layout, iter_dir)
     if handle is not None:
         async_mod.set_pending(handle)
     else:

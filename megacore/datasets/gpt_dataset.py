@@ -190,8 +190,11 @@ class GPTDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: GPTDatasetConfig) -> IndexedDataset:
-        """The indexed dataset at ``dataset_path``."""
-        return IndexedDataset(dataset_path, mmap=config.mmap_bin_files)
+        """The indexed dataset at ``dataset_path`` (ids checked against the tokenizer's
+        vocabulary as they are read)."""
+        vocab_size = getattr(config.tokenizer, "vocab_size", None)
+        return IndexedDataset(dataset_path, mmap=config.mmap_bin_files,
+                              vocab_size=vocab_size if isinstance(vocab_size, int) else None)
 
     @staticmethod
     def numel_low_level_dataset(low_level_dataset) -> int:

@@ -25,7 +25,16 @@ The int64 arrays start at offset 34+4N and are generally not 8-byte aligned; num
 with an offset handle that.
 
 Every way a file can be wrong (truncated, foreign, other version, inconsistent with its
-``.bin``) raises :class:`IndexedDatasetError` naming the file and the problem.
+``.bin``) raises :class:`IndexedDatasetError` naming the file and the problem. Opening
+validates the whole index, vectorised: lengths non-negative, every pointer equal to the
+byte sum of the lengths before it (so inside the ``.bin``, aligned, no overlap), document
+indices from 0 to ``N`` and non-decreasing, and the ``.bin`` size equal to the token count
+times the dtype's size (a size that fits another dtype names the dtype code as wrong).
+A dtype code changed to another of the same size (uint16 <-> int16, int32 <-> float32)
+keeps every size consistent and cannot be seen in the index; reading then rejects
+negative ids of a signed dtype and, when ``vocab_size`` is given, ids beyond the
+vocabulary. A swap that yields only valid ids (e.g. int16 data of a vocabulary < 32768
+read as uint16) is undetectable without a checksum, which the format does not have.
 """
 
 from __future__ import annotations
@@ -214,9 +223,11 @@ class IndexedDataset:
             indices or the ``.bin`` size disagree with the sequence table.
     """
 
-    def __init__(self, path_prefix: str, mmap: bool = True) -> None:
+    def __init__(self, path_prefix: str, mmap: bool = True,
+                 vocab_size: Optional[int] = None) -> None:
         self.path_prefix = path_prefix
         self.mmap = mmap
+        self.vocab_size = vocab_size
         self._open()
 
     def _open(self) -> None:
@@ -231,42 +242,56 @@ class IndexedDataset:
         self.sequence_modes = (np.frombuffer(raw, np.int8, n, HEADER_SIZE + 12 * n + 8 * m)
                                if header.has_modes else None)
         self._check_document_indices(idx_path)
-        self._bin = self._open_bin()
+        _check_lengths(idx_path, self.sequence_lengths)
+        # The size first: a wrong dtype code shows there as a size that fits another dtype.
+        self._check_bin_size(int(self.sequence_lengths.sum(dtype=np.int64)))
+        _check_pointers(idx_path, self.sequence_lengths, self.sequence_pointers, self.dtype)
+        self._bin = _map_file(data_file_path(self.path_prefix), mmap=self.mmap)
 
     def _check_document_indices(self, idx_path: str) -> None:
         docs, n = self.document_indices, len(self.sequence_lengths)
-        # Only the ends are checked: a full monotonicity scan would read the whole array,
-        # and opening must stay O(1) for multi-billion-token corpora.
         if len(docs) == 0 or docs[0] != 0 or docs[-1] != n:
             first = int(docs[0]) if len(docs) else None
             last = int(docs[-1]) if len(docs) else None
             raise IndexedDatasetError(
                 f"{idx_path}: document indices must run from 0 to the sequence count {n}, "
                 f"found first={first} last={last}")
+        for start, block in _blocks(docs):
+            bad = np.flatnonzero(np.diff(block) < 0)
+            if len(bad):
+                d = start + int(bad[0]) + 1
+                raise IndexedDatasetError(
+                    f"{idx_path}: document indices must not decrease: entry {d} is "
+                    f"{int(docs[d])} after {int(docs[d - 1])} (first bad entry)")
 
-    def _open_bin(self) -> np.ndarray:
+    def _check_bin_size(self, total_tokens: int) -> None:
         bin_path = data_file_path(self.path_prefix)
         itemsize = np.dtype(self.dtype).itemsize
-        expected = 0
-        if len(self.sequence_lengths):
-            expected = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * itemsize
+        expected = total_tokens * itemsize
         try:
             size = os.path.getsize(bin_path)
         except OSError as err:
             raise IndexedDatasetError(f"{bin_path}: cannot read data file ({err})") from err
         if size != expected:
+            hint = ""
+            other = [np.dtype(t).name for t in DTYPE_CODES.values()
+                     if total_tokens and np.dtype(t).itemsize * total_tokens == size]
+            if other:
+                hint = (f"; its size fits {total_tokens} tokens of {'/'.join(sorted(set(other)))}"
+                        f": the index's dtype code ({np.dtype(self.dtype).name}) is wrong")
             raise IndexedDatasetError(
                 f"{bin_path}: data file has {size} bytes but its index "
-                f"{index_file_path(self.path_prefix)} describes {expected} (mismatched or "
-                f"truncated pair)")
-        return _map_file(bin_path, mmap=self.mmap)
+                f"{index_file_path(self.path_prefix)} describes {total_tokens} tokens of "
+                f"{itemsize} bytes = {expected} (mismatched or truncated pair){hint}")
 
     def __getstate__(self):
         # Re-open in the receiving process instead of pickling the mapped bytes.
-        return {"path_prefix": self.path_prefix, "mmap": self.mmap}
+        return {"path_prefix": self.path_prefix, "mmap": self.mmap,
+                "vocab_size": self.vocab_size}
 
     def __setstate__(self, state) -> None:
         self.path_prefix, self.mmap = state["path_prefix"], state["mmap"]
+        self.vocab_size = state.get("vocab_size")
         self._open()
 
     def __len__(self) -> int:
@@ -296,7 +321,27 @@ class IndexedDataset:
                              f"of length {size}")
         itemsize = np.dtype(self.dtype).itemsize
         start = int(self.sequence_pointers[idx]) + offset * itemsize
-        return np.frombuffer(self._bin, self.dtype, length, start)
+        tokens = np.frombuffer(self._bin, self.dtype, length, start)
+        self._check_ids(tokens, idx, offset)
+        return tokens
+
+    def _check_ids(self, tokens: np.ndarray, idx: int, offset: int) -> None:
+        """Ids a corrupt file gives away on reading: negative ids (a signed dtype code
+        where the writer used unsigned, e.g. uint16 read as int16) and, when
+        ``vocab_size`` is known, ids beyond the vocabulary."""
+        if not len(tokens):
+            return
+        signed = np.issubdtype(self.dtype, np.signedinteger)
+        low = int(tokens.min()) if signed else 0
+        high = int(tokens.max()) if self.vocab_size is not None else 0
+        if low >= 0 and (self.vocab_size is None or high < self.vocab_size):
+            return
+        pos = int(np.argmax(tokens < 0)) if low < 0 else int(np.argmax(tokens >= self.vocab_size))
+        raise IndexedDatasetError(
+            f"{data_file_path(self.path_prefix)}: sequence {idx} token {offset + pos} is "
+            f"{int(tokens[pos])}, outside [0, {self.vocab_size or 'max'}) (dtype "
+            f"{np.dtype(self.dtype).name}): a corrupt .bin or a wrong dtype code in "
+            f"{index_file_path(self.path_prefix)}")
 
     @property
     def num_documents(self) -> int:
@@ -308,6 +353,46 @@ class IndexedDataset:
         """True when both files of ``path_prefix`` exist."""
         return (os.path.isfile(index_file_path(path_prefix))
                 and os.path.isfile(data_file_path(path_prefix)))
+
+
+_BLOCK = 1 << 22  # entries per vectorised pass: bounds the temporaries to ~32 MB
+
+
+def _blocks(array: np.ndarray):
+    """``(start, array[start:start + _BLOCK + 1])``: overlapping by one entry so that a
+    difference across a block boundary is seen."""
+    for start in range(0, max(len(array) - 1, 1), _BLOCK):
+        yield start, np.asarray(array[start:start + _BLOCK + 1])
+
+
+def _check_lengths(idx_path: str, lengths: np.ndarray) -> None:
+    """Every sequence length is >= 0 (vectorised in blocks)."""
+    for start in range(0, len(lengths), _BLOCK):
+        negative = np.flatnonzero(np.asarray(lengths[start:start + _BLOCK]) < 0)
+        if len(negative):
+            i = start + int(negative[0])
+            raise IndexedDatasetError(f"{idx_path}: sequence {i} has negative length "
+                                      f"{int(lengths[i])} (first bad entry)")
+
+
+def _check_pointers(idx_path: str, lengths: np.ndarray, pointers: np.ndarray, dtype) -> None:
+    """Every pointer is the running byte sum of the lengths before it (what Megatron's
+    builder writes, so each sequence lies inside the ``.bin``, aligned, without overlap).
+    Vectorised in blocks."""
+    itemsize = np.dtype(dtype).itemsize
+    offset = 0  # bytes before the block
+    for start in range(0, len(lengths), _BLOCK):
+        nbytes = np.asarray(lengths[start:start + _BLOCK], dtype=np.int64) * itemsize
+        ends = np.cumsum(nbytes) + offset
+        expected = ends - nbytes
+        bad = np.flatnonzero(np.asarray(pointers[start:start + _BLOCK]) != expected)
+        if len(bad):
+            i = start + int(bad[0])
+            raise IndexedDatasetError(
+                f"{idx_path}: sequence {i} has pointer {int(pointers[i])}, expected "
+                f"{int(expected[bad[0]])} (the byte sum of the lengths before it times "
+                f"itemsize {itemsize}; first bad entry)")
+        offset = int(ends[-1])
 
 
 def _map_file(path: str, mmap: bool):

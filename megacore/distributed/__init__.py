@@ -7,6 +7,7 @@ from megacore.distributed.distributed_data_parallel_config import (
 from megacore.distributed.finalize_model_grads import finalize_model_grads
 from megacore.distributed.param_and_grad_buffer import (
     BufferLayout,
+    NonFiniteGradientError,
     ParamAndGradBucket,
     ParamAndGradBuffer,
     compute_buffer_layout,
@@ -18,6 +19,7 @@ __all__ = [
     "DistributedDataParallelConfig",
     "finalize_model_grads",
     "BufferLayout",
+    "NonFiniteGradientError",
     "ParamAndGradBucket",
     "ParamAndGradBuffer",
     "compute_buffer_layout",

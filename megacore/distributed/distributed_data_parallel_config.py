@@ -42,9 +42,13 @@ class DistributedDataParallelConfig:
     into per-rank shards and params are all-gathered after the step. Buckets are padded to
     a multiple of the data-parallel size and a param buffer is kept for the all-gather."""
 
-    check_for_nan_in_grad: bool = False
-    """Raise before reducing a bucket whose local gradient holds NaN or Inf (names the
-    rank); useful when hunting numerical bugs, costs one norm per bucket."""
+    check_for_nan_in_grad: bool = True
+    """Raise :class:`NonFiniteGradientError` before reducing a bucket whose local gradient
+    holds NaN or Inf (names the rank), so a poisoned step never reaches the optimizer.
+    On by default as in Megatron (``--no-check-for-nan-in-loss-and-grad`` turns it off);
+    costs one norm per bucket per step. The training loop turns it off under fp16
+    dynamic loss scaling, where overflowing grads are expected and the loss scaler skips
+    those steps."""
 
     bucket_size: Optional[int] = None
     """Elements per bucket. None: ``max(40_000_000, 1_000_000 * dp)`` when

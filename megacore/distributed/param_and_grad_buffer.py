@@ -46,7 +46,11 @@ from megacore.distributed.distributed_data_parallel_config import (
 )
 
 __all__ = ["BufferLayout", "compute_buffer_layout", "ParamAndGradBucket",
-           "ParamAndGradBuffer", "shard_range"]
+           "ParamAndGradBuffer", "shard_range", "NonFiniteGradientError"]
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A local gradient holds NaN or Inf (``check_for_nan_in_grad``); names the rank."""
 
 # Each rank's shard of a distributed-optimizer bucket is a multiple of this many elements
 # (aligned, vectorizable accesses on GPU; negligible padding for real models).
@@ -179,8 +183,9 @@ class ParamAndGradBucket:
         if self.ddp_config.check_for_nan_in_grad:
             norm = self.grad_data.float().norm()
             if not torch.isfinite(norm):
-                raise RuntimeError(f"rank {dist.get_rank()}: NaN or Inf in local gradients of "
-                                   f"bucket {self.index} before the data-parallel reduction")
+                raise NonFiniteGradientError(
+                    f"rank {dist.get_rank()}: NaN or Inf in local gradients of bucket "
+                    f"{self.index} before the data-parallel reduction")
         if self.gradient_scaling_factor != 1.0:
             self.grad_data.mul_(self.gradient_scaling_factor)
         if self.data_parallel_size == 1:

@@ -162,6 +162,7 @@ FLAGS: List[Flag] = [
     _f("--ddp-bucket-size", "ddp", "bucket_size"),
     _f("--accumulate-allreduce-grads-in-fp32", "ddp", "grad_reduce_in_fp32"),
     _f("--check-for-nan-in-loss-and-grad", "ddp", "check_for_nan_in_grad"),
+    _f("--no-check-for-nan-in-loss-and-grad", "ddp", "check_for_nan_in_grad", invert=True),
     # data and tokenizer
     _f("--data-path", "data", nargs="*"), _f("--split", "data"),
     _f("--train-data-path", "data", nargs="*"), _f("--valid-data-path", "data", nargs="*"),
@@ -533,6 +534,10 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
             kw[section].update(fp16=fp16, bf16=bf16, params_dtype=dtype)
     if values.get("use_distributed_optimizer"):
         kw["ddp"]["use_distributed_optimizer"] = True
+    if values.get("check_for_nan_in_loss_and_grad") and \
+            values.get("no_check_for_nan_in_loss_and_grad"):
+        raise ArgumentValidationError("--check-for-nan-in-loss-and-grad and "
+                                      "--no-check-for-nan-in-loss-and-grad contradict each other")
     if values.get("group_query_attention") and "num_query_groups" not in model:
         raise ArgumentValidationError("--group-query-attention needs --num-query-groups")
     per_stage = values.get("num_layers_per_virtual_pipeline_stage")

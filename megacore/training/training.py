@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -23,13 +24,19 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megacore import checkpointing, device, parallel_state
-from megacore.distributed import DistributedDataParallel, finalize_model_grads
+from megacore.checkpointing.async_save import reset_async_state
+from megacore.distributed import (
+    DistributedDataParallel,
+    NonFiniteGradientError,
+    finalize_model_grads,
+)
 from megacore.optimizer import (
     GradStatsContext,
     OptimizerParamScheduler,
@@ -68,6 +75,8 @@ class TrainState:
     consumed_valid_samples: int = 0
     skipped_iterations: int = 0
     nan_iterations: int = 0
+    pending_async_save: Optional[int] = None
+    """Iteration of an asynchronous save not yet finalized (not saved in checkpoints)."""
 
 
 def print_rank_0(message: str) -> None:
@@ -81,7 +90,7 @@ def print_rank_last(message: str) -> None:
 
 
 # -- initialization ---------------------------------------------------------------------
-def initialize_distributed(backend: Optional[str] = None, timeout_minutes: int = 10) -> bool:
+def initialize_distributed(backend: Optional[str] = None, timeout_minutes: float = 10) -> bool:
     """Join the process group started by torchrun (or a one-rank group without it).
 
     Returns True when this call created the process group (the caller then owns it and
@@ -140,10 +149,18 @@ def get_model(model_provider: Callable, run: RunConfig, wrap_with_ddp: bool = Tr
         parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     if not wrap_with_ddp:
         return chunks
-    return [DistributedDataParallel(run.model, run.ddp, chunk,
+    # Under fp16 dynamic loss scaling, overflowing grads are expected: the scaler skips
+    # those steps, so only the loss check applies (Megatron behaves the same way).
+    ddp = dataclasses.replace(run.ddp, check_for_nan_in_grad=run.ddp.check_for_nan_in_grad
+                              and not _dynamic_loss_scaling(run))
+    return [DistributedDataParallel(run.model, ddp, chunk,
                                     # Only the first chunk's buckets overlap with backward.
                                     disable_bucketing=index > 0)
             for index, chunk in enumerate(chunks)]
+
+
+def _dynamic_loss_scaling(run: RunConfig) -> bool:
+    return bool(run.model.fp16) and run.optimizer.loss_scale is None
 
 
 def get_optimizer_param_scheduler(run: RunConfig, optimizer) -> OptimizerParamScheduler:
@@ -243,6 +260,13 @@ def _average_losses(losses: List[Dict[str, Any]]) -> Dict[str, float]:
     return out
 
 
+def _p2p_kwargs(run: RunConfig) -> Dict[str, Any]:
+    """Pipeline schedules bound each p2p exchange by --distributed-timeout-minutes too."""
+    if run.model.pipeline_model_parallel_size == 1:
+        return {}
+    return {"p2p_timeout": datetime.timedelta(minutes=run.training.distributed_timeout_minutes)}
+
+
 def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, run: RunConfig,
                num_microbatches: int, global_batch_size: int):
     """Forward/backward over the global batch, then the optimizer and schedule steps."""
@@ -259,7 +283,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ru
         forward_step_func=forward_step_func, data_iterator=data_iterator,
         model=model if len(model) > 1 else model[0], num_microbatches=num_microbatches,
         seq_length=run.gpt.seq_length, micro_batch_size=run.training.micro_batch_size,
-        forward_only=False)
+        forward_only=False, **_p2p_kwargs(run))
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful:
         scheduler.step(increment=global_batch_size)
@@ -281,7 +305,7 @@ def evaluate(forward_step_func, data_iterator, model, run: RunConfig, eval_iters
                 forward_step_func=forward_step_func, data_iterator=data_iterator,
                 model=model if len(model) > 1 else model[0], num_microbatches=num_microbatches,
                 seq_length=run.gpt.seq_length, micro_batch_size=run.training.micro_batch_size,
-                forward_only=True)
+                forward_only=True, **_p2p_kwargs(run))
             for key, value in _average_losses(losses).items():
                 totals[key] = totals.get(key, 0.0) + value / eval_iters
     for chunk in model:
@@ -369,7 +393,18 @@ def _padded_vocab(model) -> int:
     return 0
 
 
+def _finalize_async_save(run, state, blocking: bool) -> None:
+    """Finalize a pending background save (collective) and say so once it is complete."""
+    if checkpointing.finalize_async_saves(blocking=blocking) and \
+            state.pending_async_save is not None:
+        print_rank_0(f"saved checkpoint at iteration {state.pending_async_save} to "
+                     f"{run.checkpoint.save}")
+        state.pending_async_save = None
+
+
 def _save(run, state, model, optimizer, scheduler):
+    if run.checkpoint.async_save:
+        _finalize_async_save(run, state, blocking=True)
     checkpointing.save_checkpoint(
         state.iteration, model, optimizer, scheduler, save_dir=run.checkpoint.save,
         ckpt_format=run.checkpoint.ckpt_format,
@@ -378,7 +413,13 @@ def _save(run, state, model, optimizer, scheduler):
         config_dict=run_config_to_dict(run), async_save=run.checkpoint.async_save,
         extra_state={"skipped_iterations": state.skipped_iterations,
                      "nan_iterations": state.nan_iterations})
-    print_rank_0(f"saved checkpoint at iteration {state.iteration} to {run.checkpoint.save}")
+    if run.checkpoint.async_save:
+        # "saved" is printed when the background writes are finalized (tracker written).
+        state.pending_async_save = state.iteration
+        print_rank_0(f"started asynchronous checkpoint save at iteration {state.iteration}")
+    else:
+        print_rank_0(f"saved checkpoint at iteration {state.iteration} to "
+                     f"{run.checkpoint.save}")
 
 
 def _load(run, state, model, optimizer, scheduler):
@@ -407,8 +448,16 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
     while state.iteration < train_iters:
         gbs = calculator.global_batch_size_at(state.consumed_train_samples)
         num_mb = calculator.num_microbatches_at(state.consumed_train_samples)
-        losses, ok, grad_norm, num_zeros = train_step(
-            forward_step_func, train_iter, model, optimizer, scheduler, run, num_mb, gbs)
+        try:
+            losses, ok, grad_norm, num_zeros = train_step(
+                forward_step_func, train_iter, model, optimizer, scheduler, run, num_mb, gbs)
+        except NonFiniteGradientError as exc:
+            raise NonFiniteTrainingError(
+                f"iteration {state.iteration + 1}: {exc}; stopping the run (no checkpoint is "
+                f"written from this state; {_NAN_CHECK_FLAG} turns the check off)") from exc
+        if run.ddp.check_for_nan_in_grad:
+            _stop_on_non_finite(state.iteration + 1, losses.get("lm loss"),
+                                None if _dynamic_loss_scaling(run) else grad_norm)
         state.iteration += 1
         state.consumed_train_samples += gbs
         if not ok:
@@ -449,13 +498,42 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
             _run_eval(run, state, forward_step_func, valid_iter, model, logger, calculator,
                       "validation")
         if c.save and c.async_save:
-            checkpointing.finalize_async_saves(blocking=False)  # collective, cheap
+            _finalize_async_save(run, state, blocking=False)  # collective, cheap
         if c.save and c.save_interval and state.iteration % c.save_interval == 0:
             _save(run, state, model, optimizer, scheduler)
         reason = _exit_reason(run, state, exit_signal, start_time)
         if reason:
             return reason
     return "done"
+
+
+_NAN_CHECK_FLAG = "--no-check-for-nan-in-loss-and-grad"
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """A training step produced a NaN/Inf loss or gradient (names the iteration and
+    ranks); raised on every rank before anything is saved from that state."""
+
+
+def _stop_on_non_finite(iteration: int, loss: Optional[float],
+                        grad_norm: Optional[float]) -> None:
+    """Collective over the world: raise on every rank when any rank saw a non-finite loss
+    (only the last pipeline stage has one) or grad norm. One all-reduce of ``world``
+    numbers, each rank writing its own slot (1: loss, 2: grad norm)."""
+    flags = torch.zeros(dist.get_world_size())
+    if loss is not None and not math.isfinite(loss):
+        flags[dist.get_rank()] = 1
+    elif grad_norm is not None and not math.isfinite(float(grad_norm)):
+        flags[dist.get_rank()] = 2
+    dist.all_reduce(flags)
+    bad = {r: int(v) for r, v in enumerate(flags.tolist()) if v}
+    if bad:
+        what = " and ".join(sorted({"loss" if v == 1 else "gradient norm"
+                                    for v in bad.values()}))
+        raise NonFiniteTrainingError(
+            f"iteration {iteration}: non-finite (NaN/Inf) {what} on rank(s) {sorted(bad)}; "
+            f"stopping the run (no checkpoint is written from this state; {_NAN_CHECK_FLAG} "
+            "turns the check off)")
 
 
 def _iters_for_samples(calculator: NumMicroBatchesCalculator, train_samples: int) -> int:
@@ -517,27 +595,80 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
         A summary: final iteration, last losses, exit reason.
     """
     start_time = time.time()
-    if run_config is None and argv is None:
-        argv = sys.argv[1:]
-    backend = _flag_value(argv, "--distributed-backend")
-    owns_process_group = initialize_distributed(backend)
+    if run_config is None:
+        # Parsed before the process group starts: its timeout is a flag.
+        run_config = _parse(sys.argv[1:] if argv is None else argv, extra_args_provider)
+    t = run_config.training
+    owns_process_group = initialize_distributed(t.distributed_backend,
+                                                t.distributed_timeout_minutes)
+    succeeded = False
     try:
-        return _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_func,
-                         argv, run_config, extra_args_provider, start_time)
+        summary = _pretrain(train_valid_test_datasets_provider, model_provider,
+                            forward_step_func, run_config, start_time)
+        succeeded = True
+        return summary
+    except BaseException as exc:
+        _report_communication_failure(exc, t.distributed_timeout_minutes)
+        raise
     finally:
         if owns_process_group:
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+            shutdown_distributed(barrier=succeeded)
 
 
-def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_func, argv,
-              run_config, extra_args_provider, start_time) -> Dict[str, Any]:
-    if run_config is None:
-        load_dir = _flag_value(argv, "--load")
-        saved = saved_run_config(load_dir) if load_dir else None
-        run_config = parse_args(argv, world_size=dist.get_world_size(),
-                                extra_args_provider=extra_args_provider,
-                                checkpoint_config=saved, checkpoint_path=load_dir or "")
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Tear down in order, the default process group last, so that no C++ thread of a
+    group (gloo's workers and transport loop) is still joinable when the interpreter
+    exits: release what still references groups (data iterators, device meshes: one
+    garbage collection), wait for every rank at a barrier (no rank closes its connections
+    while a peer still uses them; skipped after a failure, where peers may be gone), then
+    forget the model-parallel and checkpoint groups and destroy every group."""
+    gc.collect()
+    if barrier and dist.is_initialized():
+        dist.barrier()
+    reset_async_state()
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _parse(argv: Sequence[str], extra_args_provider) -> RunConfig:
+    load_dir = _flag_value(argv, "--load")
+    saved = saved_run_config(load_dir) if load_dir else None
+    world = dist.get_world_size() if dist.is_initialized() \
+        else int(os.environ.get("WORLD_SIZE", "1"))
+    return parse_args(argv, world_size=world, extra_args_provider=extra_args_provider,
+                      checkpoint_config=saved, checkpoint_path=load_dir or "")
+
+
+def _report_communication_failure(exc: BaseException, timeout_minutes: float) -> None:
+    """One line naming the collective, its caller and the peer (when torch says) for a
+    failed or timed-out collective: a stopped or dead peer ends every rank this way."""
+    if not isinstance(exc, RuntimeError) or not _looks_like_communication_failure(exc):
+        return
+    frames = traceback.extract_tb(exc.__traceback__)
+    op = next((f.name for f in reversed(frames) if "torch/distributed" in f.filename
+               and not f.name.startswith("_") and f.name != "wrapper"), None)
+    # Collectives inside autograd's backward run below C++ frames: no torch name then.
+    op = f"torch.distributed {op}" if op else "a torch.distributed collective"
+    caller = next((f for f in reversed(frames) if "/megacore/" in f.filename
+                   or "/examples/" in f.filename), None)
+    where = f" called from {caller.name} ({caller.filename}:{caller.lineno})" if caller else ""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"rank {rank}: {op}{where} failed or timed out (--distributed-timeout-minutes "
+          f"{timeout_minutes:g}): {first_line}", file=sys.stderr, flush=True)
+
+
+def _looks_like_communication_failure(exc: BaseException) -> bool:
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed by peer",
+                                   "connection reset", "gloo"))
+
+
+def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_func,
+              run_config, start_time) -> Dict[str, Any]:
     run = run_config
     initialize_model_parallel_from_run(run)
     print_rank_0("megacore pretrain: resolved configuration\n"
@@ -582,7 +713,7 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
                                              logger, calc, name)
     finally:
         if run.checkpoint.save:
-            checkpointing.finalize_async_saves(blocking=True)
+            _finalize_async_save(run, state, blocking=True)
         logger.close()
         exit_signal.restore()
     return summary

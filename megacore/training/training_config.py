@@ -165,8 +165,11 @@ class TrainingArgs:
     distributed_backend: Optional[str] = None
     """``gloo`` or ``nccl`` (default: nccl with GPUs, gloo without)."""
 
-    distributed_timeout_minutes: int = 10
-    """Timeout of collectives."""
+    distributed_timeout_minutes: float = 10
+    """How long any collective or pipeline exchange may wait for a peer, in minutes, for
+    every process group (the default one included) and the background checkpoint group:
+    a stopped or dead peer ends every rank with an error naming the operation after about
+    this long. Fractions are accepted (Megatron takes whole minutes)."""
 
     def __post_init__(self):
         if self.micro_batch_size < 1:

@@ -2,9 +2,13 @@
 
 Reference values come from plain full-sequence forwards of the same model
 (``model(tokens, positions, None)``). Tolerance for log probabilities: fp32 logits,
-atol 1e-5: the cached path computes attention over one query at a time and the batched
-path multiplies other matrix shapes, so float sums are ordered differently (observed
-differences ~1e-7); token choices must match exactly (the tiny model's distributions are
+atol 5e-5, rtol 0: the cached path computes attention over one query at a time and the
+batched path multiplies other matrix shapes, so float sums are ordered differently, and
+PyTorch's AVX2 and AVX-512 kernels order them differently again. Measured maximum
+differences (log probs of magnitude up to 2.2): KV cache vs recompute 5.5e-6 on an
+AVX-512 Xeon (default kernels), 6.1e-6 with ``ATEN_CPU_CAPABILITY=avx2``, 1.04e-5 on an
+AVX-512 EPYC; cached vs full forwards 5.0e-6 (AVX-512) and 9.5e-6 (AVX2). 5e-5 is about
+5x the largest. Token choices must match exactly (the tiny model's distributions are
 peaked, see ``tiny_model``).
 """
 
@@ -20,7 +24,7 @@ from megacore.inference import (
 )
 from tests.inference.tiny_model import build_chunks, destroy_single_process, init_single_process
 
-LP_TOL = dict(rtol=0, atol=1e-5)
+LP_TOL = dict(rtol=0, atol=5e-5)  # measured, see the module docstring
 GREEDY = SamplingParams(temperature=0.0)
 
 

@@ -55,6 +55,11 @@ def main(argv=None) -> int:
     else:
         print(format_checkpoint_info(info, show_tensors=not args.no_tensors))
         if problems is not None:
+            from megacore.checkpointing.integrity import has_digests
+
+            if not has_digests(info.path):
+                print("digests: none recorded (saved by an older megacore): files were "
+                      "read and parsed but not checked byte for byte")
             print("verify: OK" if not problems else
                   "verify: FAILED\n" + "\n".join(f"  {p}" for p in problems))
     return 1 if problems else 0

@@ -32,7 +32,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from megacore.checkpointing.atomic import atomic_torch_save
 from megacore.checkpointing.conversion.canonical import (
     CanonicalSource,
     CommonState,
@@ -57,6 +56,7 @@ from megacore.checkpointing.dist_checkpoint import (
     read_common,
     read_dcp_metadata,
 )
+from megacore.checkpointing.integrity import record_dcp_digests, torch_save_with_digest
 from megacore.checkpointing.legacy import read_legacy_file
 from megacore.checkpointing.paths import (
     COMMON_FILENAME,
@@ -67,6 +67,7 @@ from megacore.checkpointing.paths import (
     resolve_checkpoint_dir,
     write_tracker,
 )
+from megacore.checkpointing.safe_dcp import safe_dcp_load
 from megacore.checkpointing.save_load import CHECKPOINT_VERSION
 from megacore.models.common.embeddings.language_model_embedding import padded_vocab_size
 from megacore.package_info import __version__
@@ -302,16 +303,12 @@ class DistSource(CanonicalSource):
             parts.sort(key=lambda k: int(_BLOCK.match(k).group(2)) if _BLOCK.match(k) else 0)
 
     def _read(self, keys: List[str]) -> Dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-
         request = {}
         for key in keys:
             for dcp_key in self.blocks[key]:
                 meta = self.meta[dcp_key]
                 request[dcp_key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        with warnings.catch_warnings():  # "assuming ... a single process": intended
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(request, checkpoint_id=self.iter_dir, no_dist=True)
+        safe_dcp_load(request, self.iter_dir, no_dist=True, quiet_single_process=True)
         out = {}
         for key in keys:
             _, name = parse_key(key)
@@ -387,7 +384,7 @@ class LegacySaver(_Saver):
                     state = self._rank_state(source, names, t, p, e)
                     path = legacy_file_path(iter_dir, t, p, lay.pp, e, lay.ep)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
-                    atomic_torch_save(state, path)
+                    torch_save_with_digest(state, path)
                     bar.update()
         bar.close()
         write_tracker(self.save_dir, source.common.iteration)
@@ -561,6 +558,7 @@ class DistSaver(_Saver):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.save(state, checkpoint_id=iter_dir, no_dist=True)
+            record_dcp_digests(iter_dir, 0, coordinator=True)
             del state
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -570,7 +568,7 @@ class DistSaver(_Saver):
                                    for k in ("dense", "expert")
                                    if k in source.common.optimizer_common]
         os.makedirs(os.path.join(iter_dir, "rng"), exist_ok=True)
-        atomic_torch_save(common, os.path.join(iter_dir, COMMON_FILENAME))
+        torch_save_with_digest(common, os.path.join(iter_dir, COMMON_FILENAME))
         write_tracker(self.save_dir, source.common.iteration)
         return iter_dir
 
