@@ -115,9 +115,27 @@ def get_batch(data_iterator):
             batch["position_ids"])
 
 
-def loss_func(loss_mask, output_tensor):
+def per_token_loss_func(loss_mask, output_tensor):
+    """``--calculate-per-token-loss`` (Megatron's semantics): the loss to differentiate is
+    the *sum* over this rank's unmasked tokens, returned with their count; the schedule
+    leaves it undivided and ``finalize_model_grads`` divides the summed gradients by the
+    token count over micro-batches and dp x cp ranks. Reported: ``(sum, count)`` over
+    dp x cp, which the training loop turns into a per-token mean over micro-batches."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.to(losses.dtype).reshape(-1)
+    local_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int64)
+    reported = torch.stack([local_sum.detach(), mask.sum()])  # [2], contiguous
+    dist.all_reduce(reported, group=parallel_state.get_data_parallel_group(
+        with_context_parallel=True))
+    return local_sum, num_tokens, {"lm loss": (reported[0], reported[1])}
+
+
+def loss_func(loss_mask, output_tensor, per_token=False):
     """Mean loss over the micro-batch's unmasked tokens of the whole sequence (all cp ranks);
     the value averaged over data-parallel ranks is reported."""
+    if per_token:
+        return per_token_loss_func(loss_mask, output_tensor)
     loss, reported = masked_token_mean_over_cp(output_tensor.float(), loss_mask,
                                                parallel_state.get_context_parallel_group())
     dp_group = parallel_state.get_data_parallel_group()
@@ -129,7 +147,8 @@ def loss_func(loss_mask, output_tensor):
 def forward_step(data_iterator, model):
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
-    return output_tensor, functools.partial(loss_func, loss_mask)
+    per_token = model.config.calculate_per_token_loss  # DDP and GPTModel both carry it
+    return output_tensor, functools.partial(loss_func, loss_mask, per_token=per_token)
 
 
 def main(argv=None):
