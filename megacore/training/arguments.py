@@ -197,7 +197,7 @@ FLAGS: List[Flag] = [
     # checkpointing
     _f("--save", "checkpoint"), _f("--load", "checkpoint"), _f("--save-interval", "checkpoint"),
     _f("--no-load-optim", "checkpoint"), _f("--no-load-rng", "checkpoint"),
-    _f("--finetune", "checkpoint"),
+    _f("--finetune", "checkpoint"), _f("--exit-on-missing-checkpoint", "checkpoint"),
     _f("--ckpt-format", "checkpoint", choices=["torch", "torch_dist"]),
     _f("--async-save", "checkpoint"),
     _f("--ckpt-convert-format", "checkpoint", choices=["torch", "torch_dist"]),
@@ -228,6 +228,9 @@ class RunConfig:
 
     _dp: int = 1
     num_microbatches: int = 1
+    notes: List[str] = dataclasses.field(default_factory=list)
+    """Lines ``pretrain`` prints once at start-up (settings taken from a checkpoint,
+    flags with no effect on this backend)."""
 
 
 # -- docstrings of dataclass fields, for --help ----------------------------------------
@@ -353,10 +356,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, world_size: Optional[int
     values = {k: v for k, v in vars(ns).items() if v is not None and v is not False}
     if ns.yaml_cfg:
         values = {**_load_yaml(ns.yaml_cfg), **values}
+    notes: List[str] = []
     if checkpoint_config:
-        values = _merge_checkpoint_config(values, checkpoint_config, checkpoint_path)
+        values = _merge_checkpoint_config(values, checkpoint_config, checkpoint_path, notes)
     run = _build_run_config(values)
     run.yaml_cfg = ns.yaml_cfg
+    run.notes.extend(notes)
     if world_size is None:
         world_size = (torch.distributed.get_world_size()
                       if torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -382,6 +387,11 @@ CHECKPOINT_MODEL_FLAGS = (
 _CHECKPOINT_DEFAULT_FLAGS = ("--seq-length",)
 """Filled from the saved config when not given, but free to change (e.g. fine-tuning on
 shorter sequences)."""
+
+_CHECKPOINT_RESUME_FLAGS = ("--micro-batch-size", "--global-batch-size", "--rampup-batch-size")
+"""The batch schedule of a resumed run (not --finetune): the checkpoint's when not given
+(its consumed-samples count and lr schedule are in these units); a different value given
+is used and reported, naming the flag."""
 
 
 def _config_values(config: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -421,8 +431,32 @@ def model_flags_from_config(config: Dict[str, Dict[str, Any]]) -> List[str]:
     return argv
 
 
+def _merge_resume_flags(values: Dict[str, Any], merged: Dict[str, Any],
+                        config: Dict[str, Any], path: str, notes: List[str]) -> None:
+    if values.get("finetune"):
+        return
+    by_flag = {f.flag: f for f in FLAGS}
+    for name in _CHECKPOINT_RESUME_FLAGS:
+        flag = by_flag[name]
+        saved = config.get(flag.section, {}).get(flag.field)
+        if saved is None:
+            continue
+        dest = _dest(flag)
+        if dest not in values:
+            merged[dest] = saved
+            notes.append(f"{name} {_flag_text(saved)}: taken from the checkpoint {path}")
+        elif _flag_text(values[dest]) != _flag_text(saved):
+            notes.append(f"WARNING: {name} {_flag_text(values[dest])} differs from the "
+                         f"checkpoint's {_flag_text(saved)} ({path}); using "
+                         f"{_flag_text(values[dest])}")
+
+
+def _flag_text(value: Any) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _merge_checkpoint_config(values: Dict[str, Any], config: Dict[str, Any],
-                             path: str) -> Dict[str, Any]:
+                             path: str, notes: Optional[List[str]] = None) -> Dict[str, Any]:
     merged = dict(values)
     by_dest = {_dest(f): f.flag for f in FLAGS}
     by_dest["moe_layer_freq_text"] = "--moe-layer-freq"
@@ -447,6 +481,7 @@ def _merge_checkpoint_config(values: Dict[str, Any], config: Dict[str, Any],
     for dtype in ("fp16", "bf16"):  # precision follows the checkpoint unless chosen here
         if config.get("model", {}).get(dtype) and not (values.get("fp16") or values.get("bf16")):
             merged[dtype] = True
+    _merge_resume_flags(values, merged, config, path, notes if notes is not None else [])
     return merged
 
 
@@ -706,8 +741,6 @@ def _check_checkpointing(run: RunConfig, world_size: int) -> None:
         _fail("--save-interval needs --save")
     if c.finetune and not c.load:
         _fail("--finetune needs --load")
-    if (c.no_load_optim or c.no_load_rng) and not c.load:
-        _fail("--no-load-optim / --no-load-rng need --load")
     if t.exit_signal_handler and not c.save:
         _fail("--exit-signal-handler needs --save (it saves a checkpoint on SIGTERM)")
     if (c.ckpt_convert_format is None) != (c.ckpt_convert_save is None):

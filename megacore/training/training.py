@@ -51,7 +51,7 @@ from megacore.transformer.moe import (
 )
 
 __all__ = ["pretrain", "initialize_distributed", "initialize_model_parallel_from_run",
-           "saved_run_config", "params_norm",
+           "saved_run_config", "checkpoint_is_missing", "params_norm",
            "get_model", "get_optimizer_param_scheduler", "train_step", "evaluate",
            "TrainState", "print_rank_0", "print_rank_last"]
 
@@ -382,9 +382,15 @@ def _save(run, state, model, optimizer, scheduler):
 
 def _load(run, state, model, optimizer, scheduler):
     c = run.checkpoint
-    iteration, consumed_train, consumed_valid, _ = checkpointing.load_checkpoint(
-        model, optimizer, scheduler, load_dir=c.load, no_load_optim=c.no_load_optim,
-        no_load_rng=c.no_load_rng, finetune=c.finetune)
+    try:
+        iteration, consumed_train, consumed_valid, _ = checkpointing.load_checkpoint(
+            model, optimizer, scheduler, load_dir=c.load, no_load_optim=c.no_load_optim,
+            no_load_rng=c.no_load_rng, finetune=c.finetune)
+    except ValueError as e:
+        if "optimizer param scheduler" not in str(e):
+            raise
+        raise ValueError(f"--load {c.load}: {e} (flags: --use-checkpoint-opt_param-scheduler "
+                         "or --override-opt_param-scheduler)") from e
     state.iteration = iteration
     state.consumed_train_samples = consumed_train
     state.consumed_valid_samples = consumed_valid
@@ -538,9 +544,12 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
                                 extra_args_provider=extra_args_provider,
                                 checkpoint_config=saved, checkpoint_path=load_dir or "")
     run = run_config
+    _resolve_missing_checkpoint(run)
     initialize_model_parallel_from_run(run)
     print_rank_0("megacore pretrain: resolved configuration\n"
                  + json.dumps(run_config_to_dict(run), indent=1, sort_keys=True))
+    for note in run.notes:
+        print_rank_0(note)
 
     model = get_model(model_provider, run)
     optimizer = get_megatron_optimizer(run.optimizer, model)
@@ -587,6 +596,26 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
     return summary
 
 
+def checkpoint_is_missing(load_dir: str) -> bool:
+    """True when ``load_dir`` does not exist or is an empty directory: a first start of an
+    auto-resuming ``--save X --load X`` run. Anything else is loaded (and a broken
+    checkpoint is an error, never a silent fresh start)."""
+    return not os.path.isdir(load_dir) or not os.listdir(load_dir)
+
+
+def _resolve_missing_checkpoint(run: RunConfig) -> None:
+    """Megatron's auto-resume: ``--load`` of a missing or empty directory trains from
+    scratch after one warning line; ``--exit-on-missing-checkpoint`` makes it an error."""
+    c = run.checkpoint
+    if not c.load or not checkpoint_is_missing(c.load):
+        return
+    if c.exit_on_missing_checkpoint:
+        raise checkpointing.CheckpointError(
+            f"--load {c.load}: no checkpoint there, and --exit-on-missing-checkpoint is set")
+    print_rank_0(f"WARNING: --load {c.load}: no checkpoint found; training from scratch")
+    run.checkpoint = dataclasses.replace(c, load=None)
+
+
 def _flag_value(argv: Optional[Sequence[str]], flag: str) -> Optional[str]:
     """The value of ``flag`` in ``argv`` (before full parsing, which needs it)."""
     argv = list(argv or [])
@@ -599,9 +628,10 @@ def _flag_value(argv: Optional[Sequence[str]], flag: str) -> Optional[str]:
 
 
 def saved_run_config(load_dir: str) -> Optional[Dict[str, Any]]:
-    """The run configuration stored with the latest checkpoint under ``load_dir``
-    (None when there is no checkpoint yet, e.g. ``--save d --load d`` on a first start)."""
-    if not os.path.isdir(load_dir) or checkpointing.read_tracker(load_dir) is None:
+    """The run configuration stored with the latest checkpoint under ``load_dir`` (or the
+    iteration directory ``load_dir``); None when there is no checkpoint yet, e.g.
+    ``--save d --load d`` on a first start."""
+    if checkpoint_is_missing(load_dir):
         return None
     return checkpointing.read_checkpoint_info(load_dir).config
 

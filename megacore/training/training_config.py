@@ -283,6 +283,10 @@ class CheckpointArgs:
     finetune: bool = False
     """Load only the model weights and start from iteration 0."""
 
+    exit_on_missing_checkpoint: bool = False
+    """With --load, stop with an error when the directory holds no checkpoint (default:
+    train from scratch after a warning, so ``--save X --load X`` auto-resumes)."""
+
     ckpt_format: str = "torch_dist"
     """``torch`` (per-rank legacy files) or ``torch_dist`` (distributed, reshardable)."""
 

@@ -115,7 +115,6 @@ BAD = [
     ("--lr-decay-style WSD", 1, "needs --lr-wsd-decay-iters"),
     ("--save-interval 5", 1, "--save-interval needs --save"),
     ("--finetune", 1, "--finetune needs --load"),
-    ("--no-load-optim", 1, "need --load"),
     ("--exit-signal-handler", 1, "--exit-signal-handler needs --save"),
     ("--ckpt-convert-format torch", 1, "go together"),
     ("--async-save", 1, "--async-save needs --save"),
