@@ -90,7 +90,8 @@ def train_valid_test_datasets_provider(run, train_val_test_num_samples):
         split=None if separate or d.mock_data else d.split,
         path_to_cache=d.data_cache_path, mock=d.mock_data, tokenizer=get_tokenizer(run),
         reset_position_ids=d.reset_position_ids, reset_attention_mask=d.reset_attention_mask,
-        eod_mask_loss=d.eod_mask_loss, create_attention_mask=d.reset_attention_mask)
+        eod_mask_loss=d.eod_mask_loss, create_attention_mask=d.reset_attention_mask,
+        mmap_bin_files=d.mmap_bin_files)
     sizes = list(train_val_test_num_samples)
     if separate:
         present = (d.train_data_path, d.valid_data_path, d.test_data_path)

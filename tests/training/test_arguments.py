@@ -86,7 +86,6 @@ BAD = [
     ("--pipeline-model-parallel-size 3", 6, "--num-layers"),
     ("--context-parallel-size 3", 4, "--context-parallel-size=3"),
     ("--fp16 --bf16", 1, "--fp16 and --bf16 are mutually exclusive"),
-    ("--sequence-parallel", 1, "sequence_parallel=True needs tensor_model_parallel_size"),
     ("--global-batch-size 5", 2, "--global-batch-size 5 must be divisible"),
     ("--train-samples 100", 1, "exactly one of --train-iters and --train-samples"),
     ("--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 "

@@ -130,6 +130,8 @@ class GPTModel(MegatronModule):
 
         Must be called on every rank of the embedding group (it is, from ``__init__``).
         """
+        if self.pre_process:
+            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
         if self.post_process and self.output_layer.weight is not None:
             self.output_layer.weight.is_embedding_or_output_parameter = True
         if not self.share_embeddings_and_output_weights:
