@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megacore import device, parallel_state  # noqa: E402
 from megacore.datasets import (  # noqa: E402
     BlendedMegatronDatasetBuilder,
+    parse_and_normalize_split,
     GPTDataset,
     GPTDatasetConfig,
     get_blend_from_list,
@@ -98,7 +99,7 @@ def train_valid_test_datasets_provider(run, train_val_test_num_samples):
     elif d.mock_data:
         present = (True, True, True)
     else:  # a split weighted 0 (e.g. --split 98,2,0) is not asked for samples
-        present = [float(w) > 0 for w in d.split.replace("/", ",").split(",")] + [False] * 2
+        present = [w > 0 for w in parse_and_normalize_split(d.split)]
     sizes = [n if p else 0 for n, p in zip(sizes, present)]
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megacore.datasets.split_and_blend import parse_and_normalize_split
 from megacore.distributed import DistributedDataParallelConfig
 from megacore.optimizer import OptimizerConfig
 from megacore.parallel_state import ParallelLayout
@@ -217,7 +218,7 @@ FLAGS: List[Flag] = [
     # batch, duration, evaluation, seeds, exit
     _f("--micro-batch-size", "training"), _f("--global-batch-size", "training"),
     _f("--rampup-batch-size", "training", nargs="*"),
-    _f("--step-batch-size-schedule", "training"),
+    _f("--step-batch-size-schedule", "training", nargs="+"),
     _f("--train-iters", "training"), _f("--train-samples", "training"),
     _f("--eval-interval", "training"), _f("--eval-iters", "training"),
     _f("--skip-train", "training"), _f("--seed", "training"),
@@ -720,6 +721,9 @@ def _build_run_config(values: Dict[str, Any]) -> RunConfig:
     for key in ("rampup_batch_size",):
         if key in kw["training"]:
             kw["training"][key] = [int(v) for v in kw["training"][key]]
+    schedule = kw["training"].get("step_batch_size_schedule")
+    if isinstance(schedule, (list, tuple)):  # one quoted word, or (bash arrays) several
+        kw["training"]["step_batch_size_schedule"] = " ".join(schedule)
     built = {name: _build_section(name, kw[name]) for name in SECTIONS}
     return RunConfig(**built)
 
@@ -928,11 +932,9 @@ def _check_data(run: RunConfig, world_size: int) -> None:
     if d.mock_data and d.tokenizer_type is None and not d.vocab_size:
         _fail("--mock-data needs a tokenizer or --vocab-size for the vocabulary")
     try:
-        weights = [float(x) for x in d.split.replace("/", ",").split(",")]
-    except ValueError:
-        _fail(f"--split {d.split!r} must be comma-separated numbers, e.g. 969,30,1")
-    if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        _fail(f"--split {d.split!r} needs up to three non-negative weights with a positive sum")
+        parse_and_normalize_split(d.split)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _check_checkpointing(run: RunConfig, world_size: int) -> None:

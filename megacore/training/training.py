@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megacore import checkpointing, device, parallel_state
+from megacore.checkpointing.paths import detect_format
 from megacore.distributed import DistributedDataParallel, finalize_model_grads
 from megacore.optimizer import (
     GradStatsContext,
@@ -681,10 +682,15 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
 
 
 def checkpoint_is_missing(load_dir: str) -> bool:
-    """True when ``load_dir`` does not exist or is an empty directory: a first start of an
-    auto-resuming ``--save X --load X`` run. Anything else is loaded (and a broken
-    checkpoint is an error, never a silent fresh start)."""
-    return not os.path.isdir(load_dir) or not os.listdir(load_dir)
+    """True when ``load_dir`` holds no checkpoint: it does not exist, or has neither a
+    tracker file nor the files of an iteration directory (empty, or only e.g. the
+    TensorBoard logs Megatron-LM's Mixtral script writes under the checkpoint path). That
+    is a first start of an auto-resuming ``--save X --load X`` run. A tracker that names
+    a missing iteration is loaded and reported as the error it is."""
+    if not os.path.isdir(load_dir):
+        return True
+    return checkpointing.read_tracker(load_dir) is None and \
+        detect_format(load_dir, missing_ok=True) is None
 
 
 def _resolve_missing_checkpoint(run: RunConfig) -> None:

@@ -1,6 +1,6 @@
 """Megatron's auto-resume through examples/pretrain_gpt.py.
 
-* ``--save X --load X`` with X missing or empty trains from scratch after ONE warning line,
+* ``--save X --load X`` with X missing, empty or without a checkpoint in it trains from scratch after ONE warning line,
   then a second start resumes from X (iterations continue, losses equal an uninterrupted
   run bitwise: same layout, deterministic mode).
 * ``--exit-on-missing-checkpoint`` keeps the error, naming the flag.
@@ -40,11 +40,14 @@ def straight(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("straight"), "straight", "")
 
 
-@pytest.mark.parametrize("state", ["missing", "empty"])
+@pytest.mark.parametrize("state", ["missing", "empty", "tensorboard_only"])
 def test_save_load_same_directory_starts_then_resumes(tmp_path, capfd, state, straight):
     ckpt = tmp_path / "ckpt"
-    if state == "empty":
+    if state != "missing":
         ckpt.mkdir()
+    if state == "tensorboard_only":  # Megatron's Mixtral script logs under the checkpoint path
+        (ckpt / "tensorboard").mkdir()
+        (ckpt / "tensorboard" / "events.out").write_text("x")
     capfd.readouterr()
     first = _train(tmp_path, "first", f"--save {ckpt} --load {ckpt} --save-interval 2 "
                                       "--exit-interval 2")
