@@ -40,16 +40,17 @@ from megacore.transformer.context_parallel import (  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
-def _tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_model, vocab_size):
+def _tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_model, vocab_size,
+               tiktoken_pattern):
     return build_tokenizer(tokenizer_type or "NullTokenizer", vocab_file=vocab_file,
                            merge_file=merge_file, tokenizer_model=tokenizer_model,
-                           vocab_size=vocab_size)
+                           vocab_size=vocab_size, tiktoken_pattern=tiktoken_pattern)
 
 
 def get_tokenizer(run):
     d = run.data
     return _tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model,
-                      d.vocab_size)
+                      d.vocab_size, d.tiktoken_pattern)
 
 
 def padded_vocab_size(run) -> int:

@@ -922,7 +922,8 @@ def _check_data(run: RunConfig, world_size: int) -> None:
         _fail("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
     if d.tokenizer_type in ("BertWordPieceLowerCase", "BertWordPieceCase") and not d.vocab_file:
         _fail(f"--tokenizer-type {d.tokenizer_type} needs --vocab-file")
-    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer") \
+    if d.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                            "Llama2Tokenizer", "TikTokenizer", "HuggingFaceTokenizer") \
             and not d.tokenizer_model:
         _fail(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
     if d.tokenizer_type == "NullTokenizer" and not d.vocab_size:

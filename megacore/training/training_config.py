@@ -90,7 +90,9 @@ class DataArgs:
 
     tokenizer_type: Optional[str] = None
     """GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase, SentencePieceTokenizer,
-    HuggingFaceTokenizer or NullTokenizer."""
+    GPTSentencePieceTokenizer, Llama2Tokenizer, TikTokenizer, HuggingFaceTokenizer or
+    NullTokenizer (default: GPT2BPETokenizer when --vocab-file and --merge-file are given,
+    as in Megatron-LM)."""
 
     vocab_file: Optional[str] = None
     """vocab.json (GPT-2 BPE) or vocab.txt (WordPiece)."""
