@@ -69,7 +69,6 @@ setup(
             # Byte-level interop tests against Megatron's own .bin/.idx builder and
             # GPTDataset (a CPU-only wheel here; needs only numpy, packaging and torch).
             "megatron-core==0.16.1",
-            "tiktoken>=0.7",  # TikTokenizer, tested against megatron-core's
         ],
         "dev": [
             "pytest>=7.4",
@@ -78,14 +77,12 @@ setup(
             "transformers>=4.40",
             "sentencepiece>=0.1.99",
             "megatron-core==0.16.1",
-            "tiktoken>=0.7",
             "ruff>=0.4",
         ],
         # Optional accelerations, only used on CUDA when importable. NVIDIA Apex is not on
         # PyPI (the PyPI package called "apex" is unrelated) and is never required.
         "te": ["transformer_engine[pytorch]"],
         "tensorboard": ["tensorboard"],
-        "tiktoken": ["tiktoken"],
         "wandb": ["wandb"],
     },
     entry_points={},
