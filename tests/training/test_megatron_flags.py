@@ -304,3 +304,24 @@ def test_exit_duration_in_mins(tmp_path):
     summary = run_distributed(_housekeeping_run, 1, args=(argv, str(tmp_path)),
                               timeout=240)[0][0]
     assert summary["exit_reason"] == "exit-duration" and summary["iteration"] == 1
+
+
+@pytest.mark.parametrize("flags, mmapped", [([], True), (["--no-mmap-bin-files"], False)])
+def test_no_mmap_bin_files_reads_the_data_into_memory(tmp_path, flags, mmapped):
+    from tools import preprocess_data
+
+    corpus = tmp_path / "corpus.jsonl"
+    with open(os.path.join(ROOT, "examples", "data", "demo_corpus.jsonl")) as f:
+        corpus.write_text("".join(f.readlines()[:40]))
+    vocab = os.path.join(ROOT, "examples", "data", "vocab.json")
+    merges = os.path.join(ROOT, "examples", "data", "merges.txt")
+    assert preprocess_data.main(["--input", str(corpus), "--output-prefix", str(tmp_path / "d"),
+                                 "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
+                                 "--merge-file", merges, "--append-eod", "--workers", "1"]) == 0
+    argv = [a for a in BASE if a not in ("--mock-data", "--vocab-size", "97")] + [
+        "--data-path", str(tmp_path / "d_text_document"), "--split", "1,0,0",
+        "--vocab-file", vocab, "--merge-file", merges] + flags
+    run = parse_args(argv, world_size=1)
+    train, _, _ = _example().train_valid_test_datasets_provider(run, [4, 0, 0])
+    assert train.dataset.mmap is mmapped
+    assert len(train[0]["tokens"]) == 16
