@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megacore import device, parallel_state  # noqa: E402
 from megacore.datasets import (  # noqa: E402
     BlendedMegatronDatasetBuilder,
+    parse_and_normalize_split,
     GPTDataset,
     GPTDatasetConfig,
     get_blend_from_list,
@@ -39,16 +40,17 @@ from megacore.transformer.context_parallel import (  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
-def _tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_model, vocab_size):
+def _tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_model, vocab_size,
+               tiktoken_pattern):
     return build_tokenizer(tokenizer_type or "NullTokenizer", vocab_file=vocab_file,
                            merge_file=merge_file, tokenizer_model=tokenizer_model,
-                           vocab_size=vocab_size)
+                           vocab_size=vocab_size, tiktoken_pattern=tiktoken_pattern)
 
 
 def get_tokenizer(run):
     d = run.data
     return _tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model,
-                      d.vocab_size)
+                      d.vocab_size, d.tiktoken_pattern)
 
 
 def padded_vocab_size(run) -> int:
@@ -90,14 +92,15 @@ def train_valid_test_datasets_provider(run, train_val_test_num_samples):
         split=None if separate or d.mock_data else d.split,
         path_to_cache=d.data_cache_path, mock=d.mock_data, tokenizer=get_tokenizer(run),
         reset_position_ids=d.reset_position_ids, reset_attention_mask=d.reset_attention_mask,
-        eod_mask_loss=d.eod_mask_loss, create_attention_mask=d.reset_attention_mask)
+        eod_mask_loss=d.eod_mask_loss, create_attention_mask=d.reset_attention_mask,
+        mmap_bin_files=d.mmap_bin_files)
     sizes = list(train_val_test_num_samples)
     if separate:
         present = (d.train_data_path, d.valid_data_path, d.test_data_path)
     elif d.mock_data:
         present = (True, True, True)
     else:  # a split weighted 0 (e.g. --split 98,2,0) is not asked for samples
-        present = [float(w) > 0 for w in d.split.replace("/", ",").split(",")] + [False] * 2
+        present = [w > 0 for w in parse_and_normalize_split(d.split)]
     sizes = [n if p else 0 for n, p in zip(sizes, present)]
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
@@ -115,10 +118,28 @@ def get_batch(data_iterator):
             batch["position_ids"])
 
 
-def loss_func(loss_mask, mtp_losses, output_tensor):
+def per_token_loss_func(loss_mask, output_tensor):
+    """``--calculate-per-token-loss`` (Megatron's semantics): the loss to differentiate is
+    the *sum* over this rank's unmasked tokens, returned with their count; the schedule
+    leaves it undivided and ``finalize_model_grads`` divides the summed gradients by the
+    token count over micro-batches and dp x cp ranks. Reported: ``(sum, count)`` over
+    dp x cp, which the training loop turns into a per-token mean over micro-batches."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.to(losses.dtype).reshape(-1)
+    local_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int64)
+    reported = torch.stack([local_sum.detach(), mask.sum()])  # [2], contiguous
+    dist.all_reduce(reported, group=parallel_state.get_data_parallel_group(
+        with_context_parallel=True))
+    return local_sum, num_tokens, {"lm loss": (reported[0], reported[1])}
+
+
+def loss_func(loss_mask, output_tensor, per_token=False, mtp_losses=()):
     """Mean loss over the micro-batch's unmasked tokens of the whole sequence (all cp ranks);
     the value averaged over data-parallel ranks is reported (with each multi-token
     prediction depth's loss, already part of the gradient, as ``mtp_<k> loss``)."""
+    if per_token:
+        return per_token_loss_func(loss_mask, output_tensor)
     loss, reported = masked_token_mean_over_cp(output_tensor.float(), loss_mask,
                                                parallel_state.get_context_parallel_group())
     values = torch.stack([reported.reshape(()), *[m.float().reshape(()) for m in mtp_losses]])
@@ -139,7 +160,9 @@ def forward_step(data_iterator, model):
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels,
                           loss_mask=loss_mask)
-    return output_tensor, functools.partial(loss_func, loss_mask, _mtp_losses(model))
+    per_token = model.config.calculate_per_token_loss  # DDP and GPTModel both carry it
+    return output_tensor, functools.partial(loss_func, loss_mask, per_token=per_token,
+                                            mtp_losses=_mtp_losses(model))
 
 
 def main(argv=None):

@@ -52,7 +52,9 @@ def normalize(weights: Sequence[float]) -> List[float]:
 
 def parse_and_normalize_split(split: str) -> List[float]:
     """``"969,30,1"`` -> ``[0.969, 0.03, 0.001]`` (``,`` or ``/`` separated, up to 3)."""
-    pieces = [p.strip() for p in re.split(r"[,/]", split) if p.strip()]
+    # Quotes are ignored, as Megatron-LM does: its Llama 3 example passes "--split '99,1,0'"
+    # inside a bash array, so the quotes reach the program.
+    pieces = [p.strip(" '\"") for p in re.split(r"[,/]", split) if p.strip(" '\"")]
     try:
         values = [float(p) for p in pieces]
     except ValueError:

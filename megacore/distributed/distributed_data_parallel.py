@@ -191,7 +191,7 @@ class DistributedDataParallel(torch.nn.Module):
     def start_grad_sync(self, *unused) -> None:
         """Start every bucket's reduction now (used by pipeline schedules)."""
         for bucket in self._all_buckets():
-            if bucket.grad_reduce_handle is None:
+            if not bucket.grad_sync_started:
                 bucket.start_grad_sync()
 
     def finish_grad_sync(self) -> None:

@@ -159,6 +159,9 @@ class ParamAndGradBucket:
         """Forget which grads arrived (call at the start of every iteration)."""
         self.params_with_grad = set()
         self.is_last_microbatch = True
+        # Whether this iteration's reduction was started. Kept apart from the handle:
+        # a one-rank group starts (scales) a reduction but has no collective to wait on.
+        self.grad_sync_started = False
 
     def local_shard(self, data: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a bucket-sized view (``[numel] -> [numel / dp]``)."""
@@ -177,9 +180,16 @@ class ParamAndGradBucket:
             self.start_grad_sync()
 
     def start_grad_sync(self) -> None:
-        """Reduce this bucket's grads over dp (all-reduce, or reduce-scatter to shards)."""
-        if self.grad_reduce_handle is not None:
-            raise RuntimeError(f"bucket {self.index}: gradient reduction already in flight")
+        """Reduce this bucket's grads over dp (all-reduce, or reduce-scatter to shards).
+
+        A one-rank group has nothing to reduce: the grads are only scaled, but the bucket
+        still records that its reduction started, so ``finish_grad_sync`` can tell a
+        finished bucket from one whose grads never arrived.
+        """
+        if self.grad_sync_started:
+            raise RuntimeError(f"bucket {self.index}: gradient reduction already started "
+                               "in this iteration")
+        self.grad_sync_started = True
         if self.ddp_config.check_for_nan_in_grad:
             norm = self.grad_data.float().norm()
             if not torch.isfinite(norm):
@@ -207,17 +217,18 @@ class ParamAndGradBucket:
         self.param_gather_dispatched = False
         if not self.ddp_config.overlap_grad_reduce:
             self.start_grad_sync()
+            self.grad_sync_started = False
             return
-        if self.data_parallel_size == 1 and len(self.params_with_grad) == len(self.params):
-            return
-        if self.grad_reduce_handle is None:
+        if not self.grad_sync_started:
             raise RuntimeError(
                 f"bucket {self.index}: the gradient reduction was never started: "
                 f"{len(self.params_with_grad)}/{len(self.params)} params received a gradient "
                 "in backward. With overlap_grad_reduce every trainable parameter must get a "
                 "gradient on the last micro-batch (unused parameters? call inside no_sync?)")
-        self.grad_reduce_handle.wait()
-        self.grad_reduce_handle = None
+        if self.grad_reduce_handle is not None:  # None: one-rank group, nothing in flight
+            self.grad_reduce_handle.wait()
+            self.grad_reduce_handle = None
+        self.grad_sync_started = False
 
     # -- parameter all-gather (distributed optimizer) --------------------------------
     def start_param_sync(self, force_sync: bool = False) -> None:

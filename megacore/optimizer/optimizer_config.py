@@ -31,6 +31,13 @@ class OptimizerConfig:
     min_lr: Optional[float] = None
     """Floor of the decayed learning rate (read by the param scheduler per group)."""
 
+    decoupled_lr: Optional[float] = None
+    """Peak learning rate of the input embedding and output layer params (those marked
+    ``is_embedding_or_output_parameter``), scheduled like ``lr`` (None: ``lr``)."""
+
+    decoupled_min_lr: Optional[float] = None
+    """Floor of the decayed learning rate of those params (None: ``min_lr``)."""
+
     weight_decay: float = 0.01
     """Weight decay for params that decay (not biases or 1-D norm params)."""
 
@@ -101,6 +108,10 @@ class OptimizerConfig:
             raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.decoupled_lr is not None and self.decoupled_lr < 0:
+            raise ValueError(f"decoupled_lr must be >= 0, got {self.decoupled_lr}")
+        if self.decoupled_min_lr is not None and self.decoupled_min_lr < 0:
+            raise ValueError(f"decoupled_min_lr must be >= 0, got {self.decoupled_min_lr}")
         if self.clip_grad < 0:
             raise ValueError(f"clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
         if self.loss_scale is not None and self.loss_scale <= 0:

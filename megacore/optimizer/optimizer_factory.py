@@ -53,21 +53,37 @@ def get_param_groups(model_chunks: List[torch.nn.Module], config: OptimizerConfi
                      lr_mult: float = 1.0) -> List[dict]:
     """Torch param groups over the trainable params of ``model_chunks``."""
     no_wd = no_weight_decay_cond or _default_no_weight_decay
-    groups: Dict[Tuple[float, float, bool], List[torch.nn.Parameter]] = {}
+    groups: Dict[Tuple[float, float, bool, bool], List[torch.nn.Parameter]] = {}
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
             if not param.requires_grad:
                 continue
             wd_mult = 0.0 if no_wd(name, param) else 1.0
             scaled = scale_lr_cond is not None and scale_lr_cond(name, param)
-            key = (wd_mult, lr_mult if scaled else 1.0, not getattr(param, "allreduce", True))
+            decoupled = config.decoupled_lr is not None and \
+                getattr(param, "is_embedding_or_output_parameter", False)
+            key = (wd_mult, lr_mult if scaled else 1.0, not getattr(param, "allreduce", True),
+                   decoupled)
             groups.setdefault(key, []).append(param)
+    out = []
+    for (wd_mult, mult, expert, decoupled), params in groups.items():
+        lr, min_lr = _group_lr_range(config, decoupled)
+        out.append({"params": params, "wd_mult": wd_mult, "lr_mult": mult,
+                    "is_expert_parallel": expert, "max_lr": lr, "min_lr": min_lr,
+                    "lr": lr * mult, "weight_decay": config.weight_decay * wd_mult})
+    return out
+
+
+def _group_lr_range(config: OptimizerConfig, decoupled: bool) -> Tuple[float, float]:
+    """(max_lr, min_lr) of a param group; ``decoupled``: the embedding/output group of
+    ``config.decoupled_lr`` (Megatron's --decoupled-lr / --decoupled-min-lr)."""
     lr = config.lr if config.lr is not None else 0.0
     min_lr = config.min_lr if config.min_lr is not None else 0.0
-    return [{"params": params, "wd_mult": wd_mult, "lr_mult": mult,
-             "is_expert_parallel": expert, "max_lr": lr, "min_lr": min_lr,
-             "lr": lr * mult, "weight_decay": config.weight_decay * wd_mult}
-            for (wd_mult, mult, expert), params in groups.items()]
+    if decoupled:
+        lr = config.decoupled_lr
+        if config.decoupled_min_lr is not None:
+            min_lr = config.decoupled_min_lr
+    return lr, min_lr
 
 
 def _torch_optimizer(config: OptimizerConfig, param_groups: List[dict]) -> torch.optim.Optimizer:

@@ -20,6 +20,7 @@ from megacore.tokenizers.sentencepiece_tokenizer import (
     Llama2Tokenizer,
     SentencePieceTokenizer,
 )
+from megacore.tokenizers.tiktoken_tokenizer import TikTokenizer
 
 __all__ = [
     "BertWordPieceTokenizer",
@@ -28,6 +29,7 @@ __all__ = [
     "HuggingFaceTokenizer",
     "Llama2Tokenizer",
     "MegatronTokenizer",
+    "TikTokenizer",
     "NullTokenizer",
     "SentencePieceTokenizer",
     "TOKENIZER_TYPES",

@@ -23,6 +23,7 @@ from megacore.tokenizers.sentencepiece_tokenizer import (
     Llama2Tokenizer,
     SentencePieceTokenizer,
 )
+from megacore.tokenizers.tiktoken_tokenizer import TikTokenizer
 
 __all__ = ["TOKENIZER_TYPES", "build_tokenizer", "vocab_size_with_padding"]
 
@@ -35,6 +36,7 @@ TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
     "GPTSentencePieceTokenizer",
     "Llama2Tokenizer",
+    "TikTokenizer",
     "HuggingFaceTokenizer",
     "NullTokenizer",
 )
@@ -54,7 +56,8 @@ def build_tokenizer(tokenizer_type: str, *, vocab_file: Optional[str] = None,
                     merge_file: Optional[str] = None, tokenizer_model: Optional[str] = None,
                     vocab_size: Optional[int] = None, vocab_extra_ids: int = 0,
                     make_vocab_size_divisible_by: int = 128,
-                    tensor_model_parallel_size: int = 1) -> MegatronTokenizer:
+                    tensor_model_parallel_size: int = 1,
+                    tiktoken_pattern: Optional[str] = None) -> MegatronTokenizer:
     """Build the tokenizer named by ``--tokenizer-type`` from its local files.
 
     Args:
@@ -62,10 +65,11 @@ def build_tokenizer(tokenizer_type: str, *, vocab_file: Optional[str] = None,
         vocab_file: ``vocab.json`` (GPT-2) or ``vocab.txt`` (BERT).
         merge_file: ``merges.txt`` (GPT-2).
         tokenizer_model: SentencePiece ``.model``, or a local ``tokenizer.json``/directory.
-        vocab_size: data vocabulary of ``NullTokenizer``.
+        vocab_size: data vocabulary of ``NullTokenizer``; total ids of ``TikTokenizer``.
         vocab_extra_ids: sentinel tokens to add (BERT, SentencePiece).
         make_vocab_size_divisible_by: padding granularity of the embedding table.
         tensor_model_parallel_size: tp degree; the padding multiple is scaled by it.
+        tiktoken_pattern: ``v1``/``v2`` split regex of ``TikTokenizer`` (default v2).
 
     Returns:
         The tokenizer, with ``padded_vocab_size`` set.
@@ -73,8 +77,12 @@ def build_tokenizer(tokenizer_type: str, *, vocab_file: Optional[str] = None,
     Raises:
         ValueError: unknown type, or a file flag the type needs is missing.
     """
-    tokenizer = _construct(tokenizer_type, vocab_file, merge_file, tokenizer_model,
-                           vocab_size, vocab_extra_ids)
+    if tokenizer_type == "TikTokenizer":
+        tokenizer = TikTokenizer(_require(tokenizer_model, "--tokenizer-model", tokenizer_type),
+                                 pattern=tiktoken_pattern or "v2", vocab_size=vocab_size)
+    else:
+        tokenizer = _construct(tokenizer_type, vocab_file, merge_file, tokenizer_model,
+                               vocab_size, vocab_extra_ids)
     padded = vocab_size_with_padding(tokenizer.vocab_size, make_vocab_size_divisible_by,
                                      tensor_model_parallel_size)
     logger.info("padded vocab (size: %d) with %d dummy tokens (new size: %d)",

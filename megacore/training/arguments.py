@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -26,19 +27,21 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megacore.datasets.split_and_blend import parse_and_normalize_split
 from megacore.deprecation import DeprecatedFlag, rename_deprecated_flags, warn_deprecated
 from megacore.distributed import DistributedDataParallelConfig
 from megacore.optimizer import OptimizerConfig
 from megacore.parallel_state import ParallelLayout
 from megacore.training.training_config import (
     CheckpointArgs,
+    CompatArgs,
     DataArgs,
     GPTModelArgs,
     LoggingArgs,
     SchedulerArgs,
     TrainingArgs,
 )
-from megacore.transformer import TransformerConfig
+from megacore.transformer import AttnBackend, TransformerConfig
 
 __all__ = ["Flag", "FLAGS", "RunConfig", "ArgumentValidationError", "build_parser",
            "parse_args", "validate_run_config", "run_config_to_dict", "CHECKPOINT_MODEL_FLAGS",
@@ -54,7 +57,15 @@ SECTIONS = {
     "scheduler": SchedulerArgs,
     "logging": LoggingArgs,
     "checkpoint": CheckpointArgs,
+    "compat": CompatArgs,
 }
+
+# How megacore treats each Megatron-LM flag (the "class" column of docs/megatron_flags.md).
+IMPLEMENTED = "implemented"  # Megatron's meaning, by the config field it sets
+MAPPED = "mapped"            # onto an equivalent megacore setting (Flag.setting says which)
+NO_EFFECT = "no effect"      # kernel/fusion/hardware choice: accepted, reported at start-up
+NEEDS = "needs"              # needs something absent (Flag.setting): stops before training
+FLAG_KINDS = (IMPLEMENTED, MAPPED, NO_EFFECT, NEEDS)
 
 
 class ArgumentValidationError(ValueError):
@@ -67,7 +78,9 @@ class Flag:
 
     ``invert``: a store-true flag that sets a boolean field to False
     (``--disable-bias-linear`` -> ``add_bias_linear=False``). ``derived``: the flag is read
-    by :func:`_derive` instead of being copied into a field.
+    by :func:`_derive` instead of being copied into a field. ``kind``: one of
+    :data:`FLAG_KINDS`; ``setting`` says, for a mapped flag, the megacore setting it
+    becomes, for a no-effect flag why, and for a ``needs`` flag what it needs.
     """
 
     flag: str
@@ -78,10 +91,16 @@ class Flag:
     choices: Optional[Sequence[Any]] = None
     nargs: Optional[str] = None
     type: Optional[type] = None
+    kind: str = IMPLEMENTED
+    setting: str = ""
 
 
 def _f(flag, section, field=None, **kw):
     return Flag(flag, section, field or flag.lstrip("-").replace("-", "_"), **kw)
+
+
+_FP8_NEEDS = ("Transformer Engine's fp8 layers on a CUDA GPU, which megacore does not "
+              "drive; drop the fp8 flags to train without fp8")
 
 
 FLAGS: List[Flag] = [
@@ -107,6 +126,21 @@ FLAGS: List[Flag] = [
     _f("--recompute-num-layers", "model"),
     _f("--distribute-saved-activations", "model"),
     _f("--calculate-per-token-loss", "model"),
+    _f("--apply-layernorm-1p", "model", "layernorm_zero_centered_gamma"),
+    _f("--recompute-activations", "model", "recompute_activations", derived=True, type=bool,
+       kind=MAPPED, setting="--recompute-granularity selective (Megatron's alias)"),
+    _f("--use-flash-attn", "model", "use_flash_attn", derived=True, type=bool, kind=MAPPED,
+       setting="attention_backend=flash: torch's scaled_dot_product_attention, which runs "
+               "its flash kernel where the device has one"),
+    _f("--no-masked-softmax-fusion", "model", "masked_softmax_fusion", invert=True,
+       kind=NO_EFFECT, setting="fused scale-mask-softmax CUDA kernel; attention_backend "
+                               "chooses megacore's kernel"),
+    _f("--no-bias-gelu-fusion", "model", "bias_activation_fusion", invert=True,
+       kind=NO_EFFECT, setting="jit-fused bias+GeLU kernel; same function unfused"),
+    _f("--no-bias-swiglu-fusion", "model", "bias_activation_fusion", invert=True,
+       kind=NO_EFFECT, setting="jit-fused bias+SwiGLU kernel; same function unfused"),
+    _f("--no-persist-layer-norm", "model", "persist_layer_norm", invert=True,
+       kind=NO_EFFECT, setting="Apex persistent LayerNorm kernel choice"),
     # parallelism (ModelParallelConfig part of TransformerConfig)
     _f("--tensor-model-parallel-size", "model"), _f("--pipeline-model-parallel-size", "model"),
     _f("--num-layers-per-virtual-pipeline-stage", "model", "num_layers_per_virtual_pipeline_stage",
@@ -118,6 +152,9 @@ FLAGS: List[Flag] = [
     _f("--expert-tensor-parallel-size", "model"),
     _f("--sequence-parallel", "model"),
     _f("--gradient-accumulation-fusion", "model"),
+    _f("--no-gradient-accumulation-fusion", "model", "gradient_accumulation_fusion",
+       invert=True, kind=MAPPED,
+       setting="gradient_accumulation_fusion=False (megacore's default; Megatron's is on)"),
     _f("--deterministic-mode", "model"),
     _f("--fp16", "model", "fp16", derived=True, type=bool),
     _f("--bf16", "model", "bf16", derived=True, type=bool),
@@ -156,6 +193,7 @@ FLAGS: List[Flag] = [
     _f("--initial-loss-scale", "optimizer"), _f("--min-loss-scale", "optimizer"),
     _f("--loss-scale-window", "optimizer"), _f("--hysteresis", "optimizer"),
     _f("--use-distributed-optimizer", "optimizer"),
+    _f("--decoupled-lr", "optimizer"), _f("--decoupled-min-lr", "optimizer"),
     _f("--log-num-zeros-in-grad", "optimizer"),
     # DDP
     _f("--overlap-grad-reduce", "ddp"), _f("--overlap-param-gather", "ddp"),
@@ -163,6 +201,9 @@ FLAGS: List[Flag] = [
     _f("--accumulate-allreduce-grads-in-fp32", "ddp", "grad_reduce_in_fp32"),
     _f("--check-for-nan-in-loss-and-grad", "ddp", "check_for_nan_in_grad"),
     _f("--no-check-for-nan-in-loss-and-grad", "ddp", "check_for_nan_in_grad", invert=True),
+    _f("--grad-reduce-in-bf16", "ddp", "grad_reduce_in_bf16", derived=True, type=bool,
+       kind=MAPPED, setting="grad_reduce_in_fp32=False; with --bf16 grads are otherwise "
+                            "accumulated and reduced in fp32 (Megatron's default)"),
     # data and tokenizer
     _f("--data-path", "data", nargs="*"), _f("--split", "data"),
     _f("--train-data-path", "data", nargs="*"), _f("--valid-data-path", "data", nargs="*"),
@@ -170,14 +211,22 @@ FLAGS: List[Flag] = [
     _f("--mock-data", "data"),
     _f("--tokenizer-type", "data", choices=["GPT2BPETokenizer", "BertWordPieceLowerCase",
                                             "BertWordPieceCase", "SentencePieceTokenizer",
-                                            "HuggingFaceTokenizer", "NullTokenizer"]),
+                                            "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                                            "TikTokenizer", "HuggingFaceTokenizer",
+                                            "NullTokenizer"]),
+    _f("--tiktoken-pattern", "data", choices=["v1", "v2"]),
     _f("--vocab-file", "data"), _f("--merge-file", "data"), _f("--tokenizer-model", "data"),
     _f("--vocab-size", "data"), _f("--reset-position-ids", "data"),
     _f("--reset-attention-mask", "data"), _f("--eod-mask-loss", "data"),
     _f("--num-workers", "data"),
+    _f("--no-mmap-bin-files", "data", "mmap_bin_files", invert=True),
+    _f("--no-create-attention-mask-in-dataloader", "compat", kind=MAPPED,
+       setting="megacore's default: the data loader builds masks only for "
+               "--reset-attention-mask; causal attention needs none"),
     # batch, duration, evaluation, seeds, exit
     _f("--micro-batch-size", "training"), _f("--global-batch-size", "training"),
     _f("--rampup-batch-size", "training", nargs="*"),
+    _f("--step-batch-size-schedule", "training", nargs="+"),
     _f("--train-iters", "training"), _f("--train-samples", "training"),
     _f("--eval-interval", "training"), _f("--eval-iters", "training"),
     _f("--skip-train", "training"), _f("--seed", "training"),
@@ -185,6 +234,8 @@ FLAGS: List[Flag] = [
     _f("--exit-signal-handler", "training"),
     _f("--distributed-backend", "training", choices=["gloo", "nccl"]),
     _f("--distributed-timeout-minutes", "training"),
+    _f("--manual-gc", "training"), _f("--manual-gc-interval", "training"),
+    _f("--empty-unused-memory-level", "training"),
     # learning-rate schedule
     _f("--lr-decay-style", "scheduler",
        choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"]),
@@ -193,7 +244,7 @@ FLAGS: List[Flag] = [
     _f("--lr-warmup-fraction", "scheduler"), _f("--lr-warmup-init", "scheduler"),
     _f("--lr-wsd-decay-style", "scheduler",
        choices=["exponential", "linear", "cosine", "minus_sqrt"]),
-    _f("--lr-wsd-decay-iters", "scheduler"),
+    _f("--lr-wsd-decay-iters", "scheduler"), _f("--lr-wsd-decay-samples", "scheduler"),
     _f("--start-weight-decay", "scheduler"), _f("--end-weight-decay", "scheduler"),
     _f("--weight-decay-incr-style", "scheduler", choices=["constant", "linear", "cosine"]),
     _f("--use-checkpoint-opt_param-scheduler", "scheduler", "use_checkpoint_opt_param_scheduler"),
@@ -202,14 +253,40 @@ FLAGS: List[Flag] = [
     _f("--log-interval", "logging"), _f("--log-jsonl", "logging"),
     _f("--tensorboard-dir", "logging"), _f("--wandb-project", "logging"),
     _f("--wandb-exp-name", "logging"), _f("--log-params-norm", "logging"),
+    _f("--log-throughput", "compat", kind=MAPPED,
+       setting="always on: every log line and metrics record has the throughput per "
+               "device (TFLOP/s) and tokens/s"),
+    _f("--profile", "logging"),
+    _f("--profile-step-start", "logging"), _f("--profile-step-end", "logging"),
+    _f("--profile-ranks", "logging", nargs="+"),
+    _f("--use-pytorch-profiler", "compat", kind=MAPPED,
+       setting="--profile, which always records with torch.profiler"),
     # checkpointing
     _f("--save", "checkpoint"), _f("--load", "checkpoint"), _f("--save-interval", "checkpoint"),
     _f("--no-load-optim", "checkpoint"), _f("--no-load-rng", "checkpoint"),
-    _f("--finetune", "checkpoint"),
+    _f("--finetune", "checkpoint"), _f("--exit-on-missing-checkpoint", "checkpoint"),
+    _f("--use-checkpoint-args", "checkpoint"),
     _f("--ckpt-format", "checkpoint", choices=["torch", "torch_dist"]),
     _f("--async-save", "checkpoint"),
     _f("--ckpt-convert-format", "checkpoint", choices=["torch", "torch_dist"]),
     _f("--ckpt-convert-save", "checkpoint"),
+    # Megatron-LM switches with no counterpart here (reported once at start-up), and the
+    # fp8 flags, which need Transformer Engine's fp8 layers (the run stops).
+    _f("--use-mcore-models", "compat", kind=NO_EFFECT,
+       setting="megacore builds Megatron-Core-style models only"),
+    _f("--cross-entropy-loss-fusion", "compat", kind=NO_EFFECT,
+       setting="fused cross-entropy kernel; the vocab-parallel cross entropy computes the "
+               "same loss"),
+    _f("--cross-entropy-fusion-impl", "compat", choices=["native", "te"], kind=NO_EFFECT,
+       setting="see --cross-entropy-loss-fusion"),
+    _f("--no-position-embedding", "compat", kind=NO_EFFECT,
+       setting="legacy switch; --position-embedding-type decides, as in Megatron-Core"),
+    _f("--fp8-format", "compat", choices=["e4m3", "hybrid"], kind=NEEDS,
+       setting=_FP8_NEEDS),
+    _f("--fp8-amax-history-len", "compat", kind=NEEDS, setting=_FP8_NEEDS),
+    _f("--fp8-amax-compute-algo", "compat", choices=["most_recent", "max"], kind=NEEDS,
+       setting=_FP8_NEEDS),
+    _f("--fp8-param-gather", "compat", kind=NEEDS, setting=_FP8_NEEDS),
 ]
 
 DEPRECATED_FLAGS: List[DeprecatedFlag] = []
@@ -238,6 +315,7 @@ class RunConfig:
     scheduler: SchedulerArgs
     logging: LoggingArgs
     checkpoint: CheckpointArgs
+    compat: CompatArgs = dataclasses.field(default_factory=CompatArgs)
     yaml_cfg: Optional[str] = None
 
     @property
@@ -246,9 +324,13 @@ class RunConfig:
 
     _dp: int = 1
     num_microbatches: int = 1
+    notes: List[str] = dataclasses.field(default_factory=list)
+    """Lines ``pretrain`` prints once at start-up (settings taken from a checkpoint,
+    flags with no effect on this backend)."""
 
 
 # -- docstrings of dataclass fields, for --help ----------------------------------------
+@functools.lru_cache(maxsize=None)
 def _field_docs(cls) -> Dict[str, str]:
     docs: Dict[str, str] = {}
     for klass in reversed(cls.__mro__):
@@ -278,9 +360,14 @@ def _scalar_type(annotation) -> Optional[type]:
     return annotation if annotation in (int, float, str, bool) else None
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _field_info(flag: Flag):
     cls = SECTIONS[flag.section]
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     if flag.derived:
         return flag.type, None
     if flag.field not in hints:
@@ -390,10 +477,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, world_size: Optional[int
     values = {k: v for k, v in vars(ns).items() if v is not None and v is not False}
     if ns.yaml_cfg:
         values = {**_load_yaml(ns.yaml_cfg), **values}
+    notes: List[str] = []
     if checkpoint_config:
-        values = _merge_checkpoint_config(values, checkpoint_config, checkpoint_path)
+        values = _merge_checkpoint_config(values, checkpoint_config, checkpoint_path, notes)
     run = _build_run_config(values)
     run.yaml_cfg = ns.yaml_cfg
+    run.notes.extend(notes + _derive_notes(values))
     if world_size is None:
         world_size = (torch.distributed.get_world_size()
                       if torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -406,6 +495,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, world_size: Optional[int
 CHECKPOINT_MODEL_FLAGS = (
     "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
     "--num-query-groups", "--kv-channels", "--normalization", "--norm-epsilon",
+    "--apply-layernorm-1p",
     "--swiglu", "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm",
     "--apply-residual-connection-post-layernorm", "--max-position-embeddings",
     "--position-embedding-type", "--rotary-percent", "--rotary-base",
@@ -422,6 +512,11 @@ CHECKPOINT_MODEL_FLAGS = (
 _CHECKPOINT_DEFAULT_FLAGS = ("--seq-length",)
 """Filled from the saved config when not given, but free to change (e.g. fine-tuning on
 shorter sequences)."""
+
+_CHECKPOINT_RESUME_FLAGS = ("--micro-batch-size", "--global-batch-size", "--rampup-batch-size")
+"""The batch schedule of a resumed run (not --finetune): the checkpoint's when not given
+(its consumed-samples count and lr schedule are in these units); a different value given
+is used and reported, naming the flag."""
 
 
 def upgrade_saved_config(config: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -477,8 +572,32 @@ def model_flags_from_config(config: Dict[str, Dict[str, Any]]) -> List[str]:
     return argv
 
 
+def _merge_resume_flags(values: Dict[str, Any], merged: Dict[str, Any],
+                        config: Dict[str, Any], path: str, notes: List[str]) -> None:
+    if values.get("finetune"):
+        return
+    by_flag = {f.flag: f for f in FLAGS}
+    for name in _CHECKPOINT_RESUME_FLAGS:
+        flag = by_flag[name]
+        saved = config.get(flag.section, {}).get(flag.field)
+        if saved is None:
+            continue
+        dest = _dest(flag)
+        if dest not in values:
+            merged[dest] = saved
+            notes.append(f"{name} {_flag_text(saved)}: taken from the checkpoint {path}")
+        elif _flag_text(values[dest]) != _flag_text(saved):
+            notes.append(f"WARNING: {name} {_flag_text(values[dest])} differs from the "
+                         f"checkpoint's {_flag_text(saved)} ({path}); using "
+                         f"{_flag_text(values[dest])}")
+
+
+def _flag_text(value: Any) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _merge_checkpoint_config(values: Dict[str, Any], config: Dict[str, Any],
-                             path: str) -> Dict[str, Any]:
+                             path: str, notes: Optional[List[str]] = None) -> Dict[str, Any]:
     merged = dict(values)
     by_dest = {_dest(f): f.flag for f in FLAGS}
     for dest, saved in _config_values(config).items():
@@ -489,10 +608,16 @@ def _merge_checkpoint_config(values: Dict[str, Any], config: Dict[str, Any],
         given = values[dest]
         if dest == "moe_layer_freq":
             given = _parse_layer_freq(given)
-        if given != saved:
+        if given != saved and values.get("use_checkpoint_args"):
+            merged[dest] = saved
+            if notes is not None:
+                notes.append(f"WARNING: {by_dest[dest]} {given}: replaced by the value {saved} "
+                             f"saved in {path} (--use-checkpoint-args)")
+        elif given != saved:
             raise ArgumentValidationError(
                 f"{by_dest[dest]} {given} does not match the value {saved} saved in {path}; "
-                f"drop the flag to use the checkpoint's, or convert the checkpoint")
+                f"drop the flag (or add --use-checkpoint-args) to use the checkpoint's, or "
+                "convert the checkpoint")
     by_flag = {f.flag: f for f in FLAGS}
     for name in _CHECKPOINT_DEFAULT_FLAGS:
         flag = by_flag[name]
@@ -502,6 +627,7 @@ def _merge_checkpoint_config(values: Dict[str, Any], config: Dict[str, Any],
     for dtype in ("fp16", "bf16"):  # precision follows the checkpoint unless chosen here
         if config.get("model", {}).get(dtype) and not (values.get("fp16") or values.get("bf16")):
             merged[dtype] = True
+    _merge_resume_flags(values, merged, config, path, notes if notes is not None else [])
     return merged
 
 
@@ -519,8 +645,66 @@ def _section_kwargs(values: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return kwargs
 
 
+def _derive_notes(values: Dict[str, Any]) -> List[str]:
+    """Start-up lines for flags given that change nothing here, in one line."""
+    no_effect = [f.flag for f in FLAGS if f.kind == NO_EFFECT and _dest(f) in values]
+    notes = []
+    if no_effect:
+        notes.append("megacore: accepted with no effect on this backend (kernel/fusion "
+                     "choices, see docs/megatron_flags.md): " + ", ".join(no_effect))
+    if _sequence_parallel_without_tp(values):
+        notes.append("WARNING: --sequence-parallel needs --tensor-model-parallel-size > 1; "
+                     "disabled (as Megatron-LM does)")
+    tokenizer = values.get("tokenizer_type")
+    if values.get("tiktoken_pattern") and tokenizer != "TikTokenizer":
+        notes.append(f"megacore: --tiktoken-pattern has no effect with --tokenizer-type "
+                     f"{tokenizer} (it is TikTokenizer's)")
+    return notes
+
+
+def _sequence_parallel_without_tp(values: Dict[str, Any]) -> bool:
+    return bool(values.get("sequence_parallel")) and \
+        int(values.get("tensor_model_parallel_size") or 1) == 1
+
+
+def _derive_megatron_aliases(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
+    """Megatron-LM flags that are other names for megacore settings, and Megatron-LM's
+    lenient rules (sequence parallelism at tp 1 is turned off, default tokenizer)."""
+    model, data = kw["model"], kw["data"]
+    if _sequence_parallel_without_tp(values):
+        model["sequence_parallel"] = False
+    if values.get("recompute_activations"):
+        if model.get("recompute_granularity", "selective") != "selective":
+            raise ArgumentValidationError(
+                "--recompute-activations means --recompute-granularity selective; it "
+                f"contradicts --recompute-granularity {model['recompute_granularity']}")
+        model["recompute_granularity"] = "selective"
+    if values.get("use_flash_attn"):
+        backend = model.get("attention_backend", AttnBackend.flash)
+        if _backend_name(backend) != "flash":
+            raise ArgumentValidationError(
+                f"--use-flash-attn contradicts --attention-backend {_backend_name(backend)}")
+        model["attention_backend"] = AttnBackend.flash
+    if "tokenizer_type" not in data and data.get("vocab_file") and data.get("merge_file"):
+        data["tokenizer_type"] = "GPT2BPETokenizer"  # Megatron's default for vocab + merges
+    bf16 = bool(values.get("bf16"))
+    if values.get("grad_reduce_in_bf16"):
+        if not bf16:
+            raise ArgumentValidationError("--grad-reduce-in-bf16 needs --bf16")
+        if values.get("accumulate_allreduce_grads_in_fp32"):
+            raise ArgumentValidationError("--grad-reduce-in-bf16 contradicts "
+                                          "--accumulate-allreduce-grads-in-fp32")
+    elif bf16:
+        kw["ddp"]["grad_reduce_in_fp32"] = True  # Megatron's default for bf16
+
+
+def _backend_name(backend: Any) -> str:
+    return backend.name if isinstance(backend, AttnBackend) else str(backend)
+
+
 def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
     """Flags that set several fields or need arithmetic."""
+    _derive_megatron_aliases(values, kw)
     model = kw["model"]
     if values.get("swiglu"):
         model["gated_linear_unit"] = True
@@ -596,6 +780,9 @@ def _build_run_config(values: Dict[str, Any]) -> RunConfig:
     for key in ("rampup_batch_size",):
         if key in kw["training"]:
             kw["training"][key] = [int(v) for v in kw["training"][key]]
+    schedule = kw["training"].get("step_batch_size_schedule")
+    if isinstance(schedule, (list, tuple)):  # one quoted word, or (bash arrays) several
+        kw["training"]["step_batch_size_schedule"] = " ".join(schedule)
     built = {name: _build_section(name, kw[name]) for name in SECTIONS}
     return RunConfig(**built)
 
@@ -665,6 +852,8 @@ def _check_pipeline(run: RunConfig, world_size: int) -> None:
 def _check_batch(run: RunConfig, world_size: int) -> None:
     t = run.training
     dp, mbs = run._dp, t.micro_batch_size
+    if t.step_batch_size_schedule is not None:
+        _check_step_batch_size_schedule(run, mbs * dp)
     if t.global_batch_size is None:
         t.global_batch_size = mbs * dp
     if t.global_batch_size % (mbs * dp):
@@ -684,6 +873,50 @@ def _check_batch(run: RunConfig, world_size: int) -> None:
                   f"--micro-batch-size x dp ({mbs * dp})")
 
 
+def parse_step_batch_size_schedule(text: str, seq_length: int) -> List[List[int]]:
+    """``"0:16 2.4B:320"`` -> ``[[0, 16], [samples, 320]]``: thresholds in tokens (suffixes
+    K, M, B, T) converted to consumed samples, as Megatron-LM does."""
+    units = {"K": 10 ** 3, "M": 10 ** 6, "B": 10 ** 9, "T": 10 ** 12}
+
+    def number(part: str) -> int:
+        part = part.strip().upper()
+        scale = units.get(part[-1:], 1)
+        return int(float(part[:-1] if scale > 1 else part) * scale)
+
+    steps = []
+    for entry in text.replace(",", " ").split():
+        threshold, sep, batch = entry.partition(":")
+        try:
+            steps.append([number(threshold) // seq_length, number(batch)])
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ArgumentValidationError(
+                f"--step-batch-size-schedule: entry {entry!r} is not THRESHOLD:BATCH_SIZE "
+                "(e.g. 0:16 2.4B:320)")
+    return sorted(steps)
+
+
+def _check_step_batch_size_schedule(run: RunConfig, quantum: int) -> None:
+    t = run.training
+    steps = parse_step_batch_size_schedule(t.step_batch_size_schedule, run.gpt.seq_length)
+    if t.rampup_batch_size is not None:
+        _fail("--step-batch-size-schedule and --rampup-batch-size are alternatives; give one")
+    if not steps or steps[0][0] != 0:
+        _fail("--step-batch-size-schedule must start at threshold 0")
+    bad = [b for _, b in steps if b < 1 or b % quantum]
+    if bad:
+        _fail(f"--step-batch-size-schedule batch size {bad[0]} is not a positive multiple of "
+              f"--micro-batch-size x data-parallel size ({quantum})")
+    final = steps[-1][1]
+    # Megatron-LM rejects --global-batch-size with a schedule even when they agree (its own
+    # GPT-3 example passes both); agreeing values are accepted here.
+    if t.global_batch_size is not None and t.global_batch_size != final:
+        _fail(f"--global-batch-size {t.global_batch_size} differs from the last batch size "
+              f"{final} of --step-batch-size-schedule; drop one or make them agree")
+    t.global_batch_size = final
+
+
 def _check_duration(run: RunConfig, world_size: int) -> None:
     t, s = run.training, run.scheduler
     if (t.train_iters is None) == (t.train_samples is None) and not t.skip_train:
@@ -701,8 +934,14 @@ def _check_duration(run: RunConfig, world_size: int) -> None:
     if decay is not None and s.lr_warmup_iters > max(decay, 0) and s.lr_decay_style != "constant":
         _fail(f"--lr-warmup-iters {s.lr_warmup_iters} exceeds the decay length {decay} "
               "(--lr-decay-iters or --train-iters)")
-    if s.lr_decay_style == "WSD" and s.lr_wsd_decay_iters is None:
-        _fail("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    if s.lr_decay_style == "WSD" and s.lr_wsd_decay_iters is None \
+            and s.lr_wsd_decay_samples is None:
+        _fail("--lr-decay-style WSD needs --lr-wsd-decay-iters (or --lr-wsd-decay-samples)")
+    if t.train_iters is not None and s.lr_wsd_decay_samples is not None:
+        _fail("--lr-wsd-decay-samples goes with --train-samples, not --train-iters")
+    if t.train_samples is not None and s.lr_wsd_decay_iters is not None:
+        _fail("--lr-wsd-decay-iters goes with --train-iters; with --train-samples use "
+              "--lr-wsd-decay-samples")
     if t.rampup_batch_size is not None and t.train_samples is None:
         _fail("--rampup-batch-size needs --train-samples (the number of steps is not fixed)")
 
@@ -742,7 +981,8 @@ def _check_data(run: RunConfig, world_size: int) -> None:
         _fail("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
     if d.tokenizer_type in ("BertWordPieceLowerCase", "BertWordPieceCase") and not d.vocab_file:
         _fail(f"--tokenizer-type {d.tokenizer_type} needs --vocab-file")
-    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer") \
+    if d.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                            "Llama2Tokenizer", "TikTokenizer", "HuggingFaceTokenizer") \
             and not d.tokenizer_model:
         _fail(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
     if d.tokenizer_type == "NullTokenizer" and not d.vocab_size:
@@ -752,11 +992,9 @@ def _check_data(run: RunConfig, world_size: int) -> None:
     if d.mock_data and d.tokenizer_type is None and not d.vocab_size:
         _fail("--mock-data needs a tokenizer or --vocab-size for the vocabulary")
     try:
-        weights = [float(x) for x in d.split.replace("/", ",").split(",")]
-    except ValueError:
-        _fail(f"--split {d.split!r} must be comma-separated numbers, e.g. 969,30,1")
-    if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        _fail(f"--split {d.split!r} needs up to three non-negative weights with a positive sum")
+        parse_and_normalize_split(d.split)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _check_checkpointing(run: RunConfig, world_size: int) -> None:
@@ -765,8 +1003,6 @@ def _check_checkpointing(run: RunConfig, world_size: int) -> None:
         _fail("--save-interval needs --save")
     if c.finetune and not c.load:
         _fail("--finetune needs --load")
-    if (c.no_load_optim or c.no_load_rng) and not c.load:
-        _fail("--no-load-optim / --no-load-rng need --load")
     if t.exit_signal_handler and not c.save:
         _fail("--exit-signal-handler needs --save (it saves a checkpoint on SIGTERM)")
     if (c.ckpt_convert_format is None) != (c.ckpt_convert_save is None):
@@ -787,7 +1023,19 @@ def _check_moe(run: RunConfig, world_size: int) -> None:
         _fail(f"--num-experts {experts} must be divisible by --expert-model-parallel-size {ep}")
 
 
-_CHECKS = [_check_layout, _check_model_shape, _check_pipeline, _check_batch,
+def _check_requirements(run: RunConfig, world_size: int) -> None:
+    """A flag that needs something this run does not have stops here, before training."""
+    for flag in FLAGS:
+        if flag.kind != NEEDS:
+            continue
+        value = getattr(getattr(run, flag.section), flag.field)
+        default = {f.name: f.default for f in dataclasses.fields(SECTIONS[flag.section])}
+        if value != default[flag.field]:
+            shown = "" if isinstance(value, bool) else f" {value}"
+            _fail(f"{flag.flag}{shown} needs {flag.setting}")
+
+
+_CHECKS = [_check_requirements, _check_layout, _check_model_shape, _check_pipeline, _check_batch,
            _check_duration, _check_optimizer, _check_recompute, _check_data,
            _check_checkpointing, _check_moe]
 _TRAINING_ONLY_CHECKS = (_check_duration, _check_optimizer, _check_data)

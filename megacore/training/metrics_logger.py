@@ -72,10 +72,14 @@ class MetricsLogger:
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RuntimeError("--tensorboard-dir needs the tensorboard package "
-                                   "(pip install tensorboard)") from e
-            self._tb = SummaryWriter(log_dir=tensorboard_dir)
+            except ImportError:
+                # Megatron-LM's behaviour: launch scripts pass --tensorboard-dir routinely,
+                # so its absence is a warning, not a failure mid-start-up on one rank.
+                print_fn(f"WARNING: --tensorboard-dir {tensorboard_dir}: the tensorboard "
+                         "package is not installed (pip install tensorboard); no TensorBoard "
+                         "logs will be written")
+            else:
+                self._tb = SummaryWriter(log_dir=tensorboard_dir)
         self._wandb = None
         if wandb_project:
             try:

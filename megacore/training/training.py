@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megacore import checkpointing, device, parallel_state
 from megacore.checkpointing.async_save import reset_async_state
+from megacore.checkpointing.paths import detect_format
 from megacore.distributed import (
     DistributedDataParallel,
     NonFiniteGradientError,
@@ -45,7 +46,12 @@ from megacore.optimizer import (
 )
 from megacore.pipeline_parallel import get_forward_backward_func
 from megacore.tensor_parallel import model_parallel_manual_seed
-from megacore.training.arguments import RunConfig, parse_args, run_config_to_dict
+from megacore.training.arguments import (
+    RunConfig,
+    parse_args,
+    parse_step_batch_size_schedule,
+    run_config_to_dict,
+)
 from megacore.training.data_samplers import build_pretraining_data_loader, cyclic_iter
 from megacore.training.flops import num_floating_point_operations
 from megacore.training.metrics_logger import MetricsLogger
@@ -58,7 +64,7 @@ from megacore.transformer.moe import (
 )
 
 __all__ = ["pretrain", "initialize_distributed", "initialize_model_parallel_from_run",
-           "saved_run_config", "params_norm",
+           "saved_run_config", "checkpoint_is_missing", "params_norm",
            "get_model", "get_optimizer_param_scheduler", "train_step", "evaluate",
            "TrainState", "print_rank_0", "print_rank_last"]
 
@@ -178,7 +184,8 @@ def get_optimizer_param_scheduler(run: RunConfig, optimizer) -> OptimizerParamSc
         decay_steps = s.lr_decay_samples or t.train_samples
         warmup_steps = (s.lr_warmup_fraction * decay_steps if s.lr_warmup_fraction is not None
                         else s.lr_warmup_samples)
-        wsd_steps = (s.lr_wsd_decay_iters or 0) * gbs
+        wsd_steps = (s.lr_wsd_decay_samples if s.lr_wsd_decay_samples is not None
+                     else (s.lr_wsd_decay_iters or 0) * gbs)
     start_wd = s.start_weight_decay if s.start_weight_decay is not None else o.weight_decay
     end_wd = s.end_weight_decay if s.end_weight_decay is not None else o.weight_decay
     return OptimizerParamScheduler(
@@ -203,11 +210,26 @@ def _install_schedule_hooks(run: RunConfig, model: List[torch.nn.Module], optimi
     config.grad_scale_func = optimizer.scale_loss
 
 
+def microbatch_calculator(run: RunConfig) -> NumMicroBatchesCalculator:
+    """Global batch size and micro-batch count per step (ramp-up or step schedule)."""
+    t = run.training
+    schedule = (parse_step_batch_size_schedule(t.step_batch_size_schedule, run.gpt.seq_length)
+                if t.step_batch_size_schedule else None)
+    return NumMicroBatchesCalculator(t.global_batch_size, t.micro_batch_size,
+                                     run.data_parallel_size, t.rampup_batch_size, schedule)
+
+
 # -- data -------------------------------------------------------------------------------
 def _num_samples(run: RunConfig, state_train_samples: int) -> List[int]:
     t = run.training
     gbs = t.global_batch_size
-    train_samples = t.train_samples if t.train_samples is not None else (t.train_iters or 0) * gbs
+    calculator = microbatch_calculator(run)
+    if t.train_samples is not None:
+        train_samples = t.train_samples
+    else:  # the sum of each step's global batch (it may vary under a schedule)
+        train_samples = 0
+        for _ in range(t.train_iters or 0):
+            train_samples += calculator.global_batch_size_at(train_samples)
     iters = t.train_iters if t.train_iters is not None else math.ceil(train_samples / gbs)
     eval_runs = iters // t.eval_interval + 1
     return [train_samples, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs]
@@ -424,9 +446,15 @@ def _save(run, state, model, optimizer, scheduler):
 
 def _load(run, state, model, optimizer, scheduler):
     c = run.checkpoint
-    iteration, consumed_train, consumed_valid, _ = checkpointing.load_checkpoint(
-        model, optimizer, scheduler, load_dir=c.load, no_load_optim=c.no_load_optim,
-        no_load_rng=c.no_load_rng, finetune=c.finetune)
+    try:
+        iteration, consumed_train, consumed_valid, _ = checkpointing.load_checkpoint(
+            model, optimizer, scheduler, load_dir=c.load, no_load_optim=c.no_load_optim,
+            no_load_rng=c.no_load_rng, finetune=c.finetune)
+    except ValueError as e:
+        if "optimizer param scheduler" not in str(e):
+            raise
+        raise ValueError(f"--load {c.load}: {e} (flags: --use-checkpoint-opt_param-scheduler "
+                         "or --override-opt_param-scheduler)") from e
     state.iteration = iteration
     state.consumed_train_samples = consumed_train
     state.consumed_valid_samples = consumed_valid
@@ -436,8 +464,7 @@ def _load(run, state, model, optimizer, scheduler):
 def _train(run, state, forward_step_func, model, optimizer, scheduler, train_iter, valid_iter,
            logger: MetricsLogger, exit_signal: _ExitSignal, start_time: float) -> str:
     t, c = run.training, run.checkpoint
-    calculator = NumMicroBatchesCalculator(t.global_batch_size, t.micro_batch_size,
-                                           run.data_parallel_size, t.rampup_batch_size)
+    calculator = microbatch_calculator(run)
     padded_vocab = _padded_vocab(model)
     peak = _peak_tflops()
     train_iters = t.train_iters
@@ -445,9 +472,11 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
         train_iters = _iters_for_samples(calculator, t.train_samples)
     last_log = time.time()
     seq = run.gpt.seq_length
+    profiler = _Profiler(run.logging)
     while state.iteration < train_iters:
         gbs = calculator.global_batch_size_at(state.consumed_train_samples)
         num_mb = calculator.num_microbatches_at(state.consumed_train_samples)
+        profiler.before_step(state.iteration)
         try:
             losses, ok, grad_norm, num_zeros = train_step(
                 forward_step_func, train_iter, model, optimizer, scheduler, run, num_mb, gbs)
@@ -455,6 +484,8 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
             raise NonFiniteTrainingError(
                 f"iteration {state.iteration + 1}: {exc}; stopping the run (no checkpoint is "
                 f"written from this state; {_NAN_CHECK_FLAG} turns the check off)") from exc
+        profiler.after_step(state.iteration)
+        _after_step_housekeeping(t, state.iteration + 1)
         if run.ddp.check_for_nan_in_grad:
             _stop_on_non_finite(state.iteration + 1, losses.get("lm loss"),
                                 None if _dynamic_loss_scaling(run) else grad_norm)
@@ -495,15 +526,21 @@ def _train(run, state, forward_step_func, model, optimizer, scheduler, train_ite
             if _is_logging_rank():
                 logger.log(state.iteration, metrics)
         if valid_iter is not None and t.eval_iters and state.iteration % t.eval_interval == 0:
+            _collect_garbage(t)
             _run_eval(run, state, forward_step_func, valid_iter, model, logger, calculator,
                       "validation")
+            _collect_garbage(t)
+            if t.empty_unused_memory_level >= 2:
+                device.empty_cache()
         if c.save and c.async_save:
             _finalize_async_save(run, state, blocking=False)  # collective, cheap
         if c.save and c.save_interval and state.iteration % c.save_interval == 0:
             _save(run, state, model, optimizer, scheduler)
         reason = _exit_reason(run, state, exit_signal, start_time)
         if reason:
+            profiler.stop()
             return reason
+    profiler.stop()
     return "done"
 
 
@@ -534,6 +571,51 @@ def _stop_on_non_finite(iteration: int, loss: Optional[float],
             f"iteration {iteration}: non-finite (NaN/Inf) {what} on rank(s) {sorted(bad)}; "
             f"stopping the run (no checkpoint is written from this state; {_NAN_CHECK_FLAG} "
             "turns the check off)")
+def _collect_garbage(t) -> None:
+    """--manual-gc: collect now (every rank at the same point of the step)."""
+    if t.manual_gc:
+        gc.collect()
+
+
+def _after_step_housekeeping(t, iteration: int) -> None:
+    if t.empty_unused_memory_level >= 1:
+        device.empty_cache()
+    if t.manual_gc and t.manual_gc_interval and iteration % t.manual_gc_interval == 0:
+        gc.collect()
+
+
+class _Profiler:
+    """--profile: a torch.profiler trace of steps [profile_step_start, profile_step_end)
+    on --profile-ranks, written as a Chrome/TensorBoard trace file."""
+
+    def __init__(self, logging_args):
+        self.args = logging_args
+        self.active = None
+        self.enabled = logging_args.profile and dist.get_rank() in logging_args.profile_ranks
+
+    def before_step(self, iteration: int) -> None:
+        if self.enabled and self.active is None and iteration == self.args.profile_step_start:
+            out_dir = self.args.tensorboard_dir or "profile"
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.device_type() == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.active = torch.profiler.profile(
+                activities=activities, record_shapes=True,
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(
+                    out_dir, worker_name=f"rank{dist.get_rank()}"))
+            self.active.start()
+            print(f"profiling steps {self.args.profile_step_start}-"
+                  f"{self.args.profile_step_end - 1} on rank {dist.get_rank()} into {out_dir}",
+                  flush=True)
+
+    def after_step(self, iteration: int) -> None:
+        if self.active is not None and iteration + 1 >= self.args.profile_step_end:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active is not None:
+            self.active.stop()  # writes the trace (on_trace_ready)
+            self.active = None
 
 
 def _iters_for_samples(calculator: NumMicroBatchesCalculator, train_samples: int) -> int:
@@ -670,9 +752,12 @@ def _looks_like_communication_failure(exc: BaseException) -> bool:
 def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_func,
               run_config, start_time) -> Dict[str, Any]:
     run = run_config
+    _resolve_missing_checkpoint(run)
     initialize_model_parallel_from_run(run)
     print_rank_0("megacore pretrain: resolved configuration\n"
                  + json.dumps(run_config_to_dict(run), indent=1, sort_keys=True))
+    for note in run.notes:
+        print_rank_0(note)
 
     model = get_model(model_provider, run)
     optimizer = get_megatron_optimizer(run.optimizer, model)
@@ -694,6 +779,10 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
                            config_dict=run_config_to_dict(run))
     exit_signal = _ExitSignal(run.training.exit_signal_handler)
     reason = "skip-train"
+    gc_was_enabled = gc.isenabled()
+    if run.training.manual_gc:
+        gc.disable()  # Megatron's --manual-gc: collect only at chosen points
+        gc.collect()
     try:
         if not run.training.skip_train:
             reason = _train(run, state, forward_step_func, model, optimizer, scheduler,
@@ -716,7 +805,34 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
             _finalize_async_save(run, state, blocking=True)
         logger.close()
         exit_signal.restore()
+        if gc_was_enabled:
+            gc.enable()
     return summary
+
+
+def checkpoint_is_missing(load_dir: str) -> bool:
+    """True when ``load_dir`` holds no checkpoint: it does not exist, or has neither a
+    tracker file nor the files of an iteration directory (empty, or only e.g. the
+    TensorBoard logs Megatron-LM's Mixtral script writes under the checkpoint path). That
+    is a first start of an auto-resuming ``--save X --load X`` run. A tracker that names
+    a missing iteration is loaded and reported as the error it is."""
+    if not os.path.isdir(load_dir):
+        return True
+    return checkpointing.read_tracker(load_dir) is None and \
+        detect_format(load_dir, missing_ok=True) is None
+
+
+def _resolve_missing_checkpoint(run: RunConfig) -> None:
+    """Megatron's auto-resume: ``--load`` of a missing or empty directory trains from
+    scratch after one warning line; ``--exit-on-missing-checkpoint`` makes it an error."""
+    c = run.checkpoint
+    if not c.load or not checkpoint_is_missing(c.load):
+        return
+    if c.exit_on_missing_checkpoint:
+        raise checkpointing.CheckpointError(
+            f"--load {c.load}: no checkpoint there, and --exit-on-missing-checkpoint is set")
+    print_rank_0(f"WARNING: --load {c.load}: no checkpoint found; training from scratch")
+    run.checkpoint = dataclasses.replace(c, load=None)
 
 
 def _flag_value(argv: Optional[Sequence[str]], flag: str) -> Optional[str]:
@@ -731,9 +847,10 @@ def _flag_value(argv: Optional[Sequence[str]], flag: str) -> Optional[str]:
 
 
 def saved_run_config(load_dir: str) -> Optional[Dict[str, Any]]:
-    """The run configuration stored with the latest checkpoint under ``load_dir``
-    (None when there is no checkpoint yet, e.g. ``--save d --load d`` on a first start)."""
-    if not os.path.isdir(load_dir) or checkpointing.read_tracker(load_dir) is None:
+    """The run configuration stored with the latest checkpoint under ``load_dir`` (or the
+    iteration directory ``load_dir``); None when there is no checkpoint yet, e.g.
+    ``--save d --load d`` on a first start."""
+    if checkpoint_is_missing(load_dir):
         return None
     return checkpointing.read_checkpoint_info(load_dir).config
 

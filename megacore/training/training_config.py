@@ -20,6 +20,7 @@ __all__ = [
     "SchedulerArgs",
     "LoggingArgs",
     "CheckpointArgs",
+    "CompatArgs",
 ]
 
 
@@ -89,7 +90,9 @@ class DataArgs:
 
     tokenizer_type: Optional[str] = None
     """GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase, SentencePieceTokenizer,
-    HuggingFaceTokenizer or NullTokenizer."""
+    GPTSentencePieceTokenizer, Llama2Tokenizer, TikTokenizer, HuggingFaceTokenizer or
+    NullTokenizer (default: GPT2BPETokenizer when --vocab-file and --merge-file are given,
+    as in Megatron-LM)."""
 
     vocab_file: Optional[str] = None
     """vocab.json (GPT-2 BPE) or vocab.txt (WordPiece)."""
@@ -115,9 +118,18 @@ class DataArgs:
     num_workers: int = 0
     """DataLoader worker processes per rank."""
 
+    mmap_bin_files: bool = True
+    """Memory-map the ``.bin`` files (False: read each into memory; for file systems where
+    mmap is slow or unavailable)."""
+
+    tiktoken_pattern: Optional[str] = None
+    """``v1`` or ``v2``: the pre-tokenization regex of a TikTokenizer vocabulary."""
+
     def __post_init__(self):
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.tiktoken_pattern not in (None, "v1", "v2"):
+            raise ValueError(f"tiktoken_pattern must be v1 or v2, got {self.tiktoken_pattern!r}")
 
 
 @dataclasses.dataclass
@@ -134,6 +146,11 @@ class TrainingArgs:
     rampup_batch_size: Optional[List[int]] = None
     """``start increment samples``: grow the global batch from start by increment over
     that many samples."""
+
+    step_batch_size_schedule: Optional[str] = None
+    """``"THRESHOLD:BATCH ..."``: the global batch size from each threshold of consumed
+    tokens on (suffixes K, M, B, T; the first threshold is 0), e.g.
+    ``"0:16 2.4B:320 4.8B:1536"``. Its last batch size is the global batch size."""
 
     train_iters: Optional[int] = None
     """Optimizer steps to train (or use --train-samples)."""
@@ -171,6 +188,18 @@ class TrainingArgs:
     a stopped or dead peer ends every rank with an error naming the operation after about
     this long. Fractions are accepted (Megatron takes whole minutes)."""
 
+    manual_gc: bool = False
+    """Disable Python's automatic garbage collector for the run and collect at chosen
+    points instead (all ranks pause together rather than at random steps)."""
+
+    manual_gc_interval: int = 0
+    """With --manual-gc, collect every this many steps (0: only at start and around
+    evaluation)."""
+
+    empty_unused_memory_level: int = 0
+    """Release cached accelerator memory: 1 after each training step, 2 also after each
+    evaluation (no effect on CPU, which has no caching allocator)."""
+
     def __post_init__(self):
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
@@ -182,6 +211,11 @@ class TrainingArgs:
             raise ValueError(f"eval_interval must be >= 1, got {self.eval_interval}")
         if self.eval_iters < 0:
             raise ValueError(f"eval_iters must be >= 0, got {self.eval_iters}")
+        if self.manual_gc_interval < 0:
+            raise ValueError(f"manual_gc_interval must be >= 0, got {self.manual_gc_interval}")
+        if self.empty_unused_memory_level not in (0, 1, 2):
+            raise ValueError("empty_unused_memory_level must be 0, 1 or 2, got "
+                             f"{self.empty_unused_memory_level}")
 
 
 @dataclasses.dataclass
@@ -214,6 +248,9 @@ class SchedulerArgs:
 
     lr_wsd_decay_iters: Optional[int] = None
     """Steps of the WSD schedule's final decay."""
+
+    lr_wsd_decay_samples: Optional[int] = None
+    """Samples of the WSD schedule's final decay (with --train-samples)."""
 
     start_weight_decay: Optional[float] = None
     """Weight decay at the start (None: --weight-decay)."""
@@ -248,7 +285,8 @@ class LoggingArgs:
     """Also append one JSON object per logged step to this file."""
 
     tensorboard_dir: Optional[str] = None
-    """Write TensorBoard scalars here (needs the tensorboard package)."""
+    """Write TensorBoard scalars here (needs the tensorboard package; without it a warning
+    is printed and training goes on, as in Megatron-LM)."""
 
     wandb_project: Optional[str] = None
     """Log to this Weights & Biases project (needs the wandb package)."""
@@ -259,9 +297,25 @@ class LoggingArgs:
     log_params_norm: bool = False
     """Also report the norm of all parameters."""
 
+    profile: bool = False
+    """Record a torch.profiler trace of steps --profile-step-start to --profile-step-end
+    (written to --tensorboard-dir, else ./profile, one file per profiled rank)."""
+
+    profile_step_start: int = 10
+    """First profiled step."""
+
+    profile_step_end: int = 12
+    """Step at which profiling stops (not profiled)."""
+
+    profile_ranks: List[int] = dataclasses.field(default_factory=lambda: [0])
+    """Global ranks to profile."""
+
     def __post_init__(self):
         if self.log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
+        if self.profile and not 0 <= self.profile_step_start < self.profile_step_end:
+            raise ValueError("profile steps need 0 <= profile_step_start < profile_step_end, "
+                             f"got {self.profile_step_start} and {self.profile_step_end}")
 
 
 @dataclasses.dataclass
@@ -286,6 +340,15 @@ class CheckpointArgs:
     finetune: bool = False
     """Load only the model weights and start from iteration 0."""
 
+    use_checkpoint_args: bool = False
+    """Take the model and tokenizer settings from the --load checkpoint even where a flag
+    given here says otherwise (each overridden flag is reported); without it such a
+    disagreement is an error."""
+
+    exit_on_missing_checkpoint: bool = False
+    """With --load, stop with an error when the directory holds no checkpoint (default:
+    train from scratch after a warning, so ``--save X --load X`` auto-resumes)."""
+
     ckpt_format: str = "torch_dist"
     """``torch`` (per-rank legacy files) or ``torch_dist`` (distributed, reshardable)."""
 
@@ -303,3 +366,54 @@ class CheckpointArgs:
             raise ValueError(f"ckpt_format must be torch or torch_dist, got {self.ckpt_format!r}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ValueError(f"save_interval must be >= 1, got {self.save_interval}")
+
+
+@dataclasses.dataclass
+class CompatArgs:
+    """Megatron-LM flags with no counterpart in megacore's PyTorch layers: kernel, fusion
+    and hardware choices, and switches for things megacore always or never does. They are
+    accepted so that Megatron-LM launch scripts run unchanged, and ``pretrain`` lists the
+    ones given in one line at start-up. The fp8 flags are different: they need Transformer
+    Engine's fp8 layers, which megacore does not drive, so giving one stops the run before
+    training (see ``docs/megatron_flags.md``)."""
+
+    use_mcore_models: bool = False
+    """Megatron-LM: build Megatron-Core models rather than the legacy ones. megacore has
+    only Megatron-Core-style models, so this is always the case."""
+
+    cross_entropy_loss_fusion: bool = False
+    """Megatron-LM: a fused cross-entropy kernel. megacore's vocab-parallel cross entropy
+    computes the same loss unfused."""
+
+    cross_entropy_fusion_impl: Optional[str] = None
+    """Megatron-LM: which fused cross-entropy kernel (``native`` or ``te``); see
+    --cross-entropy-loss-fusion."""
+
+    no_position_embedding: bool = False
+    """Megatron-LM's legacy switch; Megatron-Core models (and megacore) follow
+    --position-embedding-type and ignore it."""
+
+    no_create_attention_mask_in_dataloader: bool = False
+    """Megatron-LM: do not build a causal mask tensor per sample. megacore builds masks in
+    the data loader only for --reset-attention-mask (causal attention needs none)."""
+
+    log_throughput: bool = False
+    """Megatron-LM: add the TFLOP/s per device to the log line. megacore always reports
+    it (and tokens/s) in the log line and the JSONL/TensorBoard metrics."""
+
+    use_pytorch_profiler: bool = False
+    """Megatron-LM: profile with torch.profiler instead of an nsys capture range.
+    megacore's --profile always uses torch.profiler."""
+
+    fp8_format: Optional[str] = None
+    """fp8 training (``e4m3`` or ``hybrid``): needs Transformer Engine's fp8 layers on a
+    CUDA GPU, which megacore does not drive; the run stops naming the flag."""
+
+    fp8_amax_history_len: Optional[int] = None
+    """fp8 scaling history length (see --fp8-format)."""
+
+    fp8_amax_compute_algo: Optional[str] = None
+    """fp8 scaling algorithm, ``most_recent`` or ``max`` (see --fp8-format)."""
+
+    fp8_param_gather: bool = False
+    """Keep and all-gather parameters in fp8 (see --fp8-format)."""

@@ -56,8 +56,18 @@ class FusedLayerNorm(torch.nn.Module):
         self.norm = _ApexFusedLayerNorm(hidden_size, eps=eps)
         for param in self.norm.parameters():
             param.sequence_parallel = config.sequence_parallel
+        # Zero-centered gamma (stored weight = gamma - 1): Apex's module has no such
+        # mode, so those runs take torch's kernel with weight + 1.
+        self.zero_centered_gamma = config.layernorm_zero_centered_gamma
+        if self.zero_centered_gamma:
+            with torch.no_grad():
+                self.norm.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.zero_centered_gamma:
+            return torch.nn.functional.layer_norm(x, self.norm.normalized_shape,
+                                                  self.norm.weight + 1, self.norm.bias,
+                                                  self.norm.eps)
         return self.norm(x)
 
 
@@ -74,7 +84,8 @@ class TENorm:
                                "megacore.transformer.torch_norm.WrappedTorchNorm instead")
         norm_cls = _te.RMSNorm if config.normalization == "RMSNorm" else _te.LayerNorm
         norm = norm_cls(hidden_size, eps=eps, sequence_parallel=config.sequence_parallel,
-                        params_dtype=config.params_dtype)
+                        params_dtype=config.params_dtype,
+                        zero_centered_gamma=config.layernorm_zero_centered_gamma)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm

@@ -9,6 +9,7 @@ its ``[s/tp, b, h]`` slice, so its weight gradient is partial: the weights carry
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from megacore import device
 from megacore.transformer.transformer_config import TransformerConfig
@@ -19,6 +20,15 @@ __all__ = ["LayerNorm", "RMSNorm", "WrappedTorchNorm"]
 def _mark_sequence_parallel(module: torch.nn.Module, config: TransformerConfig) -> None:
     for param in module.parameters():
         param.sequence_parallel = config.sequence_parallel
+
+
+def _zero_center(module: torch.nn.Module, config: TransformerConfig) -> bool:
+    """``layernorm_zero_centered_gamma``: the stored weight is ``gamma - 1``, so it starts
+    at 0 (the norm starts as the identity scale, as with gamma = 1)."""
+    if config.layernorm_zero_centered_gamma:
+        with torch.no_grad():
+            module.weight.zero_()
+    return config.layernorm_zero_centered_gamma
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -34,6 +44,12 @@ class LayerNorm(torch.nn.LayerNorm):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype,
                          device=device.current_device())
         _mark_sequence_parallel(self, config)
+        self.zero_centered_gamma = _zero_center(self, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.zero_centered_gamma:
+            return super().forward(x)
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -49,6 +65,12 @@ class RMSNorm(torch.nn.RMSNorm):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype,
                          device=device.current_device())
         _mark_sequence_parallel(self, config)
+        self.zero_centered_gamma = _zero_center(self, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.zero_centered_gamma:
+            return super().forward(x)
+        return F.rms_norm(x, self.normalized_shape, self.weight + 1, self.eps)
 
 
 class WrappedTorchNorm:

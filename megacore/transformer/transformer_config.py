@@ -82,6 +82,11 @@ class TransformerConfig(MLAConfig, MoEConfig, ModelParallelConfig):
     normalization: str = "LayerNorm"
     """``"LayerNorm"`` (GPT) or ``"RMSNorm"`` (Llama)."""
 
+    layernorm_zero_centered_gamma: bool = False
+    """Store the norm's scale as ``gamma - 1`` (initialized to 0) and apply ``1 + gamma``
+    (Megatron's ``--apply-layernorm-1p``): weight decay then pulls the scale toward 1
+    rather than 0. Applies to LayerNorm and RMSNorm."""
+
     qk_layernorm: bool = False
     """Normalize queries and keys per head before attention (stabilizes large models)."""
 

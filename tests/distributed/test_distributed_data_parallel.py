@@ -177,3 +177,59 @@ def test_config_validation_names_fields():
         DistributedDataParallelConfig(overlap_param_gather=True)
     with pytest.raises(ValueError, match="bucket_size"):
         DistributedDataParallelConfig(bucket_size=0)
+
+
+def _one_rank_groups(master, batches, use_distributed_optimizer):
+    """ep=2 on 2 ranks: dense params reduce over dp=2, the expert-marked fc2 over an
+    expert-data-parallel group of one rank. Both schedule patterns: every micro-batch in
+    no_sync then ``start_grad_sync`` (pipeline schedules, ``grad_sync_func``), and the
+    last micro-batch's hooks starting the buckets (followed by a redundant
+    ``start_grad_sync``, which must not scale twice)."""
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=2)
+    model = RefModel(master)
+    for p in model.fc2.parameters():
+        p.allreduce = False
+    ddp_cfg = DistributedDataParallelConfig(overlap_grad_reduce=True, bucket_size=40,
+                                            use_distributed_optimizer=use_distributed_optimizer)
+    ddp = DistributedDataParallel(ModelParallelConfig(), ddp_cfg, model)
+    assert torch.distributed.get_world_size(ddp.expert_dp_group) == 1
+    (x0, y0), (x1, y1) = batches[0], batches[1]
+    out = {}
+    for pattern in ("all_in_no_sync", "hooks_then_start"):
+        ddp.zero_grad_buffer()
+        with ddp.no_sync():
+            F.mse_loss(ddp(local_batch(x0, y0)[0]), local_batch(x0, y0)[1]).backward()
+            if pattern == "all_in_no_sync":
+                F.mse_loss(ddp(local_batch(x1, y1)[0]), local_batch(x1, y1)[1]).backward()
+        if pattern == "hooks_then_start":
+            F.mse_loss(ddp(local_batch(x1, y1)[0]), local_batch(x1, y1)[1]).backward()
+        ddp.start_grad_sync()
+        ddp.finish_grad_sync()
+        out[pattern] = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+    # Local (this rank's half of the batch) grads, for the expert params that are not reduced.
+    local = RefModel(master)
+    xa, ya = local_batch(x0, y0)
+    xb, yb = local_batch(x1, y1)
+    (F.mse_loss(local(xa), ya) + F.mse_loss(local(xb), yb)).backward()
+    out["local"] = {n: p.grad.clone() for n, p in local.named_parameters()}
+    return out
+
+
+@pytest.mark.parametrize("use_distributed_optimizer", [False, True], ids=["ddp", "distopt"])
+def test_overlap_grad_reduce_with_one_rank_groups(use_distributed_optimizer):
+    """A one-rank (expert) data-parallel group needs no collective, but its buckets must
+    still be started, finished and scaled exactly once."""
+    master, batches = make_master(), make_batches(2)
+    expected = _grads_of(RefModel(master), *batches[0])
+    expected1 = _grads_of(RefModel(master), *batches[1])
+    results = run_distributed(_one_rank_groups, 2, args=(master, batches,
+                                                         use_distributed_optimizer))
+    for r in results:
+        for pattern in ("all_in_no_sync", "hooks_then_start"):
+            grads = r[pattern]
+            for name, grad in grads.items():
+                if name.startswith("fc2"):
+                    # expert grads: this rank's tokens only, divided by dp x cp = 2, once.
+                    torch.testing.assert_close(grad, r["local"][name] / 2, **TOL)
+                elif not use_distributed_optimizer:
+                    torch.testing.assert_close(grad, expected[name] + expected1[name], **TOL)

@@ -87,7 +87,6 @@ BAD = [
     ("--pipeline-model-parallel-size 3", 6, "--num-layers"),
     ("--context-parallel-size 3", 4, "--context-parallel-size=3"),
     ("--fp16 --bf16", 1, "--fp16 and --bf16 are mutually exclusive"),
-    ("--sequence-parallel", 1, "sequence_parallel=True needs tensor_model_parallel_size"),
     ("--global-batch-size 5", 2, "--global-batch-size 5 must be divisible"),
     ("--train-samples 100", 1, "exactly one of --train-iters and --train-samples"),
     ("--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 "
@@ -116,7 +115,6 @@ BAD = [
     ("--lr-decay-style WSD", 1, "needs --lr-wsd-decay-iters"),
     ("--save-interval 5", 1, "--save-interval needs --save"),
     ("--finetune", 1, "--finetune needs --load"),
-    ("--no-load-optim", 1, "need --load"),
     ("--exit-signal-handler", 1, "--exit-signal-handler needs --save"),
     ("--ckpt-convert-format torch", 1, "go together"),
     ("--async-save", 1, "--async-save needs --save"),

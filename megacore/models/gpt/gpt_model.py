@@ -129,6 +129,10 @@ class GPTModel(MegatronModule):
             raise ValueError("multi-token prediction needs the word embedding on the last "
                              "pipeline stage: --mtp-num-layers with "
                              "--pipeline-model-parallel-size > 1 is not supported yet")
+        if self.config.calculate_per_token_loss:
+            raise ValueError("multi-token prediction normalizes its loss per micro-batch: "
+                             "--mtp-num-layers with --calculate-per-token-loss is not "
+                             "supported yet")
         if dist.get_world_size(self.pg_collection.cp) > 1:
             raise ValueError("multi-token prediction shifts labels across the sequence: "
                              "--mtp-num-layers with --context-parallel-size > 1 is not "
@@ -151,6 +155,8 @@ class GPTModel(MegatronModule):
 
         Must be called on every rank of the embedding group (it is, from ``__init__``).
         """
+        if self.pre_process:
+            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
         if self.post_process and self.output_layer.weight is not None:
             self.output_layer.weight.is_embedding_or_output_parameter = True
         if not self.share_embeddings_and_output_weights:
