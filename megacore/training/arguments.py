@@ -37,6 +37,7 @@ from megacore.training.training_config import (
     TrainingArgs,
 )
 from megacore.transformer import TransformerConfig
+from megacore.transformer.activations import openai_gelu
 
 __all__ = ["Flag", "FLAGS", "RunConfig", "ArgumentValidationError", "build_parser",
            "parse_args", "validate_run_config", "run_config_to_dict", "CHECKPOINT_MODEL_FLAGS",
@@ -93,6 +94,8 @@ FLAGS: List[Flag] = [
     _f("--swiglu", "model", "swiglu", derived=True, type=bool),
     _f("--disable-bias-linear", "model", "add_bias_linear", invert=True),
     _f("--add-qkv-bias", "model"), _f("--qk-layernorm", "model"),
+    _f("--openai-gelu", "model", "openai_gelu", derived=True, type=bool),
+    _f("--window-size", "model", nargs=2),
     _f("--hidden-dropout", "model"), _f("--attention-dropout", "model"),
     _f("--init-method-std", "model"),
     _f("--apply-residual-connection-post-layernorm", "model"),
@@ -138,6 +141,9 @@ FLAGS: List[Flag] = [
     _f("--seq-length", "gpt"), _f("--max-position-embeddings", "gpt"),
     _f("--position-embedding-type", "gpt", choices=["learned_absolute", "rope", "none"]),
     _f("--rotary-percent", "gpt"), _f("--rotary-base", "gpt"),
+    _f("--use-rope-scaling", "gpt"), _f("--rope-scaling-factor", "gpt"),
+    _f("--rope-scaling-low-freq-factor", "gpt"), _f("--rope-scaling-high-freq-factor", "gpt"),
+    _f("--rope-scaling-original-max-position-embeddings", "gpt"),
     _f("--untie-embeddings-and-output-weights", "gpt"),
     _f("--make-vocab-size-divisible-by", "gpt"),
     # optimizer
@@ -255,7 +261,7 @@ def _scalar_type(annotation) -> Optional[type]:
     if origin is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _scalar_type(args[0]) if len(args) == 1 else None
-    if origin in (list, List):
+    if origin in (list, List, tuple, typing.Tuple):
         return _scalar_type(typing.get_args(annotation)[0])
     return annotation if annotation in (int, float, str, bool) else None
 
@@ -370,6 +376,9 @@ CHECKPOINT_MODEL_FLAGS = (
     "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
     "--num-query-groups", "--kv-channels", "--normalization", "--norm-epsilon",
     "--swiglu", "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm",
+    "--openai-gelu", "--window-size", "--use-rope-scaling", "--rope-scaling-factor",
+    "--rope-scaling-low-freq-factor", "--rope-scaling-high-freq-factor",
+    "--rope-scaling-original-max-position-embeddings",
     "--apply-residual-connection-post-layernorm", "--max-position-embeddings",
     "--position-embedding-type", "--rotary-percent", "--rotary-base",
     "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by",
@@ -395,6 +404,9 @@ def _config_values(config: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             out["swiglu"] = bool(model.get("gated_linear_unit")) and \
                 model.get("activation_func", "silu") == "silu"
             continue
+        if name == "--openai-gelu":
+            out["openai_gelu"] = model.get("activation_func") == "openai_gelu"
+            continue
         if name == "--moe-layer-freq":
             if model.get("num_moe_experts"):
                 out["moe_layer_freq_text"] = model.get("moe_layer_freq", 1)
@@ -414,6 +426,8 @@ def model_flags_from_config(config: Dict[str, Dict[str, Any]]) -> List[str]:
         flag = by_dest.get(dest) or next(f for f in FLAGS if f.field == dest)
         if isinstance(value, bool):
             argv += [flag.flag] if value else []
+        elif flag.nargs is not None and isinstance(value, (list, tuple)):
+            argv += [flag.flag] + [str(v) for v in value]
         elif isinstance(value, list):
             argv += [flag.flag, ",".join(str(v) for v in value)]
         else:
@@ -470,6 +484,11 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
     if values.get("swiglu"):
         model["gated_linear_unit"] = True
         model["activation_func"] = F.silu
+    if values.get("openai_gelu"):
+        if values.get("swiglu"):
+            raise ArgumentValidationError("--openai-gelu and --swiglu are alternatives "
+                                          "(tanh GeLU vs gated SiLU); give one")
+        model["activation_func"] = openai_gelu
     fp16, bf16 = bool(values.get("fp16")), bool(values.get("bf16"))
     if fp16 and bf16:
         raise ArgumentValidationError("--fp16 and --bf16 are mutually exclusive")

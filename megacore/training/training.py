@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megacore import checkpointing, device, parallel_state
+from megacore.checkpointing.conversion.tokenizer_files import resolve_checkpoint_paths
 from megacore.distributed import DistributedDataParallel, finalize_model_grads
 from megacore.optimizer import (
     GradStatsContext,
@@ -603,7 +604,9 @@ def saved_run_config(load_dir: str) -> Optional[Dict[str, Any]]:
     (None when there is no checkpoint yet, e.g. ``--save d --load d`` on a first start)."""
     if not os.path.isdir(load_dir) or checkpointing.read_tracker(load_dir) is None:
         return None
-    return checkpointing.read_checkpoint_info(load_dir).config
+    config = checkpointing.read_checkpoint_info(load_dir).config
+    # A converted checkpoint keeps its tokenizer inside it, under a relative path.
+    return resolve_checkpoint_paths(config, load_dir) if config else config
 
 
 def _just_saved(run, state) -> bool:
