@@ -95,7 +95,7 @@ FLAGS: List[Flag] = [
     _f("--disable-bias-linear", "model", "add_bias_linear", invert=True),
     _f("--add-qkv-bias", "model"), _f("--qk-layernorm", "model"),
     _f("--openai-gelu", "model", "openai_gelu", derived=True, type=bool),
-    _f("--window-size", "model", nargs=2),
+    _f("--window-size", "model", "window_size", derived=True, type=str, nargs="+"),
     _f("--hidden-dropout", "model"), _f("--attention-dropout", "model"),
     _f("--init-method-std", "model"),
     _f("--apply-residual-connection-post-layernorm", "model"),
@@ -407,6 +407,10 @@ def _config_values(config: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
         if name == "--openai-gelu":
             out["openai_gelu"] = model.get("activation_func") == "openai_gelu"
             continue
+        if name == "--window-size":
+            if model.get("window_size") is not None:
+                out["window_size"] = list(model["window_size"])
+            continue
         if name == "--moe-layer-freq":
             if model.get("num_moe_experts"):
                 out["moe_layer_freq_text"] = model.get("moe_layer_freq", 1)
@@ -448,6 +452,8 @@ def _merge_checkpoint_config(values: Dict[str, Any], config: Dict[str, Any],
         given = values[dest]
         if dest == "moe_layer_freq_text":
             given = _parse_layer_freq(given)
+        if dest == "window_size":
+            given, saved = _parse_window(given), tuple(saved)
         if given != saved:
             raise ArgumentValidationError(
                 f"{by_dest[dest]} {given} does not match the value {saved} saved in {path}; "
@@ -489,6 +495,8 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
             raise ArgumentValidationError("--openai-gelu and --swiglu are alternatives "
                                           "(tanh GeLU vs gated SiLU); give one")
         model["activation_func"] = openai_gelu
+    if values.get("window_size") is not None:
+        model["window_size"] = _parse_window(values["window_size"])
     fp16, bf16 = bool(values.get("fp16")), bool(values.get("bf16"))
     if fp16 and bf16:
         raise ArgumentValidationError("--fp16 and --bf16 are mutually exclusive")
@@ -521,6 +529,20 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
         model["moe_layer_freq"] = _parse_layer_freq(freq)
     if model.get("virtual_pipeline_model_parallel_size") == 1:
         model["virtual_pipeline_model_parallel_size"] = None
+
+
+def _parse_window(value) -> tuple:
+    """``--window-size``: ``LEFT RIGHT`` or Megatron's ``LEFT,RIGHT`` -> ``(left, right)``."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    parts = [p for item in items for p in str(item).strip("()[] ").split(",") if p.strip()]
+    try:
+        window = tuple(int(p) for p in parts)
+    except ValueError:
+        window = ()
+    if len(window) != 2:
+        raise ArgumentValidationError(f"--window-size {value!r}: expected two integers "
+                                      "LEFT RIGHT (or LEFT,RIGHT), e.g. 4095 0")
+    return window
 
 
 def _parse_layer_freq(text) -> Any:

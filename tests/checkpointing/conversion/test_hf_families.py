@@ -224,3 +224,68 @@ def test_family_imports_serves_and_exports_like_transformers(tmp_path, kind, lay
             assert (back / name).read_bytes() == open(os.path.join(hf_dir, name), "rb").read()
     reloaded = type(model).from_pretrained(back).eval()
     torch.testing.assert_close(_hf_logits(reloaded, fx.tokens()), reference, rtol=0, atol=0)
+
+
+def _llama_config(**overrides):
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
+           "vocab_size": VOCAB}
+    cfg.update(overrides)
+    return cfg
+
+
+def test_unsupported_config_fields_are_refused_naming_them(tmp_path):
+    for field in ("rope_parameters", "rope_scaling"):
+        with pytest.raises(ConversionError, match=f"config.json {field}.rope_type 'yarn' is "
+                                                  "not supported"):
+            description_from_hf_config(_llama_config(**{field: {"rope_type": "yarn",
+                                                                "factor": 4.0}}))
+    with pytest.raises(ConversionError, match="lacks 'low_freq_factor'"):
+        description_from_hf_config(_llama_config(rope_parameters={"rope_type": "llama3",
+                                                                  "factor": 8.0}))
+    with pytest.raises(ConversionError, match="config.json use_sliding_window"):
+        description_from_hf_config(dict(_llama_config(), architectures=["Qwen2ForCausalLM"],
+                                        use_sliding_window=True, sliding_window=4))
+    with pytest.raises(ConversionError, match="config.json attention_bias"):
+        description_from_hf_config(_llama_config(attention_bias=True))
+    # Older files: rope_scaling with "type"; Llama has no sliding window (ignored key).
+    desc = description_from_hf_config(_llama_config(rope_scaling={"type": "default"},
+                                                    sliding_window=4))
+    assert desc.window_size is None and not desc.rope_scaling
+
+
+def test_export_refuses_what_the_architecture_cannot_hold():
+    from megacore.checkpointing.conversion import hf_config_from_description
+
+    desc = description_from_hf_config(dict(_llama_config(), architectures=[
+        "MistralForCausalLM"], sliding_window=4))
+    assert desc.window_size == (3, 0)
+    assert hf_config_from_description(desc, "MistralForCausalLM")["sliding_window"] == 4
+    with pytest.raises(ConversionError, match="LlamaForCausalLM cannot represent this model: "
+                                              r"has no sliding window \(window_size \(3, 0\)"):
+        hf_config_from_description(desc, "LlamaForCausalLM")
+    desc.window_size = (3, 2)
+    with pytest.raises(ConversionError, match=r"window_size \(3, 2\): a Mistral sliding "
+                                              r"window is \(w - 1, 0\)"):
+        hf_config_from_description(desc, "MistralForCausalLM")
+    qwen3 = description_from_hf_config(dict(_llama_config(), architectures=["Qwen3ForCausalLM"]))
+    with pytest.raises(ConversionError, match="Qwen2ForCausalLM cannot represent this model: "
+                                              "needs q/k/v biases"):
+        hf_config_from_description(qwen3, "Qwen2ForCausalLM")
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    hf_dir = str(tmp_path / "hf")
+    _save_hf("qwen2", hf_dir)
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    weights = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = weights[name][:40].contiguous()
+    config["vocab_size"] = 40
+    json.dump(config, open(os.path.join(hf_dir, "config.json"), "w"))
+    safetensors_torch.save_file(weights, os.path.join(hf_dir, "model.safetensors"),
+                                metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"tokenizer.json has 61 tokens but the word "
+                                              "embedding only 40 rows"):
+        convert_checkpoint(load_dir=hf_dir, save_dir=str(tmp_path / "mc"), saver="megacore",
+                           progress=False)
