@@ -11,7 +11,9 @@ and a tiny word-level ``tokenizer.json`` (with a chat template) are saved with
   window, RoPE scaling, the activation and the tokenizer all come from the checkpoint)
   through the HTTP server (``PUT /api``, greedy): the tokens and text equal
   ``transformers``' ``generate``; Mistral's prompts are longer than its window, so the
-  banded mask matters in the prefill and in every KV-cache decode step;
+  banded mask matters in the prefill and in every KV-cache decode step; and
+  ``POST /v1/chat/completions`` renders the carried chat template as ``transformers``'
+  ``apply_chat_template`` does (the reply equals its greedy generation);
 * exported back (``--saver hf``): safetensors bitwise equal to the source, the tokenizer
   files byte-identical, and ``from_pretrained`` gives exactly the source's logits.
 
@@ -43,7 +45,9 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 VOCAB = 61
 SPECIALS = ["<unk>", "<s>", "</s>"]
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+CHAT_TEMPLATE = ("{{ bos_token }} {% for m in messages %}{{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}w1 {% endif %}")
+MESSAGES = [{"role": "system", "content": "w4 w6"}, {"role": "user", "content": "w9 w30 w12"}]
 TOL = dict(atol=2e-5, rtol=1e-4)
 PROMPTS = ["w7 w12 w3 w40 w9 w22 w5 w31 w18 w2", "w50 w8 w11"]
 NEW_TOKENS = 12
@@ -115,6 +119,17 @@ def _hf_greedy(model, tokenizer):
     return out, [tokenizer.decode(t) for t in out]
 
 
+def _hf_chat(model, tokenizer):
+    """transformers' chat: the template's text, tokenized without special tokens, greedy;
+    the reply without its end-of-sequence token."""
+    text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=2,
+                             pad_token_id=0)[0, ids.size(1):].tolist()
+    return tokenizer.decode(gen[:-1] if gen and gen[-1] == 2 else gen)
+
+
 def _desc_dict(hf_dir):
     desc = description_from_hf_config(json.load(open(os.path.join(hf_dir, "config.json"))))
     return {k: getattr(desc, k) for k in desc.__dataclass_fields__ if k != "config_dict"}
@@ -149,11 +164,15 @@ def _serve_greedy(load_dir):
         with TestClient(create_app(service, tokenizer, ServerConfig())) as client:
             response = client.put("/api", json={"prompts": PROMPTS, "temperature": 0.0,
                                                 "tokens_to_generate": NEW_TOKENS})
+            chat = client.post("/v1/chat/completions", json={
+                "messages": MESSAGES, "temperature": 0.0, "max_tokens": NEW_TOKENS})
     finally:
         service.stop()
     assert response.status_code == 200, response.text
+    assert chat.status_code == 200, chat.text
     body = response.json()
-    return body["tokens"], body["text"], run_summary(run)
+    return (body["tokens"], body["text"], chat.json()["choices"][0]["message"]["content"],
+            run_summary(run))
 
 
 def run_summary(run):
@@ -204,11 +223,12 @@ def test_family_imports_serves_and_exports_like_transformers(tmp_path, kind, lay
     assert json.load(open(copied / "tokenizer_config.json")).get("chat_template") == \
         CHAT_TEMPLATE or (copied / "chat_template.jinja").read_text() == CHAT_TEMPLATE
 
-    tokens, text, summary = run_distributed(_serve_greedy, 1, args=(ckpts[0][1],))[0]
+    tokens, text, reply, summary = run_distributed(_serve_greedy, 1, args=(ckpts[0][1],))[0]
     want_tokens, want_text = _hf_greedy(model, tokenizer)
     assert summary == dict(EXPECTED[kind], tokenizer="HuggingFaceTokenizer")
     assert tokens == want_tokens
     assert text == want_text
+    assert reply == _hf_chat(model, tokenizer) and reply  # the chat template is used
     if kind == "mistral":
         assert len(tokenizer(PROMPTS[0])["input_ids"]) > 4  # longer than the window
 
