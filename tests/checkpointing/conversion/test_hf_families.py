@@ -309,3 +309,27 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
                                               "embedding only 40 rows"):
         convert_checkpoint(load_dir=hf_dir, save_dir=str(tmp_path / "mc"), saver="megacore",
                            progress=False)
+
+
+def test_hf_saver_writes_a_gpt2_bpe_tokenizer_that_transformers_reads(tmp_path):
+    """A pretrain checkpoint records --vocab-file/--merge-file (relative to where it
+    ran, or inside the checkpoint): --saver hf copies them as vocab.json/merges.txt."""
+    from megacore.checkpointing.conversion.tokenizer_files import exported_tokenizer_files
+    from megacore.tokenizers import build_tokenizer
+
+    data = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "data")
+    config = {"data": {"tokenizer_type": "GPT2BPETokenizer",
+                       "vocab_file": os.path.abspath(os.path.join(data, "vocab.json")),
+                       "merge_file": os.path.abspath(os.path.join(data, "merges.txt"))}}
+    out = tmp_path / "hf"
+    out.mkdir()
+    assert exported_tokenizer_files(config, str(tmp_path), str(out)) == ["vocab.json",
+                                                                         "merges.txt"]
+    hf = transformers.GPT2TokenizerFast.from_pretrained(out)
+    ours = build_tokenizer("GPT2BPETokenizer", vocab_file=config["data"]["vocab_file"],
+                           merge_file=config["data"]["merge_file"])
+    text = "def parse(self, text):\n    return text.split()"
+    assert hf(text)["input_ids"] == ours.tokenize(text)
+    config["data"]["merge_file"] = "missing/merges.txt"
+    with pytest.raises(ConversionError, match="merge_file 'missing/merges.txt' was not found"):
+        exported_tokenizer_files(config, str(tmp_path), str(out))
