@@ -404,8 +404,9 @@ def _config_values(config: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             out["swiglu"] = bool(model.get("gated_linear_unit")) and \
                 model.get("activation_func", "silu") == "silu"
             continue
-        if name == "--openai-gelu":
-            out["openai_gelu"] = model.get("activation_func") == "openai_gelu"
+        if name == "--openai-gelu":  # converters also record it as "gelu_tanh"
+            out["openai_gelu"] = model.get("activation_func") == "openai_gelu" or \
+                (config.get("conversion") or {}).get("activation") == "gelu_tanh"
             continue
         if name == "--window-size":
             if model.get("window_size") is not None:

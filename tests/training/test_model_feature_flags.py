@@ -63,3 +63,11 @@ def test_flags_set_the_configs_and_come_back_from_a_checkpoint():
 def test_bad_feature_flags_are_rejected_naming_them(argv, message):
     with pytest.raises(ArgumentValidationError, match=message):
         parse_args(BASE + argv, world_size=2, for_inference=True)
+
+
+def test_a_converted_tanh_gelu_checkpoint_restores_openai_gelu():
+    # Conversions record the activation in their "conversion" section ("gelu_tanh").
+    saved = run_config_to_dict(_parse(BASE))
+    saved["model"].pop("activation_func")
+    saved["conversion"] = {"vocab_size": 61, "activation": "gelu_tanh"}
+    assert _parse([], checkpoint_config=saved).model.activation_func is openai_gelu
