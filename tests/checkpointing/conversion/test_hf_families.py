@@ -333,3 +333,39 @@ def test_hf_saver_writes_a_gpt2_bpe_tokenizer_that_transformers_reads(tmp_path):
     config["data"]["merge_file"] = "missing/merges.txt"
     with pytest.raises(ConversionError, match="merge_file 'missing/merges.txt' was not found"):
         exported_tokenizer_files(config, str(tmp_path), str(out))
+
+
+def test_pretrain_resumes_a_converted_mistral_and_its_loss_is_transformers(tmp_path):
+    """``pretrain_gpt.py --load`` of a converted Mistral (window 4, sequences of 16) at
+    tp 2 takes model flags and tokenizer from the checkpoint; its first training loss is
+    ``transformers``' cross entropy on the same batch (the sliding window is in the
+    training forward)."""
+    import shlex
+
+    from megacore.training.arguments import parse_args
+    from megacore.training.training import _num_samples, saved_run_config
+    from tests.training.test_pretrain_gpt import _example, _run_pretrain
+
+    hf_dir, mc_dir, log = str(tmp_path / "hf"), str(tmp_path / "mc"), tmp_path / "log.jsonl"
+    model = _save_hf("mistral", hf_dir)
+    convert_checkpoint(load_dir=hf_dir, save_dir=mc_dir, saver="megacore", progress=False)
+    argv = shlex.split(f"--load {mc_dir} --no-load-optim --no-load-rng --mock-data "
+                       "--seq-length 16 --micro-batch-size 2 --global-batch-size 2 "
+                       "--train-iters 1 --lr 1e-3 --eval-iters 0 --hidden-dropout 0 "
+                       "--attention-dropout 0 --log-interval 1")
+    run_distributed(_run_pretrain, 2, args=(argv + ["--tensor-model-parallel-size", "2",
+                                                    "--log-jsonl", str(log)],), timeout=240)
+    loss = [r for r in map(json.loads, open(log)) if "lm_loss" in r][0]["lm_loss"]
+
+    run = parse_args(argv, world_size=1, checkpoint_config=saved_run_config(mc_dir))
+    assert run.model.window_size == (3, 0) and run.data.tokenizer_type == "HuggingFaceTokenizer"
+    train_ds = _example().train_valid_test_datasets_provider(run, _num_samples(run, 0))[0]
+    batch = [train_ds[i] for i in range(2)]
+    tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
+    labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
+    mask = torch.stack([torch.as_tensor(b["loss_mask"]) for b in batch]).float()
+    per_token = torch.nn.functional.cross_entropy(
+        _hf_logits(model, tokens).transpose(1, 2), labels, reduction="none")
+    want = (per_token * mask).sum() / mask.sum()
+    assert tokens.size(1) == 16 > 4
+    torch.testing.assert_close(torch.tensor(loss), want, rtol=1e-5, atol=1e-6)
