@@ -36,6 +36,7 @@ from megacore.checkpointing.conversion.tensor_rules import (
 )
 from megacore.checkpointing.conversion.tokenizer_files import (
     TOKENIZER_SUBDIR,
+    carry_checkpoint_tokenizer,
     copy_files,
     exported_tokenizer_files,
 )
@@ -121,6 +122,8 @@ def _carry_tokenizer(source: CanonicalSource, load_dir: str, save_dir: str, save
                    save_dir if saver == "hf" else os.path.join(save_dir, TOKENIZER_SUBDIR))
     elif saver == "hf" and hf_files is None:
         exported_tokenizer_files(source.description.config_dict, load_dir, save_dir)
+    elif saver == "megacore" and hf_files is None:  # a tokenizer kept inside the checkpoint
+        carry_checkpoint_tokenizer(source.description.config_dict, load_dir, save_dir)
 
 
 def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",

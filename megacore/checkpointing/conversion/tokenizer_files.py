@@ -6,7 +6,8 @@ import the converter copies those files into ``<save dir>/tokenizer/`` and recor
 ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer`` in the saved run
 configuration, with the path relative to the save directory (so the directory can move);
 ``--load`` and the text-generation server resolve it there
-(:func:`resolve_checkpoint_paths`). The vocabulary granularity is recorded as the
+(:func:`resolve_checkpoint_paths`); a megacore-to-megacore conversion carries such a
+tokenizer directory along (:func:`carry_checkpoint_tokenizer`). The vocabulary granularity is recorded as the
 embedding's row count, so ``pretrain``'s padded vocabulary (the tokenizer's size rounded
 up to ``--make-vocab-size-divisible-by``) is exactly the checkpoint's rows even when the
 tokenizer has fewer tokens than the embedding (Qwen pads its table). On export
@@ -23,7 +24,8 @@ from typing import Any, Dict, List, Optional
 from megacore.checkpointing.conversion.manifest import ConversionError
 
 __all__ = ["TOKENIZER_FILES", "TOKENIZER_SUBDIR", "hf_tokenizer_files", "tokenizer_config",
-           "copy_files", "exported_tokenizer_files", "resolve_checkpoint_paths"]
+           "copy_files", "exported_tokenizer_files", "resolve_checkpoint_paths",
+           "carry_checkpoint_tokenizer"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -125,3 +127,29 @@ def exported_tokenizer_files(config: Optional[Dict[str, Any]], load_dir: str,
             written.append(name)
         return written
     return []
+
+
+def carry_checkpoint_tokenizer(config: Optional[Dict[str, Any]], load_dir: str,
+                               save_dir: str) -> List[str]:
+    """Copy tokenizer files a megacore checkpoint keeps inside itself (relative paths in
+    its configuration) to the same relative place under ``save_dir``; returns them."""
+    data = (config or {}).get("data") or {}
+    roots = [load_dir, os.path.dirname(os.path.abspath(load_dir))]
+    copied = []
+    for field in _PATH_FIELDS:
+        value = data.get(field)
+        if not isinstance(value, str) or not value or os.path.isabs(value):
+            continue
+        for root in roots:
+            src = os.path.join(root, value)
+            if not os.path.exists(src):
+                continue
+            dst = os.path.join(save_dir, value)
+            if os.path.isdir(src):
+                copy_files(src, hf_tokenizer_files(src), dst)
+            else:
+                os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+                shutil.copyfile(src, dst)
+            copied.append(value)
+            break
+    return copied

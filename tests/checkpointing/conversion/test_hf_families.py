@@ -232,8 +232,15 @@ def test_family_imports_serves_and_exports_like_transformers(tmp_path, kind, lay
     if kind == "mistral":
         assert len(tokenizer(PROMPTS[0])["input_ids"]) > 4  # longer than the window
 
+    # A layout change keeps the tokenizer inside the checkpoint.
+    relaid = tmp_path / "relaid"
+    convert_checkpoint(load_dir=ckpts[0][1], save_dir=str(relaid), saver="megacore",
+                       target_tensor_parallel_size=layout[0],
+                       target_pipeline_parallel_size=layout[1], progress=False)
+    assert sorted(os.listdir(relaid / "tokenizer")) == sorted(os.listdir(copied))
+
     back = tmp_path / "hf_back"
-    convert_checkpoint(load_dir=ckpts[1][1], save_dir=str(back), saver="hf",
+    convert_checkpoint(load_dir=str(relaid), save_dir=str(back), saver="hf",
                        max_shard_size=16384, progress=False)
     original = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
     exported = _safetensors(back)
