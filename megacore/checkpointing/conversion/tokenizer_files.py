@@ -8,8 +8,9 @@ configuration, with the path relative to the save directory (so the directory ca
 ``--load`` and the text-generation server resolve it there
 (:func:`resolve_checkpoint_paths`); a megacore-to-megacore conversion carries such a
 tokenizer directory along (:func:`carry_checkpoint_tokenizer`). The vocabulary
-granularity is recorded as the embedding's row count, so ``pretrain``'s padded vocabulary (the tokenizer's size rounded
-up to ``--make-vocab-size-divisible-by``) is exactly the checkpoint's rows even when the
+granularity is recorded as the embedding's row count, so ``pretrain``'s padded
+vocabulary (the tokenizer's size rounded up to ``--make-vocab-size-divisible-by``) is
+exactly the checkpoint's rows even when the
 tokenizer has fewer tokens than the embedding (Qwen pads its table). On export
 (``--saver hf``) the files of the recorded tokenizer are copied beside the weights: a
 ``HuggingFaceTokenizer`` directory's files, or a GPT-2 BPE ``vocab.json``/``merges.txt``.
