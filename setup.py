@@ -57,6 +57,7 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6.0",
         "fastapi>=0.110",
+        "jinja2>=3.1",  # chat templates of Hugging Face tokenizers
         "uvicorn>=0.27",
     ],
     extras_require={

@@ -73,6 +73,12 @@ def model_provider(run, pre_process=True, post_process=True, vp_stage=None):
                     share_embeddings_and_output_weights=not run.gpt.untie_embeddings_and_output_weights,
                     position_embedding_type=run.gpt.position_embedding_type,
                     rotary_percent=run.gpt.rotary_percent, rotary_base=run.gpt.rotary_base,
+                    rope_scaling=run.gpt.use_rope_scaling,
+                    rope_scaling_factor=run.gpt.rope_scaling_factor,
+                    rope_scaling_low_freq_factor=run.gpt.rope_scaling_low_freq_factor,
+                    rope_scaling_high_freq_factor=run.gpt.rope_scaling_high_freq_factor,
+                    rope_scaling_original_max_position_embeddings=(
+                        run.gpt.rope_scaling_original_max_position_embeddings),
                     vp_stage=vp_stage)
 
 

@@ -9,6 +9,10 @@ Endpoints:
 * ``POST /v1/completions`` — OpenAI-style: ``prompt``, ``max_tokens``, ``temperature``,
   ``top_p``, ``n``, ``stop``, ``seed``, ``logprobs``, ``echo``, ``stream`` (server-sent
   events ending in ``data: [DONE]``), ``model``.
+* ``POST /v1/chat/completions`` — OpenAI-style chat: ``messages`` rendered with the
+  tokenizer's chat template (400 when it has none), ``max_tokens``, ``temperature``,
+  ``top_p``, ``n``, ``stop``, ``seed``, ``model``; choices carry the assistant
+  ``message``. No streaming.
 * ``GET /v1/models``, ``GET /health``.
 
 Unlike Megatron's server, an error is never a 200: a body that is not JSON is 400, an
@@ -49,6 +53,8 @@ from megacore.inference.generation_service import (
 from megacore.inference.text_api import (
     ApiError,
     StreamTextTracker,
+    chat_choice,
+    chat_requests,
     completion_choice,
     completion_requests,
     megatron_requests,
@@ -58,8 +64,8 @@ from megacore.inference.text_api import (
 from megacore.inference.text_generation_controller import TextGenerationController
 from megacore.package_info import __version__
 
-__all__ = ["ServerConfig", "MegatronGenerateParams", "CompletionParams", "create_app",
-           "run_text_generation_server"]
+__all__ = ["ServerConfig", "MegatronGenerateParams", "CompletionParams",
+           "ChatCompletionParams", "create_app", "run_text_generation_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +142,21 @@ class CompletionParams(BaseModel):
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: bool = False
     stream: bool = False
+
+
+class ChatCompletionParams(BaseModel):
+    """Body of ``POST /v1/chat/completions`` (OpenAI's names and defaults)."""
+
+    model_config = _STRICT
+
+    messages: List[Dict[str, str]] = Field(min_length=1)
+    model: Optional[str] = None
+    max_tokens: int = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = Field(None, ge=0, le=_MAX_SEED - 1024)
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -255,13 +276,34 @@ class _Handlers:
             "prompt_tokens": prompt_tokens, "completion_tokens": generated,
             "total_tokens": prompt_tokens + generated}})
 
-    def _check_completion(self, params: CompletionParams) -> None:
+    @_guarded
+    async def chat_completions(self, request: Request):
+        params = await self._parse(request, ChatCompletionParams)
+        self._check_model_and_stop(params)
+        _check_limits(params.max_tokens, params.n, "max_tokens", self.service, self.config)
+        requests = chat_requests(params, self.tokenizer, self.validate)
+        results = await self._run(requests)
+        as_completion = CompletionParams(prompt="", stop=params.stop)
+        choices = [chat_choice(completion_choice(r, i, as_completion, self.tokenizer))
+                   for i, r in enumerate(results)]
+        prompt_tokens = len(results[0].prompt_tokens)
+        generated = sum(len(r.generated_tokens) for r in results)
+        return JSONResponse({
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+            "created": int(time.time()), "model": self.config.model_name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                      "total_tokens": prompt_tokens + generated}})
+
+    def _check_model_and_stop(self, params) -> None:
         if params.model is not None and params.model != self.config.model_name:
             raise ApiError(f"model {params.model!r} is not served here (this server "
                            f"serves {self.config.model_name!r})", "model", 404)
         stops = stop_list(params.stop)
         if len(stops) > 4 or any(not s for s in stops):
             raise ApiError("stop takes up to 4 non-empty strings", "stop")
+
+    def _check_completion(self, params: CompletionParams) -> None:
+        self._check_model_and_stop(params)
         if params.stream and params.logprobs is not None:
             raise ApiError("logprobs cannot be combined with stream", "logprobs")
         n_prompts = 1 if isinstance(params.prompt, str) else len(params.prompt)
@@ -287,6 +329,8 @@ def create_app(service: GenerationService, tokenizer,
            schema.MegatronGenerateResponse)
     _route(app, "/v1/completions", "POST", handlers.completions, CompletionParams,
            schema.CompletionResponse, stream=schema.CompletionStreamChunk)
+    _route(app, "/v1/chat/completions", "POST", handlers.chat_completions,
+           ChatCompletionParams, None)
     _route(app, "/health", "GET", handlers.health, None, schema.HealthResponse)
     _route(app, "/v1/models", "GET", handlers.models, None, schema.ModelList)
 

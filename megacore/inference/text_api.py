@@ -10,6 +10,11 @@ Framework-free translation used by ``megacore.inference.server``:
   :func:`completion_choice`; a stop string and what follows are cut from the text, as
   OpenAI does. :class:`StreamTextTracker` turns streamed tokens into text deltas that
   never show part of a stop string.
+* OpenAI-style ``POST /v1/chat/completions``: :func:`chat_prompt` renders the messages
+  with the tokenizer's chat template (a Hugging Face tokenizer carried by a converted
+  checkpoint) and tokenizes the result without adding special tokens again; generation
+  then runs as a completion of that prompt, and :func:`chat_choice` wraps its text as
+  the assistant's message.
 
 Parameters arrive as validated objects (the server's pydantic models; anything with
 the attributes works). Errors are :class:`ApiError` naming the offending field.
@@ -27,7 +32,8 @@ from megacore.inference.inference_request import (
 from megacore.inference.sampling import SamplingParams
 
 __all__ = ["ApiError", "megatron_requests", "megatron_response", "completion_requests",
-           "completion_choice", "StreamTextTracker", "cut_at_stop"]
+           "completion_choice", "StreamTextTracker", "cut_at_stop", "chat_prompt",
+           "chat_requests", "chat_choice"]
 
 
 class ApiError(ValueError):
@@ -147,6 +153,48 @@ def completion_requests(params, tokenizer, validate) -> List[GenerationRequest]:
                     top_logprobs=top_logprobs),
                 validate, "max_tokens", "prompt"))
     return requests
+
+
+def chat_prompt(messages: Sequence[Dict[str, str]], tokenizer) -> List[int]:
+    """Token ids of a conversation rendered by the tokenizer's chat template, ending with
+    the assistant's turn (``add_generation_prompt``)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ApiError("this model's tokenizer has no chat template: use /v1/completions",
+                       "messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"),
+                                                                      str):
+            raise ApiError(f"messages[{index}] needs string 'role' and 'content'", "messages")
+    try:
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    except ValueError as e:
+        raise ApiError(str(e), "messages") from e
+    tokens = tokenizer.tokenize(text, add_special_tokens=False)
+    if not tokens:
+        raise ApiError("the rendered conversation is empty", "messages")
+    return tokens
+
+
+def chat_requests(params, tokenizer, validate) -> List[GenerationRequest]:
+    """``n`` requests for a chat body: ``messages``, ``max_tokens``, ``temperature``,
+    ``top_p``, ``n``, ``stop``, ``seed`` (choice ``j`` of a seeded request: ``seed + j``)."""
+    tokens = chat_prompt(params.messages, tokenizer)
+    requests = []
+    for j in range(params.n):
+        seed = None if params.seed is None else params.seed + j
+        sampling = _sampling(temperature=params.temperature, top_p=params.top_p, seed=seed)
+        requests.append(_checked(
+            lambda: GenerationRequest(tokens, params.max_tokens, sampling,
+                                      stop_token_ids=(tokenizer.eod,),
+                                      stop_strings=tuple(stop_list(params.stop))),
+            validate, "max_tokens", "messages"))
+    return requests
+
+
+def chat_choice(choice: Dict[str, Any]) -> Dict[str, Any]:
+    """A completion choice as a chat choice: the text is the assistant's message."""
+    return {"index": choice["index"], "finish_reason": choice["finish_reason"],
+            "message": {"role": "assistant", "content": choice["text"]}}
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> Optional[int]:

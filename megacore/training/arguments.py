@@ -42,6 +42,7 @@ from megacore.training.training_config import (
     TrainingArgs,
 )
 from megacore.transformer import AttnBackend, TransformerConfig
+from megacore.transformer.activations import openai_gelu
 
 __all__ = ["Flag", "FLAGS", "RunConfig", "ArgumentValidationError", "build_parser",
            "parse_args", "validate_run_config", "run_config_to_dict", "CHECKPOINT_MODEL_FLAGS",
@@ -118,6 +119,8 @@ FLAGS: List[Flag] = [
     _f("--mtp-num-layers", "model"), _f("--mtp-loss-scaling-factor", "model"),
     _f("--kv-lora-rank", "model"), _f("--qk-head-dim", "model"),
     _f("--qk-pos-emb-head-dim", "model"), _f("--v-head-dim", "model"),
+    _f("--openai-gelu", "model", "openai_gelu", derived=True, type=bool),
+    _f("--window-size", "model", "window_size", derived=True, type=str, nargs="+"),
     _f("--hidden-dropout", "model"), _f("--attention-dropout", "model"),
     _f("--init-method-std", "model"),
     _f("--apply-residual-connection-post-layernorm", "model"),
@@ -182,6 +185,9 @@ FLAGS: List[Flag] = [
     _f("--seq-length", "gpt"), _f("--max-position-embeddings", "gpt"),
     _f("--position-embedding-type", "gpt", choices=["learned_absolute", "rope", "none"]),
     _f("--rotary-percent", "gpt"), _f("--rotary-base", "gpt"),
+    _f("--use-rope-scaling", "gpt"), _f("--rope-scaling-factor", "gpt"),
+    _f("--rope-scaling-low-freq-factor", "gpt"), _f("--rope-scaling-high-freq-factor", "gpt"),
+    _f("--rope-scaling-original-max-position-embeddings", "gpt"),
     _f("--untie-embeddings-and-output-weights", "gpt"),
     _f("--make-vocab-size-divisible-by", "gpt"),
     # optimizer
@@ -355,7 +361,7 @@ def _scalar_type(annotation) -> Optional[type]:
     if origin is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _scalar_type(args[0]) if len(args) == 1 else None
-    if origin in (list, List):
+    if origin in (list, List, tuple, typing.Tuple):
         return _scalar_type(typing.get_args(annotation)[0])
     return annotation if annotation in (int, float, str, bool) else None
 
@@ -497,6 +503,9 @@ CHECKPOINT_MODEL_FLAGS = (
     "--num-query-groups", "--kv-channels", "--normalization", "--norm-epsilon",
     "--apply-layernorm-1p",
     "--swiglu", "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm",
+    "--openai-gelu", "--window-size", "--use-rope-scaling", "--rope-scaling-factor",
+    "--rope-scaling-low-freq-factor", "--rope-scaling-high-freq-factor",
+    "--rope-scaling-original-max-position-embeddings",
     "--apply-residual-connection-post-layernorm", "--max-position-embeddings",
     "--position-embedding-type", "--rotary-percent", "--rotary-base",
     "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by",
@@ -546,6 +555,14 @@ def _config_values(config: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             out["swiglu"] = bool(model.get("gated_linear_unit")) and \
                 model.get("activation_func", "silu") == "silu"
             continue
+        if name == "--openai-gelu":  # converters also record it as "gelu_tanh"
+            out["openai_gelu"] = model.get("activation_func") == "openai_gelu" or \
+                (config.get("conversion") or {}).get("activation") == "gelu_tanh"
+            continue
+        if name == "--window-size":
+            if model.get("window_size") is not None:
+                out["window_size"] = list(model["window_size"])
+            continue
         if name == "--moe-layer-freq":
             if model.get("num_moe_experts"):
                 out["moe_layer_freq"] = model.get("moe_layer_freq", 1)
@@ -565,6 +582,8 @@ def model_flags_from_config(config: Dict[str, Dict[str, Any]]) -> List[str]:
         flag = by_dest.get(dest) or next(f for f in FLAGS if f.field == dest)
         if isinstance(value, bool):
             argv += [flag.flag] if value else []
+        elif flag.nargs is not None and isinstance(value, (list, tuple)):
+            argv += [flag.flag] + [str(v) for v in value]
         elif isinstance(value, list):
             argv += [flag.flag, ",".join(str(v) for v in value)]
         else:
@@ -608,6 +627,8 @@ def _merge_checkpoint_config(values: Dict[str, Any], config: Dict[str, Any],
         given = values[dest]
         if dest == "moe_layer_freq":
             given = _parse_layer_freq(given)
+        if dest == "window_size":
+            given, saved = _parse_window(given), tuple(saved)
         if given != saved and values.get("use_checkpoint_args"):
             merged[dest] = saved
             if notes is not None:
@@ -709,6 +730,13 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
     if values.get("swiglu"):
         model["gated_linear_unit"] = True
         model["activation_func"] = F.silu
+    if values.get("openai_gelu"):
+        if values.get("swiglu"):
+            raise ArgumentValidationError("--openai-gelu and --swiglu are alternatives "
+                                          "(tanh GeLU vs gated SiLU); give one")
+        model["activation_func"] = openai_gelu
+    if values.get("window_size") is not None:
+        model["window_size"] = _parse_window(values["window_size"])
     fp16, bf16 = bool(values.get("fp16")), bool(values.get("bf16"))
     if fp16 and bf16:
         raise ArgumentValidationError("--fp16 and --bf16 are mutually exclusive")
@@ -745,6 +773,20 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
         model["moe_layer_freq"] = _parse_layer_freq(freq)
     if model.get("virtual_pipeline_model_parallel_size") == 1:
         model["virtual_pipeline_model_parallel_size"] = None
+
+
+def _parse_window(value) -> tuple:
+    """``--window-size``: ``LEFT RIGHT`` or Megatron's ``LEFT,RIGHT`` -> ``(left, right)``."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    parts = [p for item in items for p in str(item).strip("()[] ").split(",") if p.strip()]
+    try:
+        window = tuple(int(p) for p in parts)
+    except ValueError:
+        window = ()
+    if len(window) != 2:
+        raise ArgumentValidationError(f"--window-size {value!r}: expected two integers "
+                                      "LEFT RIGHT (or LEFT,RIGHT), e.g. 4095 0")
+    return window
 
 
 def _parse_layer_freq(text) -> Any:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megacore import checkpointing, device, parallel_state
 from megacore.checkpointing.async_save import reset_async_state
+from megacore.checkpointing.conversion.tokenizer_files import resolve_checkpoint_paths
 from megacore.checkpointing.paths import detect_format
 from megacore.distributed import (
     DistributedDataParallel,
@@ -852,7 +853,9 @@ def saved_run_config(load_dir: str) -> Optional[Dict[str, Any]]:
     ``--save d --load d`` on a first start."""
     if checkpoint_is_missing(load_dir):
         return None
-    return checkpointing.read_checkpoint_info(load_dir).config
+    config = checkpointing.read_checkpoint_info(load_dir).config
+    # A converted checkpoint keeps its tokenizer inside it, under a relative path.
+    return resolve_checkpoint_paths(config, load_dir) if config else config
 
 
 def _just_saved(run, state) -> bool:

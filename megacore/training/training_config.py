@@ -43,6 +43,25 @@ class GPTModelArgs:
     rotary_base: int = 10000
     """RoPE base period."""
 
+    use_rope_scaling: bool = False
+    """Llama 3.1+ RoPE frequency scaling (low frequencies divided by
+    --rope-scaling-factor, a smooth blend between the two wavelength thresholds)."""
+
+    rope_scaling_factor: float = 8.0
+    """Divisor of the low RoPE frequencies with --use-rope-scaling (Llama 3.1: 8)."""
+
+    rope_scaling_low_freq_factor: float = 1.0
+    """With --use-rope-scaling: wavelengths above original context / this are scaled
+    fully (Llama 3.1: 1)."""
+
+    rope_scaling_high_freq_factor: float = 4.0
+    """With --use-rope-scaling: wavelengths below original context / this are kept
+    (Llama 3.1: 4)."""
+
+    rope_scaling_original_max_position_embeddings: int = 8192
+    """With --use-rope-scaling: the context length the model was first trained on
+    (Llama 3.1: 8192)."""
+
     untie_embeddings_and_output_weights: bool = False
     """Give the output layer its own weight instead of reusing the word embedding."""
 
@@ -57,6 +76,11 @@ class GPTModelArgs:
                              f"got {self.position_embedding_type!r}")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
+        if self.use_rope_scaling and not (
+                self.rope_scaling_factor > 0
+                and self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor):
+            raise ValueError("use_rope_scaling needs rope_scaling_factor > 0 and "
+                             "rope_scaling_low_freq_factor < rope_scaling_high_freq_factor")
         if self.make_vocab_size_divisible_by < 1:
             raise ValueError("make_vocab_size_divisible_by must be >= 1")
         if self.max_position_embeddings is None:

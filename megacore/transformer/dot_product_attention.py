@@ -11,7 +11,10 @@ Two kernels compute the same function (``config.attention_backend``):
 
 Masks: ``causal`` needs no tensor (for ``sq < sk``, as when decoding with a KV cache,
 query i sits at key position ``sk - sq + i``); ``padding`` takes a bool mask
-``[b or 1, 1, sq, sk]`` with ``True`` = masked out (Megatron's convention).
+``[b or 1, 1, sq, sk]`` with ``True`` = masked out (Megatron's convention). A sliding
+window (``config.window_size = (left, right)``) narrows the causal mask to a band: the
+query at key position ``p`` sees keys ``p - left .. p + right`` (also when decoding one
+token against a long KV cache).
 
 Context parallelism (``config.context_parallel_size > 1``): the local sequence is this
 rank's share of the load-balanced split and attention runs as ring attention over the cp
@@ -24,7 +27,7 @@ least 1: replicated key/value heads when ``ng < tp``), output ``[sq, b, np/tp * 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -48,20 +51,41 @@ _SDPA_BACKENDS = (AttnBackend.auto, AttnBackend.flash, AttnBackend.fused)
 
 
 def build_attention_bias_mask(attn_mask_type: AttnMaskType, attention_mask: Optional[torch.Tensor],
-                              sq: int, sk: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Bool mask ``[b or 1, 1, sq, sk]`` (True = masked out) combining causal and padding;
-    None when nothing is masked."""
+                              sq: int, sk: int, device: torch.device,
+                              window_size: Optional[Tuple[int, int]] = None
+                              ) -> Optional[torch.Tensor]:
+    """Bool mask ``[b or 1, 1, sq, sk]`` (True = masked out) combining causal, sliding
+    window and padding; None when nothing is masked."""
     mask = None
     if attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal) and sq > 1:
         # Query i is at key position (sk - sq + i): it may not see keys after that.
         # (One query, the newest token of a cached decode step, sees every key: no mask.)
         mask = torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1)
         mask = mask.view(1, 1, sq, sk)
+    if window_size is not None:
+        band = _window_mask(window_size, sq, sk, device)
+        mask = band if mask is None else (mask | band)
     if attn_mask_type in (AttnMaskType.padding, AttnMaskType.padding_causal):
         if attention_mask is None:
             raise ValueError(f"attn_mask_type {attn_mask_type.name} needs an attention_mask")
         mask = attention_mask if mask is None else (mask | attention_mask)
     return mask
+
+
+def _window_mask(window_size: Tuple[int, int], sq: int, sk: int,
+                 device: torch.device) -> torch.Tensor:
+    """``[1, 1, sq, sk]``, True outside the band: query i (key position ``p = sk - sq + i``)
+    keeps keys ``p - left .. p + right`` (``-1``: no bound on that side)."""
+    left, right = window_size
+    # offset[i, j] = j - p: how far key j lies after the query's own position.
+    offset = (torch.arange(sk, device=device).view(1, sk)
+              - torch.arange(sk - sq, sk, device=device).view(sq, 1))
+    outside = torch.zeros(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        outside |= offset < -left
+    if right >= 0:
+        outside |= offset > right
+    return outside.view(1, 1, sq, sk)
 
 
 class DotProductAttention(MegatronModule):
@@ -92,6 +116,8 @@ class DotProductAttention(MegatronModule):
         self.softmax_scale = scale if scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.num_heads_per_partition = config.num_attention_heads // self.tp_size
         self.use_sdpa = config.attention_backend in _SDPA_BACKENDS
+        # Sliding window (left, right) keys around each query; None: full attention.
+        self.window_size = config.window_size
         # Attention-probability dropout draws from this layer's own keyed RNG stream.
         self._dropout_stream = f"dropout/layer{self.layer_number}/attention"
         # Context parallelism (megacore.transformer.context_parallel): ring attention.
@@ -125,10 +151,11 @@ class DotProductAttention(MegatronModule):
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, n * ctx.size(-1))
 
     def _sdpa(self, q, k, v, mask_type, attention_mask, sq, sk):
-        is_causal = mask_type == AttnMaskType.causal and sq == sk
+        is_causal = mask_type == AttnMaskType.causal and sq == sk and self.window_size is None
         mask = None
         if not is_causal:
-            mask = build_attention_bias_mask(mask_type, attention_mask, sq, sk, q.device)
+            mask = build_attention_bias_mask(mask_type, attention_mask, sq, sk, q.device,
+                                             self.window_size)
             mask = None if mask is None else ~mask  # SDPA: True = attend
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=is_causal,
@@ -144,7 +171,8 @@ class DotProductAttention(MegatronModule):
         scores = torch.matmul(q, k.transpose(-2, -1)) * (self.softmax_scale / coeff)
         if self.config.attention_softmax_in_fp32:
             scores = scores.float()
-        mask = build_attention_bias_mask(mask_type, attention_mask, sq, sk, q.device)
+        mask = build_attention_bias_mask(mask_type, attention_mask, sq, sk, q.device,
+                                         self.window_size)
         if mask is not None:
             scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores * coeff, dim=-1).to(q.dtype)  # [b, np/tp, sq, sk]

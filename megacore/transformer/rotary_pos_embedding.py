@@ -6,19 +6,26 @@ the rotated part of the head (GPT-NeoX, Llama; default) or neighbouring channels
 (``rotary_interleaved``, GPT-J). With ``rotary_percent < 1`` only the first
 ``rotary_percent * hn`` channels rotate; the rest pass through.
 
+Llama 3.1+ frequency scaling (``rope_scaling``, Megatron's ``--use-rope-scaling``): with
+wavelengths ``2 pi / f`` and an original context ``L``, frequencies whose wavelength is
+shorter than ``L / high_freq_factor`` are kept, those longer than ``L / low_freq_factor``
+are divided by ``factor``, and those in between are blended linearly in ``L / wavelength``
+(the formula of Meta's reference code and of ``transformers``' ``llama3`` rope type).
+
 Shapes: ``freqs`` ``[s, b or 1, 1, rot]`` (angles, ``rot = rotary_percent * hn``), heads
 ``[s, b, n, hn]``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from megacore import device
 
-__all__ = ["RotaryEmbedding", "apply_rotary_pos_emb"]
+__all__ = ["RotaryEmbedding", "apply_rotary_pos_emb", "llama3_scaled_inv_freq"]
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -31,12 +38,20 @@ class RotaryEmbedding(torch.nn.Module):
         seq_len_interpolation_factor: divide positions by this (linear position
             interpolation for longer contexts); None: no interpolation.
         rotary_base: base of the geometric frequency ladder.
+        rope_scaling: apply Llama 3.1+ frequency scaling (module docstring).
+        rope_scaling_factor: its ``factor``.
+        rope_scaling_low_freq_factor, rope_scaling_high_freq_factor: its wavelength
+            thresholds, as divisors of the original context.
+        rope_scaling_original_max_position_embeddings: its original context ``L``.
     """
 
     def __init__(self, kv_channels: int, rotary_percent: float = 1.0,
                  rotary_interleaved: bool = False,
                  seq_len_interpolation_factor: Optional[float] = None,
-                 rotary_base: int = 10000):
+                 rotary_base: int = 10000, rope_scaling: bool = False,
+                 rope_scaling_factor: float = 8.0, rope_scaling_low_freq_factor: float = 1.0,
+                 rope_scaling_high_freq_factor: float = 4.0,
+                 rope_scaling_original_max_position_embeddings: int = 8192):
         super().__init__()
         if not 0.0 < rotary_percent <= 1.0:
             raise ValueError(f"rotary_percent must be in (0, 1], got {rotary_percent}")
@@ -49,6 +64,10 @@ class RotaryEmbedding(torch.nn.Module):
         exponents = torch.arange(0, dim, 2, dtype=torch.float32,
                                  device=device.current_device()) / dim
         inv_freq = 1.0 / (rotary_base ** exponents)
+        if rope_scaling:
+            inv_freq = llama3_scaled_inv_freq(
+                inv_freq, rope_scaling_factor, rope_scaling_low_freq_factor,
+                rope_scaling_high_freq_factor, rope_scaling_original_max_position_embeddings)
         # Not a parameter, and not saved: it is a pure function of the constructor args.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -70,6 +89,23 @@ class RotaryEmbedding(torch.nn.Module):
     def for_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Angles for explicit positions ``[b, s]``: ``[s, b, 1, rot]``."""
         return self._angles(position_ids.t())[:, :, None, :]
+
+
+def llama3_scaled_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
+                           high_freq_factor: float, original_max_position_embeddings: int
+                           ) -> torch.Tensor:
+    """Llama 3.1+ scaling of inverse frequencies ``[rot/2]`` (see the module docstring)."""
+    if not factor > 0 or not low_freq_factor < high_freq_factor:
+        raise ValueError(f"rope scaling needs factor > 0 and low_freq_factor "
+                         f"({low_freq_factor}) < high_freq_factor ({high_freq_factor})")
+    context = original_max_position_embeddings
+    low_wavelen, high_wavelen = context / low_freq_factor, context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 def _rotate_half(x: torch.Tensor, interleaved: bool) -> torch.Tensor:

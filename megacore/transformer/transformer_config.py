@@ -15,7 +15,7 @@ Shape legend used across the package: ``s`` sequence, ``b`` micro-batch, ``h`` h
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,12 @@ class TransformerConfig(MLAConfig, MoEConfig, ModelParallelConfig):
     """Kernel for core attention: ``auto`` uses torch's scaled_dot_product_attention,
     ``unfused`` the explicit matmul-softmax path (see ``AttnBackend``)."""
 
+    window_size: Optional[Tuple[int, int]] = None
+    """Sliding-window attention ``(left, right)``: the query at position ``i`` attends keys
+    ``i - left .. i + right`` (causal models use ``right = 0``; ``-1`` means unbounded on
+    that side). Mistral's ``sliding_window = w`` (w keys including the query's own) is
+    ``(w - 1, 0)``. None: full (causal) attention. Not supported with context parallelism."""
+
     rotary_interleaved: bool = False
     """Rotate interleaved pairs (x0, x1), (x2, x3) ... (GPT-J) instead of the two halves
     of each head (GPT-NeoX, Llama)."""
@@ -239,9 +245,23 @@ class TransformerConfig(MLAConfig, MoEConfig, ModelParallelConfig):
             raise ValueError("apply_query_key_layer_scaling needs "
                              "attention_softmax_in_fp32=True (Megatron turned it on "
                              "silently; set it explicitly)")
+        self._check_window()
         if not isinstance(self.attention_backend, AttnBackend):
             raise ValueError(f"attention_backend must be an AttnBackend, "
                              f"got {self.attention_backend!r}")
+
+    def _check_window(self) -> None:
+        if self.window_size is None:
+            return
+        window = tuple(self.window_size)
+        if len(window) != 2 or not all(isinstance(w, int) and w >= -1 for w in window):
+            raise ValueError(f"window_size must be a pair (left, right) of integers >= -1, "
+                             f"got {self.window_size!r}")
+        self.window_size = window
+        if self.context_parallel_size > 1:
+            raise ValueError(f"window_size {window} (sliding-window attention) is not "
+                             f"supported with context_parallel_size "
+                             f"{self.context_parallel_size} > 1")
 
     def _check_recompute(self) -> None:
         granularity, method, n = (self.recompute_granularity, self.recompute_method,

@@ -276,6 +276,15 @@ ERROR_CASES = [
     ("POST", "/v1/completions", {"prompt": [], "max_tokens": 1}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": "a", "seed": 1.5}, 422, "seed"),
     ("POST", "/v1/completions", {"prompt": "a", "top_p": 0}, 422, "top_p"),
+    # The GPT-2 BPE tokenizer has no chat template (see tests/checkpointing/conversion/
+    # test_hf_families.py for a served chat template).
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}, 400,
+     "messages"),
+    ("POST", "/v1/chat/completions", {"messages": []}, 422, "messages"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "model": "gpt-4"}, 404, "model"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "stream": True}, 422, "stream"),
     ("PUT", "/api", b"x" * (64 * 1024 + 1), 413, "body"),
     ("GET", "/api", b"", 405, None),
     ("POST", "/nowhere", b"{}", 404, None),

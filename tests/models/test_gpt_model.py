@@ -55,6 +55,17 @@ CASES = {
         spec="llama", qk_layernorm=True, cfg=llama_config_kwargs(num_query_groups=1),
         model=dict(position_embedding_type="rope", rotary_percent=0.5,
                    share_embeddings_and_output_weights=True)),
+    # Mistral/Qwen2/Llama-3.1 features: sliding window (3, 0) < SEQ, q/k/v bias, RoPE
+    # scaling; once with SDPA and once with attention dropout (the explicit kernel).
+    "llama_window_qkvbias_ropescale": dict(
+        spec="llama", cfg=dict(llama_config_kwargs(num_query_groups=2), window_size=(3, 0),
+                               add_qkv_bias=True),
+        model=dict(position_embedding_type="rope", rope_scaling=True,
+                   rope_scaling_original_max_position_embeddings=8)),
+    "llama_window_dropout": dict(
+        spec="llama", cfg=dict(llama_config_kwargs(num_query_groups=2), window_size=(3, 0),
+                               attention_dropout=0.2),
+        model=dict(position_embedding_type="rope")),
 }
 
 

@@ -4,6 +4,7 @@ Runs on one gloo rank (the modules resolve their tensor-parallel group). The two
 (torch SDPA and the explicit path) sum in different orders: fp32 tolerance 1e-5.
 """
 
+import pytest
 import torch
 
 from megacore import device
@@ -68,19 +69,39 @@ def _core_attention_cases():
                                        layer_number=1)
             got = attn(q[4:], k, v, None)
             torch.testing.assert_close(got, expected[AttnMaskType.causal][4:], **TOL)
+        _check_sliding_window(q, k, v, ng)
     return True
+
+
+def _check_sliding_window(q, k, v, ng):
+    """window (2, 0): query i sees keys i-2 .. i, in the prefill and when decoding the
+    last 1 or 2 queries against all 6 keys; (1, 1) is a symmetric band (no mask type)."""
+    pos = torch.arange(6, device=q.device)
+    offset = pos.view(1, 6) - pos.view(6, 1)  # key - query
+    bands = {(2, 0): (offset > 0) | (offset < -2), (1, 1): offset.abs() > 1}
+    for backend in (AttnBackend.auto, AttnBackend.unfused):
+        for window, outside in bands.items():
+            attn = DotProductAttention(_config(num_query_groups=ng, attention_backend=backend,
+                                               window_size=window), layer_number=1)
+            mask_type = AttnMaskType.causal if window[1] == 0 else AttnMaskType.no_mask
+            want = _naive(q, k, v, outside)
+            for first in (0, 4, 5):  # prefill, then 2 and 1 decode queries
+                got = attn(q[first:], k, v, None, attn_mask_type=mask_type)
+                torch.testing.assert_close(got, want[first:], **TOL,
+                                           msg=f"{backend} ng={ng} window {window} q{first}:")
 
 
 def test_core_attention_kernels_and_masks():
     assert run_distributed(_core_attention_cases, 1) == [True]
 
 
-def _decode_with_cache():
+def _decode_with_cache(window_size=None):
     ps.initialize_model_parallel()
-    cfg = _config(**llama_config_kwargs(num_query_groups=2))
+    cfg = _config(**llama_config_kwargs(num_query_groups=2), window_size=window_size)
     model_parallel_manual_seed(3)
-    model = GPTModel(cfg, get_llama_layer_local_spec(), 40, 16,
-                     position_embedding_type="rope").eval()
+    model = GPTModel(cfg, get_llama_layer_local_spec(), 40, 16, position_embedding_type="rope",
+                     rope_scaling=window_size is not None,
+                     rope_scaling_original_max_position_embeddings=8).eval()
     dev = device.current_device()
     ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(1)).to(dev)
     pos = torch.arange(7, device=dev).expand(2, 7)
@@ -97,3 +118,19 @@ def _decode_with_cache():
 def test_kv_cache_decoding_matches_full_forward():
     full, incremental = run_distributed(_decode_with_cache, 1)[0]
     torch.testing.assert_close(incremental, full, **TOL)
+
+
+def test_kv_cache_decoding_with_sliding_window_and_rope_scaling():
+    # 7 tokens, window (2, 0): every decode step's query has keys outside the window.
+    (full, incremental), (unwindowed, _) = [
+        run_distributed(_decode_with_cache, 1, args=(w,))[0] for w in ((2, 0), None)]
+    torch.testing.assert_close(incremental, full, **TOL)
+    assert not torch.allclose(full[:, 3:], unwindowed[:, 3:], atol=1e-3)  # the window matters
+
+
+def test_sliding_window_config_errors():
+    with pytest.raises(ValueError, match=r"window_size \(3, 0\).*context_parallel_size 2"):
+        _config(window_size=(3, 0), context_parallel_size=2)
+    with pytest.raises(ValueError, match="window_size must be a pair"):
+        _config(window_size=(3,))
+    assert _config(window_size=[3, 0]).window_size == (3, 0)

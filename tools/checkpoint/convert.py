@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true-vocab-size", type=int, default=None,
                    help="vocabulary without padding, when the checkpoint cannot tell")
     p.add_argument("--hf-architecture", default=None,
-                   help="HF saver: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM or "
-                        "MixtralForCausalLM (default: from the model)")
+                   help="HF saver: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, "
+                        "MixtralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM (default: "
+                        "from the model)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),
                    help="HF saver: bytes per safetensors shard (e.g. 5GB)")
     p.add_argument("--no-optimizer", action="store_true",

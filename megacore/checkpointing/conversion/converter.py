@@ -34,6 +34,12 @@ from megacore.checkpointing.conversion.tensor_rules import (
     MegacoreLayout,
     expected_model_names,
 )
+from megacore.checkpointing.conversion.tokenizer_files import (
+    TOKENIZER_SUBDIR,
+    carry_checkpoint_tokenizer,
+    copy_files,
+    exported_tokenizer_files,
+)
 
 __all__ = ["convert_checkpoint", "ConversionReport", "open_source", "detect_loader",
            "LOADERS", "SAVERS"]
@@ -108,6 +114,18 @@ def _target_layout(source: CanonicalSource, tp: Optional[int], pp: Optional[int]
                           last_stage_layers=src.last_stage_layers if same_pp else None)
 
 
+def _carry_tokenizer(source: CanonicalSource, load_dir: str, save_dir: str, saver: str) -> None:
+    """Copy the source's tokenizer files beside the target (``tokenizer_files``)."""
+    hf_files = getattr(source, "tokenizer_files", None)
+    if hf_files:  # a Hugging Face source: its files, into tokenizer/ of a megacore target
+        copy_files(load_dir, hf_files,
+                   save_dir if saver == "hf" else os.path.join(save_dir, TOKENIZER_SUBDIR))
+    elif saver == "hf" and hf_files is None:
+        exported_tokenizer_files(source.description.config_dict, load_dir, save_dir)
+    elif saver == "megacore" and hf_files is None:  # a tokenizer kept inside the checkpoint
+        carry_checkpoint_tokenizer(source.description.config_dict, load_dir, save_dir)
+
+
 def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                        saver: str = "megacore", ckpt_format: str = "torch_dist",
                        target_tensor_parallel_size: Optional[int] = None,
@@ -162,6 +180,7 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                 cls = LegacySaver if ckpt_format == "torch" else DistSaver
                 writer = cls(save_dir, layout, progress=progress, save_optimizer=save_optimizer)
             output = writer.save(source)
+            _carry_tokenizer(source, load_dir, save_dir, saver)
             manifest.check()
         finally:
             source.close()

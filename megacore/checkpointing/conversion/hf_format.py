@@ -28,6 +28,10 @@ from megacore.checkpointing.conversion.hf_mappings import (
 from megacore.checkpointing.conversion.manifest import ConversionError, Manifest
 from megacore.checkpointing.conversion.streaming import Progress
 from megacore.checkpointing.conversion.tensor_rules import model_key, parse_key
+from megacore.checkpointing.conversion.tokenizer_files import (
+    hf_tokenizer_files,
+    tokenizer_config,
+)
 
 __all__ = ["HFSource", "HFSaver", "ShardWriter", "is_hf_checkpoint", "INDEX_FILENAME"]
 
@@ -59,6 +63,9 @@ class HFSource(CanonicalSource):
         self._handles: Dict[str, object] = {}
         self.weight_map = self._weight_map()
         self._fix_vocab()
+        # The tokenizer beside the weights travels with the conversion (tokenizer_files).
+        self.tokenizer_files = hf_tokenizer_files(hf_dir)
+        self.description.config_dict = tokenizer_config(hf_dir, self.description.vocab_size)
         self.groups = mapping_groups(self.description, self.architecture)
         self.by_canonical: Dict[str, MappingGroup] = {}
         self._index()

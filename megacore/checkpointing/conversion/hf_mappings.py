@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 / Llama / Mistral / Mixtral names and layouts <-> canonical tensors.
+"""Hugging Face GPT-2 / Llama / Mistral / Mixtral / Qwen2 / Qwen3 names and layouts <->
+canonical tensors.
 
 Each :class:`MappingGroup` converts a few canonical tensors to the HF tensors they make up
 and back (exact inverses, so HF -> megacore -> HF is bitwise). Layout facts:
@@ -13,6 +14,13 @@ and back (exact inverses, so HF -> megacore -> HF is bitwise). Layout facts:
 * SwiGLU: megacore's fc1 is ``[gate; up]`` (``tensor_rules``' stride 2 splits it for tp);
   HF has ``gate_proj``/``up_proj`` (Mixtral experts: ``w1`` gate, ``w3`` up, ``w2`` down;
   the router is ``block_sparse_moe.gate``).
+* Qwen2: ``q/k/v_proj`` have biases (megacore's ``add_qkv_bias``: the fused QKV bias,
+  laid out like the weight rows). Qwen3: per-head RMSNorms ``q_norm``/``k_norm`` over
+  ``hn`` channels, before RoPE (megacore's ``qk_layernorm``).
+* Config facts: ``rope_parameters`` / ``rope_scaling`` of type ``llama3`` are megacore's
+  Llama 3.1+ RoPE scaling (factor, low/high frequency factors, original context);
+  Mistral's ``sliding_window = w`` lets a query see ``w`` keys including its own, i.e.
+  ``window_size = (w - 1, 0)``.
 * Tied embeddings: GPT-2 saves no ``lm_head.weight``; if a checkpoint has one it must
   equal the word embedding (checked, then consumed).
 
@@ -36,7 +44,11 @@ __all__ = ["MappingGroup", "HF_ARCHITECTURES", "mapping_groups", "choose_archite
            "qkv_from_megacore"]
 
 HF_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
-                    "MixtralForCausalLM")
+                    "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                "MixtralForCausalLM": "mixtral", "Qwen2ForCausalLM": "qwen2",
+                "Qwen3ForCausalLM": "qwen3"}
+_WINDOWED = ("MistralForCausalLM", "MixtralForCausalLM")
 _HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
            "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
 _TO_HF_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
@@ -118,9 +130,9 @@ def _gpt2_qkv(prefix: str, c: str, d: GPTDescription, suffix: str) -> MappingGro
     return MappingGroup([c], [h], to_hf, from_hf)
 
 
-def _llama_qkv(prefix: str, c: str, d: GPTDescription) -> MappingGroup:
+def _llama_qkv(prefix: str, c: str, d: GPTDescription, suffix: str = "weight") -> MappingGroup:
     np_, ng, hn = d.num_attention_heads, d.num_query_groups, d.kv_channels
-    names = [f"{prefix}.self_attn.{p}_proj.weight" for p in "qkv"]
+    names = [f"{prefix}.self_attn.{p}_proj.{suffix}" for p in "qkv"]
     inter = d.rotary_interleaved
 
     def to_hf(t):
@@ -195,7 +207,13 @@ def _llama_groups(d: GPTDescription, moe: bool) -> List[MappingGroup]:
     for layer in range(d.num_layers):
         p, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
         groups += [_same(f"{p}.input_layernorm.weight", f"{h}.input_layernorm.weight"),
-                   _llama_qkv(h, f"{p}.self_attention.linear_qkv.weight", d),
+                   _llama_qkv(h, f"{p}.self_attention.linear_qkv.weight", d)]
+        if d.add_qkv_bias:  # Qwen2
+            groups.append(_llama_qkv(h, f"{p}.self_attention.linear_qkv.bias", d, "bias"))
+        if d.qk_layernorm:  # Qwen3
+            groups += [_same(f"{p}.self_attention.{x}_layernorm.weight",
+                             f"{h}.self_attn.{x}_norm.weight") for x in "qk"]
+        groups += [
                    _same(f"{p}.self_attention.linear_proj.weight", f"{h}.self_attn.o_proj.weight"),
                    _same(f"{p}.pre_mlp_layernorm.weight", f"{h}.post_attention_layernorm.weight")]
         if not moe:
@@ -235,13 +253,10 @@ def _check_fits(d: GPTDescription, arch: str) -> None:
         _require(d.kv_channels * d.num_attention_heads == d.hidden_size, arch,
                  "needs kv_channels * heads == hidden_size")
         _require(d.activation in _TO_HF_ACT, arch, f"activation {d.activation}")
+        _require(not d.qk_layernorm, arch, "has no q/k layernorm")
+        _require(d.window_size is None, arch, "has no sliding-window attention")
     else:
-        _require(d.normalization == "RMSNorm", arch, "needs RMSNorm")
-        _require(d.position_embedding_type == "rope" and d.rotary_percent == 1.0, arch,
-                 "needs full RoPE")
-        _require(not d.add_bias_linear and not d.add_qkv_bias, arch, "has no biases")
-        _require(d.gated_linear_unit and d.activation == "silu", arch, "needs SwiGLU")
-    _require(not d.qk_layernorm, arch, "has no q/k layernorm")
+        _check_llama_family(d, arch)
     moe = arch == "MixtralForCausalLM"
     _require(d.is_moe == moe, arch, "MoE only in MixtralForCausalLM" if d.is_moe
              else "MixtralForCausalLM needs num_moe_experts")
@@ -250,6 +265,27 @@ def _check_fits(d: GPTDescription, arch: str) -> None:
                  "needs MoE in every layer")
         _require(not d.moe_shared_expert_intermediate_size and not
                  d.moe_router_enable_expert_bias, arch, "has no shared experts / expert bias")
+
+
+def _check_llama_family(d: GPTDescription, arch: str) -> None:
+    _require(d.normalization == "RMSNorm", arch, "needs RMSNorm")
+    _require(d.position_embedding_type == "rope" and d.rotary_percent == 1.0, arch,
+             "needs full RoPE")
+    _require(not d.add_bias_linear, arch, "has no biases in its linear layers")
+    qwen2, qwen3 = arch == "Qwen2ForCausalLM", arch == "Qwen3ForCausalLM"
+    _require(d.add_qkv_bias == qwen2, arch, "needs q/k/v biases (add_qkv_bias)" if qwen2
+             else "has no q/k/v biases (Qwen2ForCausalLM has)")
+    _require(d.qk_layernorm == qwen3, arch, "needs per-head q/k norms (qk_layernorm)" if qwen3
+             else "has no q/k norms (Qwen3ForCausalLM has)")
+    _require(not (d.qk_layernorm and d.rotary_interleaved), arch,
+             "q/k norms with interleaved RoPE")
+    _require(d.gated_linear_unit and d.activation == "silu", arch, "needs SwiGLU")
+    if d.window_size is not None:
+        _require(arch in _WINDOWED, arch, f"has no sliding window (window_size "
+                 f"{d.window_size}; MistralForCausalLM has one)")
+        left, right = d.window_size
+        _require(left >= 0 and right == 0, arch, f"window_size {d.window_size}: a Mistral "
+                 "sliding window is (w - 1, 0)")
 
 
 def mapping_groups(d: GPTDescription, architecture: str) -> List[MappingGroup]:
@@ -268,20 +304,67 @@ def mapping_groups(d: GPTDescription, architecture: str) -> List[MappingGroup]:
 
 
 def choose_architecture(d: GPTDescription) -> str:
-    """GPT-2 for LayerNorm + learned positions, Mixtral for MoE, else Llama."""
+    """GPT-2 for LayerNorm + learned positions, Mixtral for MoE, Qwen3 with q/k norms,
+    Qwen2 with q/k/v biases, Mistral with a sliding window, else Llama."""
     if d.normalization == "LayerNorm" and d.position_embedding_type == "learned_absolute":
         return "GPT2LMHeadModel"
-    return "MixtralForCausalLM" if d.is_moe else "LlamaForCausalLM"
+    if d.is_moe:
+        return "MixtralForCausalLM"
+    if d.qk_layernorm:
+        return "Qwen3ForCausalLM"
+    if d.add_qkv_bias:
+        return "Qwen2ForCausalLM"
+    return "MistralForCausalLM" if d.window_size is not None else "LlamaForCausalLM"
 
 
 # -- config.json ---------------------------------------------------------------------------
-def _rope_theta(cfg: Dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in (None, "default"):
-        raise ConversionError(f"RoPE scaling {kind!r} has no megacore equivalent")
-    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+def _rope_fields(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Description fields of ``rope_theta`` and ``rope_parameters`` (transformers 5) or
+    ``rope_scaling`` (older files): the ``default`` and ``llama3`` types."""
+    field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    params = cfg.get(field) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    if kind in (None, "default"):
+        return dict(rotary_base=theta)
+    if kind != "llama3":
+        raise ConversionError(f"config.json {field}.rope_type {kind!r} is not supported "
+                              "(supported: 'default', and 'llama3' = --use-rope-scaling)")
+    try:
+        return dict(rotary_base=theta, rope_scaling=True,
+                    rope_scaling_factor=float(params["factor"]),
+                    rope_scaling_low_freq_factor=float(params["low_freq_factor"]),
+                    rope_scaling_high_freq_factor=float(params["high_freq_factor"]),
+                    rope_scaling_original_max_position_embeddings=int(
+                        params["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise ConversionError(f"config.json {field} of type 'llama3' lacks {e}") from None
+
+
+def _rope_parameters(d: GPTDescription) -> Dict[str, Any]:
+    params = {"rope_type": "default", "rope_theta": float(d.rotary_base)}
+    if d.rope_scaling:
+        params.update(rope_type="llama3", factor=float(d.rope_scaling_factor),
+                      low_freq_factor=float(d.rope_scaling_low_freq_factor),
+                      high_freq_factor=float(d.rope_scaling_high_freq_factor),
+                      original_max_position_embeddings=int(
+                          d.rope_scaling_original_max_position_embeddings))
+    return params
+
+
+def _window_fields(cfg: Dict[str, Any], arch: str) -> Dict[str, Any]:
+    """Mistral/Mixtral ``sliding_window = w`` (keys ``i - w + 1 .. i``) -> ``(w - 1, 0)``;
+    Qwen's per-layer windows are refused."""
+    if cfg.get("use_sliding_window"):
+        raise ConversionError(f"config.json use_sliding_window: {arch}'s per-layer sliding "
+                              "windows are not supported")
+    window = cfg.get("sliding_window") if arch in _WINDOWED else None
+    if window is None:
+        return {}
+    if not isinstance(window, int) or window < 1:
+        raise ConversionError(f"config.json sliding_window must be a positive integer, got "
+                              f"{window!r}")
+    return dict(window_size=(window - 1, 0))
 
 
 def _dtype_name(cfg: Dict[str, Any]) -> str:
@@ -308,8 +391,10 @@ def description_from_hf_config(cfg: Dict[str, Any]) -> GPTDescription:
     if arch not in HF_ARCHITECTURES:
         raise ConversionError(f"unsupported Hugging Face architecture {arch!r}; supported: "
                               f"{HF_ARCHITECTURES}")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ConversionError(f"{arch} with attention_bias/mlp_bias is not supported")
+    for field in ("attention_bias", "mlp_bias"):
+        if cfg.get(field):
+            raise ConversionError(f"config.json {field}: {arch} with biases there is not "
+                                  "supported")
     if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ConversionError(f"{arch} activation {cfg.get('hidden_act')!r} is not supported")
     moe = arch == "MixtralForCausalLM"
@@ -324,7 +409,8 @@ def description_from_hf_config(cfg: Dict[str, Any]) -> GPTDescription:
         layernorm_epsilon=cfg.get("rms_norm_eps", 1e-6), add_bias_linear=False,
         gated_linear_unit=True, activation="silu",
         share_embeddings_and_output_weights=cfg.get("tie_word_embeddings", False),
-        rotary_base=_rope_theta(cfg),
+        add_qkv_bias=arch == "Qwen2ForCausalLM", qk_layernorm=arch == "Qwen3ForCausalLM",
+        **_rope_fields(cfg), **_window_fields(cfg, arch),
         num_moe_experts=cfg["num_local_experts"] if moe else None,
         moe_ffn_hidden_size=cfg["intermediate_size"] if moe else None,
         moe_router_topk=cfg.get("num_experts_per_tok", 2) if moe else 2,
@@ -345,22 +431,24 @@ def hf_config_from_description(d: GPTDescription, architecture: str) -> Dict[str
                 "tie_word_embeddings": d.share_embeddings_and_output_weights,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "scale_attn_weights": True, "torch_dtype": dtype}
-    cfg = {"architectures": [architecture],
-           "model_type": {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                          "MixtralForCausalLM": "mixtral"}[architecture],
+    cfg = {"architectures": [architecture], "model_type": _MODEL_TYPES[architecture],
            "vocab_size": d.vocab_size, "hidden_size": d.hidden_size,
            "intermediate_size": d.expert_ffn_hidden_size if d.is_moe else d.ffn_hidden_size,
            "num_hidden_layers": d.num_layers, "num_attention_heads": d.num_attention_heads,
            "num_key_value_heads": d.num_query_groups, "head_dim": d.kv_channels,
            "hidden_act": "silu", "max_position_embeddings": d.max_position_embeddings,
            "rms_norm_eps": d.layernorm_epsilon, "rope_theta": float(d.rotary_base),
-           "rope_parameters": {"rope_type": "default", "rope_theta": float(d.rotary_base)},
+           "rope_parameters": _rope_parameters(d),
            "tie_word_embeddings": d.share_embeddings_and_output_weights,
-           "attention_bias": False, "attention_dropout": 0.0, "torch_dtype": dtype}
+           "attention_dropout": 0.0, "torch_dtype": dtype}
+    if architecture != "Qwen2ForCausalLM":  # Qwen2's q/k/v biases are not configurable
+        cfg["attention_bias"] = False
     if architecture == "LlamaForCausalLM":
         cfg["mlp_bias"] = False
-    if architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
-        cfg["sliding_window"] = None
+    if architecture in _WINDOWED:
+        cfg["sliding_window"] = d.window_size[0] + 1 if d.window_size else None
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        cfg.update(use_sliding_window=False, sliding_window=None)
     if architecture == "MixtralForCausalLM":
         cfg.update(num_local_experts=d.num_moe_experts, num_experts_per_tok=d.moe_router_topk,
                    output_router_logits=False, router_jitter_noise=0.0)

@@ -17,13 +17,13 @@ write; otherwise the vocabulary is inferred from the saved rows (see
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from megacore.checkpointing.errors import CheckpointError
+from megacore.transformer.activations import openai_gelu
 
 __all__ = ["GPTDescription", "ACTIVATIONS", "infer_vocab_size", "CONVERSION_SECTION"]
 
@@ -32,7 +32,7 @@ CONVERSION_SECTION = "conversion"
 
 ACTIVATIONS = {
     "gelu": F.gelu,
-    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_tanh": openai_gelu,
     "silu": F.silu,
     "relu": F.relu,
 }
@@ -64,6 +64,10 @@ class GPTDescription:
         rotary_base: RoPE base.
         rotary_percent: fraction of each head rotated.
         rotary_interleaved: RoPE pairs neighbouring channels (GPT-J) instead of halves.
+        rope_scaling: Llama 3.1+ RoPE frequency scaling, with ``rope_scaling_factor``,
+            ``rope_scaling_low_freq_factor``, ``rope_scaling_high_freq_factor`` and
+            ``rope_scaling_original_max_position_embeddings``.
+        window_size: sliding-window attention ``(left, right)`` (None: full attention).
         num_moe_experts: routed experts (None: dense MLPs).
         moe_ffn_hidden_size: expert inner width (default ``ffn_hidden_size``).
         moe_router_topk: experts per token.
@@ -96,6 +100,12 @@ class GPTDescription:
     rotary_base: float = 10000
     rotary_percent: float = 1.0
     rotary_interleaved: bool = False
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
+    window_size: Optional[Tuple[int, int]] = None
     num_moe_experts: Optional[int] = None
     moe_ffn_hidden_size: Optional[int] = None
     moe_router_topk: int = 2
@@ -120,6 +130,8 @@ class GPTDescription:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got "
                              f"{self.activation!r}")
+        if self.window_size is not None:
+            self.window_size = tuple(int(w) for w in self.window_size)
         if self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
 
@@ -155,7 +167,8 @@ class GPTDescription:
                   layernorm_epsilon=self.layernorm_epsilon, add_bias_linear=self.add_bias_linear,
                   add_qkv_bias=self.add_qkv_bias, gated_linear_unit=self.gated_linear_unit,
                   activation_func=ACTIVATIONS[self.activation], qk_layernorm=self.qk_layernorm,
-                  rotary_interleaved=self.rotary_interleaved, params_dtype=self.torch_dtype)
+                  rotary_interleaved=self.rotary_interleaved, params_dtype=self.torch_dtype,
+                  window_size=self.window_size)
         if self.is_moe:
             kw.update(num_moe_experts=self.num_moe_experts,
                       moe_ffn_hidden_size=self.moe_ffn_hidden_size,
@@ -172,7 +185,15 @@ class GPTDescription:
                     max_sequence_length=self.max_position_embeddings,
                     share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
                     position_embedding_type=self.position_embedding_type,
-                    rotary_percent=self.rotary_percent, rotary_base=int(self.rotary_base))
+                    rotary_percent=self.rotary_percent, rotary_base=int(self.rotary_base),
+                    **self._rope_scaling_kwargs())
+
+    def _rope_scaling_kwargs(self) -> Dict[str, Any]:
+        return dict(rope_scaling=self.rope_scaling, rope_scaling_factor=self.rope_scaling_factor,
+                    rope_scaling_low_freq_factor=self.rope_scaling_low_freq_factor,
+                    rope_scaling_high_freq_factor=self.rope_scaling_high_freq_factor,
+                    rope_scaling_original_max_position_embeddings=
+                    self.rope_scaling_original_max_position_embeddings)
 
     def to_config_dict(self, layout_fields: Dict[str, Any]) -> Dict[str, Any]:
         """A run-configuration dict for the target: the source's, with this description's
@@ -182,7 +203,7 @@ class GPTDescription:
                for k, v in (self.config_dict or {}).items()}
         model = out.setdefault("model", {})
         kw = self.transformer_config_kwargs()
-        kw.pop("activation_func")
+        kw["activation_func"] = kw["activation_func"].__name__  # as a run config saves it
         kw["params_dtype"] = str(self.torch_dtype)
         model.update(kw)
         model.update(layout_fields)
@@ -192,6 +213,9 @@ class GPTDescription:
                    rotary_percent=self.rotary_percent, rotary_base=int(self.rotary_base),
                    untie_embeddings_and_output_weights=
                    not self.share_embeddings_and_output_weights)
+        scaling = self._rope_scaling_kwargs()
+        gpt["use_rope_scaling"] = scaling.pop("rope_scaling")
+        gpt.update(scaling)
         gpt.setdefault("seq_length", self.max_position_embeddings)
         out[CONVERSION_SECTION] = {"vocab_size": self.vocab_size, "activation": self.activation}
         return out
@@ -224,7 +248,7 @@ class GPTDescription:
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in model.items() if k in fields and v is not None}
         kw.update(vocab_size=int(vocab), config_dict=config_dict,
-                  activation=extra.get("activation", "silu" if gated else "gelu"),
+                  activation=extra.get("activation", _activation_name(model, gated)),
                   params_dtype=str(model.get("params_dtype", "float32")).replace("torch.", ""),
                   max_position_embeddings=int(gpt.get("max_position_embeddings")
                                               or gpt.get("seq_length") or 1024),
@@ -233,9 +257,22 @@ class GPTDescription:
                   share_embeddings_and_output_weights=
                   not gpt.get("untie_embeddings_and_output_weights", False),
                   rotary_base=gpt.get("rotary_base", 10000),
-                  rotary_percent=gpt.get("rotary_percent", 1.0))
+                  rotary_percent=gpt.get("rotary_percent", 1.0),
+                  rope_scaling=bool(gpt.get("use_rope_scaling", False)))
+        for name in ("rope_scaling_factor", "rope_scaling_low_freq_factor",
+                     "rope_scaling_high_freq_factor",
+                     "rope_scaling_original_max_position_embeddings"):
+            if gpt.get(name) is not None:
+                kw[name] = gpt[name]
         kw.setdefault("moe_layer_freq", 1)
         return cls(**kw)
+
+
+def _activation_name(model: Dict[str, Any], gated: bool) -> str:
+    """The :data:`ACTIVATIONS` key of a saved ``activation_func`` name (pretrain saves
+    ``openai_gelu`` for ``--openai-gelu``); megacore's default for the MLP kind otherwise."""
+    by_name = {fn.__name__: key for key, fn in ACTIVATIONS.items()}
+    return by_name.get(model.get("activation_func"), "silu" if gated else "gelu")
 
 
 def infer_vocab_size(rows: Optional[int], tp_size: int, multiple: int) -> int:

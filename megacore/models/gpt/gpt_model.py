@@ -65,6 +65,9 @@ class GPTModel(MegatronModule):
         rotary_percent: fraction of each head rotated by RoPE.
         rotary_base: RoPE frequency base.
         seq_len_interpolation_factor: RoPE linear position interpolation factor.
+        rope_scaling: Llama 3.1+ RoPE frequency scaling (``RotaryEmbedding``).
+        rope_scaling_factor, rope_scaling_low_freq_factor, rope_scaling_high_freq_factor,
+        rope_scaling_original_max_position_embeddings: its parameters.
         pg_collection: process groups (default: ``parallel_state``'s grid).
         vp_stage: virtual pipeline stage of this model chunk.
     """
@@ -75,6 +78,10 @@ class GPTModel(MegatronModule):
                  share_embeddings_and_output_weights: bool = False,
                  position_embedding_type: str = "learned_absolute", rotary_percent: float = 1.0,
                  rotary_base: int = 10000, seq_len_interpolation_factor: Optional[float] = None,
+                 rope_scaling: bool = False, rope_scaling_factor: float = 8.0,
+                 rope_scaling_low_freq_factor: float = 1.0,
+                 rope_scaling_high_freq_factor: float = 4.0,
+                 rope_scaling_original_max_position_embeddings: int = 8192,
                  pg_collection: Optional[ProcessGroupCollection] = None,
                  vp_stage: Optional[int] = None):
         super().__init__(config, pg_collection)
@@ -101,7 +108,9 @@ class GPTModel(MegatronModule):
                 else config.kv_channels
             self.rotary_pos_emb = RotaryEmbedding(
                 rotary_dim, rotary_percent, config.rotary_interleaved,
-                seq_len_interpolation_factor, rotary_base)
+                seq_len_interpolation_factor, rotary_base, rope_scaling, rope_scaling_factor,
+                rope_scaling_low_freq_factor, rope_scaling_high_freq_factor,
+                rope_scaling_original_max_position_embeddings)
         self.decoder = TransformerBlock(config, transformer_layer_spec, pre_process=pre_process,
                                         post_process=post_process,
                                         pg_collection=self.pg_collection, vp_stage=vp_stage)
