@@ -51,6 +51,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="largest accepted request body (413 beyond)")
     group.add_argument("--max-queued-requests", type=int, default=1024,
                        help="requests waiting beyond this get 503")
+    group.add_argument("--max-concurrent-requests", type=int, default=64,
+                       help="generation requests in progress at once (a stream until it "
+                       "ends); more get 503 (0: no limit)")
+    group.add_argument("--request-read-timeout", type=float, default=30.0,
+                       help="seconds a request body may take to arrive (408 beyond)")
     group.add_argument("--batch-wait-ms", type=float, default=2.0,
                        help="wait this long for more requests before starting a batch")
     group.add_argument("--served-model-name", default="megacore-gpt",
@@ -108,7 +113,9 @@ def main(argv=None) -> None:
         controller, get_tokenizer(run),
         ServerConfig(host=args.host, port=args.port, max_request_bytes=args.max_request_bytes,
                      max_tokens_to_generate=args.max_tokens_to_generate,
-                     model_name=args.served_model_name),
+                     model_name=args.served_model_name,
+                     max_concurrent_requests=args.max_concurrent_requests,
+                     request_read_timeout_s=args.request_read_timeout),
         ServiceConfig(batch_wait_s=args.batch_wait_ms / 1000.0,
                       max_queued_requests=args.max_queued_requests))
 

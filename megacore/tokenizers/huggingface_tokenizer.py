@@ -6,19 +6,27 @@ locally, and the Rust ``tokenizers`` library loads it directly (no ``transformer
 needed). Special tokens (``eos``/``bos``/``pad``) come from ``tokenizer_config.json``
 or ``special_tokens_map.json`` beside the file when present. As in Megatron,
 ``tokenize`` applies the tokenizer's own post-processing (e.g. a Llama ``<s>``).
+
+An instruct model's chat template, when the directory holds one (see
+``megacore.tokenizers.chat_template``), is :attr:`HuggingFaceTokenizer.chat_template`
+and :meth:`HuggingFaceTokenizer.apply_chat_template` renders conversations with it as
+``transformers`` does.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
+from megacore.tokenizers.chat_template import find_chat_template, render_chat_template
 from megacore.tokenizers.megatron_tokenizer import VocabDictTokenizer, file_digest
 
 __all__ = ["HuggingFaceTokenizer"]
 
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+_SPECIAL_ROLES = ("eos_token", "bos_token", "pad_token", "unk_token", "sep_token", "cls_token",
+                  "mask_token")
 
 
 class HuggingFaceTokenizer(VocabDictTokenizer):
@@ -39,9 +47,30 @@ class HuggingFaceTokenizer(VocabDictTokenizer):
         self._vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         self._inv_vocab = {i: t for t, i in self._vocab.items()}
         self._special = _special_token_names(os.path.dirname(path))
+        self.chat_template: Optional[str] = find_chat_template(os.path.dirname(path))
+        """The default chat template of the tokenizer's directory (None: no template)."""
 
     def tokenize(self, text: str) -> List[int]:
         return self._tokenizer.encode(text).ids
+
+    def apply_chat_template(self, messages: List[Dict[str, Any]],
+                            add_generation_prompt: bool = True,
+                            tokenize: bool = False) -> Union[str, List[int]]:
+        """The conversation as prompt text (or its token ids, with no special tokens
+        added beyond those the template writes), as ``transformers`` renders it.
+
+        Raises:
+            ValueError: the tokenizer has no chat template.
+            ChatTemplateError: the template does not accept the messages.
+        """
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template")
+        text = render_chat_template(self.chat_template, messages,
+                                    add_generation_prompt=add_generation_prompt,
+                                    special_tokens=dict(self._special))
+        if not tokenize:
+            return text
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -91,7 +120,7 @@ def _special_token_names(directory: str) -> Dict[str, Optional[str]]:
             continue
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-        for role in ("eos_token", "bos_token", "pad_token"):
+        for role in _SPECIAL_ROLES:
             value = config.get(role)
             if isinstance(value, dict):  # {"content": "</s>", ...}
                 value = value.get("content")
