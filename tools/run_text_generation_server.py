@@ -25,15 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from examples.pretrain_gpt import get_tokenizer, model_provider  # noqa: E402
-from megacore.checkpointing import load_checkpoint  # noqa: E402
 from megacore.inference import InferenceConfig, TextGenerationController  # noqa: E402
 from megacore.inference.generation_service import ServiceConfig  # noqa: E402
 from megacore.inference.server import ServerConfig, run_text_generation_server  # noqa: E402
 from megacore.training import arguments  # noqa: E402
+from megacore.training.evaluation import load_model_for_inference  # noqa: E402
 from megacore.training.training import (  # noqa: E402
-    get_model,
     initialize_distributed,
-    initialize_model_parallel_from_run,
     print_rank_0,
     saved_run_config,
 )
@@ -92,10 +90,7 @@ def parse_serving_args(argv=None):
 
 def build_controller(run, args) -> TextGenerationController:
     """This rank's model chunks with the checkpoint's weights, wrapped for generation."""
-    initialize_model_parallel_from_run(run)
-    chunks = get_model(model_provider, run, wrap_with_ddp=False)
-    load_checkpoint(chunks, None, None, load_dir=run.checkpoint.load, no_load_optim=True,
-                    no_load_rng=True)
+    chunks = load_model_for_inference(run, model_provider)
     tokenizer = get_tokenizer(run)
     config = InferenceConfig(max_batch_size=args.max_batch_size,
                              use_kv_cache=not args.no_kv_cache,
