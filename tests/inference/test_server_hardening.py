@@ -90,6 +90,7 @@ def test_a_disconnected_stream_cancels_its_generation(model, caplog):
     try:
         with caplog.at_level(logging.INFO):
             with httpx.Client(base_url=url, timeout=30) as client:
+                batches = client.get("/health").json()["batches"]
                 with client.stream("POST", "/v1/completions", json=LONG) as response:
                     assert response.status_code == 200
                     lines = response.iter_lines()
@@ -99,6 +100,8 @@ def test_a_disconnected_stream_cancels_its_generation(model, caplog):
                             chunks.append(line)
                         if len(chunks) == 3:
                             break  # leave with the stream unfinished: the client goes away
+                # The generate call returns (its rows cancelled) and the slot is free.
+                _wait_for(lambda: client.get("/health").json()["batches"] == batches + 1)
                 _wait_for(lambda: client.get("/health").json()["requests_in_progress"] == 0)
             steps = controller.steps_run
             time.sleep(20 * STEP_S)  # room for 20 more steps if it were still running
