@@ -10,8 +10,10 @@ Framework-free translation used by ``megacore.inference.server``:
   :func:`completion_requests` / :func:`completion_choice`; a stop string and what
   follows are cut from the text, as OpenAI does.
 * OpenAI-style ``POST /v1/chat/completions``: :func:`chat_prompt_tokens` (the
-  tokenizer's chat template) / :func:`chat_requests` / :func:`chat_choice`. :class:`StreamTextTracker` turns streamed tokens into text deltas that
-  never show part of a stop string.
+  tokenizer's chat template) / :func:`chat_requests` / :func:`chat_choice`.
+
+:class:`StreamTextTracker` turns streamed tokens into text deltas that never show part
+of a stop string.
 
 Parameters arrive as validated objects (the server's pydantic models; anything with
 the attributes works). Errors are :class:`ApiError` naming the offending field.

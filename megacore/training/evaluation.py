@@ -175,7 +175,8 @@ def _argmax(logits: torch.Tensor, offset: int, group) -> torch.Tensor:
     all_index = [torch.empty_like(index) for _ in range(size)]
     dist.all_gather(all_values, values.contiguous(), group=group)
     dist.all_gather(all_index, index.contiguous(), group=group)
-    best = torch.stack(all_values).argmax(dim=0, keepdim=True)          # [1, b, s]: lowest rank on ties
+    # [tp, b, s] -> [1, b, s]: the first maximum, i.e. the lowest rank on ties
+    best = torch.stack(all_values).argmax(dim=0, keepdim=True)
     return torch.stack(all_index).gather(0, best).squeeze(0)            # [tp, b, s] -> [b, s]
 
 
