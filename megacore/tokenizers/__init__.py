@@ -11,6 +11,11 @@ from megacore.tokenizers.build import (
     build_tokenizer,
     vocab_size_with_padding,
 )
+from megacore.tokenizers.chat_template import (
+    ChatTemplateError,
+    find_chat_template,
+    render_chat_template,
+)
 from megacore.tokenizers.gpt2_bpe import GPT2BPETokenizer
 from megacore.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
 from megacore.tokenizers.megatron_tokenizer import MegatronTokenizer
@@ -23,6 +28,7 @@ from megacore.tokenizers.sentencepiece_tokenizer import (
 
 __all__ = [
     "BertWordPieceTokenizer",
+    "ChatTemplateError",
     "GPT2BPETokenizer",
     "GPTSentencePieceTokenizer",
     "HuggingFaceTokenizer",
@@ -32,5 +38,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "TOKENIZER_TYPES",
     "build_tokenizer",
+    "find_chat_template",
+    "render_chat_template",
     "vocab_size_with_padding",
 ]
