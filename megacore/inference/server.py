@@ -27,8 +27,8 @@ internal failure 500 — always ``{"error": {"message", "type", "param"}}`` with
 naming the field. Every accepted field changes the output as documented.
 
 Tokenizing and detokenizing run in worker threads, so a long prompt never stalls the
-event loop (``/health`` answers meanwhile). A streaming client that disconnects cancels
-its generation, logged at info.
+event loop (``/health`` answers meanwhile). A client that disconnects (streaming or
+waiting for its answer) cancels its generation, logged at info.
 
 Requests are queued and batched by :class:`~megacore.inference.GenerationService`; the
 app only validates, tokenizes and formats. :func:`run_text_generation_server` runs the
@@ -54,6 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from megacore.inference.generation_service import (
+    GenerationCancelled,
     GenerationService,
     QueueFullError,
     ServiceConfig,
@@ -87,6 +88,7 @@ __all__ = ["ServerConfig", "MegatronGenerateParams", "CompletionParams", "ChatMe
 logger = logging.getLogger(__name__)
 
 _MAX_SEED = 2**63 - 1
+_DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is there
 
 
 @dataclasses.dataclass
@@ -342,6 +344,8 @@ def _guarded(handler):
             return _error(error.status, error.message, error.param)
         except QueueFullError as error:
             return _error(503, str(error), None, "overloaded")
+        except GenerationCancelled:  # its client went away: nobody reads this answer
+            return _error(499, "the client closed the request", None, "cancelled")
         except Exception as error:  # noqa: BLE001 - any other failure is ours: 500
             logger.exception("request failed")
             return _error(500, f"internal error: {type(error).__name__}: {error}", None,
@@ -378,8 +382,22 @@ class _Handlers:
                                 self.config.request_read_timeout_s)
         return model.model_validate(body)
 
-    async def _run(self, requests, on_token=None):
-        return await asyncio.wrap_future(self.service.submit(requests, on_token))
+    async def _run(self, requests, request: Request):
+        """Results of ``requests``; a client that disconnects meanwhile cancels them."""
+        future = self.service.submit(requests)
+        watcher = asyncio.ensure_future(self._cancel_on_disconnect(request, future))
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            watcher.cancel()
+
+    async def _cancel_on_disconnect(self, request: Request, future) -> None:
+        while not future.done():
+            if await request.is_disconnected():
+                if self.service.cancel(future):
+                    logger.info("client went away: cancelled the generation of its request")
+                return
+            await asyncio.sleep(_DISCONNECT_POLL_S)
 
     def _header(self, kind: str, prefix: str) -> Dict[str, Any]:
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind,
@@ -396,7 +414,7 @@ class _Handlers:
         if not params.no_log:
             logger.info("PUT /api: %d prompts, %d tokens", len(requests),
                         params.tokens_to_generate)
-        results = await self._run(requests)
+        results = await self._run(requests, request)
         return JSONResponse(await asyncio.to_thread(megatron_response, results,
                                                     self.tokenizer, params.logprobs))
 
@@ -414,7 +432,7 @@ class _Handlers:
         header = self._header("text_completion", "cmpl")
         if params.stream:
             return self._stream(requests, header, _CompletionChunks(params, self.tokenizer))
-        results = await self._run(requests)
+        results = await self._run(requests, request)
         choices = await asyncio.to_thread(
             lambda: [completion_choice(r, i, params, self.tokenizer)
                      for i, r in enumerate(results)])
@@ -435,7 +453,7 @@ class _Handlers:
         if params.stream:
             header["object"] = "chat.completion.chunk"
             return self._stream(requests, header, _ChatChunks(params, self.tokenizer))
-        results = await self._run(requests)
+        results = await self._run(requests, request)
         choices = await asyncio.to_thread(
             lambda: [chat_choice(r, i, params, self.tokenizer) for i, r in enumerate(results)])
         return JSONResponse({**header, "choices": choices,

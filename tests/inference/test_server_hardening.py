@@ -1,8 +1,9 @@
 """The server under hostile or careless clients, on a real uvicorn over loopback.
 
-* a streaming client that disconnects cancels its generation: the engine's step counter
-  stops advancing long before the request's budget, the slot is free again, and the
-  disconnect is logged at info without a traceback;
+* a streaming client that disconnects, or a client that stops waiting for its answer,
+  cancels its generation: the engine's step counter stops advancing long before the
+  request's budget, the slot is free again, and the disconnect is logged at info
+  without a traceback;
 * a request body that stops arriving gets 408 and its connection is closed;
 * beyond ``max_concurrent_requests`` requests in progress the answer is 503;
 * tokenization runs off the event loop: ``/health`` answers while a prompt is being
@@ -116,6 +117,23 @@ def test_a_disconnected_stream_cancels_its_generation(model, caplog):
                                                         "max_tokens": 3})
             assert done.status_code == 200
             assert done.json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        stop()
+
+
+def test_a_client_that_stops_waiting_cancels_its_generation(model, caplog):
+    url, controller, stop = _server(model)
+    try:
+        with caplog.at_level(logging.INFO):
+            batches = httpx.get(url + "/health").json()["batches"]
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and disconnects
+                httpx.post(url + "/v1/completions", json={**LONG, "stream": False},
+                           timeout=httpx.Timeout(30, read=10 * STEP_S))
+            _wait_for(lambda: httpx.get(url + "/health").json()["batches"] == batches + 1)
+            assert controller.steps_run < 30, f"{controller.steps_run} steps ran"
+        assert [r for r in caplog.records if "cancelled the generation" in r.getMessage()
+                and r.levelno == logging.INFO]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     finally:
         stop()
 
