@@ -30,7 +30,7 @@ from megacore.inference import server as server_module  # noqa: E402
 from megacore.inference.generation_service import GenerationService, ServiceConfig  # noqa: E402
 from megacore.inference.server import ServerConfig, create_app  # noqa: E402
 from megacore.tokenizers import build_tokenizer  # noqa: E402
-from tests.inference.test_openai_api import serve  # noqa: E402
+from tests.inference.loopback import serve  # noqa: E402
 from tests.inference.tiny_model import (  # noqa: E402
     MERGE_FILE,
     VOCAB_FILE,

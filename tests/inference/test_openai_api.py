@@ -19,21 +19,18 @@ asserted per token and the issue's 1e-3 for lm-eval's sums.
 """
 
 import json
-import socket
-import threading
-import time
 import types
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from megacore.inference import InferenceConfig, TextGenerationController
 from megacore.inference.generation_service import GenerationService, ServiceConfig
 from megacore.inference.server import ServerConfig, create_app
 from megacore.tokenizers import HuggingFaceTokenizer
 from tests.inference import hf_tiny
+from tests.inference.loopback import serve
 from tests.inference.tiny_model import destroy_single_process, init_single_process
 
 transformers = pytest.importorskip("transformers")
@@ -41,31 +38,6 @@ openai = pytest.importorskip("openai")
 
 MODEL = "tiny-gpt2"
 LP_TOL = 1e-4
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(app):
-    """Run ``app`` on a free loopback port in a thread; returns (url, stop)."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-
-    def stop():
-        server.should_exit = True
-        thread.join(30)
-
-    return f"http://127.0.0.1:{port}", stop
 
 
 @pytest.fixture(scope="module")
@@ -323,8 +295,8 @@ def test_lm_eval_local_completions_matches_transformers(env):
 
     lm = LocalCompletionsAPI(base_url=env.url + "/v1/completions", model=MODEL,
                              tokenizer=env.hf_dir, tokenizer_backend="huggingface",
-                             max_length=64, max_retries=1)
-    assert lm.tokenized_requests  # the harness's default: token-id prompts
+                             max_length=64, max_retries=1, batch_size=2)
+    assert lm.tokenized_requests  # the harness's default: token-id prompts, two per request
     pairs = [("def parse(line):", " return line"), ("import", " os"),
              ("The value of x is", " 42.")]
     results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i)

@@ -26,7 +26,7 @@ from megacore.inference import InferenceConfig, TextGenerationController
 from megacore.inference.generation_service import GenerationService, ServiceConfig
 from megacore.inference.server import ServerConfig, create_app
 from megacore.tokenizers import build_tokenizer
-from tests.inference.test_openai_api import serve
+from tests.inference.loopback import serve
 from tests.inference.tiny_model import (
     MERGE_FILE,
     VOCAB_FILE,
