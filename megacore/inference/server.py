@@ -317,7 +317,7 @@ class _EventStream(StreamingResponse):
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
-        except (ClientDisconnect, OSError):  # ASGI 2.4 servers report it on send
+        except ClientDisconnect:  # how Starlette reports it under ASGI 2.4 servers
             logger.info("client disconnected from a stream")
         finally:
             for callback in self.on_close:

@@ -1,6 +1,6 @@
 """A tiny random Hugging Face GPT-2 imported into megacore, for interop tests.
 
-``write_hf_model`` saves a 2-layer GPT-2 (hidden 32) over the demo GPT-2 vocabulary
+``write_hf_model`` saves a GPT-2 (2 layers unless asked, hidden 32) over the demo GPT-2 vocabulary
 (examples/data, 6000 tokens) with its tokenizer (``tokenizer.json``,
 ``tokenizer_config.json``, optionally a ``chat_template`` in the config, as the
 converter keeps it) in one directory, the way a downloaded model looks.
@@ -32,7 +32,7 @@ CHATML = ("{{ bos_token }}{% for message in messages %}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def write_hf_model(directory: str, chat_template=None, seed: int = 0):
+def write_hf_model(directory: str, chat_template=None, seed: int = 0, layers: int = 2):
     """A tiny GPT-2 and its tokenizer in ``directory``; returns the transformers model."""
     transformers = __import__("transformers")
     os.makedirs(directory, exist_ok=True)
@@ -49,7 +49,7 @@ def write_hf_model(directory: str, chat_template=None, seed: int = 0):
         config["chat_template"] = chat_template
         json.dump(config, open(path, "w"), indent=2)
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(tokenizer),
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=len(tokenizer),
                                   n_positions=MAX_POSITIONS, resid_pdrop=0.0, embd_pdrop=0.0,
                                   attn_pdrop=0.0, initializer_range=0.3,
                                   bos_token_id=tokenizer.eos_token_id,

@@ -1,6 +1,6 @@
 """tools/evaluate.py and megacore.training.evaluation against transformers, in every layout.
 
-A tiny random GPT-2 (``tests/inference/hf_tiny``) is imported with the converter
+A tiny random 4-layer GPT-2 (``tests/inference/hf_tiny``) is imported with the converter
 (``torch_dist``, so any layout can load it). The dataset holds two documents the HF
 model generated greedily (so next-token accuracy is far from 0) and one random
 document. The reference is transformers run on exactly the samples ``GPTDataset`` gives
@@ -32,6 +32,8 @@ SEQ = 32
 LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"],
            "pp2": ["--pipeline-model-parallel-size", "2"],
            "cp2": ["--context-parallel-size", "2"],
+           "pp2-vpp2": ["--pipeline-model-parallel-size", "2",
+                        "--num-layers-per-virtual-pipeline-stage", "1"],
            "dp2": []}
 
 
@@ -46,7 +48,7 @@ def _hf_greedy(model, ids, n):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     hf_dir, ckpt, data = str(root / "hf"), str(root / "megacore"), str(root / "data")
-    model = hf_tiny.write_hf_model(hf_dir)
+    model = hf_tiny.write_hf_model(hf_dir, layers=4)  # 4: pp 2 x vpp 2
     hf_tiny.convert(hf_dir, ckpt, "torch_dist")
     rng = np.random.default_rng(0)
     builder = IndexedDatasetBuilder(data + ".bin", dtype=np.uint16)
