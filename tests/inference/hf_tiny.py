@@ -34,7 +34,7 @@ CHATML = ("{{ bos_token }}{% for message in messages %}"
 
 def write_hf_model(directory: str, chat_template=None, seed: int = 0, layers: int = 2):
     """A tiny GPT-2 and its tokenizer in ``directory``; returns the transformers model."""
-    transformers = __import__("transformers")
+    import transformers
     os.makedirs(directory, exist_ok=True)
     source = os.path.join(directory, "_vocab")
     os.makedirs(source, exist_ok=True)
