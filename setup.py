@@ -59,6 +59,8 @@ setup(
         "fastapi>=0.110",
         "jinja2>=3.1",  # chat templates of Hugging Face tokenizers
         "uvicorn>=0.27",
+        # Chat templates of Hugging Face tokenizers (/v1/chat/completions).
+        "jinja2>=3.1",
     ],
     extras_require={
         "test": [
@@ -70,6 +72,10 @@ setup(
             # Byte-level interop tests against Megatron's own .bin/.idx builder and
             # GPTDataset (a CPU-only wheel here; needs only numpy, packaging and torch).
             "megatron-core==0.16.1",
+            # Real clients of the OpenAI-compatible server: the openai package and
+            # lm-evaluation-harness's local-completions / local-chat-completions.
+            "openai>=1.0",
+            "lm-eval[api]>=0.4.5",
         ],
         "dev": [
             "pytest>=7.4",
@@ -78,6 +84,8 @@ setup(
             "transformers>=4.40",
             "sentencepiece>=0.1.99",
             "megatron-core==0.16.1",
+            "openai>=1.0",
+            "lm-eval[api]>=0.4.5",
             "ruff>=0.4",
         ],
         # Optional accelerations, only used on CUDA when importable. NVIDIA Apex is not on

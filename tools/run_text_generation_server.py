@@ -25,15 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from examples.pretrain_gpt import get_tokenizer, model_provider  # noqa: E402
-from megacore.checkpointing import load_checkpoint  # noqa: E402
 from megacore.inference import InferenceConfig, TextGenerationController  # noqa: E402
 from megacore.inference.generation_service import ServiceConfig  # noqa: E402
 from megacore.inference.server import ServerConfig, run_text_generation_server  # noqa: E402
 from megacore.training import arguments  # noqa: E402
+from megacore.training.evaluation import load_model_for_inference  # noqa: E402
 from megacore.training.training import (  # noqa: E402
-    get_model,
     initialize_distributed,
-    initialize_model_parallel_from_run,
     print_rank_0,
     saved_run_config,
 )
@@ -51,6 +49,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="largest accepted request body (413 beyond)")
     group.add_argument("--max-queued-requests", type=int, default=1024,
                        help="requests waiting beyond this get 503")
+    group.add_argument("--max-concurrent-requests", type=int, default=64,
+                       help="generation requests in progress at once (a stream until it "
+                       "ends); more get 503 (0: no limit)")
+    group.add_argument("--request-read-timeout", type=float, default=30.0,
+                       help="seconds a request body may take to arrive (408 beyond)")
     group.add_argument("--batch-wait-ms", type=float, default=2.0,
                        help="wait this long for more requests before starting a batch")
     group.add_argument("--served-model-name", default="megacore-gpt",
@@ -87,10 +90,7 @@ def parse_serving_args(argv=None):
 
 def build_controller(run, args) -> TextGenerationController:
     """This rank's model chunks with the checkpoint's weights, wrapped for generation."""
-    initialize_model_parallel_from_run(run)
-    chunks = get_model(model_provider, run, wrap_with_ddp=False)
-    load_checkpoint(chunks, None, None, load_dir=run.checkpoint.load, no_load_optim=True,
-                    no_load_rng=True)
+    chunks = load_model_for_inference(run, model_provider)
     tokenizer = get_tokenizer(run)
     config = InferenceConfig(max_batch_size=args.max_batch_size,
                              use_kv_cache=not args.no_kv_cache,
@@ -108,7 +108,9 @@ def main(argv=None) -> None:
         controller, get_tokenizer(run),
         ServerConfig(host=args.host, port=args.port, max_request_bytes=args.max_request_bytes,
                      max_tokens_to_generate=args.max_tokens_to_generate,
-                     model_name=args.served_model_name),
+                     model_name=args.served_model_name,
+                     max_concurrent_requests=args.max_concurrent_requests,
+                     request_read_timeout_s=args.request_read_timeout),
         ServiceConfig(batch_wait_s=args.batch_wait_ms / 1000.0,
                       max_queued_requests=args.max_queued_requests))
 

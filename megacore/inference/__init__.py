@@ -12,6 +12,7 @@
 """
 
 from megacore.inference.generation_service import (
+    GenerationCancelled,
     GenerationService,
     QueueFullError,
     ServiceConfig,
@@ -32,11 +33,14 @@ from megacore.inference.sampling import (
     sample_next_tokens,
 )
 from megacore.inference.text_generation_controller import (
+    CancelCheck,
     TextGenerationController,
     TokenCallback,
 )
 
 __all__ = [
+    "CancelCheck",
+    "GenerationCancelled",
     "GenerationService",
     "QueueFullError",
     "ServiceConfig",

@@ -14,6 +14,11 @@ and runs the same ``generate`` call (the controller's collectives need all ranks
 While idle the worker sends a ``noop`` every ``heartbeat_s`` so the followers' blocking
 broadcast never reaches the process-group timeout; ``stop`` ends the followers.
 
+:meth:`GenerationService.cancel` withdraws a submission whose caller went away (a
+disconnected streaming client): still queued, it is dropped; running, its rows stop at
+the next step (every rank agrees, see ``TextGenerationController.generate``) and the
+batch ends as soon as its remaining rows do.
+
 A failure inside one batch fails that batch's futures (the server answers 500) and the
 worker goes on with the next batch.
 """
@@ -36,7 +41,8 @@ from megacore.inference.text_generation_controller import (
     TokenCallback,
 )
 
-__all__ = ["GenerationService", "ServiceConfig", "QueueFullError", "follow_requests"]
+__all__ = ["GenerationService", "ServiceConfig", "QueueFullError", "GenerationCancelled",
+           "follow_requests"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,10 @@ _GENERATE, _NOOP, _STOP = "generate", "noop", "stop"
 
 class QueueFullError(RuntimeError):
     """More requests are waiting than ``max_queued_requests`` allows."""
+
+
+class GenerationCancelled(RuntimeError):
+    """The submission was cancelled before its batch started."""
 
 
 @dataclasses.dataclass
@@ -76,6 +86,11 @@ class _Job:
     requests: List[GenerationRequest]
     future: concurrent.futures.Future
     on_token: Optional[TokenCallback]
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+def _no_rows() -> Sequence[int]:
+    return ()
 
 
 def _broadcast_command(command, group=None) -> object:
@@ -103,6 +118,8 @@ class GenerationService:
         self._queue: "queue.Queue[Optional[_Job]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._stopping = threading.Event()
+        self._jobs: "dict[int, _Job]" = {}  # id(future) -> job, until the job ends
+        self._jobs_lock = threading.Lock()
         self.batches_run = 0
 
     @property
@@ -154,8 +171,29 @@ class GenerationService:
             raise QueueFullError(f"{self._queue.qsize()} requests are waiting (limit "
                                  f"{self.config.max_queued_requests}); retry later")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Job(requests, future, on_token))
+        job = _Job(requests, future, on_token)
+        with self._jobs_lock:
+            self._jobs[id(future)] = job
+        future.add_done_callback(self._forget)
+        self._queue.put(job)
         return future
+
+    def cancel(self, future: concurrent.futures.Future) -> bool:
+        """Withdraw the submission behind ``future`` (see the module docstring).
+
+        Returns:
+            False if it had already finished.
+        """
+        with self._jobs_lock:
+            job = self._jobs.get(id(future))
+        if job is None or future.done():
+            return False
+        job.cancelled.set()
+        return True
+
+    def _forget(self, future: concurrent.futures.Future) -> None:
+        with self._jobs_lock:
+            self._jobs.pop(id(future), None)
 
     # -- worker -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -198,6 +236,11 @@ class GenerationService:
         return jobs, None, False
 
     def _run_batch(self, jobs: List[_Job]) -> None:
+        for job in [j for j in jobs if j.cancelled.is_set()]:
+            job.future.set_exception(GenerationCancelled("cancelled before it started"))
+        jobs = [j for j in jobs if not j.cancelled.is_set()]
+        if not jobs:
+            return
         requests = [r for job in jobs for r in job.requests]
         owners = [(j, i) for j, job in enumerate(jobs) for i in range(len(job.requests))]
 
@@ -210,10 +253,14 @@ class GenerationService:
                 except Exception:  # noqa: BLE001 - a broken stream must not stop the batch
                     logger.exception("token callback failed")
 
+        def cancelled() -> List[int]:
+            return [row for row, (j, _) in enumerate(owners) if jobs[j].cancelled.is_set()]
+
         try:
             if self._distributed:
                 _broadcast_command((_GENERATE, requests), self.group)
-            results: List[GenerationResult] = self.controller.generate(requests, on_token)
+            results: List[GenerationResult] = self.controller.generate(requests, on_token,
+                                                                       cancelled)
         except Exception as error:  # noqa: BLE001 - reported to every waiting request
             logger.exception("generation failed for a batch of %d requests", len(requests))
             for job in jobs:
@@ -241,7 +288,7 @@ def follow_requests(controller: TextGenerationController, group=None) -> int:
             return batches
         if kind == _GENERATE:
             try:
-                controller.generate(command[1])
+                controller.generate(command[1], cancelled=_no_rows)
             except Exception:  # noqa: BLE001 - rank 0 reports the failure; keep following
                 logger.exception("generation failed on a follower rank")
             batches += 1

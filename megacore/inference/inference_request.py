@@ -115,7 +115,8 @@ class GenerationResult:
             likely tokens (None unless ``top_logprobs``).
         prompt_top_logprobs: the same for prompt tokens 1..L-1 (None unless both
             ``return_prompt_logprobs`` and ``top_logprobs``).
-        finish_reason: ``"length"`` (budget used up) or ``"stop"``.
+        finish_reason: ``"length"`` (budget used up), ``"stop"``, or ``"cancelled"`` (the
+            caller went away, see ``TextGenerationController.generate``).
         stop_reason: the stop token id or stop string that ended generation, if any.
     """
 

@@ -41,10 +41,14 @@ from megacore.inference.inference_request import (
 from megacore.inference.model_runner import ModelRunner
 from megacore.inference.sampling import make_generator, sample_next_tokens
 
-__all__ = ["TextGenerationController", "TokenCallback"]
+__all__ = ["TextGenerationController", "TokenCallback", "CancelCheck"]
 
 TokenCallback = Callable[[int, int, float], None]
 """``on_token(row, token_id, logprob)``: called on every rank for each generated token."""
+
+CancelCheck = Callable[[], Sequence[int]]
+"""``cancelled()``: the rows (request indices) whose caller has gone away; generation of
+those rows ends before the next step (``finish_reason`` ``"cancelled"``)."""
 
 _TOKEN, _LOGPROB, _STOP = 0, 1, 2  # packet columns; top ids and log probs follow
 
@@ -95,6 +99,9 @@ class TextGenerationController:
                               self.runner.model_vocab_size)
         self.replica_group = self.runner.chunks[0].pg_collection.mp  # tp x pp of a replica
         self._context = None
+        self.steps_run = 0
+        """Forward steps run since construction (prefill and decode steps alike); lets a
+        caller see that generation is (or is no longer) running."""
 
     # -- validation ---------------------------------------------------------------------
     def validate(self, requests: Sequence[GenerationRequest]) -> None:
@@ -124,8 +131,15 @@ class TextGenerationController:
 
     # -- the loop -----------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest],
-                 on_token: Optional[TokenCallback] = None) -> List[GenerationResult]:
-        """Continue every request; results in request order (on every rank)."""
+                 on_token: Optional[TokenCallback] = None,
+                 cancelled: Optional[CancelCheck] = None) -> List[GenerationResult]:
+        """Continue every request; results in request order (on every rank).
+
+        ``cancelled`` is polled before every step; with more than one rank in the model
+        replica every rank must pass one (or none) alike, since the cancelled rows are
+        agreed on with a collective (the ranks other than the caller's pass
+        ``lambda: ()``).
+        """
         self.validate(requests)
         rows = self._init_rows(requests)
         b = len(rows)
@@ -138,13 +152,31 @@ class TextGenerationController:
         k = max(r.request.top_logprobs for r in rows)
         prev, cur = 0, shortest
         while not all(row.done for row in rows):
+            if cancelled is not None:
+                self._cancel_rows(rows, cancelled)
+                if all(row.done for row in rows):
+                    break
             start = prev if context is not None else 0
             logits = self.runner.forward(tokens[:, start:cur], start, context)  # [b, n, V]
+            self.steps_run += 1
             if prev == 0:
                 self._prefill_prompt_logprobs(rows, tokens, logits, cur, k)
-            self._step(rows, tokens, logits, cur, k, on_token)
+            if not all(row.done for row in rows):  # e.g. only prompt log probs were wanted
+                self._step(rows, tokens, logits, cur, k, on_token)
             prev, cur = cur, cur + 1
         return [row.result for row in rows]
+
+    def _cancel_rows(self, rows: List[_Row], cancelled: CancelCheck) -> None:
+        """Mark the cancelled rows done (agreed over the replica)."""
+        flags = torch.zeros(len(rows), dtype=torch.int32, device=self.runner.device)
+        for index in cancelled():
+            flags[index] = 1
+        if dist.get_world_size(self.replica_group) > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.replica_group)
+        newly = [row for row, flag in zip(rows, flags.tolist()) if flag and not row.done]
+        for row in newly:
+            row.done = True
+            row.result.finish_reason = "cancelled"
 
     def _init_rows(self, requests: Sequence[GenerationRequest]) -> List[_Row]:
         seeds = self._agreed_seeds(requests)

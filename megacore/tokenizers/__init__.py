@@ -11,6 +11,11 @@ from megacore.tokenizers.build import (
     build_tokenizer,
     vocab_size_with_padding,
 )
+from megacore.tokenizers.chat_template import (
+    ChatTemplateError,
+    find_chat_template,
+    render_chat_template,
+)
 from megacore.tokenizers.gpt2_bpe import GPT2BPETokenizer
 from megacore.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
 from megacore.tokenizers.megatron_tokenizer import MegatronTokenizer
@@ -24,6 +29,7 @@ from megacore.tokenizers.tiktoken_tokenizer import TikTokenizer
 
 __all__ = [
     "BertWordPieceTokenizer",
+    "ChatTemplateError",
     "GPT2BPETokenizer",
     "GPTSentencePieceTokenizer",
     "HuggingFaceTokenizer",
@@ -34,5 +40,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "TOKENIZER_TYPES",
     "build_tokenizer",
+    "find_chat_template",
+    "render_chat_template",
     "vocab_size_with_padding",
 ]

@@ -7,23 +7,26 @@ needed). Special tokens (``eos``/``bos``/``pad``) come from ``tokenizer_config.j
 or ``special_tokens_map.json`` beside the file when present. As in Megatron,
 ``tokenize`` applies the tokenizer's own post-processing (e.g. a Llama ``<s>``).
 
-The chat template (``chat_template.jinja`` beside the file, else ``tokenizer_config.json``'s
-``chat_template``) renders a list of ``{"role", "content"}`` messages into a prompt, as
-``transformers``' ``apply_chat_template(..., tokenize=False)`` does: Jinja2 in a sandbox,
-with ``messages``, ``add_generation_prompt``, the special tokens and ``raise_exception``.
+An instruct model's chat template, when the directory holds one (see
+``megacore.tokenizers.chat_template``), is :attr:`HuggingFaceTokenizer.chat_template`
+and :meth:`HuggingFaceTokenizer.apply_chat_template` renders conversations with it as
+``transformers`` does.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
+from megacore.tokenizers.chat_template import find_chat_template, render_chat_template
 from megacore.tokenizers.megatron_tokenizer import VocabDictTokenizer, file_digest
 
 __all__ = ["HuggingFaceTokenizer"]
 
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+_SPECIAL_ROLES = ("eos_token", "bos_token", "pad_token", "unk_token", "sep_token", "cls_token",
+                  "mask_token")
 
 
 class HuggingFaceTokenizer(VocabDictTokenizer):
@@ -44,45 +47,36 @@ class HuggingFaceTokenizer(VocabDictTokenizer):
         self._vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         self._inv_vocab = {i: t for t, i in self._vocab.items()}
         self._special = _special_token_names(os.path.dirname(path))
-        self.chat_template: Optional[str] = _chat_template(os.path.dirname(path))
-        """The Jinja2 chat template, or None when the tokenizer has none."""
+        self.chat_template: Optional[str] = find_chat_template(os.path.dirname(path))
+        """The default chat template of the tokenizer's directory (None: no template)."""
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> List[int]:
         """Ids of ``text``; ``add_special_tokens=False`` skips the post-processing (a
         rendered chat template already holds its special tokens)."""
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def apply_chat_template(self, messages: List[Dict[str, Any]],
+                            add_generation_prompt: bool = True,
+                            tokenize: bool = False) -> Union[str, List[int]]:
+        """The conversation as prompt text (or its token ids, with no special tokens
+        added beyond those the template writes), as ``transformers`` renders it.
+
+        Raises:
+            ValueError: the tokenizer has no chat template.
+            ChatTemplateError: the template does not accept the messages.
+        """
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template")
+        text = render_chat_template(self.chat_template, messages,
+                                    add_generation_prompt=add_generation_prompt,
+                                    special_tokens=dict(self._special))
+        if not tokenize:
+            return text
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-
-    def apply_chat_template(self, messages: Sequence[Dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
-        """The prompt text of a conversation.
-
-        Raises:
-            ValueError: the tokenizer has no chat template, or the template rejects the
-                messages (its ``raise_exception`` message).
-        """
-        if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template (chat_template.jinja or "
-                             "tokenizer_config.json chat_template)")
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        tokens = {role: self._special.get(role) or "" for role in
-                  ("bos_token", "eos_token", "pad_token")}
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt,
-                **tokens)
-        except TemplateError as e:
-            raise ValueError(f"chat template: {e}") from e
 
     def _special_id(self, role: str, description: str) -> int:
         token = self._special.get(role)
@@ -119,24 +113,6 @@ def _tokenizer_json_path(tokenizer_model: str) -> str:
     return path
 
 
-def _chat_template(directory: str) -> Optional[str]:
-    """``chat_template.jinja`` (transformers 5), else ``tokenizer_config.json``'s
-    ``chat_template`` (a string, or named templates: the ``default`` one)."""
-    jinja = os.path.join(directory, "chat_template.jinja")
-    if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
-    config_path = os.path.join(directory, "tokenizer_config.json")
-    if not os.path.isfile(config_path):
-        return None
-    with open(config_path, encoding="utf-8") as f:
-        template = json.load(f).get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
-
-
 def _special_token_names(directory: str) -> Dict[str, Optional[str]]:
     """eos/bos/pad token strings from the config files beside ``tokenizer.json``."""
     names: Dict[str, Optional[str]] = {}
@@ -146,7 +122,7 @@ def _special_token_names(directory: str) -> Dict[str, Optional[str]]:
             continue
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-        for role in ("eos_token", "bos_token", "pad_token"):
+        for role in _SPECIAL_ROLES:
             value = config.get(role)
             if isinstance(value, dict):  # {"content": "</s>", ...}
                 value = value.get("content")

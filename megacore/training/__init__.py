@@ -10,6 +10,7 @@ from megacore.training.arguments import (
     run_config_to_dict,
     validate_run_config,
 )
+from megacore.training.evaluation import EvaluationResult, evaluate_language_model
 from megacore.training.flops import num_floating_point_operations
 from megacore.training.metrics_logger import MetricsLogger, format_log_line
 from megacore.training.training import (
@@ -38,6 +39,8 @@ __all__ = [
     "get_optimizer_param_scheduler",
     "train_step",
     "evaluate",
+    "EvaluationResult",
+    "evaluate_language_model",
     "num_floating_point_operations",
     "MetricsLogger",
     "format_log_line",
