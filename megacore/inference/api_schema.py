@@ -22,7 +22,10 @@ from pydantic import BaseModel, ConfigDict
 
 __all__ = ["ErrorDetail", "ErrorResponse", "MegatronGenerateResponse", "CompletionLogprobs",
            "CompletionChoice", "CompletionUsage", "CompletionResponse", "CompletionStreamChunk",
-           "HealthResponse", "ModelCard", "ModelList", "STREAM_END", "STREAM_FORMAT"]
+           "HealthResponse", "ModelCard", "ModelList", "ChatTokenLogprob", "ChatContentLogprob",
+           "ChatLogprobs", "ChatMessageOut", "ChatChoice", "ChatCompletionResponse",
+           "ChatDelta", "ChatStreamChoice", "ChatCompletionStreamChunk", "STREAM_END",
+           "STREAM_FORMAT"]
 
 _EXACT = ConfigDict(extra="forbid")
 
@@ -117,6 +120,75 @@ class HealthResponse(BaseModel):
     status: str
     queued: int
     batches: int
+    requests_in_progress: int
+
+
+class ChatTokenLogprob(BaseModel):
+    model_config = _EXACT
+    token: str
+    logprob: float
+    bytes: List[int]
+
+
+class ChatContentLogprob(ChatTokenLogprob):
+    top_logprobs: List[ChatTokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    model_config = _EXACT
+    content: List[ChatContentLogprob]
+
+
+class ChatMessageOut(BaseModel):
+    model_config = _EXACT
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    model_config = _EXACT
+    index: int
+    message: ChatMessageOut
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Optional[str]
+
+
+class ChatCompletionResponse(BaseModel):
+    """``POST /v1/chat/completions`` without streaming."""
+
+    model_config = _EXACT
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: List[ChatChoice]
+    usage: CompletionUsage
+
+
+class ChatDelta(BaseModel):
+    model_config = _EXACT
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatStreamChoice(BaseModel):
+    model_config = _EXACT
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: Optional[str]
+
+
+class ChatCompletionStreamChunk(BaseModel):
+    """One server-sent event of a streamed chat completion: the first per choice carries
+    ``delta.role``, the last an empty delta and the ``finish_reason``."""
+
+    model_config = _EXACT
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: List[ChatStreamChoice]
 
 
 class ModelCard(BaseModel):

@@ -589,7 +589,8 @@ def create_app(service: GenerationService, tokenizer,
     _route(app, "/v1/completions", "POST", handlers.completions, CompletionParams,
            schema.CompletionResponse, stream=schema.CompletionStreamChunk)
     _route(app, "/v1/chat/completions", "POST", handlers.chat_completions,
-           ChatCompletionParams, None)
+           ChatCompletionParams, schema.ChatCompletionResponse,
+           stream=schema.ChatCompletionStreamChunk)
     _route(app, "/health", "GET", handlers.health, None, schema.HealthResponse)
     _route(app, "/v1/models", "GET", handlers.models, None, schema.ModelList)
 

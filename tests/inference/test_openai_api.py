@@ -341,3 +341,20 @@ def test_lm_eval_local_chat_completions_matches_transformers(env):
     reply = hf_greedy(env, prompt_ids, 8)
     expected = env.tokenizer.detokenize([t for t in reply if t != env.tokenizer.eod])
     assert out == [expected.split("\n\n")[0]]
+
+
+def test_chat_responses_match_the_documented_models(env):
+    """Chat answers and stream events validate against ``api_schema`` (extra fields
+    forbidden), so the HTTP snapshot describes what is really sent."""
+    from megacore.inference import api_schema as schema
+
+    messages = [{"role": "user", "content": "hello"}]
+    body = env.http.post("/v1/chat/completions", json={
+        "messages": messages, "max_tokens": 4, "logprobs": True, "top_logprobs": 2}).json()
+    schema.ChatCompletionResponse.model_validate(body)
+    with env.http.stream("POST", "/v1/chat/completions", json={
+            "messages": messages, "max_tokens": 4, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == schema.STREAM_END
+    for event in events[:-1]:
+        schema.ChatCompletionStreamChunk.model_validate(json.loads(event[len("data: "):]))

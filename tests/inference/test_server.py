@@ -283,8 +283,9 @@ ERROR_CASES = [
     ("POST", "/v1/chat/completions", {"messages": []}, 422, "messages"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
                                       "model": "gpt-4"}, 404, "model"),
+    # Streaming is accepted; without a template it is still the messages that fail.
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
-                                      "stream": True}, 422, "stream"),
+                                      "stream": True}, 400, "messages"),
     ("PUT", "/api", b"x" * (64 * 1024 + 1), 413, "body"),
     ("GET", "/api", b"", 405, None),
     ("POST", "/nowhere", b"{}", 404, None),

@@ -34,7 +34,7 @@ def test_chat_template_renders_like_transformers(tmp_path):
         assert ours.apply_chat_template(MESSAGES, generation_prompt) == \
             fast.apply_chat_template(MESSAGES, add_generation_prompt=generation_prompt,
                                      tokenize=False)
-    with pytest.raises(ValueError, match="chat template: system must come first"):
+    with pytest.raises(ValueError, match="chat template refused the messages: system must come first"):
         ours.apply_chat_template(MESSAGES[::-1])
 
 
