@@ -108,6 +108,7 @@ FLAGS: List[Flag] = [
     _f("--num-virtual-stages-per-pipeline-rank", "model", "virtual_pipeline_model_parallel_size"),
     _f("--decoder-first-pipeline-num-layers", "model", "num_layers_in_first_pipeline_stage"),
     _f("--decoder-last-pipeline-num-layers", "model", "num_layers_in_last_pipeline_stage"),
+    _f("--pipeline-schedule", "model", choices=["1f1b", "interleaved-1f1b", "zb-h1"]),
     _f("--context-parallel-size", "model"), _f("--expert-model-parallel-size", "model"),
     _f("--expert-tensor-parallel-size", "model"),
     _f("--sequence-parallel", "model"),
@@ -595,10 +596,16 @@ def _check_pipeline(run: RunConfig, world_size: int) -> None:
         _fail("--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers need "
               "--pipeline-model-parallel-size > 1")
     from megacore.pipeline_parallel.layer_split import pipeline_layer_counts
+    from megacore.pipeline_parallel.schedule_plan import validate_pipeline_schedule
 
+    if pp == 1 and m.pipeline_schedule is not None:
+        _fail(f"--pipeline-schedule {m.pipeline_schedule} needs "
+              "--pipeline-model-parallel-size > 1")
     try:
         pipeline_layer_counts(m.num_layers, pp, m.virtual_pipeline_model_parallel_size,
                               first, last)
+        validate_pipeline_schedule(m.pipeline_schedule, pp,
+                                   m.virtual_pipeline_model_parallel_size)
     except ValueError as e:
         raise ArgumentValidationError(str(e)) from e
 

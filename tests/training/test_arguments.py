@@ -104,6 +104,10 @@ BAD = [
      "--max-position-embeddings 64", 2, "--seq-length (33) divisible by"),
     ("--context-parallel-size 2 --seq-length 30", 2, "divisible by 2 x 2"),
     ("--decoder-first-pipeline-num-layers 1", 1, "need --pipeline-model-parallel-size > 1"),
+    ("--pipeline-schedule zb-h1", 1, "--pipeline-schedule zb-h1 needs --pipeline-model-parallel-size > 1"),
+    ("--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 "
+     "--global-batch-size 4 --pipeline-schedule zb-h1", 2,
+     "--pipeline-schedule zb-h1 runs one model chunk per rank"),
     ("--recompute-method uniform", 1, "apply only to recompute_granularity='full'"),
     ("--recompute-granularity full", 1,
      "needs recompute_method 'uniform' or 'block' [flags: --recompute-granularity, --recompute-method]"),

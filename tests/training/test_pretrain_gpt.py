@@ -65,6 +65,11 @@ LAYOUTS = [
     ("tp2_pp2", 4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2"),
     ("tp2_dp2_distopt_sp", 4, "--tensor-model-parallel-size 2 --sequence-parallel "
                               "--use-distributed-optimizer --overlap-grad-reduce"),
+    # Zero bubble: W steps feed DDP's overlapped bucket reduction; tp linears split B/W.
+    ("pp2_dp2_zbh1", 4, "--pipeline-model-parallel-size 2 --pipeline-schedule zb-h1 "
+                        "--use-distributed-optimizer --overlap-grad-reduce"),
+    ("tp2_pp2_sp_zbh1", 4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
+                           "--sequence-parallel --pipeline-schedule zb-h1"),
 ]
 
 
