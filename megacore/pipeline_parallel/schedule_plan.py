@@ -37,17 +37,19 @@ one link are matched in the same order by sender and receiver.
 
 The zero-bubble schedule ZB-H1 (``schedule="zb-h1"``) splits each backward into
 ``backward_input`` (B: the input gradient, sent on at once) and ``backward_weight`` (W:
-the weight gradients, which nobody waits for), see :mod:`.backward_split`. Their compute
-order is found by a list scheduler (:func:`zero_bubble_compute_orders`) that runs the
-stages together with unit costs F = B = W = 1 and, whenever a rank would otherwise wait,
-runs a pending W. It keeps 1F1B's ``pp - r`` forwards ahead on rank ``r`` and 1F1B's peak
+the weight gradients, which nobody waits for), see :mod:`.backward_split`. Its compute
+order (:func:`zero_bubble_compute_order`) is 1F1B's with the W steps placed where 1F1B
+would wait; it keeps 1F1B's ``pp - r`` forwards ahead on rank ``r`` and 1F1B's peak
 activation memory (at most ``pp`` micro-batches between F and W on any rank). Its sends
 are *eager*: a batch waits for its receives and for the previous batch's sends, not for
 its own sends, so a rank runs W steps while its last output is on the way. Example,
 ``pp=2``, ``m=3`` (``B``/``W`` the two halves of a backward)::
 
-    rank 0:       F0 [sF0]    F1 [sF1 rB0] B0 W0 [rB1] B1 F2 [sF2] W1 [rB2] B2 W2
-    rank 1: [rF0] F0 B0 [rF1 sB0] F1 B1 [sB1] W0 W1 [rF2] F2 B2 [sB2] W2
+    rank 0:       F0 [sF0]    F1 [sF1 rB0] B0 W0 F2 [sF2 rB1] B1 W1 [rB2] B2 W2
+    rank 1: [rF0] F0 B0 [rF1 sB0] F1 B1 [sB1] W0 [rF2] F2 B2 [sB2] W1 W2
+
+Timed with unit costs, these plans give exactly the paper's ZB-H1 bubble whenever
+``m >= pp`` (``benchmarks/bench_pipeline_bubble.py``).
 
 :func:`simulate` with ``costs`` also times the plans under the same strict p2p model and
 reports the bubble fraction ``1 - busy / (pp * makespan)``; with F = 1 and a whole
@@ -57,7 +59,6 @@ backward = 2 it reproduces the published 1F1B bubble ``(pp - 1) / (m + pp - 1)``
 from __future__ import annotations
 
 import collections
-import functools
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 __all__ = [
@@ -80,7 +81,7 @@ __all__ = [
     "microbatch_chunk_table",
     "num_warmup_microbatches",
     "compute_order",
-    "zero_bubble_compute_orders",
+    "zero_bubble_compute_order",
     "build_plan",
     "group_batches",
     "simulate",
@@ -283,134 +284,43 @@ def compute_order(pp_rank: int, pp_size: int, num_microbatches: int, num_chunks:
 
 
 # --------------------------------------------------------------------------------------
-# Compute order: zero-bubble schedules (list scheduling with unit costs)
+# Compute order: ZB-H1
 # --------------------------------------------------------------------------------------
-class _ZeroBubbleRank:
-    """One rank's progress in :func:`zero_bubble_compute_orders`."""
+def zero_bubble_compute_order(pp_rank: int, pp_size: int, num_microbatches: int,
+                              forward_only: bool = False) -> List[Step]:
+    """The compute steps of one rank for ZB-H1 (Qi et al., "Zero Bubble Pipeline
+    Parallelism", 2024): 1F1B's order of forwards and B halves, with the W halves placed
+    where 1F1B would wait.
 
-    def __init__(self, rank: int, layout: StageLayout):
-        self.rank, self.layout = rank, layout
-        self.next_forward = [0] * layout.num_chunks    # next micro-batch per chunk
-        self.next_backward = [0] * layout.num_chunks
-        self.pending_weight: collections.deque = collections.deque()
-        self.free_at = 0
-        self.order: List[Step] = []
+    Rank ``r`` runs 1F1B's ``pp - r - 1`` warm-up forwards; then each steady iteration is
+    F, B and, from the ``r``-th iteration on, the oldest pending W (rank ``r`` holds back
+    ``r`` Ws, which fill the cool-down's gaps); each cool-down B is followed by a W; the
+    held-back Ws end the step. Forwards ahead of their B stay 1F1B's ``pp - r``, and
+    micro-batches between F and W (whose activations are alive) at most ``pp``, 1F1B's
+    peak on rank 0. Example ``pp=2``, rank 1, ``m=3``::
 
-    def in_flight(self) -> int:
-        """Chunk-micro-batches whose activations are alive (forward done, W not yet)."""
-        return sum(self.next_forward) - sum(self.next_backward) + len(self.pending_weight)
-
-
-def _ready_time(finish: Dict, op: str, mb: int, stage: int, num_stages: int) -> Optional[int]:
-    """When the input of ``op`` on ``(mb, stage)`` exists (None: not produced yet)."""
-    if op == FORWARD:
-        return 0 if stage == 0 else finish.get((FORWARD, mb, stage - 1))
-    if stage == num_stages - 1:
-        return finish.get((FORWARD, mb, stage))
-    return finish.get((BACKWARD_INPUT, mb, stage + 1))
-
-
-def _zero_bubble_choice(state: _ZeroBubbleRank, finish: Dict, now: int, m: int,
-                        limits: Tuple[int, Optional[int]], forward_only: bool):
-    """The step rank ``state`` starts at ``now`` (None: nothing ready), by priority:
-    a ready B (the previous stage waits for it), then a ready F within the memory
-    limits (the later stage first), then the oldest pending W (fills the gap)."""
-    layout, rank = state.layout, state.rank
-    memory_limit, backward_lag_limit = limits
-    if not forward_only:
-        ready_b = []
-        for c in range(layout.num_chunks):
-            mb = state.next_backward[c]
-            if mb < state.next_forward[c]:
-                t = _ready_time(finish, BACKWARD_INPUT, mb, layout.stage(rank, c),
-                                layout.num_stages)
-                if t is not None and t <= now:
-                    ready_b.append((t, -c, mb, c))
-        if ready_b:
-            _, _, mb, c = min(ready_b)
-            return BACKWARD_INPUT, mb, c
-    lag = sum(state.next_forward) - sum(state.next_backward)
-    room = forward_only or (state.in_flight() < memory_limit
-                            and (backward_lag_limit is None or lag < backward_lag_limit))
-    if room:
-        ready_f = []
-        for c in range(layout.num_chunks):
-            mb = state.next_forward[c]
-            if mb < m:
-                t = _ready_time(finish, FORWARD, mb, layout.stage(rank, c), layout.num_stages)
-                if t is not None and t <= now:
-                    ready_f.append((-c, t, mb, c))
-        if ready_f:
-            _, _, mb, c = min(ready_f)
-            return FORWARD, mb, c
-    if state.pending_weight:
-        return (BACKWARD_WEIGHT,) + state.pending_weight[0]
-    return None
-
-
-def _zero_bubble_apply(state: _ZeroBubbleRank, choice, finish: Dict, now: int) -> None:
-    op, mb, c = choice
-    stage = state.layout.stage(state.rank, c)
-    phase = "steady"
-    if op == FORWARD:
-        state.next_forward[c] += 1
-        phase = "warmup" if sum(state.next_backward) == 0 else "steady"
-    elif op == BACKWARD_INPUT:
-        state.next_backward[c] += 1
-        state.pending_weight.append((mb, c))
-    else:
-        state.pending_weight.popleft()
-        phase = "cooldown" if all(n == state.next_forward[0] for n in state.next_forward) \
-            and sum(state.next_backward) == sum(state.next_forward) else "steady"
-    finish[(op, mb, stage)] = now + 1
-    state.free_at = now + 1
-    state.order.append(Step(phase, op, mb, c))
-
-
-@functools.lru_cache(maxsize=256)
-def zero_bubble_compute_orders(pp_size: int, num_microbatches: int,
-                               forward_only: bool = False) -> Tuple[Tuple[Step, ...], ...]:
-    """Every rank's compute order for ZB-H1.
-
-    A list scheduler runs all stages together in time with F = B = W = 1 unit and free
-    communication. A rank that is free picks, in this order: a ready B, a ready F if its
-    memory allows one more micro-batch in flight, else the oldest pending W; if none,
-    it waits for the next event. Memory: at most ``pp`` micro-batches between F and W
-    (1F1B's peak, on its rank 0), and at most 1F1B's ``pp - r`` forwards ahead of
-    backwards on rank ``r``. Remaining Ws run at the end.
-
-    Returns:
-        one tuple of compute :class:`Step` per rank.
+        F0 B0 F1 B1 W0 F2 B2 W1 W2
     """
-    layout = StageLayout(pp_size)
     m = num_microbatches
-    ranks = [_ZeroBubbleRank(r, layout) for r in range(pp_size)]
-    finish: Dict[Tuple[str, int, int], int] = {}
-    per_rank = m * layout.num_chunks * (1 if forward_only else 3)
-    waiting: set = set()   # ranks that found nothing to do at their current time
-    while True:
-        active = [s for s in ranks if len(s.order) < per_rank]
-        if not active:
-            break
-        state = min(active, key=lambda s: (s.free_at, s.rank in waiting, s.rank))
-        limits = (pp_size, pp_size - state.rank)
-        choice = _zero_bubble_choice(state, finish, state.free_at, m, limits, forward_only)
-        if choice is not None:
-            _zero_bubble_apply(state, choice, finish, state.free_at)
-            waiting.clear()
-            continue
-        # Nothing ready: let ranks at the same time go first, else wait for the next event.
-        waiting.add(state.rank)
-        if any(s.free_at == state.free_at and s.rank not in waiting for s in active):
-            continue
-        later = [s.free_at for s in active if s.free_at > state.free_at]
-        later += [t for t in finish.values() if t > state.free_at]
-        if not later:
-            raise ScheduleError(f"zero-bubble scheduler stuck on rank {state.rank} "
-                                f"(pp={pp_size}, m={m})")
-        state.free_at = min(later)
-        waiting.discard(state.rank)
-    return tuple(tuple(s.order) for s in ranks)
+    if forward_only:
+        return [Step("warmup", FORWARD, mb, 0) for mb in range(m)]
+    warmup = min(pp_size - pp_rank - 1, m)
+    steps = [Step("warmup", FORWARD, mb, 0) for mb in range(warmup)]
+    pending: collections.deque = collections.deque()
+
+    def backward(phase: str, mb: int, with_weight: bool) -> None:
+        steps.append(Step(phase, BACKWARD_INPUT, mb, 0))
+        pending.append(mb)
+        if with_weight:
+            steps.append(Step(phase, BACKWARD_WEIGHT, pending.popleft(), 0))
+
+    for k in range(m - warmup):
+        steps.append(Step("steady", FORWARD, warmup + k, 0))
+        backward("steady", k, with_weight=k >= pp_rank)
+    for mb in range(m - warmup, m):
+        backward("cooldown", mb, with_weight=True)
+    steps.extend(Step("cooldown", BACKWARD_WEIGHT, mb, 0) for mb in pending)
+    return steps
 
 
 # --------------------------------------------------------------------------------------
@@ -487,8 +397,7 @@ def build_plan(pp_rank: int, pp_size: int, num_microbatches: int, num_chunks: in
         raise ValueError(f"pp_rank {pp_rank} is outside 0..{pp_size - 1}")
     layout = StageLayout(pp_size, num_chunks)
     if zero_bubble:
-        orders = zero_bubble_compute_orders(pp_size, num_microbatches, forward_only)
-        compute = list(orders[pp_rank])
+        compute = zero_bubble_compute_order(pp_rank, pp_size, num_microbatches, forward_only)
     else:
         compute = compute_order(pp_rank, pp_size, num_microbatches, num_chunks,
                                 group if num_chunks > 1 else None, forward_only)

@@ -176,17 +176,13 @@ def test_bubble_fractions_against_published_values():
             # 1F1B's timing reproduces (p - 1) / (m + p - 1) exactly.
             assert one["bubble_fraction"] == pytest.approx(
                 sp.published_bubble_fraction("1f1b", pp, m), abs=1e-12)
-            # ZB-H1: never worse than 1F1B, never better than the paper's optimum, and
-            # within 2x of it (measured worst: 1.96x at pp=2, m=15).
+            # ZB-H1: the paper's (p - 1) / (3m + p - 1) exactly when m >= p (its formula
+            # assumes a full steady state); with fewer micro-batches, between it and 1F1B.
             published = sp.published_bubble_fraction("zb-h1", pp, m)
-            assert published - 1e-12 <= zb["bubble_fraction"] <= one["bubble_fraction"]
-            assert zb["bubble_fraction"] <= 2 * published
-    # Where m = pp the list scheduler matches the paper exactly.
-    for pp in range(2, 9):
-        zb = simulate([build_plan(r, pp, pp, schedule="zb-h1") for r in range(pp)],
-                      eager_sends=True, costs=UNIT_COSTS)
-        assert zb["bubble_fraction"] == pytest.approx(
-            sp.published_bubble_fraction("zb-h1", pp, pp), abs=1e-12)
+            if m >= pp:
+                assert zb["bubble_fraction"] == pytest.approx(published, abs=1e-12)
+            else:
+                assert published <= zb["bubble_fraction"] <= one["bubble_fraction"]
 
 
 def test_zero_bubble_order_matches_the_documented_example():
@@ -198,9 +194,9 @@ def test_zero_bubble_order_matches_the_documented_example():
         return " ".join(f"{names[s.op]}{s.microbatch}" for s in plan)
 
     assert short(build_plan(0, 2, 3, schedule="zb-h1")) == \
-        "F0 sF0 F1 sF1 rB0 B0 W0 rB1 B1 F2 sF2 W1 rB2 B2 W2"
+        "F0 sF0 F1 sF1 rB0 B0 W0 F2 sF2 rB1 B1 W1 rB2 B2 W2"
     assert short(build_plan(1, 2, 3, schedule="zb-h1")) == \
-        "rF0 F0 B0 rF1 sB0 F1 B1 sB1 W0 W1 rF2 F2 B2 sB2 W2"
+        "rF0 F0 B0 rF1 sB0 F1 B1 sB1 W0 rF2 F2 B2 sB2 W1 W2"
 
 
 def test_simulator_detects_weight_before_input_half():
