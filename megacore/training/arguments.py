@@ -156,6 +156,7 @@ FLAGS: List[Flag] = [
     _f("--ddp-bucket-size", "ddp", "bucket_size"),
     _f("--accumulate-allreduce-grads-in-fp32", "ddp", "grad_reduce_in_fp32"),
     _f("--check-for-nan-in-loss-and-grad", "ddp", "check_for_nan_in_grad"),
+    _f("--use-torch-fsdp2", "ddp"), _f("--fsdp-reshard-after-forward", "ddp"),
     # data and tokenizer
     _f("--data-path", "data", nargs="*"), _f("--split", "data"),
     _f("--train-data-path", "data", nargs="*"), _f("--valid-data-path", "data", nargs="*"),
@@ -474,7 +475,11 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
     fp16, bf16 = bool(values.get("fp16")), bool(values.get("bf16"))
     if fp16 and bf16:
         raise ArgumentValidationError("--fp16 and --bf16 are mutually exclusive")
-    if fp16 or bf16:
+    if bf16 and values.get("use_torch_fsdp2"):
+        # FSDP2's mixed precision: fp32 master weights (the optimizer updates them
+        # directly), bf16 compute and bf16 activations between pipeline stages.
+        model.update(bf16=True, params_dtype=torch.float32, pipeline_dtype=torch.bfloat16)
+    elif fp16 or bf16:
         dtype = torch.float16 if fp16 else torch.bfloat16
         for section in ("model", "optimizer"):
             kw[section].update(fp16=fp16, bf16=bf16, params_dtype=dtype)
@@ -735,9 +740,33 @@ def _check_moe(run: RunConfig, world_size: int) -> None:
         _fail(f"--num-experts {experts} must be divisible by --expert-model-parallel-size {ep}")
 
 
+def _check_fsdp2(run: RunConfig, world_size: int) -> None:
+    if not run.ddp.use_torch_fsdp2:
+        return
+    m, d, c = run.model, run.ddp, run.checkpoint
+    conflicts = [
+        (d.use_distributed_optimizer, "--use-distributed-optimizer (FSDP2 already shards the "
+                                      "optimizer state)"),
+        (d.overlap_grad_reduce or d.overlap_param_gather,
+         "--overlap-grad-reduce / --overlap-param-gather (DDP options; FSDP2 overlaps itself)"),
+        (m.fp16, "--fp16 (use --bf16: loss scaling over sharded grads is not implemented)"),
+        (m.pipeline_schedule == "zb-h1", "--pipeline-schedule zb-h1 (its split backward "
+                                         "bypasses FSDP2's backward hooks)"),
+        (m.gradient_accumulation_fusion, "--gradient-accumulation-fusion (needs DDP's "
+                                         "main_grad buffers)"),
+        (getattr(m, "moe_grouped_gemm", False), "--moe-grouped-gemm (stacked experts cannot be "
+                                                 "saved under FSDP2)"),
+        (c.ckpt_format == "torch" and bool(c.save or c.load),
+         "--ckpt-format torch (use torch_dist, which reshards FSDP2 checkpoints)"),
+    ]
+    for bad, what in conflicts:
+        if bad:
+            _fail(f"--use-torch-fsdp2 cannot be combined with {what}")
+
+
 _CHECKS = [_check_layout, _check_model_shape, _check_pipeline, _check_batch,
            _check_duration, _check_optimizer, _check_recompute, _check_data,
-           _check_checkpointing, _check_moe]
+           _check_checkpointing, _check_moe, _check_fsdp2]
 _TRAINING_ONLY_CHECKS = (_check_duration, _check_optimizer, _check_data)
 
 
