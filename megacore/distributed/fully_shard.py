@@ -119,7 +119,10 @@ def fully_shard_model(model: torch.nn.Module, *, reshard_after_forward: bool = T
             fully_shard(experts, mesh=expert_mesh, reshard_after_forward=reshard_after_forward,
                         mp_policy=policy)
             # DDP's rule: expert grads are summed over expert-dp and divided by dp x cp.
+            # As SUM then a division: the scaled sum FSDP2 would use otherwise (NCCL's
+            # PREMUL_SUM) does not exist on gloo.
             experts.set_gradient_divide_factor(float(dp_cp_size))
+            experts.set_force_sum_reduction_for_comms(True)
         fully_shard(unit, mesh=dense_mesh, reshard_after_forward=reshard_after_forward,
                     mp_policy=policy)
     # The root keeps what no unit took; it stays gathered after forward (its backward

@@ -8,8 +8,8 @@ gathered as in tests/models/test_gpt_model.py) and the global grad norm computed
 local shards (``local_grad_norm_squared``, the optimizer's rule) with one process running
 all ``dp x m`` micro-batches. It also checks that parameters really are sharded.
 
-Layouts: dp 2 (ZeRO-3 and ZeRO-2), MoE at ep 2 x dp 2 (experts sharded over expert-dp),
-dp 4, tp 2 + sequence parallelism x dp 2, pp 2 x dp 2 (tied embeddings over the stages).
+Layouts: dp 2 (ZeRO-3 and ZeRO-2), dp 4, tp 2 + sequence parallelism x dp 2, pp 2 x dp 2
+(tied embeddings over the stages), MoE at ep 2 x dp 4 (experts sharded over expert-dp 2).
 
 Tolerance (fp32): losses rtol 1e-5 / atol 1e-5, grads rtol 1e-5 / atol 1e-6, as for the
 other layouts (sums over dp and tp in another order); FSDP2 averages gradients with the
@@ -202,10 +202,10 @@ def _compare(cases, per_rank):
             assert abs(r["norm"] - ref[i]["norm"]) <= 1e-5 * ref[i]["norm"], (case, r["norm"])
 
 
-CASES_2 = [dict(dp=2, m=2), dict(dp=2, m=1, reshard=False, tied=True),
-           dict(dp=2, m=2, moe=True, ep=2)]
+CASES_2 = [dict(dp=2, m=2), dict(dp=2, m=1, reshard=False, tied=True)]
+# MoE at dp 4 x ep 2: experts shard over expert-dp 2 (and divide by dp 4, not 2).
 CASES_4 = [dict(dp=4, m=1, tied=True), dict(dp=2, m=2, tp=2, sp=True),
-           dict(dp=2, m=3, pp=2, layers=4, tied=True)]
+           dict(dp=2, m=3, pp=2, layers=4, tied=True), dict(dp=4, m=1, moe=True, ep=2)]
 
 
 def test_fsdp2_matches_single_process_on_2_ranks():
