@@ -5,6 +5,12 @@ Published figures (Megatron-LM distributed optimizer docs; ZeRO paper, stage 1):
 
 * plain: 2 (bf16 param) + 4 (fp32 grad) + 4 (fp32 main param) + 8 (Adam m, v) = 18 B
 * distributed optimizer over ``d`` data-parallel ranks: 2 + 4 + 12/d B
+* FSDP2 (``--use-torch-fsdp2``, ZeRO-3) over ``d`` ranks: everything sharded. fp32:
+  (4 param + 4 grad + 8 Adam) / d = 16/d B. bf16 compute with fp32 master weights (the
+  sharded params are the fp32 masters, grads reduced and kept in fp32): also 16/d B, the
+  ZeRO paper's stage-3 figure (2 + 2 + 12) / d for mixed precision. The bf16 copy of one
+  gathered layer exists only while that layer runs and is not counted (it is freed
+  after the step).
 
 Measured from the tensors actually allocated after one training step (so Adam's state
 exists): every storage reachable from the model params, the DDP grad/param buffers, the
@@ -32,6 +38,7 @@ from megacore.distributed import (  # noqa: E402
     DistributedDataParallel,
     DistributedDataParallelConfig,
     finalize_model_grads,
+    fully_shard_model,
 )
 from megacore.model_parallel_config import ModelParallelConfig  # noqa: E402
 from megacore.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
@@ -77,6 +84,37 @@ def _measure(hidden: int, layers: int, use_distributed_optimizer: bool) -> float
     return _bytes_held(model, optimizer) / num_params
 
 
+class _Layers(torch.nn.Sequential):
+    """Linear layers, each its own FSDP2 unit."""
+
+    def fully_shard_units(self):
+        return list(self)
+
+
+def _local(tensor):
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _measure_fsdp2(hidden: int, layers: int, bf16_compute: bool) -> float:
+    parallel_state.initialize_model_parallel()
+    torch.manual_seed(0)
+    module = _Layers(*[torch.nn.Linear(hidden, hidden, bias=False) for _ in range(layers)])
+    num_params = sum(p.numel() for p in module.parameters())
+    fully_shard_model(module, reshard_after_forward=True,
+                      param_dtype=torch.bfloat16 if bf16_compute else None,
+                      reduce_dtype=torch.float32)
+    optimizer = get_megatron_optimizer(OptimizerConfig(lr=1e-4), [module])
+    module(torch.randn(4, hidden)).float().pow(2).mean().backward()
+    finalize_model_grads([module])
+    optimizer.step()
+    seen: Dict[int, int] = {}
+    _storages([_local(p) for p in module.parameters()], seen)
+    _storages([_local(p.grad) for p in module.parameters()], seen)
+    for state in optimizer.optimizer.state.values():
+        _storages([_local(v) for v in state.values()], seen)
+    return sum(seen.values()) / num_params
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -85,8 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="relative difference from the published figure to accept")
     args = parser.parse_args(argv)
-    print(f"model: {args.layers} x Linear({args.hidden}, {args.hidden}), bf16 params, "
-          f"fp32 grads, Adam; bytes per parameter on each rank")
+    print(f"model: {args.layers} x Linear({args.hidden}, {args.hidden}), Adam; bytes per "
+          "parameter on each rank. plain/distributed: bf16 params, fp32 grads; fsdp2 fp32: "
+          "all fp32; fsdp2 bf16: bf16 compute, fp32 master params and grads")
     print(f"{'dp':>3} {'optimizer':>12} {'measured':>9} {'published':>10} {'diff':>7}")
     worst = 0.0
     for dp in args.dp_sizes:
@@ -98,6 +137,15 @@ def main(argv=None) -> int:
                 worst = max(worst, abs(value - published) / published)
             diff = (measured[0] - published) / published
             print(f"{dp:>3} {'distributed' if distributed else 'plain':>12} "
+                  f"{measured[0]:>9.3f} {published:>10.3f} {diff:>+7.2%}")
+        for bf16 in (False, True):
+            measured = run_distributed(_measure_fsdp2, dp, args=(args.hidden, args.layers, bf16),
+                                       timeout=600)
+            published = 16 / dp
+            for value in measured:
+                worst = max(worst, abs(value - published) / published)
+            diff = (measured[0] - published) / published
+            print(f"{dp:>3} {'fsdp2 bf16' if bf16 else 'fsdp2 fp32':>12} "
                   f"{measured[0]:>9.3f} {published:>10.3f} {diff:>+7.2%}")
     ok = worst <= args.tolerance
     print(f"largest difference {worst:.3%}: {'within' if ok else 'OUTSIDE'} "

@@ -85,6 +85,13 @@ class ModelParallelConfig:
     num_layers_in_last_pipeline_stage: Optional[int] = None
     """Layers on the last stage when splitting unevenly (None: even split)."""
 
+    pipeline_schedule: Optional[str] = None
+    """Pipeline schedule: ``"1f1b"``, ``"interleaved-1f1b"`` or ``"zb-h1"`` (None: 1F1B,
+    interleaved when the model has several chunks per rank). ``zb-h1`` (zero bubble)
+    splits each backward into the input gradient, sent on at once, and the weight
+    gradients, run in what would be pipeline bubbles: about a third of 1F1B's bubble
+    for the same activation memory. Needs fixed sequence lengths."""
+
     microbatch_group_size_per_vp_stage: Optional[int] = None
     """Micro-batches run on one model chunk before moving to the next in the interleaved
     schedule (None: pipeline_model_parallel_size)."""

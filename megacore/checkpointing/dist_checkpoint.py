@@ -188,7 +188,8 @@ def _optimizer_entries(template: dict, by_local, saved) -> List[ss.TensorEntry]:
                     continue
                 like = current.get("main_param", param.tensor)  # the whole param's shape
                 shape = tuple(like.shape) if len(meta.size) else ()
-                current[field] = torch.zeros(shape, dtype=meta.properties.dtype)
+                current[field] = ss.like_param(torch.zeros(shape, dtype=meta.properties.dtype),
+                                               param)
     return ss.optimizer_tensor_entries(template, by_local)
 
 

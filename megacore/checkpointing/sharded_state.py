@@ -35,6 +35,12 @@ Loading reads each global tensor whole (memory: one model copy per rank, fine fo
 converters and CPU runs), fits the vocabulary rows (the padded vocab size may differ
 between layouts: the overlap is copied, extra rows are zero), and slices this rank's shard.
 
+FSDP2 (``megacore.distributed.fully_shard_model``): a param or optimizer state that is a
+``DTensor`` sharded over dp is gathered over dp (``full_tensor()``, collective in the same
+order on every dp rank) into the tensor a non-FSDP rank of the same tp/pp layout holds, so
+FSDP2 checkpoints are ordinary ones and reshard to and from any layout; on load, this
+rank's dp shard of the filled tensor is written back into the DTensor.
+
 Layout transforms: the fused QKV weight with fewer key/value groups than tp ranks holds
 replicated key/value rows (``transformer.qkv_layout``); it is gathered over tp and saved
 in the logical layout, and expanded for the loading tp size.
@@ -48,6 +54,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megacore import collectives, device
 from megacore.checkpointing.errors import CheckpointError
@@ -112,6 +119,7 @@ class TensorEntry:
     transform: Optional[LayoutTransform] = None
     expert_slot: Optional[int] = None
     key_suffix: str = ""
+    dp_sharded: Optional[DTensor] = None
 
     def global_shape(self) -> Tuple[int, ...]:
         """Shape of the full tensor in this layout (before any transform)."""
@@ -123,13 +131,40 @@ class TensorEntry:
     def with_tensor(self, key: str, tensor: torch.Tensor) -> "TensorEntry":
         """The same sharding for another tensor of the param's shape (optimizer state);
         0-dim tensors (``step``) are replicated."""
+        tensor, dp_sharded = _gathered_over_dp(tensor)
         if tensor.dim() == 0:
             return dataclasses.replace(self, key=key, tensor=tensor, tp_dim=None, stride=1,
                                        vocab=False, transform=None, expert_slot=None,
-                                       key_suffix="")
+                                       key_suffix="", dp_sharded=dp_sharded)
         if self.expert_slot is not None:
             tensor = tensor[self.expert_slot]
-        return dataclasses.replace(self, key=key + self.key_suffix, tensor=tensor)
+        return dataclasses.replace(self, key=key + self.key_suffix, tensor=tensor,
+                                   dp_sharded=dp_sharded)
+
+    def write_back(self) -> None:
+        """After a load into a dp-gathered copy: keep this rank's dp shard of it."""
+        if self.dp_sharded is None:
+            return
+        shard = distribute_tensor(self.tensor, self.dp_sharded.device_mesh,
+                                  self.dp_sharded.placements, src_data_rank=None)
+        with torch.no_grad():
+            self.dp_sharded.to_local().copy_(shard.to_local())
+
+
+def like_param(tensor: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """``tensor`` (the whole param's shape) sharded over dp like ``entry``'s FSDP2 param,
+    so new optimizer state matches its param; unchanged for other params and scalars."""
+    if entry.dp_sharded is None or tensor.dim() == 0:
+        return tensor
+    return distribute_tensor(tensor, entry.dp_sharded.device_mesh, entry.dp_sharded.placements,
+                             src_data_rank=None)
+
+
+def _gathered_over_dp(tensor: torch.Tensor) -> Tuple[torch.Tensor, Optional[DTensor]]:
+    """``(tensor as a non-FSDP rank holds it, the DTensor or None)``."""
+    if not isinstance(tensor, DTensor):
+        return tensor, None
+    return tensor.full_tensor().detach(), tensor
 
 
 # -- naming ------------------------------------------------------------------------------
@@ -231,6 +266,9 @@ def _stacked_expert_params(module: torch.nn.Module) -> Dict[str, List[int]]:
 
 
 def _split_experts(entry: TensorEntry, indices: List[int]) -> List[TensorEntry]:
+    if entry.dp_sharded is not None:
+        raise CheckpointError(f"{entry.key}: experts stacked in one param (grouped GEMM) "
+                              "cannot be saved under FSDP2 (--use-torch-fsdp2)")
     tp_dim = None if entry.tp_dim is None else entry.tp_dim - 1
     return [dataclasses.replace(entry, key=f"{entry.key}/expert{index}",
                                 tensor=entry.tensor[slot], tp_dim=tp_dim, expert_slot=slot,
@@ -247,16 +285,17 @@ def _vocab_names(module: torch.nn.Module) -> set:
 def _entry_for(key: str, param: torch.Tensor, layout: RankLayout) -> TensorEntry:
     """Entry for a param or buffer (attributes read from ``param``, which ``detach``
     would drop)."""
-    tensor = param.detach()
+    tensor, dp_sharded = _gathered_over_dp(param.detach() if not isinstance(param, DTensor)
+                                           else param)
     split = bool(getattr(param, "tensor_model_parallel", False))
     expert = getattr(param, "allreduce", True) is False
     size = layout.etp if expert else layout.tp
     if not split:
-        return TensorEntry(key=key, tensor=tensor)
+        return TensorEntry(key=key, tensor=tensor, dp_sharded=dp_sharded)
     return TensorEntry(key=key, tensor=tensor, tp_dim=int(param.partition_dim),
                        stride=int(getattr(param, "partition_stride", 1)), tp_size=size,
                        tp_rank=layout.etp_rank if expert else layout.tp_rank,
-                       tp_group=layout.tp_group_for(expert))
+                       tp_group=layout.tp_group_for(expert), dp_sharded=dp_sharded)
 
 
 def model_tensor_entries(model_chunks, layout: RankLayout
@@ -438,3 +477,4 @@ def fill_entries_from_full(entries: Sequence[TensorEntry], full: Dict[str, torch
                                   f"after sharding, the model needs {tuple(entry.tensor.shape)}")
         with torch.no_grad():
             entry.tensor.copy_(tensor)
+        entry.write_back()

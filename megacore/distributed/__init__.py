@@ -5,6 +5,11 @@ from megacore.distributed.distributed_data_parallel_config import (
     DistributedDataParallelConfig,
 )
 from megacore.distributed.finalize_model_grads import finalize_model_grads
+from megacore.distributed.fully_shard import (
+    fsdp_no_sync,
+    fully_shard_model,
+    is_fully_sharded,
+)
 from megacore.distributed.param_and_grad_buffer import (
     BufferLayout,
     NonFiniteGradientError,
@@ -18,6 +23,9 @@ __all__ = [
     "DistributedDataParallel",
     "DistributedDataParallelConfig",
     "finalize_model_grads",
+    "fully_shard_model",
+    "fsdp_no_sync",
+    "is_fully_sharded",
     "BufferLayout",
     "NonFiniteGradientError",
     "ParamAndGradBucket",

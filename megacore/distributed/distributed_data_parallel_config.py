@@ -54,11 +54,25 @@ class DistributedDataParallelConfig:
     """Elements per bucket. None: ``max(40_000_000, 1_000_000 * dp)`` when
     ``overlap_grad_reduce`` is on, else a single bucket per buffer (fewest collectives)."""
 
+    use_torch_fsdp2: bool = False
+    """Shard params, grads and optimizer state over the data-parallel (x context-parallel)
+    ranks with PyTorch FSDP2 (``megacore.distributed.fully_shard_model``) instead of DDP:
+    for models whose whole weights and gradients do not fit one device. Composes with
+    tp, sp, pp and ep; with ``--bf16`` the master weights stay fp32 and FSDP2 computes in
+    bf16 (reducing in fp32 with ``grad_reduce_in_fp32``)."""
+
+    fsdp_reshard_after_forward: bool = False
+    """With ``use_torch_fsdp2``: free each layer's gathered weights after its forward and
+    gather them again for backward (ZeRO-3, least memory). Off: keep them from forward
+    to backward (ZeRO-2: one all-gather less per layer and step)."""
+
     average_in_collective: bool = False
     """Average with the collective's AVG op instead of pre-scaling gradients by
     ``1/dp`` and summing. Same result; pick what is faster on the backend."""
 
     def __post_init__(self):
+        if self.fsdp_reshard_after_forward and not self.use_torch_fsdp2:
+            raise ValueError("fsdp_reshard_after_forward=True needs use_torch_fsdp2=True")
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise ValueError("overlap_param_gather=True needs use_distributed_optimizer=True "
                              "(only the distributed optimizer all-gathers params)")

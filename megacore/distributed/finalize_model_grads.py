@@ -1,7 +1,8 @@
 """``finalize_model_grads``: everything that must happen to grads between the last
 backward and the optimizer step.
 
-1. Finish the data-parallel reduction of every model chunk (DDP buckets).
+1. Finish the data-parallel reduction of every model chunk (DDP buckets; FSDP2 chunks
+   reduce-scattered theirs during backward).
 2. Sequence parallelism: params replicated over tp whose grads each tp rank computed from
    its own sequence slice (``sequence_parallel=True``: norm weights, row-parallel bias)
    are all-reduced over tp.
@@ -24,6 +25,7 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from megacore import parallel_state
 
@@ -32,7 +34,10 @@ __all__ = ["finalize_model_grads"]
 
 def _main_grad(param: torch.nn.Parameter) -> torch.Tensor:
     grad = getattr(param, "main_grad", None)
-    return grad if grad is not None else param.grad
+    grad = grad if grad is not None else param.grad
+    # FSDP2: this rank's dp shard; tp ranks and both tied-embedding stages shard the same
+    # way, so the element-wise reductions below work on shards.
+    return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
 def _allreduce_flat(grads: List[torch.Tensor], group: dist.ProcessGroup) -> None:
@@ -80,7 +85,12 @@ def _scale_by_num_tokens(model: List[torch.nn.Module], num_tokens: torch.Tensor,
     dist.all_reduce(num_tokens, group=pgs.dp_cp)
     if num_tokens.item() > 0:
         for chunk in model:
-            chunk.scale_gradients(1.0 / num_tokens.item())
+            if hasattr(chunk, "scale_gradients"):
+                chunk.scale_gradients(1.0 / num_tokens.item())
+            else:  # FSDP2 chunk: grads are sharded DTensors
+                for param in chunk.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(1.0 / num_tokens.item())
 
 
 def finalize_model_grads(model: List[torch.nn.Module], num_tokens: Optional[torch.Tensor] = None,
@@ -96,7 +106,8 @@ def finalize_model_grads(model: List[torch.nn.Module], num_tokens: Optional[torc
     """
     pgs = pg_collection or parallel_state.get_process_group_collection()
     for chunk in model:
-        chunk.finish_grad_sync()
+        if hasattr(chunk, "finish_grad_sync"):  # FSDP2 chunks reduced during backward
+            chunk.finish_grad_sync()
     _allreduce_sequence_parallel_grads(model, pgs)
     _allreduce_embedding_grads(model, pgs)
     if num_tokens is not None:

@@ -10,7 +10,8 @@ The norm must be the norm of the *whole model's* gradient, each element counted 
   first stage only (Megatron's ``shared=True`` marker is honoured too).
 * data parallelism: after the reduction, a plain optimizer's grads are *replicated* over
   the dp x cp ranks (expert grads over the expert-dp ranks), while the distributed
-  optimizer's are *sharded* over them.
+  optimizer's are *sharded* over them, as are FSDP2's (DTensor grads: this rank's local
+  shard is what counts).
 
 Each rank sums its counted squares, weighted by ``1 / replicas`` for replicated grads, and
 one all-reduce over all ranks gives the total. Reducing over the world (rather than
@@ -25,6 +26,7 @@ import dataclasses
 from typing import Iterable, Optional, Tuple
 
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = ["GradStatsContext", "local_grad_norm_squared", "local_num_zeros",
            "clip_grad_by_total_norm_fp32"]
@@ -77,8 +79,13 @@ def local_grad_norm_squared(grads_and_params: GradsAndParams, context: GradStats
     for grad, param in grads_and_params:
         weight = context.weight(param)
         if grad is not None and weight:
-            total += grad.detach().double().pow(2).sum() * weight
+            total += _local(grad).detach().double().pow(2).sum() * weight
     return total
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 grad's shard on this rank (the shards of all ranks are disjoint)."""
+    return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
 def local_num_zeros(grads_and_params: GradsAndParams, context: GradStatsContext,
@@ -88,7 +95,7 @@ def local_num_zeros(grads_and_params: GradsAndParams, context: GradStatsContext,
     for grad, param in grads_and_params:
         weight = context.weight(param)
         if grad is not None and weight:
-            total += (grad.detach() == 0).sum().double() * weight
+            total += (_local(grad).detach() == 0).sum().double() * weight
     return total
 
 

@@ -8,6 +8,8 @@ is_expert_parallel) share a group; groups carry ``wd_mult``, ``lr_mult``, ``max_
 ``min_lr`` for the param scheduler.
 
 Wrapper choice: ``use_distributed_optimizer`` -> :class:`DistributedOptimizer`;
+FSDP2-sharded chunks (``fully_shard_model``) keep fp32 master params themselves ->
+:class:`FP32Optimizer` over the DTensor params;
 fp16/bf16 -> :class:`Float16OptimizerWithFloat16Params`; else :class:`FP32Optimizer`.
 Dense and expert params (``allreduce=False``, reduced over another dp group) get one
 wrapper each, joined in a :class:`ChainedOptimizer`.
@@ -21,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from megacore import parallel_state
-from megacore.distributed import DistributedDataParallel
+from megacore.distributed import DistributedDataParallel, is_fully_sharded
 from megacore.optimizer.clip_grads import GradStatsContext
 from megacore.optimizer.distrib_optimizer import DistributedOptimizer
 from megacore.optimizer.grad_scaler import (
@@ -132,7 +134,9 @@ def _build(config: OptimizerConfig, groups: List[dict], model_chunks: List[torch
     factory = functools.partial(_torch_optimizer, config)
     names = param_names(model_chunks)
     scaler = _grad_scaler(config)
-    stats = _stats_context(pgs, config.use_distributed_optimizer)
+    # The distributed optimizer's and FSDP2's grads are disjoint shards over dp.
+    sharded = config.use_distributed_optimizer or any(is_fully_sharded(c) for c in model_chunks)
+    stats = _stats_context(pgs, sharded)
     if config.use_distributed_optimizer:
         return DistributedOptimizer(groups, factory, config, scaler, stats, names,
                                     _buffers(model_chunks, expert))

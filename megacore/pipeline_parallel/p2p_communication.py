@@ -41,6 +41,7 @@ from megacore.model_parallel_config import ModelParallelConfig
 __all__ = [
     "DEFAULT_P2P_TIMEOUT",
     "P2PCommunicator",
+    "PendingSends",
     "get_tensor_shape",
     "recv_forward",
     "recv_backward",
@@ -149,7 +150,50 @@ class P2PCommunicator:
                         ("recv", recv_next_t, self.next_rank, _TAG_GRADIENT)])
         return recv_prev_t, recv_next_t
 
+    def communicate_eager_sends(self, *, tensor_send_next: Optional[torch.Tensor] = None,
+                                tensor_send_prev: Optional[torch.Tensor] = None,
+                                recv_prev: bool = False, recv_next: bool = False,
+                                tensor_shape: Optional[Sequence[int]] = None,
+                                pending_sends: Optional["PendingSends"] = None
+                                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
+                                           "PendingSends"]:
+        """Like :meth:`communicate`, but without waiting for this call's sends.
+
+        Waits for the receives and for ``pending_sends`` (the previous call's sends), and
+        returns this call's sends still in flight: the caller waits for them at its next
+        exchange (or with ``PendingSends.wait()``) and must keep the sent tensors alive
+        until then. The zero-bubble schedule computes while its outputs travel. Needs
+        fixed shapes (no ``variable_seq_lengths``: the shape messages would block).
+        """
+        if self.config.variable_seq_lengths:
+            raise ValueError("eager sends (--pipeline-schedule zb-h1) need fixed sequence "
+                             "lengths; unset variable_seq_lengths")
+        for what, tensor in (("activation", tensor_send_next), ("gradient", tensor_send_prev)):
+            if tensor is not None:
+                self._check_send(what, tensor, tensor_shape)
+        if (recv_prev or recv_next) and tensor_shape is None:
+            raise ValueError("tensor_shape is required for a receive")
+        recv_prev_t = self._empty(tensor_shape, requires_grad=True) if recv_prev else None
+        recv_next_t = self._empty(tensor_shape) if recv_next else None
+        sends = [op for op in (("send", tensor_send_next, self.next_rank, _TAG_ACTIVATION),
+                               ("send", tensor_send_prev, self.prev_rank, _TAG_GRADIENT))
+                 if op[1] is not None]
+        recvs = [op for op in (("recv", recv_prev_t, self.prev_rank, _TAG_ACTIVATION),
+                               ("recv", recv_next_t, self.next_rank, _TAG_GRADIENT))
+                 if op[1] is not None]
+        send_works = self._post(sends)
+        recv_works = self._post(recvs)
+        if pending_sends is not None:
+            pending_sends.wait()
+        self._wait(recv_works, recvs)
+        return recv_prev_t, recv_next_t, PendingSends(self, send_works, sends)
+
     # -- helpers ------------------------------------------------------------------------
+    def _post(self, ops: List[Tuple[str, Optional[torch.Tensor], int, int]]) -> list:
+        """Post ``(kind, tensor, peer, tag)`` ops one by one; return their works."""
+        return [(dist.isend if kind == "send" else dist.irecv)(tensor, peer, self.group, tag)
+                for kind, tensor, peer, tag in ops]
+
     def _check_send(self, what: str, tensor: torch.Tensor,
                     tensor_shape: Optional[Sequence[int]]) -> None:
         # gloo reads non-contiguous memory as if it were contiguous: silent corruption.
@@ -232,6 +276,23 @@ class P2PCommunicator:
                 f"on rank {dist.get_rank()} (pipeline rank {self.pp_rank} of {self.pp_size}) "
                 f"during: {what}. The peer is probably stuck, dead, or running a different "
                 f"schedule. Backend said: {error}")
+
+
+class PendingSends:
+    """Sends posted by :meth:`P2PCommunicator.communicate_eager_sends`, not yet waited
+    for; holds the sent tensors so their memory lives until the sends complete."""
+
+    def __init__(self, comm: P2PCommunicator, works: list, ops: list):
+        self.comm, self.works, self.ops = comm, works, ops
+
+    @property
+    def tensors(self) -> List[torch.Tensor]:
+        return [op[1] for op in self.ops]
+
+    def wait(self) -> None:
+        if self.works:
+            self.comm._wait(self.works, self.ops)
+        self.works, self.ops = [], []
 
 
 # --------------------------------------------------------------------------------------

@@ -34,6 +34,26 @@ Example, ``pp=2``, ``m=3``, no interleaving (``F``/``B`` compute, ``[...]`` a ba
 Within a batch, activation messages are ordered before gradient messages on both ends,
 so with ``pp=2`` (where the next and previous rank are the same peer) the two messages on
 one link are matched in the same order by sender and receiver.
+
+The zero-bubble schedule ZB-H1 (``schedule="zb-h1"``) splits each backward into
+``backward_input`` (B: the input gradient, sent on at once) and ``backward_weight`` (W:
+the weight gradients, which nobody waits for), see :mod:`.backward_split`. Its compute
+order (:func:`zero_bubble_compute_order`) is 1F1B's with the W steps placed where 1F1B
+would wait; it keeps 1F1B's ``pp - r`` forwards ahead on rank ``r`` and 1F1B's peak
+activation memory (at most ``pp`` micro-batches between F and W on any rank). Its sends
+are *eager*: a batch waits for its receives and for the previous batch's sends, not for
+its own sends, so a rank runs W steps while its last output is on the way. Example,
+``pp=2``, ``m=3`` (``B``/``W`` the two halves of a backward)::
+
+    rank 0:       F0 [sF0]    F1 [sF1 rB0] B0 W0 F2 [sF2 rB1] B1 W1 [rB2] B2 W2
+    rank 1: [rF0] F0 B0 [rF1 sB0] F1 B1 [sB1] W0 [rF2] F2 B2 [sB2] W1 W2
+
+Timed with unit costs, these plans give exactly the paper's ZB-H1 bubble whenever
+``m >= pp`` (``benchmarks/bench_pipeline_bubble.py``).
+
+:func:`simulate` with ``costs`` also times the plans under the same strict p2p model and
+reports the bubble fraction ``1 - busy / (pp * makespan)``; with F = 1 and a whole
+backward = 2 it reproduces the published 1F1B bubble ``(pp - 1) / (m + pp - 1)``.
 """
 
 from __future__ import annotations
@@ -43,33 +63,50 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "Step",
+    "StageLayout",
     "FORWARD",
     "BACKWARD",
+    "BACKWARD_INPUT",
+    "BACKWARD_WEIGHT",
     "RECV_FORWARD",
     "SEND_FORWARD",
     "RECV_BACKWARD",
     "SEND_BACKWARD",
     "COMPUTE_OPS",
     "COMM_OPS",
+    "PIPELINE_SCHEDULES",
     "ScheduleError",
     "validate_schedule_args",
+    "validate_pipeline_schedule",
     "microbatch_chunk_table",
     "num_warmup_microbatches",
     "compute_order",
+    "zero_bubble_compute_order",
     "build_plan",
     "group_batches",
     "simulate",
+    "published_bubble_fraction",
 ]
 
 FORWARD = "forward"
 BACKWARD = "backward"
+BACKWARD_INPUT = "backward_input"
+BACKWARD_WEIGHT = "backward_weight"
 RECV_FORWARD = "recv_forward"
 SEND_FORWARD = "send_forward"
 RECV_BACKWARD = "recv_backward"
 SEND_BACKWARD = "send_backward"
-COMPUTE_OPS = (FORWARD, BACKWARD)
+COMPUTE_OPS = (FORWARD, BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)
 # Order inside one batch: activations (forward direction) before gradients.
 COMM_OPS = (SEND_FORWARD, RECV_FORWARD, SEND_BACKWARD, RECV_BACKWARD)
+# The ops that receive an output gradient and send an input gradient.
+_GRADIENT_OPS = (BACKWARD, BACKWARD_INPUT)
+
+PIPELINE_SCHEDULES = ("1f1b", "interleaved-1f1b", "zb-h1")
+"""Values of ``--pipeline-schedule``. ``1f1b`` and ``interleaved-1f1b`` are today's
+schedules (which of the two runs follows ``--num-virtual-stages-per-pipeline-rank``);
+``zb-h1`` splits backwards into B and W (zero bubble). ZBV (two chunks per rank in a
+V) is not offered: its plans from this scheduler deadlock under the strict p2p model."""
 
 
 class Step(NamedTuple):
@@ -93,6 +130,33 @@ class ScheduleError(RuntimeError):
 
 
 Batch = Tuple[Step, ...]
+
+
+class StageLayout(NamedTuple):
+    """Where each virtual stage lives: chunk ``c`` of rank ``r`` is stage ``c * pp + r``.
+
+    Example ``pp=4``, two chunks: rank 0 holds stages 0 and 4, rank 3 holds 3 and 7.
+    """
+
+    pp_size: int
+    num_chunks: int = 1
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp_size * self.num_chunks
+
+    def stage(self, pp_rank: int, chunk: int) -> int:
+        return chunk * self.pp_size + pp_rank
+
+    def place(self, stage: int) -> Tuple[int, int]:
+        """``(pp_rank, chunk)`` of a stage."""
+        return stage % self.pp_size, stage // self.pp_size
+
+    def is_first(self, pp_rank: int, chunk: int) -> bool:
+        return self.stage(pp_rank, chunk) == 0
+
+    def is_last(self, pp_rank: int, chunk: int) -> bool:
+        return self.stage(pp_rank, chunk) == self.num_stages - 1
 
 
 # --------------------------------------------------------------------------------------
@@ -139,8 +203,36 @@ def validate_schedule_args(pipeline_model_parallel_size: int, num_microbatches: 
     return group
 
 
+def validate_pipeline_schedule(schedule: Optional[str], pipeline_model_parallel_size: int,
+                               num_chunks: Optional[int]) -> str:
+    """Resolve ``--pipeline-schedule`` against the layout; return the schedule to run.
+
+    ``None`` keeps today's choice: ``interleaved-1f1b`` with several chunks per rank,
+    else ``1f1b``. ``zb-h1`` runs one chunk per rank.
+
+    Raises:
+        ValueError: naming the flags to change.
+    """
+    chunks = num_chunks or 1
+    if schedule is None:
+        return "interleaved-1f1b" if chunks > 1 else "1f1b"
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(f"--pipeline-schedule must be one of {', '.join(PIPELINE_SCHEDULES)}; "
+                         f"got {schedule!r}")
+    pp = pipeline_model_parallel_size
+    if schedule in ("1f1b", "zb-h1") and chunks > 1:
+        raise ValueError(f"--pipeline-schedule {schedule} runs one model chunk per rank; drop "
+                         f"--num-virtual-stages-per-pipeline-rank={chunks}"
+                         + (" (or use --pipeline-schedule interleaved-1f1b)"
+                            if schedule == "1f1b" else ""))
+    if schedule == "interleaved-1f1b" and chunks < 2:
+        raise ValueError("--pipeline-schedule interleaved-1f1b needs "
+                         "--num-virtual-stages-per-pipeline-rank >= 2")
+    return schedule
+
+
 # --------------------------------------------------------------------------------------
-# Compute order
+# Compute order: 1F1B and interleaved 1F1B
 # --------------------------------------------------------------------------------------
 def microbatch_chunk_table(num_microbatches: int, num_chunks: int,
                            group_size: int) -> List[Tuple[int, int]]:
@@ -192,36 +284,68 @@ def compute_order(pp_rank: int, pp_size: int, num_microbatches: int, num_chunks:
 
 
 # --------------------------------------------------------------------------------------
+# Compute order: ZB-H1
+# --------------------------------------------------------------------------------------
+def zero_bubble_compute_order(pp_rank: int, pp_size: int, num_microbatches: int,
+                              forward_only: bool = False) -> List[Step]:
+    """The compute steps of one rank for ZB-H1 (Qi et al., "Zero Bubble Pipeline
+    Parallelism", 2024): 1F1B's order of forwards and B halves, with the W halves placed
+    where 1F1B would wait.
+
+    Rank ``r`` runs 1F1B's ``pp - r - 1`` warm-up forwards; then each steady iteration is
+    F, B and, from the ``r``-th iteration on, the oldest pending W (rank ``r`` holds back
+    ``r`` Ws, which fill the cool-down's gaps); each cool-down B is followed by a W; the
+    held-back Ws end the step. Forwards ahead of their B stay 1F1B's ``pp - r``, and
+    micro-batches between F and W (whose activations are alive) at most ``pp``, 1F1B's
+    peak on rank 0. Example ``pp=2``, rank 1, ``m=3``::
+
+        F0 B0 F1 B1 W0 F2 B2 W1 W2
+    """
+    m = num_microbatches
+    if forward_only:
+        return [Step("warmup", FORWARD, mb, 0) for mb in range(m)]
+    warmup = min(pp_size - pp_rank - 1, m)
+    steps = [Step("warmup", FORWARD, mb, 0) for mb in range(warmup)]
+    pending: collections.deque = collections.deque()
+
+    def backward(phase: str, mb: int, with_weight: bool) -> None:
+        steps.append(Step(phase, BACKWARD_INPUT, mb, 0))
+        pending.append(mb)
+        if with_weight:
+            steps.append(Step(phase, BACKWARD_WEIGHT, pending.popleft(), 0))
+
+    for k in range(m - warmup):
+        steps.append(Step("steady", FORWARD, warmup + k, 0))
+        backward("steady", k, with_weight=k >= pp_rank)
+    for mb in range(m - warmup, m):
+        backward("cooldown", mb, with_weight=True)
+    steps.extend(Step("cooldown", BACKWARD_WEIGHT, mb, 0) for mb in pending)
+    return steps
+
+
+# --------------------------------------------------------------------------------------
 # Communication placement
 # --------------------------------------------------------------------------------------
-def _is_first_virtual(pp_rank: int, chunk: int) -> bool:
-    return pp_rank == 0 and chunk == 0
-
-
-def _is_last_virtual(pp_rank: int, pp_size: int, chunk: int, num_chunks: int) -> bool:
-    return pp_rank == pp_size - 1 and chunk == num_chunks - 1
-
-
-def _input_recv(step: Step, pp_rank: int, pp_size: int, num_chunks: int) -> Optional[Step]:
-    """The receive that delivers ``step``'s input (None on the pipeline's ends)."""
-    if step.op == FORWARD and not _is_first_virtual(pp_rank, step.chunk):
+def _input_recv(step: Step, pp_rank: int, layout: StageLayout) -> Optional[Step]:
+    """The receive that delivers ``step``'s input (None on the pipeline's ends and for W)."""
+    if step.op == FORWARD and not layout.is_first(pp_rank, step.chunk):
         return Step(step.phase, RECV_FORWARD, step.microbatch, step.chunk)
-    if step.op == BACKWARD and not _is_last_virtual(pp_rank, pp_size, step.chunk, num_chunks):
+    if step.op in _GRADIENT_OPS and not layout.is_last(pp_rank, step.chunk):
         return Step(step.phase, RECV_BACKWARD, step.microbatch, step.chunk)
     return None
 
 
-def _output_send(step: Step, pp_rank: int, pp_size: int, num_chunks: int) -> Optional[Step]:
-    """The send that delivers ``step``'s output (None on the pipeline's ends)."""
-    if step.op == FORWARD and not _is_last_virtual(pp_rank, pp_size, step.chunk, num_chunks):
+def _output_send(step: Step, pp_rank: int, layout: StageLayout) -> Optional[Step]:
+    """The send that delivers ``step``'s output (None as for :func:`_input_recv`)."""
+    if step.op == FORWARD and not layout.is_last(pp_rank, step.chunk):
         return Step(step.phase, SEND_FORWARD, step.microbatch, step.chunk)
-    if step.op == BACKWARD and not _is_first_virtual(pp_rank, step.chunk):
+    if step.op in _GRADIENT_OPS and not layout.is_first(pp_rank, step.chunk):
         return Step(step.phase, SEND_BACKWARD, step.microbatch, step.chunk)
     return None
 
 
 def _ordered(batch: List[Step]) -> List[Step]:
-    return sorted(batch, key=lambda s: COMM_OPS.index(s.op))
+    return sorted(batch, key=lambda s: (COMM_OPS.index(s.op), s.chunk))
 
 
 def _compute_groups(compute: List[Step], num_chunks: int) -> List[List[Step]]:
@@ -241,28 +365,43 @@ def _compute_groups(compute: List[Step], num_chunks: int) -> List[List[Step]]:
     return groups
 
 
-def build_plan(pp_rank: int, pp_size: int, num_microbatches: int, num_chunks: int = 1,
-                  group_size: Optional[int] = None, forward_only: bool = False) -> List[Step]:
-    """Full order of one rank: compute steps with the communication placed between them.
-
-    Between two groups of compute steps (see the module docstring) one batch carries the
-    first group's output sends and the second group's input receives. Arguments are
-    validated with :func:`validate_schedule_args` (``ValueError`` naming the flags).
-    """
-    group = validate_schedule_args(pp_size, num_microbatches, num_chunks, group_size)
-    if not 0 <= pp_rank < pp_size:
-        raise ValueError(f"pp_rank {pp_rank} is outside 0..{pp_size - 1}")
-    compute = compute_order(pp_rank, pp_size, num_microbatches, num_chunks,
-                            group if num_chunks > 1 else None, forward_only)
+def _place_communication(compute: List[Step], pp_rank: int, layout: StageLayout) -> List[Step]:
+    """Between two groups of compute steps one batch carries the first group's output
+    sends and the second group's input receives (a W has neither, so the sends of the
+    step before a W go out before it and the receives of the step after it come after)."""
     plan: List[Step] = []
     previous: List[Step] = []
-    for current in _compute_groups(compute, num_chunks) + [[]]:
-        batch = [_output_send(s, pp_rank, pp_size, num_chunks) for s in previous]
-        batch += [_input_recv(s, pp_rank, pp_size, num_chunks) for s in current]
+    for current in _compute_groups(compute, layout.num_chunks) + [[]]:
+        batch = [_output_send(s, pp_rank, layout) for s in previous]
+        batch += [_input_recv(s, pp_rank, layout) for s in current]
         plan.extend(_ordered([s for s in batch if s is not None]))
         plan.extend(current)
         previous = current
     return plan
+
+
+def build_plan(pp_rank: int, pp_size: int, num_microbatches: int, num_chunks: int = 1,
+               group_size: Optional[int] = None, forward_only: bool = False,
+               schedule: Optional[str] = None) -> List[Step]:
+    """Full order of one rank: compute steps with the communication placed between them.
+
+    ``schedule`` is a :data:`PIPELINE_SCHEDULES` value (None: 1F1B, interleaved when
+    ``num_chunks > 1``). Arguments are validated with :func:`validate_schedule_args` and
+    :func:`validate_pipeline_schedule` (``ValueError`` naming the flags).
+    """
+    schedule = validate_pipeline_schedule(schedule, pp_size, num_chunks)
+    zero_bubble = schedule == "zb-h1"
+    group = validate_schedule_args(pp_size, num_microbatches,
+                                   None if zero_bubble else num_chunks, group_size)
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pp_rank {pp_rank} is outside 0..{pp_size - 1}")
+    layout = StageLayout(pp_size, num_chunks)
+    if zero_bubble:
+        compute = zero_bubble_compute_order(pp_rank, pp_size, num_microbatches, forward_only)
+    else:
+        compute = compute_order(pp_rank, pp_size, num_microbatches, num_chunks,
+                                group if num_chunks > 1 else None, forward_only)
+    return _place_communication(compute, pp_rank, layout)
 
 
 def group_batches(plan: Sequence[Step]) -> List[Union[Step, Batch]]:
@@ -282,56 +421,100 @@ def group_batches(plan: Sequence[Step]) -> List[Union[Step, Batch]]:
     return out
 
 
+def published_bubble_fraction(schedule: str, pp_size: int, num_microbatches: int) -> float:
+    """The bubble fraction the papers give, for unit F = B = W (a whole backward = 2).
+
+    1F1B (Narayanan et al. 2021): ``(p - 1) / (m + p - 1)``. ZB-H1 (Qi et al. 2024):
+    bubble time ``(p - 1)(T_F + T_B - T_W)``, a third of 1F1B's ``(p - 1)(T_F + T_B + T_W)``,
+    so ``(p - 1) / (3 m + p - 1)``.
+    """
+    p, m = pp_size, num_microbatches
+    if schedule == "1f1b":
+        return (p - 1) / (m + p - 1)
+    if schedule == "zb-h1":
+        return (p - 1) / (3 * m + p - 1)
+    raise ValueError(f"no published bubble fraction for schedule {schedule!r}")
+
+
 # --------------------------------------------------------------------------------------
 # Simulator
 # --------------------------------------------------------------------------------------
-def _message(step: Step, pp_rank: int, pp_size: int) -> Tuple[str, int, Tuple[str, int, int]]:
+def _message(step: Step, pp_rank: int, layout: StageLayout
+             ) -> Tuple[str, int, Tuple[str, int, int]]:
     """``(direction, peer, label)`` of a comm step; the label names the receiving stage.
 
     Sender and receiver compute the same label for the same tensor, so a mismatch means
     the two ends would pair different tensors.
     """
-    virtual = step.chunk * pp_size + pp_rank
+    virtual = layout.stage(pp_rank, step.chunk)
     if step.op == SEND_FORWARD:
-        return "send", (pp_rank + 1) % pp_size, ("activation", step.microbatch, virtual + 1)
+        return "send", layout.place(virtual + 1)[0], ("activation", step.microbatch, virtual + 1)
     if step.op == RECV_FORWARD:
-        return "recv", (pp_rank - 1) % pp_size, ("activation", step.microbatch, virtual)
+        return "recv", layout.place(virtual - 1)[0], ("activation", step.microbatch, virtual)
     if step.op == SEND_BACKWARD:
-        return "send", (pp_rank - 1) % pp_size, ("gradient", step.microbatch, virtual - 1)
-    return "recv", (pp_rank + 1) % pp_size, ("gradient", step.microbatch, virtual)
+        return "send", layout.place(virtual - 1)[0], ("gradient", step.microbatch, virtual - 1)
+    return "recv", layout.place(virtual + 1)[0], ("gradient", step.microbatch, virtual)
 
 
 class _Link:
-    """Messages on one directed link, matched first-posted to first-posted."""
+    """Messages on one directed link, matched first-posted to first-posted; each entry
+    is ``(label, time posted)``."""
 
     def __init__(self):
-        self.sends: List[Tuple[str, int, int]] = []
-        self.recvs: List[Tuple[str, int, int]] = []
+        self.sends: List[Tuple[Tuple[str, int, int], float]] = []
+        self.recvs: List[Tuple[Tuple[str, int, int], float]] = []
 
     def matched(self, index: int) -> bool:
         return index < len(self.sends) and index < len(self.recvs)
 
 
-def simulate(plans: Sequence[Sequence[Step]], num_chunks: int = 1) -> Dict[str, int]:
+class _Clock:
+    """Per-rank time and busy time when :func:`simulate` is given costs."""
+
+    def __init__(self, pp: int, costs: Optional[Dict[str, float]]):
+        self.costs = costs
+        self.now = [0.0] * pp
+        self.busy = [0.0] * pp
+
+    def compute(self, rank: int, op: str) -> None:
+        if self.costs is not None:
+            cost = self.costs[op]
+            self.now[rank] += cost
+            self.busy[rank] += cost
+
+
+def simulate(plans: Sequence[Sequence[Step]], num_chunks: int = 1, *, eager_sends: bool = False,
+             costs: Optional[Dict[str, float]] = None) -> Dict[str, float]:
     """Run every rank's plan together; raise :class:`ScheduleError` unless it is sound.
 
     Model (the strictest realistic one, NCCL-like): a rank posts all operations of its
     current batch at once and moves on only when every one of them has met its partner;
     a send completes only when the matching receive is posted (no buffering). Messages on
     each directed link pair up in posting order, and the sender's and receiver's labels
-    must agree. Compute steps take no time. Also checks that each ``(microbatch, chunk)``
-    runs forward once and, if it runs backward, after its forward.
+    must agree. Also checks that each ``(microbatch, chunk)`` runs forward once, its
+    backward (or B) after its forward, and its W after its B.
+
+    ``eager_sends`` (the zero-bubble runtime): a batch waits for its receives and for the
+    sends of the rank's previous batch, not for its own sends (they complete while the
+    rank computes; stream order on NCCL makes the next batch wait for them); the end of
+    the plan waits for the last sends.
+
+    ``costs`` (seconds per compute op, e.g. ``{"forward": 1, "backward": 2, ...}``) also
+    times the plans: communication is free but a batch ends only when its last partner
+    has posted, so waiting shows up as bubble.
 
     Returns:
-        ``{"rounds": ..., "batches": ...}``: rounds of progress and batches completed.
+        ``{"rounds", "batches"}`` (progress counts), plus with ``costs``: ``"makespan"``
+        and ``"bubble_fraction"`` = ``1 - busy / (pp * makespan)``.
     """
     pp = len(plans)
-    programs = [group_batches(plan) for plan in plans]
+    layout = StageLayout(pp, num_chunks)
+    programs = [group_batches(plan) + ([()] if eager_sends else []) for plan in plans]
     links: Dict[Tuple[int, int], _Link] = collections.defaultdict(_Link)
     position = [0] * pp
-    # For a rank blocked in a batch: [(link key, index in that link's queue)].
-    posted: List[Optional[List[Tuple[Tuple[int, int], int]]]] = [None] * pp
-    done_compute: List[Dict[Tuple[str, int, int], int]] = [dict() for _ in range(pp)]
+    clock = _Clock(pp, costs)
+    comm = _Posting(pp, eager_sends)
+    done: set = set()
     rounds = batches = 0
     while any(position[r] < len(programs[r]) for r in range(pp)):
         rounds += 1
@@ -340,8 +523,9 @@ def simulate(plans: Sequence[Sequence[Step]], num_chunks: int = 1) -> Dict[str, 
             while position[r] < len(programs[r]):
                 item = programs[r][position[r]]
                 if isinstance(item, Step):
-                    _record_compute(item, r, done_compute[r])
-                elif not _advance_batch(item, r, pp, links, posted):
+                    _record_compute(item, r, done)
+                    clock.compute(r, item.op)
+                elif not _advance_batch(item, r, layout, links, comm, clock):
                     break
                 else:
                     batches += 1
@@ -350,39 +534,72 @@ def simulate(plans: Sequence[Sequence[Step]], num_chunks: int = 1) -> Dict[str, 
         if not progressed:
             raise ScheduleError(_deadlock_report(programs, position))
     _check_links(links)
-    return {"rounds": rounds, "batches": batches}
+    result: Dict[str, float] = {"rounds": rounds, "batches": batches}
+    if costs is not None:
+        makespan = max(clock.now)
+        result["makespan"] = makespan
+        result["bubble_fraction"] = 1.0 - sum(clock.busy) / (pp * makespan) if makespan else 0.0
+    return result
 
 
-def _record_compute(step: Step, rank: int, done: Dict[Tuple[str, int, int], int]) -> None:
-    key = (step.op, step.microbatch, step.chunk)
+def _record_compute(step: Step, rank: int, done: set) -> None:
+    mb, chunk = step.microbatch, step.chunk
+    key = (step.op, mb, chunk, rank)
+    where = f"micro-batch {mb} chunk {chunk}"
     if key in done:
-        raise ScheduleError(f"rank {rank} runs {step.op} of micro-batch {step.microbatch} "
-                            f"chunk {step.chunk} twice")
-    if step.op == BACKWARD and (FORWARD, step.microbatch, step.chunk) not in done:
-        raise ScheduleError(f"rank {rank} runs backward of micro-batch {step.microbatch} "
-                            f"chunk {step.chunk} before its forward")
-    done[key] = len(done)
+        raise ScheduleError(f"rank {rank} runs {step.op} of {where} twice")
+    if step.op in _GRADIENT_OPS and (FORWARD, mb, chunk, rank) not in done:
+        raise ScheduleError(f"rank {rank} runs {step.op} of {where} before its forward")
+    if step.op == BACKWARD_WEIGHT and (BACKWARD_INPUT, mb, chunk, rank) not in done:
+        raise ScheduleError(f"rank {rank} runs backward_weight of {where} before its "
+                            "backward_input")
+    done.add(key)
 
 
-def _advance_batch(batch: Batch, rank: int, pp: int, links, posted) -> bool:
-    """Post ``batch`` (once) and report whether all its messages have met their partner."""
-    if posted[rank] is None:
-        entries = []
+class _Posting:
+    """What each rank has posted and must still see matched before it moves on."""
+
+    def __init__(self, pp: int, eager_sends: bool):
+        self.eager_sends = eager_sends
+        # For a rank blocked in a batch: [(link key, index in that link's queue)].
+        self.waiting: List[Optional[List[Tuple[Tuple[int, int], int]]]] = [None] * pp
+        # Eager sends of each rank's previous batch, waited for by its next batch.
+        self.unwaited: List[List[Tuple[Tuple[int, int], int]]] = [[] for _ in range(pp)]
+        self.own_sends: List[List[Tuple[Tuple[int, int], int]]] = [[] for _ in range(pp)]
+
+
+def _advance_batch(batch: Batch, rank: int, layout: StageLayout, links, comm: _Posting,
+                   clock: _Clock) -> bool:
+    """Post ``batch`` (once) and report whether the messages it waits for have met their
+    partner (all of them; with eager sends its receives and the previous batch's sends)."""
+    if comm.waiting[rank] is None:
+        receives, sends = [], []
         for step in batch:
-            direction, peer, label = _message(step, rank, pp)
+            direction, peer, label = _message(step, rank, layout)
             key = (rank, peer) if direction == "send" else (peer, rank)
             queue = links[key].sends if direction == "send" else links[key].recvs
-            queue.append(label)
+            queue.append((label, clock.now[rank]))
             index = len(queue) - 1
             link = links[key]
-            if link.matched(index) and link.sends[index] != link.recvs[index]:
+            if link.matched(index) and link.sends[index][0] != link.recvs[index][0]:
                 raise ScheduleError(f"link {key[0]}->{key[1]} message {index}: sender sends "
-                                    f"{link.sends[index]} but receiver expects "
-                                    f"{link.recvs[index]}")
-            entries.append((key, index))
-        posted[rank] = entries
-    if all(links[key].matched(index) for key, index in posted[rank]):
-        posted[rank] = None
+                                    f"{link.sends[index][0]} but receiver expects "
+                                    f"{link.recvs[index][0]}")
+            (sends if direction == "send" else receives).append((key, index))
+        if comm.eager_sends:
+            comm.waiting[rank] = receives + comm.unwaited[rank]
+            comm.own_sends[rank] = sends
+        else:
+            comm.waiting[rank] = receives + sends
+    entries = comm.waiting[rank]
+    if all(links[key].matched(index) for key, index in entries):
+        # The batch ends when its last awaited message's later end was posted.
+        clock.now[rank] = max([clock.now[rank]] + [
+            max(links[key].sends[index][1], links[key].recvs[index][1])
+            for key, index in entries])
+        comm.waiting[rank] = None
+        comm.unwaited[rank] = comm.own_sends[rank]
+        comm.own_sends[rank] = []
         return True
     return False
 

@@ -1,4 +1,4 @@
-"""Forward/backward schedules over micro-batches: none, 1F1B, interleaved 1F1B.
+"""Forward/backward schedules over micro-batches: none, 1F1B, interleaved 1F1B, ZB-H1.
 
 ``get_forward_backward_func()`` returns the schedule for the current grid; every schedule
 has Megatron-Core's contract::
@@ -20,6 +20,11 @@ has Megatron-Core's contract::
   and ``finalize_model_grads_func(model_list)`` runs once at the end of training steps.
 * Returns the list of loss dicts on the last pipeline stage, ``[]`` elsewhere.
 
+``config.pipeline_schedule = "zb-h1"`` makes the non-interleaved schedule zero-bubble:
+each backward runs as B (input gradient, :class:`.backward_split.SplitBackward`) and,
+later, W (weight gradients); sends do not wait (their completion is awaited at the
+next exchange), so W steps fill the time a rank would spend waiting.
+
 The pipelined schedules do not decide on the fly: :mod:`.schedule_plan` computes each
 rank's order of compute and communication steps as data (tested, with all stages
 together, by a simulator), and :class:`_PipelineRun` below walks it. Tensors between
@@ -39,8 +44,10 @@ import torch.distributed as dist
 from megacore import parallel_state
 from megacore.model_parallel_config import ModelParallelConfig
 from megacore.pipeline_parallel import schedule_plan as plan_lib
+from megacore.pipeline_parallel.backward_split import SplitBackward
 from megacore.pipeline_parallel.p2p_communication import (
     P2PCommunicator,
+    PendingSends,
     get_tensor_shape,
 )
 from megacore.pipeline_parallel.schedule_plan import Step
@@ -177,6 +184,9 @@ def backward_step(input_tensor: Optional[torch.Tensor], output_tensor: torch.Ten
 # --------------------------------------------------------------------------------------
 # Gradient-sync hooks (no_sync_func / grad_sync_func), per model chunk
 # --------------------------------------------------------------------------------------
+_GRAD_ACCUMULATING_OPS = (plan_lib.BACKWARD, plan_lib.BACKWARD_WEIGHT)
+
+
 class _GradSync:
     """Keeps data-parallel gradient reduction off until each chunk's last backward.
 
@@ -194,7 +204,8 @@ class _GradSync:
         self.per_chunk = isinstance(no_sync, (list, tuple))
         factories = list(no_sync) if self.per_chunk else [no_sync]
         self.factories = [f or contextlib.nullcontext for f in factories]
-        backwards = [i for i, s in enumerate(steps) if s.op == plan_lib.BACKWARD]
+        # The steps that accumulate parameter gradients: whole backwards, or the W halves.
+        backwards = [i for i, s in enumerate(steps) if s.op in _GRAD_ACCUMULATING_OPS]
         self.last_backward = {steps[i].chunk: i for i in backwards}
         self.final_backward = backwards[-1] if backwards else None
         self.stacks = [contextlib.ExitStack() for _ in self.factories]
@@ -329,6 +340,10 @@ class _PipelineRun:
         self.input_grads: Dict[Tuple[int, int], torch.Tensor] = {}
         self.store: List[Any] = []
         self.total_tokens: Optional[torch.Tensor] = None
+        # Zero-bubble: backwards between their B and W halves, and sends in flight.
+        self.splits: Dict[Tuple[int, int], SplitBackward] = {}
+        self.pending_sends: Optional[PendingSends] = None
+        self.eager_sends = False
 
     def _is_last_virtual(self, chunk: int) -> bool:
         return self.comm.pp_rank == self.comm.pp_size - 1 and chunk == len(self.models) - 1
@@ -362,16 +377,34 @@ class _PipelineRun:
         if grad is not None:
             self.input_grads[key] = grad
 
+    def backward_input(self, step: Step) -> None:
+        """B: the input gradient now; the weight half waits in ``splits`` for its W."""
+        key = (step.microbatch, step.chunk)
+        output, output_grad = self.outputs.pop(key), self.output_grads.pop(key, None)
+        if output_grad is None and self.config.grad_scale_func is not None:
+            output = self.config.grad_scale_func(output)
+        split = SplitBackward(output, output_grad, self.inputs.pop(key, None))
+        grad = split.backward_input()
+        self.splits[key] = split
+        if grad is not None:
+            self.input_grads[key] = grad
+
+    def backward_weight(self, step: Step) -> None:
+        self.splits.pop((step.microbatch, step.chunk)).backward_weight()
+
     def exchange(self, batch: Sequence[Step]) -> None:
         ops = {step.op: (step.microbatch, step.chunk) for step in batch}
         assert len(ops) == len(batch), f"a batch holds one step per kind, got {batch}"
         send_next = self.outputs.get(ops.get(plan_lib.SEND_FORWARD))
         send_prev = self.input_grads.pop(ops.get(plan_lib.SEND_BACKWARD), None)
-        got_prev, got_next = self.comm.communicate(
-            tensor_send_next=send_next, tensor_send_prev=send_prev,
-            recv_prev=plan_lib.RECV_FORWARD in ops, recv_next=plan_lib.RECV_BACKWARD in ops,
-            tensor_shape=self.tensor_shape)
-        if plan_lib.SEND_FORWARD in ops:
+        if self.eager_sends:
+            got_prev, got_next = self._exchange_eager(ops, send_next, send_prev)
+        else:
+            got_prev, got_next = self.comm.communicate(
+                tensor_send_next=send_next, tensor_send_prev=send_prev,
+                recv_prev=plan_lib.RECV_FORWARD in ops,
+                recv_next=plan_lib.RECV_BACKWARD in ops, tensor_shape=self.tensor_shape)
+        if plan_lib.SEND_FORWARD in ops and not self.eager_sends:
             if self.forward_only:
                 self.outputs.pop(ops[plan_lib.SEND_FORWARD])
             else:
@@ -380,6 +413,31 @@ class _PipelineRun:
             self.inputs[ops[plan_lib.RECV_FORWARD]] = got_prev
         if got_next is not None:
             self.output_grads[ops[plan_lib.RECV_BACKWARD]] = got_next
+
+    def _exchange_eager(self, ops, send_next, send_prev):
+        """Post this batch, wait for its receives and the previous batch's sends; an
+        output is freed (``deallocate_pipeline_outputs``) once its send has completed."""
+        finished = self.pending_sends
+        got_prev, got_next, self.pending_sends = self.comm.communicate_eager_sends(
+            tensor_send_next=send_next, tensor_send_prev=send_prev,
+            recv_prev=plan_lib.RECV_FORWARD in ops, recv_next=plan_lib.RECV_BACKWARD in ops,
+            tensor_shape=self.tensor_shape, pending_sends=finished)
+        self._release_sent(finished)
+        return got_prev, got_next
+
+    def _release_sent(self, sends: Optional[PendingSends]) -> None:
+        if sends is None:
+            return
+        for tensor in sends.tensors:
+            # Activations (not gradients, which are fresh tensors) still back a graph.
+            if any(tensor is out for out in self.outputs.values()):
+                deallocate_output_tensor(tensor, self.config.deallocate_pipeline_outputs)
+
+    def finish_sends(self) -> None:
+        if self.pending_sends is not None:
+            self.pending_sends.wait()
+            self._release_sent(self.pending_sends)
+            self.pending_sends = None
 
     def run(self, steps: Sequence[Step], grad_sync: "_GradSync") -> None:
         batch: List[Step] = []
@@ -394,12 +452,18 @@ class _PipelineRun:
                 break
             if step.op == plan_lib.FORWARD:
                 self.forward(step)
+            elif step.op == plan_lib.BACKWARD_INPUT:
+                self.backward_input(step)
             else:
                 grad_sync.before_backward(position, step.chunk)
-                self.backward(step)
+                if step.op == plan_lib.BACKWARD:
+                    self.backward(step)
+                else:
+                    self.backward_weight(step)
                 grad_sync.after_backward(position, step.chunk)
-        leftovers = [d for d in (self.inputs, self.outputs, self.output_grads, self.input_grads)
-                     if d]
+        self.finish_sends()
+        leftovers = [d for d in (self.inputs, self.outputs, self.output_grads, self.input_grads,
+                                 self.splits) if d]
         assert not leftovers, f"pipeline plan left tensors unconsumed: {leftovers}"
 
 
@@ -420,12 +484,21 @@ def _run_pipelined(*, forward_step_func, data_iterators, models, num_microbatche
     if not config.variable_seq_lengths:
         tensor_shape = get_tensor_shape(seq_length=seq_length,
                                         micro_batch_size=micro_batch_size, config=config)
+    schedule = plan_lib.validate_pipeline_schedule(config.pipeline_schedule, comm.pp_size,
+                                                   num_chunks)
+    zero_bubble = schedule == "zb-h1" and not forward_only
+    if zero_bubble and config.variable_seq_lengths:
+        raise ValueError("--pipeline-schedule zb-h1 needs fixed sequence lengths "
+                         "(config.variable_seq_lengths=False)")
+    # Forward-only runs (evaluation) use 1F1B's forward order whatever the schedule.
     steps = plan_lib.build_plan(comm.pp_rank, comm.pp_size, num_microbatches, num_chunks,
-                                   forward_only=forward_only)
+                                forward_only=forward_only,
+                                schedule=schedule if zero_bubble else None)
     run = _PipelineRun(forward_step_func=forward_step_func, data_iterators=data_iterators,
                        models=models, num_microbatches=num_microbatches, config=config,
                        comm=comm, tensor_shape=tensor_shape, forward_only=forward_only,
                        collect_non_loss_data=collect_non_loss_data, interleaved=interleaved)
+    run.eager_sends = zero_bubble
     grad_sync = _GradSync(config, models, steps)
     saved_chunk = parallel_state.get_virtual_pipeline_model_parallel_rank()
     try:

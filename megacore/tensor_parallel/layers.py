@@ -35,6 +35,7 @@ from torch.nn.parameter import Parameter
 
 from megacore import collectives, device, parallel_state
 from megacore.model_parallel_config import ModelParallelConfig
+from megacore.tensor_parallel import weight_grad_phase as wgrad_phase
 from megacore.tensor_parallel.mappings import (
     all_gather_along_dim,
     gather_from_tensor_model_parallel_region,
@@ -139,32 +140,57 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight = ctx.saved_tensors
-        group = ctx.group
-        if ctx.sequence_parallel:
-            # Recompute the gathered input instead of saving it: tp times less memory.
-            total_x = all_gather_along_dim(x, 0, group)
-        else:
-            total_x = x
-        grad_input = grad_output.matmul(weight)
-        handle = None
-        if ctx.sequence_parallel:
-            # [s, b, h] -> reduce-scatter -> [s/tp, b, h], overlapped with wgrad below.
-            grad_input = grad_input.contiguous()
-            sub = torch.empty_like(x)
-            handle = collectives.reduce_scatter_single(sub, grad_input, group=group, async_op=True)
-        elif ctx.allreduce_dgrad:
-            grad_input = grad_input.contiguous()
-            handle = dist.all_reduce(grad_input, group=group, async_op=True)
-        grad_out_2d = grad_output.reshape(-1, grad_output.size(-1))
-        x_2d = total_x.reshape(-1, total_x.size(-1))
-        grad_weight = _weight_grad(weight, grad_out_2d, x_2d, ctx.gradient_accumulation_fusion)
-        grad_bias = grad_out_2d.sum(dim=0) if ctx.use_bias else None
+        # Under a split backward (zero-bubble schedules) compute only this phase's half.
+        phase = wgrad_phase.current_phase()
+        wants_weight = phase != wgrad_phase.INPUT_GRAD
+        # The sequence-parallel gather comes first, before the dgrad collective starts
+        # (one collective in flight per group at a time).
+        total_x = _gathered_input(ctx) if wants_weight else None
+        grad_input = handle = sub = None
+        if phase != wgrad_phase.WEIGHT_GRAD:
+            grad_input, handle, sub = _input_grad_start(ctx, grad_output)
+        grad_weight = grad_bias = None
+        if wants_weight:
+            grad_weight, grad_bias = _weight_and_bias_grads(ctx, grad_output, total_x)
         if handle is not None:
             handle.wait()
-        if ctx.sequence_parallel:
+        if sub is not None:
             grad_input = sub
         return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _input_grad_start(ctx, grad_output):
+    """dgrad = dy W, with its tp collective started asynchronously (overlaps wgrad)."""
+    x, weight = ctx.saved_tensors
+    grad_input = grad_output.matmul(weight)
+    handle = sub = None
+    if ctx.sequence_parallel:
+        # [s, b, h] -> reduce-scatter -> [s/tp, b, h], overlapped with wgrad.
+        grad_input = grad_input.contiguous()
+        sub = torch.empty_like(x)
+        handle = collectives.reduce_scatter_single(sub, grad_input, group=ctx.group,
+                                                   async_op=True)
+    elif ctx.allreduce_dgrad:
+        grad_input = grad_input.contiguous()
+        handle = dist.all_reduce(grad_input, group=ctx.group, async_op=True)
+    return grad_input, handle, sub
+
+
+def _gathered_input(ctx):
+    x, _ = ctx.saved_tensors
+    if not ctx.sequence_parallel:
+        return x
+    # Recompute the gathered input instead of saving it: tp times less memory.
+    return all_gather_along_dim(x, 0, ctx.group)  # [s/tp, b, h] -> [s, b, h]
+
+
+def _weight_and_bias_grads(ctx, grad_output, total_x):
+    _, weight = ctx.saved_tensors
+    grad_out_2d = grad_output.reshape(-1, grad_output.size(-1))
+    x_2d = total_x.reshape(-1, total_x.size(-1))
+    grad_weight = _weight_grad(weight, grad_out_2d, x_2d, ctx.gradient_accumulation_fusion)
+    grad_bias = grad_out_2d.sum(dim=0) if ctx.use_bias else None
+    return grad_weight, grad_bias
 
 
 def _weight_grad(weight, grad_out_2d, x_2d, accumulate_into_main_grad):

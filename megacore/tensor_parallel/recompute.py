@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megacore import collectives, device, parallel_state
 from megacore.tensor_parallel.random import get_rng_tracker
+from megacore.tensor_parallel.weight_grad_phase import weight_grad_phase
 
 __all__ = ["checkpoint", "CheckpointFunction"]
 
@@ -97,7 +98,10 @@ class CheckpointFunction(torch.autograd.Function):
             outputs = (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
                  if torch.is_tensor(o) and o.requires_grad]
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        # A split backward (zero-bubble schedules) cannot defer the weight gradients of a
+        # recomputed region: they come from this inner backward, which computes them all.
+        with weight_grad_phase(None):
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         grads = tuple(a.grad if torch.is_tensor(a) else None for a in inputs)
         return (None, None) + grads
 

@@ -151,6 +151,7 @@ FLAGS: List[Flag] = [
     _f("--num-virtual-stages-per-pipeline-rank", "model", "virtual_pipeline_model_parallel_size"),
     _f("--decoder-first-pipeline-num-layers", "model", "num_layers_in_first_pipeline_stage"),
     _f("--decoder-last-pipeline-num-layers", "model", "num_layers_in_last_pipeline_stage"),
+    _f("--pipeline-schedule", "model", choices=["1f1b", "interleaved-1f1b", "zb-h1"]),
     _f("--context-parallel-size", "model"), _f("--expert-model-parallel-size", "model"),
     _f("--expert-tensor-parallel-size", "model"),
     _f("--sequence-parallel", "model"),
@@ -210,6 +211,7 @@ FLAGS: List[Flag] = [
     _f("--grad-reduce-in-bf16", "ddp", "grad_reduce_in_bf16", derived=True, type=bool,
        kind=MAPPED, setting="grad_reduce_in_fp32=False; with --bf16 grads are otherwise "
                             "accumulated and reduced in fp32 (Megatron's default)"),
+    _f("--use-torch-fsdp2", "ddp"), _f("--fsdp-reshard-after-forward", "ddp"),
     # data and tokenizer
     _f("--data-path", "data", nargs="*"), _f("--split", "data"),
     _f("--train-data-path", "data", nargs="*"), _f("--valid-data-path", "data", nargs="*"),
@@ -740,7 +742,11 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
     fp16, bf16 = bool(values.get("fp16")), bool(values.get("bf16"))
     if fp16 and bf16:
         raise ArgumentValidationError("--fp16 and --bf16 are mutually exclusive")
-    if fp16 or bf16:
+    if bf16 and values.get("use_torch_fsdp2"):
+        # FSDP2's mixed precision: fp32 master weights (the optimizer updates them
+        # directly), bf16 compute and bf16 activations between pipeline stages.
+        model.update(bf16=True, params_dtype=torch.float32, pipeline_dtype=torch.bfloat16)
+    elif fp16 or bf16:
         dtype = torch.float16 if fp16 else torch.bfloat16
         for section in ("model", "optimizer"):
             kw[section].update(fp16=fp16, bf16=bf16, params_dtype=dtype)
@@ -883,10 +889,16 @@ def _check_pipeline(run: RunConfig, world_size: int) -> None:
         _fail("--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers need "
               "--pipeline-model-parallel-size > 1")
     from megacore.pipeline_parallel.layer_split import pipeline_layer_counts
+    from megacore.pipeline_parallel.schedule_plan import validate_pipeline_schedule
 
+    if pp == 1 and m.pipeline_schedule is not None:
+        _fail(f"--pipeline-schedule {m.pipeline_schedule} needs "
+              "--pipeline-model-parallel-size > 1")
     try:
         pipeline_layer_counts(m.num_layers, pp, m.virtual_pipeline_model_parallel_size,
                               first, last)
+        validate_pipeline_schedule(m.pipeline_schedule, pp,
+                                   m.virtual_pipeline_model_parallel_size)
     except ValueError as e:
         raise ArgumentValidationError(str(e)) from e
 
@@ -1065,6 +1077,30 @@ def _check_moe(run: RunConfig, world_size: int) -> None:
         _fail(f"--num-experts {experts} must be divisible by --expert-model-parallel-size {ep}")
 
 
+def _check_fsdp2(run: RunConfig, world_size: int) -> None:
+    if not run.ddp.use_torch_fsdp2:
+        return
+    m, d, c = run.model, run.ddp, run.checkpoint
+    conflicts = [
+        (d.use_distributed_optimizer, "--use-distributed-optimizer (FSDP2 already shards the "
+                                      "optimizer state)"),
+        (d.overlap_grad_reduce or d.overlap_param_gather,
+         "--overlap-grad-reduce / --overlap-param-gather (DDP options; FSDP2 overlaps itself)"),
+        (m.fp16, "--fp16 (use --bf16: loss scaling over sharded grads is not implemented)"),
+        (m.pipeline_schedule == "zb-h1", "--pipeline-schedule zb-h1 (its split backward "
+                                         "bypasses FSDP2's backward hooks)"),
+        (m.gradient_accumulation_fusion, "--gradient-accumulation-fusion (needs DDP's "
+                                         "main_grad buffers)"),
+        (getattr(m, "moe_grouped_gemm", False), "--moe-grouped-gemm (stacked experts cannot be "
+                                                 "saved under FSDP2)"),
+        (c.ckpt_format == "torch" and bool(c.save or c.load),
+         "--ckpt-format torch (use torch_dist, which reshards FSDP2 checkpoints)"),
+    ]
+    for bad, what in conflicts:
+        if bad:
+            _fail(f"--use-torch-fsdp2 cannot be combined with {what}")
+
+
 def _check_requirements(run: RunConfig, world_size: int) -> None:
     """A flag that needs something this run does not have stops here, before training."""
     for flag in FLAGS:
@@ -1079,7 +1115,7 @@ def _check_requirements(run: RunConfig, world_size: int) -> None:
 
 _CHECKS = [_check_requirements, _check_layout, _check_model_shape, _check_pipeline, _check_batch,
            _check_duration, _check_optimizer, _check_recompute, _check_data,
-           _check_checkpointing, _check_moe]
+           _check_checkpointing, _check_moe, _check_fsdp2]
 _TRAINING_ONLY_CHECKS = (_check_duration, _check_optimizer, _check_data)
 
 

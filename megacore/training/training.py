@@ -14,6 +14,7 @@ optimizer step, logging, evaluation, saving, exit conditions) -> final save and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime
 import gc
 import json
@@ -38,6 +39,9 @@ from megacore.distributed import (
     DistributedDataParallel,
     NonFiniteGradientError,
     finalize_model_grads,
+    fsdp_no_sync,
+    fully_shard_model,
+    is_fully_sharded,
 )
 from megacore.optimizer import (
     GradStatsContext,
@@ -156,6 +160,8 @@ def get_model(model_provider: Callable, run: RunConfig, wrap_with_ddp: bool = Tr
         parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     if not wrap_with_ddp:
         return chunks
+    if run.ddp.use_torch_fsdp2:
+        return [_fully_shard(chunk, run) for chunk in chunks]
     # Under fp16 dynamic loss scaling, overflowing grads are expected: the scaler skips
     # those steps, so only the loss check applies (Megatron behaves the same way).
     ddp = dataclasses.replace(run.ddp, check_for_nan_in_grad=run.ddp.check_for_nan_in_grad
@@ -168,6 +174,12 @@ def get_model(model_provider: Callable, run: RunConfig, wrap_with_ddp: bool = Tr
 
 def _dynamic_loss_scaling(run: RunConfig) -> bool:
     return bool(run.model.fp16) and run.optimizer.loss_scale is None
+def _fully_shard(chunk: torch.nn.Module, run: RunConfig) -> torch.nn.Module:
+    """FSDP2 instead of DDP: fp32 master weights, bf16 compute with --bf16."""
+    return fully_shard_model(
+        chunk, reshard_after_forward=run.ddp.fsdp_reshard_after_forward,
+        param_dtype=torch.bfloat16 if run.model.bf16 else None,
+        reduce_dtype=torch.float32 if run.ddp.grad_reduce_in_fp32 else None)
 
 
 def get_optimizer_param_scheduler(run: RunConfig, optimizer) -> OptimizerParamScheduler:
@@ -203,7 +215,9 @@ def get_optimizer_param_scheduler(run: RunConfig, optimizer) -> OptimizerParamSc
 
 def _install_schedule_hooks(run: RunConfig, model: List[torch.nn.Module], optimizer) -> None:
     config = run.model
-    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    no_sync = [functools.partial(fsdp_no_sync, m) if run.ddp.use_torch_fsdp2 else m.no_sync
+               for m in model]
+    config.no_sync_func = no_sync if len(model) > 1 else no_sync[0]
     if run.ddp.overlap_grad_reduce:
         config.grad_sync_func = ([m.start_grad_sync for m in model] if len(model) > 1
                                  else model[0].start_grad_sync)
@@ -294,7 +308,10 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ru
                num_microbatches: int, global_batch_size: int):
     """Forward/backward over the global batch, then the optimizer and schedule steps."""
     for chunk in model:
-        chunk.zero_grad_buffer()
+        if hasattr(chunk, "zero_grad_buffer"):
+            chunk.zero_grad_buffer()
+        else:  # FSDP2 chunk: sharded grads live in param.grad
+            chunk.zero_grad(set_to_none=True)
     optimizer.zero_grad()
     moe = bool(run.model.num_moe_experts)
     if moe or run.model.mtp_num_layers:
@@ -396,12 +413,14 @@ def params_norm(model: List[torch.nn.Module]) -> float:
     zero, and replicas over data (and expert-data) parallel ranks are weighted 1/replicas
     so that one all-reduce over the world sums every parameter exactly once.
     """
+    sharded = any(is_fully_sharded(chunk) for chunk in model)  # FSDP2: disjoint dp shards
     context = GradStatsContext(
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         expert_tp_rank=parallel_state.get_expert_tensor_parallel_rank(),
         is_first_pipeline_stage=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-        dense_replicas=parallel_state.get_data_parallel_world_size(with_context_parallel=True),
-        expert_replicas=parallel_state.get_expert_data_parallel_world_size())
+        dense_replicas=1 if sharded else
+        parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+        expert_replicas=1 if sharded else parallel_state.get_expert_data_parallel_world_size())
     pairs = [(p.data, p) for chunk in model for p in chunk.parameters()]
     total = local_grad_norm_squared(pairs, context, device.current_device())
     dist.all_reduce(total)

@@ -12,6 +12,10 @@ embedding group (and sequence-parallel gradients over tp), as
 ``megacore.distributed.finalize_model_grads`` does for DDP-wrapped chunks. After it, both
 copies must hold the reference embedding gradient.
 
+Zero bubble (``schedule="zb-h1"``): backwards split into B and W through the graph (the
+tensor-parallel linear computes only its half in each), at pp 2 and 4, with tp 2 with
+and without sequence parallelism.
+
 Tolerance (fp32): losses rtol 1e-5 / atol 1e-5, gradients rtol 1e-5 / atol 1e-6, as in
 tests/models/test_gpt_model.py: tp splits sum matmuls in a different order; the pipeline
 itself runs the same ops per micro-batch in the same order.
@@ -42,7 +46,8 @@ def _config(case, tp, pp):
         sequence_parallel=case.get("sp", False) and tp > 1,
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
         num_layers_in_first_pipeline_stage=case.get("first"),
-        num_layers_in_last_pipeline_stage=case.get("last"))
+        num_layers_in_last_pipeline_stage=case.get("last"),
+        pipeline_schedule=case.get("schedule"))
 
 
 def _batches(m):
@@ -149,11 +154,15 @@ def _reference(cases):
 LAYOUTS = {  # (tp, pp) -> cases
     (1, 2): [dict(vpp=1, m=3, layers=4), dict(vpp=1, m=2, layers=4, tied=True),
              dict(vpp=2, m=4, layers=4, tied=True),
-             dict(vpp=1, m=2, layers=4, first=1, last=3)],
-    (2, 2): [dict(vpp=1, m=2, layers=2, tied=True, sp=True), dict(vpp=2, m=2, layers=4)],
+             dict(vpp=1, m=2, layers=4, first=1, last=3),
+             dict(vpp=1, m=3, layers=4, tied=True, schedule="zb-h1")],
+    (2, 2): [dict(vpp=1, m=2, layers=2, tied=True, sp=True), dict(vpp=2, m=2, layers=4),
+             dict(vpp=1, m=3, layers=2, tied=True, sp=True, schedule="zb-h1")],
     (1, 4): [dict(vpp=1, m=5, layers=4, tied=True), dict(vpp=2, m=4, layers=8),
-             dict(vpp=1, m=2, layers=4, first=2, last=0, tied=True)],
-    (2, 4): [dict(vpp=2, m=4, layers=8, tied=True, sp=True)],
+             dict(vpp=1, m=2, layers=4, first=2, last=0, tied=True),
+             dict(vpp=1, m=6, layers=4, tied=True, schedule="zb-h1")],
+    (2, 4): [dict(vpp=2, m=4, layers=8, tied=True, sp=True),
+             dict(vpp=1, m=5, layers=4, schedule="zb-h1")],
 }
 
 

@@ -129,3 +129,101 @@ def test_batches_group_consecutive_communication():
     kinds = [tuple(s.op for s in b) if not isinstance(b, Step) else b.op for b in batches]
     assert kinds[:4] == [("recv_forward",), "forward", ("send_forward", "recv_forward"),
                          "forward"]
+
+
+# ---- zero bubble (ZB-H1) ----------------------------------------------------------------
+UNIT_COSTS = {"forward": 1, "backward": 2, "backward_input": 1, "backward_weight": 1}
+
+
+def test_zero_bubble_every_combination_completes_in_order():
+    # pp <= 8, m <= 16, training and forward-only, with the runtime's eager sends and with
+    # the strict model: no deadlock, right tensors, F before B before W, each exactly once.
+    for pp in range(1, 9):
+        for m in range(1, 17):
+            for forward_only in (False, True):
+                plans = [build_plan(r, pp, m, schedule="zb-h1", forward_only=forward_only)
+                         for r in range(pp)]
+                simulate(plans, eager_sends=True)
+                simulate(plans)
+                expected = sorted((mb, 0) for mb in range(m))
+                for plan in plans:
+                    steps = _compute_steps(plan)
+                    for op in (sp.FORWARD, sp.BACKWARD_INPUT, sp.BACKWARD_WEIGHT):
+                        got = sorted((s.microbatch, s.chunk) for s in steps if s.op == op)
+                        assert got == (expected if op == sp.FORWARD or not forward_only
+                                       else []), (pp, m, op)
+
+
+def test_zero_bubble_keeps_one_f_one_b_memory():
+    # Per rank: at most pp - r forwards ahead of their B, and at most pp (1F1B's peak on
+    # rank 0) micro-batches between F and W, whose activations are still alive.
+    for pp in range(1, 9):
+        for rank in range(pp):
+            ahead = alive = peak_ahead = peak_alive = 0
+            for step in _compute_steps(build_plan(rank, pp, 16, schedule="zb-h1")):
+                ahead += {sp.FORWARD: 1, sp.BACKWARD_INPUT: -1}.get(step.op, 0)
+                alive += {sp.FORWARD: 1, sp.BACKWARD_WEIGHT: -1}.get(step.op, 0)
+                peak_ahead, peak_alive = max(peak_ahead, ahead), max(peak_alive, alive)
+            assert peak_ahead <= pp - rank and peak_alive <= pp, (pp, rank)
+
+
+def test_bubble_fractions_against_published_values():
+    for pp in range(2, 9):
+        for m in range(1, 17):
+            one = simulate([build_plan(r, pp, m) for r in range(pp)], costs=UNIT_COSTS)
+            zb = simulate([build_plan(r, pp, m, schedule="zb-h1") for r in range(pp)],
+                          eager_sends=True, costs=UNIT_COSTS)
+            # 1F1B's timing reproduces (p - 1) / (m + p - 1) exactly.
+            assert one["bubble_fraction"] == pytest.approx(
+                sp.published_bubble_fraction("1f1b", pp, m), abs=1e-12)
+            # ZB-H1: the paper's (p - 1) / (3m + p - 1) exactly when m >= p (its formula
+            # assumes a full steady state); with fewer micro-batches, between it and 1F1B.
+            published = sp.published_bubble_fraction("zb-h1", pp, m)
+            if m >= pp:
+                assert zb["bubble_fraction"] == pytest.approx(published, abs=1e-12)
+            else:
+                assert published <= zb["bubble_fraction"] <= one["bubble_fraction"]
+
+
+def test_zero_bubble_order_matches_the_documented_example():
+    names = {"forward": "F", "backward_input": "B", "backward_weight": "W",
+             "send_forward": "sF", "recv_forward": "rF", "send_backward": "sB",
+             "recv_backward": "rB"}
+
+    def short(plan):
+        return " ".join(f"{names[s.op]}{s.microbatch}" for s in plan)
+
+    assert short(build_plan(0, 2, 3, schedule="zb-h1")) == \
+        "F0 sF0 F1 sF1 rB0 B0 W0 F2 sF2 rB1 B1 W1 rB2 B2 W2"
+    assert short(build_plan(1, 2, 3, schedule="zb-h1")) == \
+        "rF0 F0 B0 rF1 sB0 F1 B1 sB1 W0 rF2 F2 B2 sB2 W1 W2"
+
+
+def test_simulator_detects_weight_before_input_half():
+    plan = build_plan(0, 1, 1, schedule="zb-h1")
+    assert [s.op for s in plan] == ["forward", "backward_input", "backward_weight"]
+    with pytest.raises(ScheduleError, match="backward_weight of micro-batch 0 chunk 0 before"):
+        simulate([[plan[0], plan[2], plan[1]]])
+
+
+def test_eager_sends_are_waited_for_at_the_end():
+    # Rank 1 receives only the first of rank 0's two sends: the plan cannot finish.
+    plans = [[Step("w", sp.FORWARD, 0, 0), Step("w", sp.SEND_FORWARD, 0, 0),
+              Step("w", sp.FORWARD, 1, 0), Step("w", sp.SEND_FORWARD, 1, 0)],
+             [Step("w", sp.RECV_FORWARD, 0, 0), Step("w", sp.FORWARD, 0, 0)]]
+    with pytest.raises(ScheduleError, match="deadlock"):
+        simulate(plans, eager_sends=True)
+
+
+@pytest.mark.parametrize("schedule, pp, chunks, flags", [
+    ("zbv", 2, 1, ["--pipeline-schedule must be one of 1f1b, interleaved-1f1b, zb-h1"]),
+    ("zb-h1", 2, 2, ["--pipeline-schedule zb-h1 runs one model chunk",
+                     "--num-virtual-stages-per-pipeline-rank=2"]),
+    ("1f1b", 2, 2, ["--pipeline-schedule interleaved-1f1b"]),
+    ("interleaved-1f1b", 2, 1, ["--num-virtual-stages-per-pipeline-rank >= 2"]),
+])
+def test_invalid_schedule_choices_name_the_flags(schedule, pp, chunks, flags):
+    with pytest.raises(ValueError) as info:
+        sp.validate_pipeline_schedule(schedule, pp, chunks)
+    for flag in flags:
+        assert flag in str(info.value)

@@ -141,7 +141,9 @@ def _check_hooks(case, results, pp):
     for rank, r in enumerate(results):
         if case["hooks"] == "grad_sync":
             # One call per chunk, right after that chunk's last backward (counted in the plan).
-            backwards = [s for s in build_plan(rank, pp, m, vpp) if s.op == "backward"]
+            schedule = case.get("config", {}).get("pipeline_schedule")
+            backwards = [s for s in build_plan(rank, pp, m, vpp, schedule=schedule)
+                         if s.op in ("backward", "backward_weight")]
             last = {s.chunk: i + 1 for i, s in enumerate(backwards)}
             assert r["grad_sync_at"] == sorted(last.values())
             assert r["no_sync_exit_at"] == [m * vpp], "no_sync stays on for the whole step"
@@ -161,6 +163,8 @@ PP2_CASES = [
     # Uneven interleaved (rank 0: 1 layer per chunk, rank 1: 2), sequence length varies.
     {"vpp": 2, "m": 2, "layers": 6, "first": 2, "last": 4, "vary_seq": True,
      "config": {"variable_seq_lengths": True}},
+    # Zero bubble (B/W split, eager sends): hooks follow the W steps.
+    {"vpp": 1, "m": 5, "layers": 4, "hooks": "grad_sync", "config": {"pipeline_schedule": "zb-h1"}},
 ]
 
 PP4_CASES = [
@@ -169,6 +173,10 @@ PP4_CASES = [
     {"vpp": 1, "m": 3, "layers": 10, "first": 1, "last": 3,
      "config": {"batch_p2p_comm": False}},
     {"vpp": 2, "m": 8, "layers": 16, "first": 2, "last": 6},
+    {"vpp": 1, "m": 6, "layers": 4, "hooks": "no_sync", "config": {"pipeline_schedule": "zb-h1"}},
+    {"vpp": 1, "m": 3, "layers": 6, "first": 1, "last": 1, "scale": 2.0,
+     "config": {"pipeline_schedule": "zb-h1", "deallocate_pipeline_outputs": True,
+                "batch_p2p_comm": False, "grad_scale_func": lambda loss: loss * 2.0}},
 ]
 
 

@@ -85,6 +85,26 @@ def test_torch_dist_resumes_in_another_layout(tmp_path, save_layout, save_world,
                                rtol=1e-5, atol=0)
 
 
+def test_fsdp2_resumes_exactly_and_in_a_non_fsdp_layout(tmp_path):
+    """FSDP2 at dp 4 saves torch_dist (params and Adam state gathered over dp); it resumes
+    bitwise under FSDP2 and continues with the same losses as tp 2 x dp 2 with DDP."""
+    # No dropout: the masks of tp 2 x dp 2 are not those of dp 4.
+    fsdp = f"{NO_DROPOUT} --use-torch-fsdp2 --fsdp-reshard-after-forward"
+    ckpt = tmp_path / "ckpt"
+    straight = _train(tmp_path, "straight", 4, f"{fsdp} --save {ckpt} --save-interval 3")
+    # Resume from iteration 3 (Megatron's tracker file names the checkpoint to load).
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
+    second = _train(tmp_path, "second", 4, f"{fsdp} --load {ckpt}")
+    assert [r["iteration"] for r in second] == [4, 5, 6]
+    assert [r["lm_loss"] for r in second] == [r["lm_loss"] for r in straight[3:]]
+    assert [r["grad_norm"] for r in second] == [r["grad_norm"] for r in straight[3:]]
+    other = _train(tmp_path, "other", 4, f"{NO_DROPOUT} --tensor-model-parallel-size 2 "
+                                         f"--load {ckpt}")
+    torch.testing.assert_close(torch.tensor([r["lm_loss"] for r in other]),
+                               torch.tensor([r["lm_loss"] for r in straight[3:]]),
+                               rtol=1e-5, atol=0)
+
+
 def test_load_flags_behave_as_in_megatron(tmp_path):
     ckpt = tmp_path / "ckpt"
     straight = _train(tmp_path, "straight", 1, "")

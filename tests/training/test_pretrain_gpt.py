@@ -65,6 +65,14 @@ LAYOUTS = [
     ("tp2_pp2", 4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2"),
     ("tp2_dp2_distopt_sp", 4, "--tensor-model-parallel-size 2 --sequence-parallel "
                               "--use-distributed-optimizer --overlap-grad-reduce"),
+    # Zero bubble: tp linears split B/W, W steps feed the distributed optimizer's buffers.
+    ("tp2_pp2_sp_zbh1", 4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
+                           "--sequence-parallel --pipeline-schedule zb-h1 "
+                           "--use-distributed-optimizer"),
+    # FSDP2 (ZeRO-3) over dp 2 with tp 2 + sp: grad norm and clipping over DTensor shards.
+    ("tp2_sp_dp2_fsdp2", 4, "--tensor-model-parallel-size 2 --sequence-parallel "
+                            "--use-torch-fsdp2 --fsdp-reshard-after-forward"),
+    ("pp2_dp2_fsdp2", 4, "--pipeline-model-parallel-size 2 --use-torch-fsdp2"),
 ]
 
 

@@ -149,6 +149,19 @@ class GPTModel(MegatronModule):
         submodules = block_submodules(self.config, spec)
         return MultiTokenPrediction(self.config, submodules.layer_specs[-1],
                                     submodules.layer_norm, pg_collection=self.pg_collection)
+    def fully_shard_units(self) -> List[torch.nn.Module]:
+        """Modules FSDP2 gathers one at a time (``megacore.distributed.fully_shard_model``):
+        the embedding, each transformer layer, the output layer. With tied embeddings the
+        output layer gets its weight as an argument from :meth:`forward` (the root), so it
+        stays in the root unit, and so does an embedding whose table it uses on this
+        same stage."""
+        units: List[torch.nn.Module] = list(self.decoder.layers)
+        tied = self.share_embeddings_and_output_weights
+        if self.pre_process and not (tied and self.post_process):
+            units.insert(0, self.embedding)
+        if self.post_process and not tied:
+            units.append(self.output_layer)
+        return units
 
     # -- tied embeddings ----------------------------------------------------------------
     def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
