@@ -36,7 +36,7 @@ from megacore.training.training_config import (
     SchedulerArgs,
     TrainingArgs,
 )
-from megacore.transformer import TransformerConfig
+from megacore.transformer import AttnBackend, TransformerConfig
 
 __all__ = ["Flag", "FLAGS", "RunConfig", "ArgumentValidationError", "build_parser",
            "parse_args", "validate_run_config", "run_config_to_dict", "CHECKPOINT_MODEL_FLAGS",
@@ -94,6 +94,9 @@ FLAGS: List[Flag] = [
     _f("--disable-bias-linear", "model", "add_bias_linear", invert=True),
     _f("--add-qkv-bias", "model"), _f("--qk-layernorm", "model"),
     _f("--hidden-dropout", "model"), _f("--attention-dropout", "model"),
+    _f("--attention-backend", "model", "attention_backend", derived=True, type=str,
+       choices=[b.name for b in AttnBackend]),
+    _f("--layout-independent-attention-dropout", "model"),
     _f("--init-method-std", "model"),
     _f("--apply-residual-connection-post-layernorm", "model"),
     _f("--recompute-granularity", "model", choices=["full", "selective"]),
@@ -497,6 +500,8 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
                 f"--num-layers {layers} must be divisible by --pipeline-model-parallel-size {pp} "
                 f"x --num-layers-per-virtual-pipeline-stage {per_stage}")
         model["virtual_pipeline_model_parallel_size"] = layers // (pp * per_stage)
+    if values.get("attention_backend") is not None:
+        model["attention_backend"] = AttnBackend[values["attention_backend"]]
     freq = values.get("moe_layer_freq_text")
     if freq is not None:
         model["moe_layer_freq"] = _parse_layer_freq(freq)

@@ -121,8 +121,19 @@ class TransformerConfig(MoEConfig, ModelParallelConfig):
     """Scale of ``q k^T`` (None: ``1 / sqrt(kv_channels)``)."""
 
     attention_backend: AttnBackend = AttnBackend.auto
-    """Kernel for core attention: ``auto`` uses torch's scaled_dot_product_attention,
-    ``unfused`` the explicit matmul-softmax path (see ``AttnBackend``)."""
+    """Kernel for core attention: ``auto`` (default) torch's scaled_dot_product_attention
+    with in-kernel dropout (the fastest kernel for the device and mask), ``flash`` /
+    ``fused`` only those fused kernels (an error where they cannot run), ``unfused`` /
+    ``local`` the explicit matmul-softmax path (see ``AttnBackend``)."""
+
+    layout_independent_attention_dropout: bool = False
+    """Draw the attention-dropout mask as a hash of (seed, batch, global head, query
+    position, key position) instead of in the fused kernel, so every tp/cp/pp layout
+    drops exactly the same elements as the single process. Cost: attention dropout then
+    runs on the explicit path, materialising the ``[b, np/tp, s, s]`` scores,
+    probabilities and an int64 hash per layer (``[b, np/tp, s/cp, s/cp]`` per ring step
+    under cp), several times slower and larger than the fused kernel. Turn on to compare
+    layouts bit for bit with dropout on; leave off to train."""
 
     rotary_interleaved: bool = False
     """Rotate interleaved pairs (x0, x1), (x2, x3) ... (GPT-J) instead of the two halves
@@ -226,6 +237,12 @@ class TransformerConfig(MoEConfig, ModelParallelConfig):
         if not isinstance(self.attention_backend, AttnBackend):
             raise ValueError(f"attention_backend must be an AttnBackend, "
                              f"got {self.attention_backend!r}")
+        if self.layout_independent_attention_dropout and self.attention_dropout > 0 and \
+                self.attention_backend in (AttnBackend.flash, AttnBackend.fused):
+            raise ValueError(
+                f"layout_independent_attention_dropout runs attention dropout on the "
+                f"explicit path, which attention_backend {self.attention_backend.name} "
+                f"excludes; use attention_backend auto or unfused")
 
     def _check_recompute(self) -> None:
         granularity, method, n = (self.recompute_granularity, self.recompute_method,

@@ -160,3 +160,15 @@ def test_bad_data_flags(extra, message):
 
 def test_table_is_big_enough():
     assert len(BAD) + len(DATA_BAD) >= 30
+
+
+def test_attention_backend_flags():
+    from megacore.transformer import AttnBackend
+
+    assert _parse().model.attention_backend is AttnBackend.auto
+    run = _parse("--attention-backend unfused --layout-independent-attention-dropout")
+    assert run.model.attention_backend is AttnBackend.unfused
+    assert run.model.layout_independent_attention_dropout
+    assert run_config_to_dict(run)["model"]["attention_backend"] == "unfused"
+    with pytest.raises(ArgumentValidationError, match="--attention-backend"):
+        _parse("--attention-backend flash --layout-independent-attention-dropout")
