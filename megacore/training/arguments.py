@@ -97,6 +97,7 @@ FLAGS: List[Flag] = [
     _f("--attention-backend", "model", "attention_backend", derived=True, type=str,
        choices=[b.name for b in AttnBackend]),
     _f("--layout-independent-attention-dropout", "model"),
+    _f("--compile-layers", "model"),
     _f("--init-method-std", "model"),
     _f("--apply-residual-connection-post-layernorm", "model"),
     _f("--recompute-granularity", "model", choices=["full", "selective"]),

@@ -154,6 +154,14 @@ class TransformerConfig(MoEConfig, ModelParallelConfig):
     compatibility: megacore picks Apex's fused LayerNorm through the layer spec (when Apex
     is importable on CUDA), so this flag does not change the computation."""
 
+    compile_layers: bool = False
+    """``torch.compile`` each transformer layer (TorchInductor) when it is built. The
+    first step pays the compilation (tens of seconds per distinct layer on CPU). Losses
+    and gradients match the eager layer within fp32 rounding at dropout 0; dropout masks
+    drawn inside a compiled layer come from Inductor's own generator, so runs with
+    dropout agree with eager ones only statistically. Measured speed-up on CPU (2 layers,
+    hidden 256): none at sequence 256 (0.92x); see docs/attention_backends.md."""
+
     # -- activation recompute -----------------------------------------------------------
     recompute_granularity: Optional[str] = None
     """None, ``"full"`` (recompute whole layers in backward) or ``"selective"`` (only

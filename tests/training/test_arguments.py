@@ -172,3 +172,8 @@ def test_attention_backend_flags():
     assert run_config_to_dict(run)["model"]["attention_backend"] == "unfused"
     with pytest.raises(ArgumentValidationError, match="--attention-backend"):
         _parse("--attention-backend flash --layout-independent-attention-dropout")
+
+
+def test_compile_layers_flag():
+    assert not _parse().model.compile_layers
+    assert _parse("--compile-layers").model.compile_layers
