@@ -98,6 +98,7 @@ FLAGS: List[Flag] = [
        choices=[b.name for b in AttnBackend]),
     _f("--layout-independent-attention-dropout", "model"),
     _f("--compile-layers", "model"),
+    _f("--transformer-impl", "model", choices=["local", "transformer_engine"]),
     _f("--init-method-std", "model"),
     _f("--apply-residual-connection-post-layernorm", "model"),
     _f("--recompute-granularity", "model", choices=["full", "selective"]),
@@ -734,7 +735,23 @@ def _check_moe(run: RunConfig, world_size: int) -> None:
         _fail(f"--num-experts {experts} must be divisible by --expert-model-parallel-size {ep}")
 
 
-_CHECKS = [_check_layout, _check_model_shape, _check_pipeline, _check_batch,
+def _check_transformer_impl(run: RunConfig, world_size: int) -> None:
+    if run.model.transformer_impl != "transformer_engine":
+        return
+    from megacore.transformer.extensions import require_transformer_engine
+
+    try:
+        require_transformer_engine()
+    except RuntimeError as e:
+        raise ArgumentValidationError(str(e)) from e
+    m = run.model
+    if m.num_query_groups < m.tensor_model_parallel_size:
+        _fail(f"--transformer-impl transformer_engine needs --num-query-groups "
+              f"({m.num_query_groups}) >= --tensor-model-parallel-size "
+              f"({m.tensor_model_parallel_size})")
+
+
+_CHECKS = [_check_transformer_impl, _check_layout, _check_model_shape, _check_pipeline, _check_batch,
            _check_duration, _check_optimizer, _check_recompute, _check_data,
            _check_checkpointing, _check_moe]
 _TRAINING_ONLY_CHECKS = (_check_duration, _check_optimizer, _check_data)

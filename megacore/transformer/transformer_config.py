@@ -154,6 +154,12 @@ class TransformerConfig(MoEConfig, ModelParallelConfig):
     compatibility: megacore picks Apex's fused LayerNorm through the layer spec (when Apex
     is importable on CUDA), so this flag does not change the computation."""
 
+    transformer_impl: str = "local"
+    """``"local"``: megacore's torch modules (every device). ``"transformer_engine"``:
+    attention and linear layers from NVIDIA Transformer Engine (norms fused into the
+    following linear, TE's fused attention), CUDA only; checkpoints keep the local names.
+    (Megatron-Core's default is ``transformer_engine``; megacore's is ``local``.)"""
+
     compile_layers: bool = False
     """``torch.compile`` each transformer layer (TorchInductor) when it is built. The
     first step pays the compilation (tens of seconds per distinct layer on CPU). Losses
@@ -242,6 +248,9 @@ class TransformerConfig(MoEConfig, ModelParallelConfig):
             raise ValueError("apply_query_key_layer_scaling needs "
                              "attention_softmax_in_fp32=True (Megatron turned it on "
                              "silently; set it explicitly)")
+        if self.transformer_impl not in ("local", "transformer_engine"):
+            raise ValueError(f"transformer_impl must be 'local' or 'transformer_engine', "
+                             f"got {self.transformer_impl!r}")
         if not isinstance(self.attention_backend, AttnBackend):
             raise ValueError(f"attention_backend must be an AttnBackend, "
                              f"got {self.attention_backend!r}")
