@@ -22,7 +22,8 @@ vocabulary 32000 (untied), sequence 4096, micro-batch 1: 1.03e9 parameters.
 
 Run: ``python benchmarks/bench_gpu_throughput.py`` on a GPU machine;
 ``python benchmarks/bench_gpu_throughput.py --tiny`` runs a tiny model end to end on CPU
-(no MFU there: no peak figure) to check the script works.
+(no MFU there: no peak figure) to check the script works; ``--build-only`` times only
+the construction of the full-size model (works on CPU).
 """
 
 from __future__ import annotations
@@ -293,6 +294,8 @@ def main(argv=None):
                         help="the device's dense bf16 peak (default: from its name)")
     parser.add_argument("--no-megatron", action="store_true",
                         help="skip the megatron-core baseline")
+    parser.add_argument("--build-only", action="store_true",
+                        help="build the megacore model, print its construction time, stop")
     parser.add_argument("--compile-layers", action="store_true",
                         help="torch.compile each megacore transformer layer")
     args = parser.parse_args(argv)
@@ -316,7 +319,10 @@ def main(argv=None):
           f"{peak or 'unknown'} TFLOP/s", flush=True)
 
     model, optimizer, build_s, params = build_megacore(shape, bf16, backend, args.compile_layers)
-    print(f"   megacore parameters {params / 1e6:.1f} M, built in {build_s:.2f} s", flush=True)
+    print(f"   megacore parameters {params / 1e6:.1f} M, built in {build_s:.2f} s "
+          f"({torch.get_num_threads()} CPU threads)", flush=True)
+    if args.build_only:
+        return
     seconds, loss = time_steps(megacore_step(model, optimizer, _batches(shape), shape),
                                args.warmup, iters)
     report("megacore", shape, seconds, peak, build_s, loss)
