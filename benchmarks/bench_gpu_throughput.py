@@ -131,12 +131,15 @@ def build_megacore(shape: Shape, bf16: bool, backend: AttnBackend, compile_layer
         **llama_config_kwargs(num_query_groups=shape.num_query_groups))
     model_parallel_manual_seed(1234)
     device.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     gpt = GPTModel(config, get_llama_layer_local_spec(), vocab_size=shape.vocab_size,
                    max_sequence_length=shape.seq_length, position_embedding_type="rope",
                    share_embeddings_and_output_weights=False)
     device.synchronize()
     build_s = time.perf_counter() - start
+    # CPU seconds (all threads) of the build: comparable across loaded machines.
+    print(f"   megacore build: {build_s:.2f} s wall, {time.process_time() - start_cpu:.2f} s "
+          f"CPU", flush=True)
     if compile_layers:
         for layer in gpt.decoder.layers:
             layer.compile()
