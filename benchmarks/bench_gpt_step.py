@@ -1,10 +1,18 @@
-"""GPTModel step cost on CPU: time vs plain PyTorch, collective bytes, activation memory.
+"""GPTModel step cost on CPU: time and memory vs plain PyTorch, collective bytes,
+activation memory.
 
 Prints three tables, each measured next to its reference:
 
-1. fwd+bwd step time of ``GPTModel`` (tp=1) against a nanoGPT-style plain-PyTorch model
-   of the same architecture written below (same weights: logits are checked equal first).
-   Target: ratio <= 1.10.
+1. fwd+bwd step of ``GPTModel`` (tp=1, default ``--attention-backend auto``) against a
+   nanoGPT-style plain-PyTorch model of the same architecture written below (same
+   weights: logits are checked equal first), which calls
+   ``F.scaled_dot_product_attention(dropout_p=...)`` and ``F.dropout``, at attention and
+   hidden dropout 0.1 (Megatron's default) and 0, sequences 1024 and 2048 (GPT-2 style,
+   2 layers, hidden 256, 4 heads, batch 2). Time: median over interleaved repeats.
+   Memory: (a) bytes saved for backward (unique storages, parameters excluded), exact;
+   (b) peak resident memory of the step above the process's resident memory before it,
+   each model in its own fresh process (``max_memory_allocated`` on CUDA).
+   Targets: time ratio <= 1.05, memory ratio <= 1.10.
 2. Bytes moved by tensor-parallel collectives per transformer layer per step at tp=2,
    counted by wrapping ``torch.distributed`` collectives, against the analytic count:
    without sequence parallelism 4 all-reduces of ``b*s*h`` per layer (2 forward, 2
@@ -17,7 +25,8 @@ Prints three tables, each measured next to its reference:
    against Korthikanti et al. 2022: ``s*b*h*(34 + 5*a*s/h)`` bytes, ``/t`` with tensor +
    sequence parallelism, ``34*s*b*h/t`` with selective recompute.
 
-Run: ``python benchmarks/bench_gpt_step.py [--quick]`` (a few minutes on 2 cores).
+Run: ``python benchmarks/bench_gpt_step.py [--quick] [--repeats N] [--only-step]``
+(several minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megacore import collectives  # noqa: E402
+from megacore import device  # noqa: E402
 from megacore import parallel_state as ps  # noqa: E402
 from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec  # noqa: E402
 from megacore.tensor_parallel import model_parallel_manual_seed  # noqa: E402
@@ -47,31 +57,34 @@ from tests.multirank import run_distributed  # noqa: E402  (fork-based gloo rank
 
 # -- 1. a nanoGPT-style reference ---------------------------------------------------------
 class NanoBlock(nn.Module):
-    def __init__(self, h, heads):
+    def __init__(self, h, heads, dropout=0.0):
         super().__init__()
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout
         self.ln_1, self.ln_2 = nn.LayerNorm(h), nn.LayerNorm(h)
         self.c_attn, self.c_proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
         self.c_fc, self.mlp_proj = nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x):  # [b, s, h]
         b, s, h = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(h, dim=2)
         q, k, v = (t.view(b, s, self.heads, h // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.c_proj(y.transpose(1, 2).reshape(b, s, h))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, s, h)))
+        return x + self.resid_dropout(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)))))
 
 
 class NanoGPT(nn.Module):
-    def __init__(self, vocab, seq, h, heads, layers):
+    def __init__(self, vocab, seq, h, heads, layers, dropout=0.0):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, h), nn.Embedding(seq, h)
-        self.blocks = nn.ModuleList(NanoBlock(h, heads) for _ in range(layers))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(NanoBlock(h, heads, dropout) for _ in range(layers))
         self.ln_f, self.lm_head = nn.LayerNorm(h), nn.Linear(h, vocab, bias=False)
 
     def forward(self, ids, labels=None):
-        x = self.wte(ids) + self.wpe(torch.arange(ids.size(1)))
+        x = self.drop(self.wte(ids) + self.wpe(torch.arange(ids.size(1))))
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
@@ -120,19 +133,26 @@ def _time_steps(step, iters):
     return times
 
 
-def _bench_time(shape, iters):
-    torch.set_num_threads(1)
+def _step_models(shape, dropout):
+    """(GPTModel, NanoGPT, ids, pos) with equal weights; the max |logit diff| in eval."""
     ps.initialize_model_parallel()
     vocab, seq, b, h, heads, layers = shape
     model_parallel_manual_seed(0)
-    model = GPTModel(_gpt_config(layers, h, heads), get_gpt_layer_local_spec(), vocab, seq)
-    nano = NanoGPT(vocab, seq, h, heads, layers)
+    model = GPTModel(_gpt_config(layers, h, heads, hidden_dropout=dropout,
+                                 attention_dropout=dropout),
+                     get_gpt_layer_local_spec(), vocab, seq)
+    nano = NanoGPT(vocab, seq, h, heads, layers, dropout)
     _copy_weights(model, nano, heads)
-    ids = torch.randint(0, vocab, (b, seq))
+    ids = torch.randint(0, vocab, (b, seq), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(seq).expand(b, seq)
+    model.eval(), nano.eval()
     with torch.no_grad():
         diff = (model(ids, pos, None) - nano(ids)).abs().max().item()
+    model.train(), nano.train()
+    return model, nano, ids, pos, diff
 
+
+def _steps(model, nano, ids, pos):
     def ours():
         model.zero_grad(set_to_none=True)
         model(ids, pos, None, labels=ids).mean().backward()
@@ -141,6 +161,13 @@ def _bench_time(shape, iters):
         nano.zero_grad(set_to_none=True)
         nano(ids, ids).mean().backward()
 
+    return ours, plain
+
+
+def _bench_time(shape, dropout, iters):
+    torch.set_num_threads(1)
+    model, nano, ids, pos, diff = _step_models(shape, dropout)
+    ours, plain = _steps(model, nano, ids, pos)
     ours(), plain()  # warm-up
     t_ours, t_plain = [], []
     for _ in range(iters):  # interleave so machine noise hits both alike
@@ -149,92 +176,93 @@ def _bench_time(shape, iters):
     return diff, statistics.median(t_ours), statistics.median(t_plain)
 
 
-# -- 2. collective bytes ------------------------------------------------------------------
-# all_reduce is called on torch.distributed; the flat all-gather / reduce-scatter through
-# megacore.collectives (whose names follow the installed PyTorch).
-_WRAPPED = ((dist, "all_reduce"), (collectives, "all_gather_single"),
-            (collectives, "reduce_scatter_single"))
-
-
-def _install_counters(counts):
-    world = dist.get_world_size()
-
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            group = kwargs.get("group")
-            t = dist.get_world_size(group) if group is not None else world
-            if t > 1:
-                if name == "all_reduce":
-                    n, factor = args[0], 2.0
-                elif name == "all_gather_single":
-                    n, factor = args[0], 1.0  # output: the full tensor
-                else:
-                    n, factor = args[1], 1.0  # input: the full tensor
-                nbytes = n.numel() * n.element_size()
-                counts[name] = counts.get(name, 0) + factor * (t - 1) / t * nbytes
-            return fn(*args, **kwargs)
-        return counted
-
-    for owner, name in _WRAPPED:
-        setattr(owner, name, wrap(name, getattr(owner, name)))
-
-
-def _collective_bytes(shape, sequence_parallel):
-    torch.set_num_threads(1)
-    ps.initialize_model_parallel(tensor_model_parallel_size=2)
-    vocab, seq, b, h, heads, layers = shape
-    ids = torch.randint(0, vocab, (b, seq), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(seq).expand(b, seq)
-    per_model = {}
-    counts = {}
-    _install_counters(counts)
-    for n_layers in (layers, 2 * layers):
-        model_parallel_manual_seed(0)
-        model = GPTModel(_gpt_config(n_layers, h, heads, tensor_model_parallel_size=2,
-                                     sequence_parallel=sequence_parallel),
-                         get_gpt_layer_local_spec(), vocab, seq)
-        counts.clear()
-        model(ids, pos, None, labels=ids).mean().backward()
-        per_model[n_layers] = dict(counts)
-    keys = set(per_model[layers]) | set(per_model[2 * layers])
-    return {k: (per_model[2 * layers].get(k, 0) - per_model[layers].get(k, 0)) / layers
-            for k in keys}
-
-
-# -- 3. activation memory ------------------------------------------------------------------
-def _saved_bytes(model, ids, pos):
+def _saved_step_bytes(model, step):
+    """Unique storages saved for backward during ``step`` (parameters excluded)."""
     params = {p.data_ptr() for p in model.parameters()}
     seen = {}
 
     def pack(t):
-        storage = t.untyped_storage()
         if t.data_ptr() not in params:
+            storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, pos, None, labels=ids)
-    loss.mean().backward()
+        step()
     return sum(seen.values())
 
 
-def _activation_memory(shape, tp, sequence_parallel, recompute):
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc (kB there)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_step_peak(step) -> int:
+    """Resident high-water mark of one ``step`` above the resident memory before it.
+
+    Large buffers go straight to mmap (fixed threshold, no trimming delay), so freed
+    activations leave the resident set at once and the high-water mark tracks the peak of
+    live tensors; the mark is reset through /proc/self/clear_refs before the step.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, disables glibc's raising it
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    libc.malloc_trim(0)
+    start = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set size
+    step()
+    return max(_status_bytes("VmHWM") - start, 0)
+
+
+def _bench_memory(shape, dropout, which):
+    """Run in a fresh rank: (saved bytes, median peak bytes of a step above its start)."""
     torch.set_num_threads(1)
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-    vocab, seq, b, h, heads, layers = shape
-    ids = torch.randint(0, vocab, (b, seq), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(seq).expand(b, seq)
-    sizes = {}
-    for n_layers in (layers, 2 * layers):
-        model_parallel_manual_seed(0)
-        cfg = _gpt_config(n_layers, h, heads, tensor_model_parallel_size=tp,
-                          sequence_parallel=sequence_parallel, hidden_dropout=0.1,
-                          attention_dropout=0.1, bf16=True, params_dtype=torch.bfloat16,
-                          attention_softmax_in_fp32=False,
-                          recompute_granularity="selective" if recompute else None)
-        model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab, seq)
-        sizes[n_layers] = _saved_bytes(model, ids, pos)
-    return (sizes[2 * layers] - sizes[layers]) / layers
+    model, nano, ids, pos, _ = _step_models(shape, dropout)
+    ours, plain = _steps(model, nano, ids, pos)
+    step, module = (ours, model) if which == "ours" else (plain, nano)
+    saved = _saved_step_bytes(module, step)  # also the warm-up step
+    peaks = []
+    for _ in range(3):
+        module.zero_grad(set_to_none=True)
+        if device.device_type() == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            start = device.memory_allocated()
+            step()
+            peaks.append(device.max_memory_allocated() - start)
+        else:
+            peaks.append(_cpu_step_peak(step))
+    return saved, statistics.median(peaks)
+
+
+def _print_step_table(args):
+    seqs = (256, 512) if args.quick else (1024, 2048)
+    iters = args.repeats or (3 if args.quick else 7)
+    print("\n1. fwd+bwd step, tp=1, CPU 1 thread, GPT-2 style (vocab 4096, b 2, h 256, "
+          "4 heads, 2 layers); megacore (--attention-backend auto) vs plain PyTorch SDPA")
+    print(f"   {'dropout':>7} {'seq':>5} {'ours ms':>9} {'plain ms':>9} {'time':>6}   "
+          f"{'saved MB':>9} {'plain':>8} {'ratio':>6}   {'peak MB':>8} {'plain':>8} "
+          f"{'ratio':>6}   logit diff")
+    for dropout in (0.1, 0.0):
+        for seq in seqs:
+            shape = (4096, seq, 2, 256, 4, 2)
+            diff, t_ours, t_plain = run_distributed(_bench_time, 1, args=(shape, dropout, iters),
+                                                    timeout=1800)[0]
+            mem = {which: run_distributed(_bench_memory, 1, args=(shape, dropout, which),
+                                          timeout=1200)[0] for which in ("ours", "plain")}
+            (s_ours, p_ours), (s_plain, p_plain) = mem["ours"], mem["plain"]
+            print(f"   {dropout:7.1f} {seq:5d} {t_ours * 1e3:9.1f} {t_plain * 1e3:9.1f} "
+                  f"{t_ours / t_plain:6.3f}   {s_ours / 1e6:9.1f} {s_plain / 1e6:8.1f} "
+                  f"{s_ours / s_plain:6.3f}   {p_ours / 1e6:8.1f} {p_plain / 1e6:8.1f} "
+                  f"{p_ours / max(p_plain, 1):6.3f}   {diff:.1e}", flush=True)
+    print("   targets: time ratio <= 1.05, memory ratio <= 1.10 (saved = bytes kept for "
+          "backward; peak = resident high-water mark of one step above its start)")
 
 
 def main():
@@ -242,17 +270,14 @@ def main():
     warnings.filterwarnings("ignore", category=FutureWarning)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer iterations")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per model and configuration (default 7, quick 3)")
+    parser.add_argument("--only-step", action="store_true",
+                        help="print only table 1 (step time and memory vs plain PyTorch)")
     args = parser.parse_args()
-    # vocab, seq, batch, hidden, heads, layers
-    time_shape = (2048, 128, 4, 256, 8, 4) if args.quick else (4096, 256, 8, 256, 8, 6)
-    iters = 5 if args.quick else 10
-    diff, t_ours, t_plain = run_distributed(_bench_time, 1, args=(time_shape, iters),
-                                            timeout=1200)[0]
-    print(f"\n1. fwd+bwd step, tp=1, CPU 1 thread, shape (vocab, s, b, h, heads, layers) = "
-          f"{time_shape}; max |logit diff| vs plain = {diff:.2e}")
-    print(f"   GPTModel {t_ours * 1e3:8.1f} ms   plain PyTorch {t_plain * 1e3:8.1f} ms   "
-          f"ratio {t_ours / t_plain:.3f}  (target <= 1.10)")
-
+    _print_step_table(args)
+    if args.only_step:
+        return
     comm_shape = (512, 64, 2, 128, 4, 1)
     vocab, s, b, h, heads, _ = comm_shape
     print(f"\n2. tensor-parallel collectives per layer per step, tp=2, (s, b, h) = "

@@ -99,6 +99,8 @@ def _shard_master_weight(master: torch.Tensor, dim: int, stride: int, rank: int,
     gets its slice of each. Example: dim of 8 rows, world 2, stride 2 -> blocks of 2 rows;
     rank 0 keeps rows [0,1,4,5], rank 1 rows [2,3,6,7].
     """
+    if world == 1:
+        return master
     blocks = master.chunk(world * stride, dim=dim)
     return torch.cat(blocks[rank::world], dim=dim).contiguous()
 

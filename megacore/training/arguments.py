@@ -122,6 +122,11 @@ FLAGS: List[Flag] = [
     _f("--openai-gelu", "model", "openai_gelu", derived=True, type=bool),
     _f("--window-size", "model", "window_size", derived=True, type=str, nargs="+"),
     _f("--hidden-dropout", "model"), _f("--attention-dropout", "model"),
+    _f("--attention-backend", "model", "attention_backend", derived=True, type=str,
+       choices=[b.name for b in AttnBackend]),
+    _f("--layout-independent-attention-dropout", "model"),
+    _f("--compile-layers", "model"),
+    _f("--transformer-impl", "model", choices=["local", "transformer_engine"]),
     _f("--init-method-std", "model"),
     _f("--apply-residual-connection-post-layernorm", "model"),
     _f("--recompute-granularity", "model", choices=["full", "selective"]),
@@ -774,6 +779,8 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
                 f"--num-layers {layers} must be divisible by --pipeline-model-parallel-size {pp} "
                 f"x --num-layers-per-virtual-pipeline-stage {per_stage}")
         model["virtual_pipeline_model_parallel_size"] = layers // (pp * per_stage)
+    if values.get("attention_backend") is not None:
+        model["attention_backend"] = AttnBackend[values["attention_backend"]]
     freq = values.get("moe_layer_freq")  # the flag's argparse destination
     if freq is not None:
         model["moe_layer_freq"] = _parse_layer_freq(freq)
@@ -1113,7 +1120,24 @@ def _check_requirements(run: RunConfig, world_size: int) -> None:
             _fail(f"{flag.flag}{shown} needs {flag.setting}")
 
 
-_CHECKS = [_check_requirements, _check_layout, _check_model_shape, _check_pipeline, _check_batch,
+def _check_transformer_impl(run: RunConfig, world_size: int) -> None:
+    if run.model.transformer_impl != "transformer_engine":
+        return
+    from megacore.transformer.extensions import require_transformer_engine
+
+    try:
+        require_transformer_engine()
+    except RuntimeError as e:
+        raise ArgumentValidationError(str(e)) from e
+    m = run.model
+    if m.num_query_groups < m.tensor_model_parallel_size:
+        _fail(f"--transformer-impl transformer_engine needs --num-query-groups "
+              f"({m.num_query_groups}) >= --tensor-model-parallel-size "
+              f"({m.tensor_model_parallel_size})")
+
+
+_CHECKS = [_check_requirements, _check_transformer_impl, _check_layout, _check_model_shape,
+           _check_pipeline, _check_batch,
            _check_duration, _check_optimizer, _check_recompute, _check_data,
            _check_checkpointing, _check_moe, _check_fsdp2]
 _TRAINING_ONLY_CHECKS = (_check_duration, _check_optimizer, _check_data)

@@ -47,13 +47,24 @@ class AttnMaskType(enum.Enum):
 
 
 class AttnBackend(enum.Enum):
-    """Which kernel computes ``softmax(q k^T / sqrt(d)) v``.
+    """Which kernel computes ``softmax(q k^T / sqrt(d)) v`` (Megatron's
+    ``--attention-backend``).
 
-    ``flash``, ``fused`` and ``auto`` use ``torch.nn.functional.scaled_dot_product_attention``
-    (torch picks the fastest kernel it has for the device); ``unfused`` and ``local`` use
-    the explicit matmul-softmax-matmul path, which is the reference the others are tested
-    against and the path taken when attention dropout is active (see
-    ``megacore.transformer.dot_product_attention``).
+    * ``auto`` (default): ``torch.nn.functional.scaled_dot_product_attention`` with
+      attention dropout inside the kernel; torch picks the fastest kernel it has for the
+      device, dtype, mask and dropout (FlashAttention or memory-efficient on CUDA, the
+      fused CPU kernel on CPU; on CPU with dropout on, torch has no fused kernel and uses
+      its own math kernel, as plain PyTorch code calling SDPA does).
+    * ``flash``: the FlashAttention kernel only (CUDA, 16-bit, no arbitrary mask); an
+      error names the flag where it cannot run.
+    * ``fused``: a fused kernel only: memory-efficient or cuDNN attention on CUDA, the
+      fused (flash-style) kernel on CPU, which has no dropout; an error names the flag
+      where none can run.
+    * ``unfused`` / ``local``: the explicit matmul-softmax-matmul path, which materialises
+      the ``[b, np, sq, sk]`` scores; the reference the others are tested against.
+
+    ``TransformerConfig.layout_independent_attention_dropout`` takes the explicit path
+    (or the explicit ring) whenever attention dropout is active, whatever the backend.
     """
 
     flash = 1

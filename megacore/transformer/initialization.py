@@ -23,6 +23,7 @@ Megatron-LM's training script does for dropout, must happen after construction.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import math
@@ -31,14 +32,61 @@ from typing import Callable, Iterator
 import torch
 
 __all__ = ["init_method_normal", "scaled_init_method_normal", "init_rng_scope",
-           "derive_seed"]
+           "derive_seed", "normal_fill_"]
+
+
+_CHUNK = 1 << 22  # elements per independently seeded chunk (16 MB of float32)
+
+
+def _chunk_seed(base: int, index: int) -> int:
+    return (base * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)
+
+
+def _fill_chunk(flat: torch.Tensor, base: int, index: int, mean: float, std: float) -> None:
+    gen = torch.Generator(device=flat.device).manual_seed(_chunk_seed(base, index))
+    flat[index * _CHUNK:(index + 1) * _CHUNK].normal_(mean, std, generator=gen)
+
+
+def normal_fill_(tensor: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Fill ``tensor`` from N(mean, std^2) in parallel, as a function of one seed.
+
+    A tensor of at most ``2**22`` elements gets a plain ``normal_`` from the default
+    generator. A larger one: one 62-bit seed is drawn from the default generator of the
+    tensor's device (so the result follows ``torch.manual_seed`` and
+    :func:`init_rng_scope` like a plain ``normal_``); the flattened tensor is cut into
+    fixed chunks of ``2**22`` elements,
+    each filled from its own generator seeded by (seed, chunk index), on all intra-op
+    threads. The values depend only on the seed and the tensor's size, not on the thread
+    count, so the full master weights stay layout-independent. A single-threaded
+    ``normal_`` draws ~70 M values/s on this CPU: a 1B-parameter model took ~15 s.
+    """
+    if tensor.numel() <= _CHUNK:  # one chunk: a plain normal_ from the default generator
+        with torch.no_grad():
+            return tensor.normal_(mean, std)
+    if not tensor.is_contiguous():  # not a case init methods meet: fill a copy
+        dense = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        with torch.no_grad():
+            return tensor.copy_(normal_fill_(dense, mean, std))
+    base = int(torch.randint(0, 1 << 62, (1,), device=tensor.device).item())
+    flat = tensor.detach().view(-1)
+    chunks = -(-flat.numel() // _CHUNK)
+    threads = min(torch.get_num_threads(), chunks)
+    with torch.no_grad():
+        if threads <= 1 or tensor.device.type != "cpu":
+            for index in range(chunks):
+                _fill_chunk(flat, base, index, mean, std)
+        else:
+            # torch releases the GIL inside normal_: the chunks fill in parallel.
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda i: _fill_chunk(flat, base, i, mean, std), range(chunks)))
+    return tensor
 
 
 def init_method_normal(sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Fill a tensor from N(0, sigma^2)."""
+    """Fill a tensor from N(0, sigma^2) (with :func:`normal_fill_`: parallel, one seed)."""
 
     def init_(tensor: torch.Tensor) -> torch.Tensor:
-        return torch.nn.init.normal_(tensor, mean=0.0, std=sigma)
+        return normal_fill_(tensor, 0.0, sigma)
 
     return init_
 

@@ -125,6 +125,11 @@ class TransformerBlock(MegatronModule):
                                            layer_number=number,
                                            pg_collection=self.pg_collection))
         self.layers = torch.nn.ModuleList(layers)
+        if config.compile_layers:
+            for layer in self.layers:
+                # Module.compile compiles forward in place: parameter and checkpoint names
+                # stay those of the eager layer (no ``_orig_mod.`` prefix).
+                layer.compile()
         self.final_layernorm = None
         if post_process and post_layer_norm and submodules.layer_norm is not None:
             self.final_layernorm = build_module(submodules.layer_norm, config=config,

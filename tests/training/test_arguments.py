@@ -184,3 +184,18 @@ def test_moe_layer_freq_takes_effect_and_round_trips_through_a_checkpoint_config
     assert run.model.moe_layer_freq == 2
     flags = model_flags_from_config(run_config_to_dict(run))
     assert flags[flags.index("--moe-layer-freq") + 1] == "2"
+def test_attention_backend_flags():
+    from megacore.transformer import AttnBackend
+
+    assert _parse().model.attention_backend is AttnBackend.auto
+    run = _parse("--attention-backend unfused --layout-independent-attention-dropout")
+    assert run.model.attention_backend is AttnBackend.unfused
+    assert run.model.layout_independent_attention_dropout
+    assert run_config_to_dict(run)["model"]["attention_backend"] == "unfused"
+    with pytest.raises(ArgumentValidationError, match="--attention-backend"):
+        _parse("--attention-backend flash --layout-independent-attention-dropout")
+
+
+def test_compile_layers_flag():
+    assert not _parse().model.compile_layers
+    assert _parse("--compile-layers").model.compile_layers

@@ -160,7 +160,9 @@ def test_moe_layouts_equal_single_rank(tmp_path, name, world, extra):
     assert any(k.startswith("moe") for k in records[0]), sorted(records[0])
 
 
-DROPOUT = "--hidden-dropout 0.2 --attention-dropout 0.2"
+# Attention dropout compares across layouts with the opt-in keyed mask (the default
+# in-kernel mask differs between tp layouts and agrees only statistically).
+DROPOUT = "--hidden-dropout 0.2 --attention-dropout 0.2 --layout-independent-attention-dropout"
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,17 @@ from megacore.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megacore.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megacore.transformer.dot_product_attention import DotProductAttention
 from megacore.transformer.enums import AttnMaskType
-from megacore.transformer.extensions import HAVE_TE, FusedLayerNorm, TENorm, apex_usable
+from megacore.transformer.extensions import (
+    HAVE_TE,
+    FusedLayerNorm,
+    TEDotProductAttention,
+    TELayerNormColumnParallelLinear,
+    TENorm,
+    TERowParallelLinear,
+    TETransformerLayer,
+    apex_usable,
+    require_transformer_engine,
+)
 from megacore.transformer.mlp import MLP, MLPSubmodules
 from megacore.transformer.multi_latent_attention import (
     MLASelfAttention,
@@ -27,7 +37,7 @@ from megacore.transformer.multi_latent_attention import (
 )
 from megacore.transformer.moe.moe_module_specs import get_moe_module_spec
 from megacore.transformer.moe_config import is_moe_layer
-from megacore.transformer.spec_utils import ModuleSpec
+from megacore.transformer.spec_utils import IdentityOp, ModuleSpec
 from megacore.transformer.torch_norm import LayerNorm, RMSNorm
 from megacore.transformer.transformer_block import TransformerBlockSubmodules
 from megacore.transformer.transformer_layer import (
@@ -36,7 +46,8 @@ from megacore.transformer.transformer_layer import (
 )
 
 __all__ = ["get_gpt_layer_local_spec", "get_gpt_decoder_block_spec", "get_llama_layer_local_spec",
-           "get_gpt_layer_with_transformer_engine_spec", "llama_config_kwargs"]
+           "get_gpt_layer_with_transformer_engine_spec",
+           "get_gpt_layer_with_transformer_engine_full_spec", "llama_config_kwargs"]
 
 
 def _local_norm(normalization: str):
@@ -101,6 +112,13 @@ def get_gpt_decoder_block_spec(config, qk_layernorm: Optional[bool] = None
     Without experts (``config.num_moe_experts`` None) every layer gets the dense spec.
     """
     qk = config.qk_layernorm if qk_layernorm is None else qk_layernorm
+    if config.transformer_impl == "transformer_engine":
+        if config.num_moe_experts:
+            raise ValueError("--transformer-impl transformer_engine builds dense layers only; "
+                             "use --transformer-impl local with --num-experts")
+        spec = get_gpt_layer_with_transformer_engine_full_spec(qk)
+        return TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers,
+                                          layer_norm=TENorm)
     norm = _local_norm(config.normalization)
     mla = config.multi_latent_attention
     dense = _layer_spec(norm, qk, mla=mla)
@@ -139,3 +157,27 @@ def get_gpt_layer_with_transformer_engine_spec(qk_layernorm: bool = False,
                           "get_gpt_layer_local_spec() instead")
     del normalization  # TENorm follows TransformerConfig.normalization
     return _layer_spec(TENorm, qk_layernorm)
+
+
+def get_gpt_layer_with_transformer_engine_full_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    """GPT layer for ``--transformer-impl transformer_engine``: TE ``LayerNormLinear``
+    (the input norms fused into ``linear_qkv`` and ``linear_fc1``), TE ``Linear`` for the
+    row-parallel projections and TE ``DotProductAttention``; checkpoint names stay those
+    of the local spec. The norm kind follows ``TransformerConfig.normalization``.
+
+    Raises:
+        RuntimeError: Transformer Engine is not importable or the run is not on CUDA
+            (the message names ``--transformer-impl``).
+    """
+    require_transformer_engine()
+    attention = ModuleSpec(
+        module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=TELayerNormColumnParallelLinear, core_attention=TEDotProductAttention,
+            linear_proj=TERowParallelLinear, q_layernorm=TENorm if qk_layernorm else None,
+            k_layernorm=TENorm if qk_layernorm else None))
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
+        linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear))
+    return ModuleSpec(module=TETransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=IdentityOp, self_attention=attention, pre_mlp_layernorm=IdentityOp,
+        mlp=mlp))

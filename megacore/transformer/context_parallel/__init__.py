@@ -16,6 +16,7 @@ from megacore.transformer.context_parallel.loss_reduction import (
     masked_token_mean_over_cp,
 )
 from megacore.transformer.context_parallel.ring_attention import (
+    FusedRingAttentionFunction,
     RingAttentionFunction,
     RingBlock,
     ring_attention,
@@ -38,6 +39,7 @@ __all__ = [
     "masked_token_mean_over_cp",
     "ring_attention",
     "RingAttentionFunction",
+    "FusedRingAttentionFunction",
     "RingBlock",
     "ring_block_plan",
     "ring_source_rank",

@@ -6,7 +6,8 @@ the core-attention contract (mask types, dropout, output ``[sq, b, np/tp * hn]``
 rejects what a ring over the zigzag split cannot express: padding masks (a rank would
 need the mask columns of every other rank's keys) and key/value caches (``sk != sq``).
 
-Dropout uses the keyed mask of :mod:`.keyed_dropout`: its seed is drawn from
+Dropout uses the keyed mask of :mod:`.keyed_dropout` (whatever
+``layout_independent_attention_dropout`` says: the ring has no in-kernel dropout): its seed is drawn from
 ``dropout_stream`` (the layer's keyed stream of the RNG tracker, or the default generator
 without one), which is identical on every cp and tp rank and does not depend on the
 pipeline stage; each rank passes the global index of its first head, so the mask is one
@@ -35,7 +36,8 @@ def context_parallel_core_attention(query: torch.Tensor, key: torch.Tensor,
                                     attention_mask: Optional[torch.Tensor],
                                     softmax_scale: float, dropout_p: float = 0.0,
                                     head_offset: int = 0,
-                                    dropout_stream: Optional[str] = None) -> torch.Tensor:
+                                    dropout_stream: Optional[str] = None,
+                                    fused: bool = True) -> torch.Tensor:
     """Ring attention over ``cp_group`` with core-attention arguments.
 
     Args:
@@ -49,6 +51,9 @@ def context_parallel_core_attention(query: torch.Tensor, key: torch.Tensor,
         dropout_p: attention dropout probability in effect (0 in eval).
         head_offset: global index of this rank's first query head (``tp_rank * np/tp``).
         dropout_stream: keyed RNG stream the dropout seed is drawn from.
+        fused: ring steps on fused kernels returning their LSE (no ``[s/cp, s/cp]``
+            scores); attention dropout always takes the explicit keyed path, since no
+            fused kernel takes an external dropout mask.
 
     Returns:
         ``[s/cp, b, np/tp * hn]``.
@@ -68,6 +73,6 @@ def context_parallel_core_attention(query: torch.Tensor, key: torch.Tensor,
     out = ring_attention(query, key, value, cp_group=cp_group,
                          causal=attn_mask_type == AttnMaskType.causal,
                          softmax_scale=softmax_scale, dropout_p=dropout_p, dropout_seed=seed,
-                         head_offset=head_offset)
+                         head_offset=head_offset, fused=fused)
     s, b, n, hn = out.shape
     return out.reshape(s, b, n * hn)  # [s/cp, b, np/tp, hn] -> [s/cp, b, np/tp * hn]

@@ -12,8 +12,8 @@ partial result with the online-softmax rule using per-block log-sum-exp (LSE)::
 
 The transfer of the next block is started before the current block is computed, so
 communication overlaps compute where the backend allows. No rank ever holds more than
-two key/value blocks (in backward also two key/value-gradient blocks) or a score matrix
-larger than ``[s/cp, s/cp]`` per head.
+two key/value blocks (in backward also two key/value-gradient blocks); the explicit path
+also holds one ``[s/cp, s/cp]`` score matrix per head, the fused path none.
 
 Causal masking with the load-balanced split (Megatron / Transformer Engine). Let rank
 ``r`` hold chunks ``(r, 2cp-1-r)`` as query halves ``q0, q1`` and let the key/value block
@@ -28,18 +28,27 @@ come from rank ``src`` with halves ``k0, k1`` (chunks ``src, 2cp-1-src``):
 
 Every step but the diagonal therefore does half a block of unmasked work on every rank.
 
-Backward recomputes each block's probabilities from the saved LSE (flash-attention
-style: ``dS = P * (dP - rowsum(dO * O))``). Key/value blocks travel the ring again, and
+Each block runs on a fused attention kernel that returns its LSE (torch's fused CPU
+kernel ``_scaled_dot_product_flash_attention_for_cpu``, the memory-efficient kernel on
+CUDA), so cp adds no ``[s/cp, s/cp]`` score matrix: only the merged output and the
+``[b, np, s/cp]`` LSE are kept. Backward calls the kernel's backward per block with the
+*merged* output and LSE, which is exactly the block's share of the gradient
+(flash-attention style: ``dS = P * (dP - rowsum(dO * O))`` with ``P`` from the global
+LSE). The explicit block math below (the reference, and the path when attention dropout
+is active, since no fused kernel takes an external dropout mask) does the same with
+matmuls. Key/value blocks travel the ring again, and
 the key/value gradients travel with them, each rank adding its contribution, until after
 ``cp`` hops they reach their owner.
 
 Attention dropout (optional) uses a mask keyed by global coordinates
 (:mod:`.keyed_dropout`), so backward regenerates each block's mask instead of storing it
-and the result does not depend on the cp or tp layout.
+and the result does not depend on the cp or tp layout; it runs on the explicit path.
 
-All block math runs in float32 whatever the input dtype. Grouped-query attention is
-handled without expanding key/value heads: the ``g = np/ng`` query heads of a group are
-stacked along the row dim of one matmul against their key/value head.
+Fused blocks compute in the input dtype (16-bit kernels accumulate in float32); merges
+and the explicit block math run in float32. Grouped-query attention: the CPU kernel takes
+``ng < np`` key/value heads natively; the CUDA kernel gets them expanded per block; the
+explicit path stacks the ``g = np/ng`` query heads of a group along the row dim of one
+matmul against their key/value head.
 
 Shapes: query ``[s/cp, b, np, hn]``, key/value ``[s/cp, b, ng, hn]``, output
 ``[s/cp, b, np, hn]``; inside: ``[b, ng, g, s/cp, hn]`` queries, ``[2, b, ng, s/cp, hn]``
@@ -63,7 +72,7 @@ from megacore.transformer.context_parallel.sequence_split import (
 )
 
 __all__ = ["RingBlock", "ring_block_plan", "ring_source_rank", "ring_attention",
-           "RingAttentionFunction"]
+           "RingAttentionFunction", "FusedRingAttentionFunction"]
 
 _KV_TAG = 31
 _DKV_TAG = 32
@@ -278,6 +287,146 @@ def _pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# Fused block kernels (attention of one block with its log-sum-exp)
+# --------------------------------------------------------------------------------------
+class _CpuFusedKernel:
+    """torch's fused CPU attention: ``[b, np, sq, hn]`` queries, ``[b, ng, sk, hn]``
+    keys/values (grouped-query natively); LSE ``[b, np, sq]`` float32."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def forward(self, q, k, v, causal):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=self.scale)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, causal):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=self.scale)
+
+
+class _CudaEfficientKernel:
+    """PyTorch's memory-efficient CUDA attention (any float dtype). Key/value heads are
+    expanded to the query heads per block and their gradients summed back; the kernel's
+    LSE is padded to a multiple of 32 rows, sliced here to ``[b, np, sq]``."""
+
+    _LSE_ALIGN = 32
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    @staticmethod
+    def _expand(x, heads):
+        return x if x.size(1) == heads else x.repeat_interleave(heads // x.size(1), dim=1)
+
+    def forward(self, q, k, v, causal):
+        heads = q.size(1)
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, self._expand(k, heads), self._expand(v, heads), None, True, 0.0, causal,
+            scale=self.scale)
+        return out, lse[..., :q.size(2)]
+
+    def backward(self, dout, q, k, v, out, lse, causal):
+        heads, sq = q.size(1), q.size(2)
+        padded = -(-sq // self._LSE_ALIGN) * self._LSE_ALIGN
+        lse = torch.nn.functional.pad(lse, (0, padded - sq)).contiguous()
+        empty = torch.empty((), dtype=torch.int64, device=q.device)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout.contiguous(), q, self._expand(k, heads), self._expand(v, heads), None,
+            out.contiguous(), lse, empty, empty, 0.0, [True, True, True, False], causal,
+            scale=self.scale)
+        if k.size(1) != heads:  # [b, np, sk, hn] -> sum over each group -> [b, ng, sk, hn]
+            b, _, sk, hn = dk.shape
+            dk = dk.view(b, k.size(1), -1, sk, hn).sum(2)
+            dv = dv.view(b, k.size(1), -1, sk, hn).sum(2)
+        return dq, dk, dv
+
+
+def _fused_kernel(device_type: str, scale: float):
+    return _CudaEfficientKernel(scale) if device_type == "cuda" else _CpuFusedKernel(scale)
+
+
+def _fused_ring_forward(ring: Optional[_Ring], q4, kv, kernel, causal):
+    """Ring on fused blocks: ``out [b, np, s, hn]`` and ``lse [b, np, s]`` (float32)."""
+    cp_size, cp_rank = (ring.size, ring.rank) if ring is not None else (1, 0)
+    seq = q4.size(2)
+    out = lse = None
+    for step in range(cp_size):
+        transfer = ring.shift(kv, _KV_TAG) if step + 1 < cp_size else None
+        block = ring_block_plan(step, cp_rank, cp_size, causal)
+        rows, cols = _rows(block.query, seq), _rows(block.key, seq)
+        block_out, block_lse = kernel.forward(q4[..., rows, :], kv[0][..., cols, :],
+                                              kv[1][..., cols, :], block.causal)
+        if out is None:  # step 0 covers every query row
+            out, lse = block_out.float(), block_lse.float()
+        else:
+            _merge_into(out[..., rows, :], lse[..., rows], block_out.float(), block_lse)
+        if transfer is not None:
+            kv = transfer.wait()
+    return out, lse
+
+
+def _fused_ring_backward(ring: Optional[_Ring], q4, kv, out4, lse, dout4, kernel, causal):
+    """Returns ``dq [b, np, s, hn]`` and ``dkv [2, b, ng, s, hn]`` (float32)."""
+    cp_size, cp_rank = (ring.size, ring.rank) if ring is not None else (1, 0)
+    seq = q4.size(2)
+    dq = torch.zeros(q4.shape, dtype=torch.float32, device=q4.device)
+    dkv_transfer: Optional[_Transfer] = None
+    dkv = None
+    for step in range(cp_size):
+        kv_transfer = ring.shift(kv, _KV_TAG) if step + 1 < cp_size else None
+        block = ring_block_plan(step, cp_rank, cp_size, causal)
+        rows, cols = _rows(block.query, seq), _rows(block.key, seq)
+        # The merged output and LSE make the kernel's backward the block's exact share.
+        block_dq, dk, dv = kernel.backward(
+            dout4[..., rows, :], q4[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :],
+            out4[..., rows, :], lse[..., rows].contiguous(), block.causal)
+        dq[..., rows, :] += block_dq
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device) \
+            if dkv_transfer is None else dkv_transfer.wait()
+        dkv[0][..., cols, :] += dk
+        dkv[1][..., cols, :] += dv
+        if ring is not None:
+            dkv_transfer = ring.shift(dkv, _DKV_TAG)
+        if kv_transfer is not None:
+            kv = kv_transfer.wait()
+    if dkv_transfer is not None:
+        dkv = dkv_transfer.wait()
+    return dq, dkv
+
+
+class FusedRingAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of the ring on fused block kernels (no dropout); use
+    :func:`ring_attention`."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, cp_group, causal, softmax_scale):
+        ring = _Ring(cp_group) if cp_group is not None and \
+            dist.get_world_size(cp_group) > 1 else None
+        kernel = _fused_kernel(query.device.type, softmax_scale)
+        q4 = query.permute(1, 2, 0, 3)         # [b, np, s/cp, hn] (a view)
+        kv = _pack_kv(key, value)              # [2, b, ng, s/cp, hn]
+        out, lse = _fused_ring_forward(ring, q4, kv, kernel, causal)
+        out = out.to(query.dtype)              # [b, np, s/cp, hn]
+        ctx.save_for_backward(q4, kv, out, lse)
+        ctx.ring, ctx.causal, ctx.kernel = ring, causal, kernel
+        return out.permute(2, 0, 1, 3).contiguous()  # [s/cp, b, np, hn]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        q4, kv, out, lse = ctx.saved_tensors
+        dout4 = grad_output.permute(1, 2, 0, 3)  # [s, b, np, hn] -> [b, np, s, hn]
+        dq, dkv = _fused_ring_backward(ctx.ring, q4, kv, out, lse, dout4, ctx.kernel,
+                                       ctx.causal)
+        # [b, np, s, hn] -> [s, b, np, hn]; [2, b, ng, s, hn] -> [s, b, ng, hn] each
+        dq = dq.permute(2, 0, 1, 3).to(q4.dtype).contiguous()
+        dk = dkv[0].permute(2, 0, 1, 3).to(kv.dtype).contiguous()
+        dv = dkv[1].permute(2, 0, 1, 3).to(kv.dtype).contiguous()
+        return (dq, dk, dv) + (None,) * 3
+
+
+# --------------------------------------------------------------------------------------
 # Forward and backward passes
 # --------------------------------------------------------------------------------------
 def _block_keep(dropout: Optional[_Dropout], step, cp_rank, cp_size, rows, cols, shape):
@@ -383,7 +532,8 @@ class RingAttentionFunction(torch.autograd.Function):
 def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                    cp_group: Optional[dist.ProcessGroup], causal: bool = True,
                    softmax_scale: Optional[float] = None, dropout_p: float = 0.0,
-                   dropout_seed: Optional[int] = None, head_offset: int = 0) -> torch.Tensor:
+                   dropout_seed: Optional[int] = None, head_offset: int = 0,
+                   fused: bool = True) -> torch.Tensor:
     """Exact (causal) attention over a sequence split over ``cp_group`` in zigzag order.
 
     Args:
@@ -402,6 +552,8 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             on all ranks of ``cp_group`` (draw a fresh one per step and layer).
         head_offset: global index of the first local query head (``tp_rank * np/tp``), so
             the dropout mask does not depend on the tp layout either.
+        fused: run each block on a fused kernel that returns its LSE (no ``[s/cp, s/cp]``
+            scores); False, or ``dropout_p > 0``, runs the explicit float32 block math.
 
     Returns:
         ``[s/cp, b, np, hn]`` in ``query``'s dtype; differentiable in query, key, value.
@@ -414,6 +566,9 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0 and dropout_seed is None:
         raise ValueError("dropout_p > 0 needs a dropout_seed equal on all cp ranks")
+    if fused and dropout_p == 0.0:
+        return FusedRingAttentionFunction.apply(query, key, value, cp_group, causal,
+                                                softmax_scale)
     return RingAttentionFunction.apply(query, key, value, cp_group, causal, softmax_scale,
                                        dropout_p, dropout_seed, head_offset)
 

@@ -12,8 +12,9 @@ single-process run.
 Cases: the GPT spec (LayerNorm, GeLU, biases, learned absolute positions, multi-head) and
 the Llama spec (RMSNorm, SwiGLU, RoPE, grouped-query attention with 2 groups).
 
-With attention dropout on, cp=1 (DotProductAttention) and the ring draw the same keyed
-mask, so cp=2 and cp=2 x tp=2 agree with cp=1.
+With attention dropout on and the opt-in ``layout_independent_attention_dropout``, cp=1
+(DotProductAttention) and the ring draw the same keyed mask, so cp=2 and cp=2 x tp=2
+agree with cp=1. Without dropout the ring runs on fused kernels (the default).
 Without position ids, RoPE angles must still follow global positions.
 
 Tolerance: fp32; rtol 1e-5 / atol 1e-5 on the loss (~4) and atol 1e-6 on gradients
@@ -56,7 +57,8 @@ CASES = {
 # Dropout masks are drawn per stage in pipeline order, so pipelined runs compare without it.
 PIPELINE_CASES = {name: case for name, case in CASES.items() if name != "hidden_dropout"}
 DROPOUT_CASE = dict(spec="llama",
-                    cfg=dict(llama_config_kwargs(num_query_groups=2), attention_dropout=0.2),
+                    cfg=dict(llama_config_kwargs(num_query_groups=2), attention_dropout=0.2,
+                             layout_independent_attention_dropout=True),
                     model=dict(position_embedding_type="rope"))
 
 
