@@ -162,10 +162,8 @@ class DotProductAttention(MegatronModule):
         # Keyed dropout draws its seed from the layer's stream (equal on all tp ranks, the
         # mask hashes global heads); kernel dropout draws from a stream per layer and tp
         # rank, since each tp rank holds different heads.
-        self.use_sdpa = config.attention_backend in _SDPA_BACKENDS
         # Sliding window (left, right) keys around each query; None: full attention.
         self.window_size = config.window_size
-        # Attention-probability dropout draws from this layer's own keyed RNG stream.
         self._dropout_stream = f"dropout/layer{self.layer_number}/attention"
         self._kernel_dropout_stream = f"{self._dropout_stream}/tp{self.tp_rank}"
         # Context parallelism (megacore.transformer.context_parallel): ring attention.

@@ -60,7 +60,8 @@ CASES = {
         model=dict(position_embedding_type="rope", rotary_percent=0.5,
                    share_embeddings_and_output_weights=True)),
     # Mistral/Qwen2/Llama-3.1 features: sliding window (3, 0) < SEQ, q/k/v bias, RoPE
-    # scaling; once with SDPA and once with attention dropout (the explicit kernel).
+    # scaling; once with SDPA and once with attention dropout (the explicit kernel, via
+    # the opt-in layout-independent mask so layouts agree exactly).
     "llama_window_qkvbias_ropescale": dict(
         spec="llama", cfg=dict(llama_config_kwargs(num_query_groups=2), window_size=(3, 0),
                                add_qkv_bias=True),
@@ -68,7 +69,8 @@ CASES = {
                    rope_scaling_original_max_position_embeddings=8)),
     "llama_window_dropout": dict(
         spec="llama", cfg=dict(llama_config_kwargs(num_query_groups=2), window_size=(3, 0),
-                               attention_dropout=0.2),
+                               attention_dropout=0.2,
+                               layout_independent_attention_dropout=True),
         model=dict(position_embedding_type="rope")),
 }
 
