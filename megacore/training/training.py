@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import resource
@@ -39,6 +38,7 @@ from megacore.optimizer import (
 from megacore.pipeline_parallel import get_forward_backward_func
 from megacore.tensor_parallel import model_parallel_manual_seed
 from megacore.training.arguments import RunConfig, parse_args, run_config_to_dict
+from megacore.training.run_summary import run_summary, write_resolved_config
 from megacore.training.data_samplers import build_pretraining_data_loader, cyclic_iter
 from megacore.training.flops import num_floating_point_operations
 from megacore.training.metrics_logger import MetricsLogger
@@ -539,8 +539,8 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
                                 checkpoint_config=saved, checkpoint_path=load_dir or "")
     run = run_config
     initialize_model_parallel_from_run(run)
-    print_rank_0("megacore pretrain: resolved configuration\n"
-                 + json.dumps(run_config_to_dict(run), indent=1, sort_keys=True))
+    config_path = write_resolved_config(run) if dist.get_rank() == 0 else None
+    print_rank_0(run_summary(run, dist.get_world_size(), config_path))
 
     model = get_model(model_provider, run)
     optimizer = get_megatron_optimizer(run.optimizer, model)
@@ -574,9 +574,13 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
             calc = NumMicroBatchesCalculator(run.training.global_batch_size,
                                              run.training.micro_batch_size,
                                              run.data_parallel_size)
+            # The loop already evaluated at the last iteration when it is a multiple of
+            # --eval-interval; a second evaluation on the next batches would print a
+            # different validation loss for the same weights.
+            validated = state.iteration % run.training.eval_interval == 0
             for key, name, iterator in (("validation", "validation (end of training)", valid_iter),
                                         ("test", "test", test_iter)):
-                if iterator is not None:
+                if iterator is not None and not (key == "validation" and validated):
                     summary[key] = _run_eval(run, state, forward_step_func, iterator, model,
                                              logger, calc, name)
     finally:
