@@ -4,10 +4,10 @@
     python tools/api_snapshot.py --check     # exit 1 and list differences if the API changed
     python tools/api_snapshot.py --update    # rewrite tests/api_snapshot.json
 
-The public API is, for megacore and every public subpackage, the names in ``__all__``:
+The public API is, for megacore and every public subpackage, the names in __all__:
 functions with their signatures, classes with their constructor signature, public
-methods and (for dataclasses) fields. ``--update`` refuses unless the version in
-``megacore/package_info.py`` was bumped enough for the change: removing or changing a
+methods and (for dataclasses) fields. --update refuses unless the version in
+megacore/package_info.py was bumped enough for the change: removing or changing a
 name needs a MAJOR bump (MINOR while MAJOR is 0), adding names needs a MINOR bump.
 """
 
@@ -25,7 +25,6 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SNAPSHOT = os.path.join(ROOT, "tests", "api_snapshot.json")
-sys.path.insert(0, ROOT)
 
 
 def _signature(obj) -> str:
@@ -138,11 +137,21 @@ def load_snapshot() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--check", action="store_true")
-    mode.add_argument("--update", action="store_true")
+    mode.add_argument("--check", action="store_true",
+                      help="compare the API with tests/api_snapshot.json; exit 1 on a difference")
+    mode.add_argument("--update", action="store_true",
+                      help="rewrite tests/api_snapshot.json (needs the version bump the change "
+                           "calls for)")
     args = parser.parse_args(argv)
 
+    import megacore
     from megacore.package_info import __version__
+
+    if os.path.dirname(os.path.abspath(megacore.__file__)) != os.path.join(ROOT, "megacore"):
+        print(f"error: megacore is imported from {os.path.dirname(megacore.__file__)}, not "
+              f"from this checkout ({ROOT}): run `pip install -e .` here or set PYTHONPATH",
+              file=sys.stderr)
+        return 2
 
     api = current_api()
     old = load_snapshot() if os.path.exists(SNAPSHOT) else {"version": None, "api": {}}

@@ -1,9 +1,9 @@
-"""Concatenate indexed datasets into one (Megatron's ``tools/merge_datasets.py`` flags).
+"""Concatenate indexed datasets into one (Megatron's tools/merge_datasets.py flags).
 
     python tools/merge_datasets.py --input out/parts --output-prefix out/merged_text_document
 
-merges every ``.bin``/``.idx`` pair in ``--input`` (in file-name order) into
-``{output-prefix}.bin/.idx``. Documents keep their order; the ``.bin`` bytes are copied
+merges every .bin/.idx pair in --input (in file-name order) into
+{output-prefix}.bin/.idx. Documents keep their order; the .bin bytes are copied
 verbatim, so all inputs must share one dtype. The output appears only when complete.
 
 The output may not lie in the input directory: the next merge would take it as one

@@ -1,32 +1,32 @@
-"""Tokenize JSONL text into Megatron ``.bin``/``.idx`` datasets (Megatron's flags).
+"""Tokenize JSONL text into Megatron .bin/.idx datasets (Megatron's flags).
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix out/corpus \\
         --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt \\
         --append-eod --workers 2
 
-writes ``out/corpus_text_document.bin`` and ``.idx`` (one pair per ``--json-keys`` key;
-``sentence`` instead of ``document`` with ``--split-sentences``).
+writes out/corpus_text_document.bin and .idx (one pair per --json-keys key;
+sentence instead of document with --split-sentences).
 
 How it differs from Megatron's tool, on purpose:
 
-* Streaming with bounded memory: the parent reads batches of raw lines (``.jsonl``,
-  ``.jsonl.gz``, a directory of them, or a glob), workers parse and tokenize whole
+* Streaming with bounded memory: the parent reads batches of raw lines (.jsonl,
+  .jsonl.gz, a directory of them, or a glob), workers parse and tokenize whole
   batches and send back numpy arrays, and the parent appends them in input order. So the
-  output is byte-identical for any ``--workers`` (and equal to Megatron's for valid
-  input); ``--partitions`` is accepted but unnecessary.
+  output is byte-identical for any --workers (and equal to Megatron's for valid
+  input); --partitions is accepted but unnecessary.
 * Outputs are written under temporary names and renamed when complete: an interrupted
   or failed run leaves no partial dataset.
 * Bad input (malformed JSON, JSON nested too deeply, a missing key, a non-string value,
   invalid UTF-8, a document with no tokens, a line too large for memory, an empty file)
-  is reported as ``file:line: problem`` and the line is skipped in every output (so
-  outputs of several keys stay aligned); ``--strict`` stops at the first problem
+  is reported as file:line: problem and the line is skipped in every output (so
+  outputs of several keys stay aligned); --strict stops at the first problem
   instead, writing nothing.
 * An output that cannot be written (a read-only directory, a file where a directory
-  should be) is one ``error:`` line naming the path, before any work; temporary files
+  should be) is one error: line naming the path, before any work; temporary files
   of an earlier run that was killed are removed.
-* ``--split-sentences`` never downloads: it uses NLTK punkt parameters for ``--lang``
+* --split-sentences never downloads: it uses NLTK punkt parameters for --lang
   when they are installed locally, and punkt's untrained defaults otherwise. Sentences
-  are split on the fly (no ``_ss`` intermediate file, no second run).
+  are split on the fly (no _ss intermediate file, no second run).
 """
 
 from __future__ import annotations
