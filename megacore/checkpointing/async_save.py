@@ -99,7 +99,9 @@ class AsyncSaveHandle:
 
 
 _PENDING: Optional[AsyncSaveHandle] = None
-_ASYNC_GROUP = None
+# (the default process group it was created in, the gloo group). A process group does not
+# outlive destroy_process_group: the pair lets a new world get a new group.
+_ASYNC_GROUP: Optional[tuple] = None
 
 
 def set_pending(handle: AsyncSaveHandle) -> None:
@@ -119,9 +121,12 @@ def async_process_group(layout: RankLayout):
     global _ASYNC_GROUP
     if not layout.is_distributed:
         return None
-    if _ASYNC_GROUP is None:
-        _ASYNC_GROUP = dist.new_group(backend="gloo")
-    return _ASYNC_GROUP
+    world = dist.group.WORLD
+    if _ASYNC_GROUP is None or _ASYNC_GROUP[0] is not world:
+        # First use, or the world was destroyed and created again since: the cached group
+        # belongs to a dead world, and a collective on it would fail or hang.
+        _ASYNC_GROUP = (world, dist.new_group(backend="gloo"))
+    return _ASYNC_GROUP[1]
 
 
 def finalize_async_saves(blocking: bool = True) -> bool:

@@ -44,9 +44,9 @@ from megacore.training.flops import num_floating_point_operations
 from megacore.training.metrics_logger import MetricsLogger
 from megacore.training.num_microbatches_calculator import NumMicroBatchesCalculator
 from megacore.transformer.moe import (
-    MoEAuxLossAutoScaler,
     reduce_moe_metrics,
     reset_moe_metrics,
+    set_moe_aux_loss_scale,
     update_router_expert_bias,
 )
 
@@ -252,7 +252,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ru
     moe = bool(run.model.num_moe_experts)
     if moe:
         # Aux-loss gradients are scaled like the main loss: loss scale / micro-batches.
-        MoEAuxLossAutoScaler.set_loss_scale(float(optimizer.get_loss_scale()) / num_microbatches)
+        set_moe_aux_loss_scale(model, float(optimizer.get_loss_scale()) / num_microbatches)
     forward_backward = get_forward_backward_func()
     losses = forward_backward(
         forward_step_func=forward_step_func, data_iterator=data_iterator,
