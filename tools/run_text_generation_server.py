@@ -16,13 +16,13 @@ follow its batches. Query it with ``tools/text_generation_cli.py``.
 import logging
 import sys
 
-from megacore.inference.server import run_text_generation_server
 from megacore.training.cli import run_program
 from megacore.training.serving import (  # noqa: F401 - the tool's library API, re-exported
     add_server_args,
     build_controller,
     get_tokenizer,
     parse_serving_args,
+    serve,
     server_config,
     service_config,
 )
@@ -34,9 +34,7 @@ def main(argv=None) -> None:
     run, args = parse_serving_args(argv)
     initialize_distributed(run.training.distributed_backend,
                            run.training.distributed_timeout_minutes)
-    controller = build_controller(run, args)
-    run_text_generation_server(controller, get_tokenizer(run), server_config(args),
-                               service_config(args))
+    serve(run, args)
 
 
 if __name__ == "__main__":

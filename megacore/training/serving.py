@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Optional, Sequence, Tuple
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from megacore.checkpointing import load_checkpoint
 from megacore.inference import InferenceConfig, TextGenerationController
 from megacore.inference.generation_service import ServiceConfig
-from megacore.inference.server import ServerConfig
+from megacore.inference.server import ServerConfig, run_text_generation_server
 from megacore.training import arguments
 from megacore.training.gpt_provider import get_tokenizer, model_provider
 from megacore.training.training import (
@@ -30,7 +31,7 @@ from megacore.training.training import (
 )
 
 __all__ = ["SERVING_FLAGS", "add_server_args", "build_serving_parser", "parse_serving_args",
-           "build_controller", "server_config", "service_config", "get_tokenizer"]
+           "build_controller", "server_config", "service_config", "get_tokenizer", "serve"]
 
 SERVING_FLAGS = (
     "--load", "--tensor-model-parallel-size", "--pipeline-model-parallel-size",
@@ -141,3 +142,18 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
     """The batching settings of the server's flags."""
     return ServiceConfig(batch_wait_s=args.batch_wait_ms / 1000.0,
                          max_queued_requests=args.max_queued_requests)
+
+
+def serve(run: arguments.RunConfig, args: argparse.Namespace) -> None:
+    """Load the checkpoint and serve it: rank 0 answers HTTP, the other ranks follow its
+    batches, until rank 0 is interrupted (Ctrl-C, SIGINT).
+
+    torchrun passes a Ctrl-C on to every rank. The followers ignore it: they stop when
+    rank 0's server, shutting down, sends them its stop command, so no rank leaves in
+    the middle of a collective and the others see no "connection closed" errors.
+    """
+    controller = build_controller(run, args)
+    if dist.get_rank() != 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_text_generation_server(controller, get_tokenizer(run), server_config(args),
+                               service_config(args))
