@@ -17,7 +17,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = sorted(
     os.path.relpath(p, ROOT) for p in
-    glob.glob(os.path.join(ROOT, "tools", "*.py")) + glob.glob(os.path.join(ROOT, "tools", "*", "*.py"))
+    glob.glob(os.path.join(ROOT, "tools", "*.py"))
+    + glob.glob(os.path.join(ROOT, "tools", "*", "*.py"))
     + glob.glob(os.path.join(ROOT, "examples", "*.py"))
     if os.path.basename(p) != "__init__.py")
 # tools/checkpoint/inspect.py is a directory (see its __main__.py): run the same way.
@@ -100,7 +101,8 @@ def test_programs_import_only_the_library():
             tree = ast.parse(f.read())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
-                assert node.module.split(".")[0] not in ("tools", "examples"), (program, node.module)
+                top = node.module.split(".")[0]
+                assert top not in ("tools", "examples"), (program, node.module)
             if isinstance(node, ast.Attribute) and node.attr == "path" and \
                     isinstance(node.value, ast.Name) and node.value.id == "sys":
                 pytest.fail(f"{program} uses sys.path")

@@ -13,7 +13,6 @@ import logging
 from typing import Optional
 
 from megacore.deprecation import deprecated
-
 from megacore.tokenizers.bert_wordpiece import BertWordPieceTokenizer
 from megacore.tokenizers.gpt2_bpe import GPT2BPETokenizer
 from megacore.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer

@@ -38,11 +38,11 @@ from megacore.optimizer import (
 from megacore.pipeline_parallel import get_forward_backward_func
 from megacore.tensor_parallel import model_parallel_manual_seed
 from megacore.training.arguments import RunConfig, parse_args, run_config_to_dict
-from megacore.training.run_summary import run_summary, write_resolved_config
 from megacore.training.data_samplers import build_pretraining_data_loader, cyclic_iter
 from megacore.training.flops import num_floating_point_operations
 from megacore.training.metrics_logger import MetricsLogger
 from megacore.training.num_microbatches_calculator import NumMicroBatchesCalculator
+from megacore.training.run_summary import run_summary, write_resolved_config
 from megacore.transformer.moe import (
     reduce_moe_metrics,
     reset_moe_metrics,

@@ -11,7 +11,8 @@ from megacore.datasets import helpers
 
 def walk_reference(sizes, document_idx, seq_length, num_epochs, tokens_per_epoch,
                    drop_last=True, extra=1):
-    """docs/ARCHITECTURE.md ("Sample index"), literally: step through the flat stream token by token."""
+    """docs/ARCHITECTURE.md ("Sample index"), literally: step through the flat stream
+    token by token."""
     total = num_epochs * tokens_per_epoch - extra
     if drop_last:
         num_samples = total // seq_length

@@ -37,9 +37,9 @@ from megacore.transformer.context_parallel import get_position_ids_on_cp_rank
 from megacore.transformer.initialization import init_rng_scope
 from megacore.transformer.module import MegatronModule
 from megacore.transformer.rotary_pos_embedding import RotaryEmbedding
-from megacore.vocab_padding import pad_vocab_size
 from megacore.transformer.transformer_block import TransformerBlock
 from megacore.transformer.transformer_config import TransformerConfig
+from megacore.vocab_padding import pad_vocab_size
 
 __all__ = ["GPTModel"]
 

@@ -11,11 +11,12 @@ iter_XXXXXXX directory. Exit status: 0 fine, 1 verification found problems, 2 un
 """
 
 # Why this file is tools/checkpoint/inspect.py/__main__.py: `python
-# tools/checkpoint/inspect.py` runs a directory's __main__.py, and Python puts that directory first on sys.path. A
-# plain file named inspect.py would put tools/checkpoint/ there instead, and the file itself
-# would then shadow the standard library's `inspect` (which torch and dataclasses import).
-# This directory holds nothing that can shadow a module, and tools/checkpoint/ holds no
-# inspect module for convert.py to trip over: no program needs to edit sys.path.
+# tools/checkpoint/inspect.py` runs a directory's __main__.py, and Python puts that
+# directory first on sys.path. A plain file named inspect.py would put tools/checkpoint/
+# there instead, and the file itself would then shadow the standard library's `inspect`
+# (which torch and dataclasses import). This directory holds nothing that can shadow a
+# module, and tools/checkpoint/ holds no inspect module for convert.py to trip over: no
+# program needs to edit sys.path.
 
 import argparse
 import json
