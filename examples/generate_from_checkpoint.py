@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate text from a megacore checkpoint, once, from the command line.
 
-    python examples/generate_from_checkpoint.py --load demo_output/checkpoints \
+    python examples/generate_from_checkpoint.py --load demo_output/checkpoints \\
         --prompt "Return the" --prompt "class Pool" --tokens-to-generate 40
 
 The model shape and tokenizer come from the checkpoint; the layout is the one given here
@@ -11,38 +11,39 @@ load). Greedy decoding unless --temperature > 0. Run it under torchrun with
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megacore.inference import GenerationRequest, SamplingParams  # noqa: E402
-from megacore.training.training import initialize_distributed, print_rank_0  # noqa: E402
-from tools.run_text_generation_server import (  # noqa: E402
-    build_controller,
-    get_tokenizer,
-    parse_serving_args,
-)
+from megacore.inference import GenerationRequest, SamplingParams
+from megacore.training.cli import run_program
+from megacore.training.serving import build_controller, get_tokenizer, parse_serving_args
+from megacore.training.training import initialize_distributed, print_rank_0
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("generation")
     group.add_argument("--prompt", action="append", required=True,
                        help="a prompt (repeat the flag for several; they run as one batch)")
-    group.add_argument("--tokens-to-generate", type=int, default=64)
-    group.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    group.add_argument("--top-k", type=int, default=0)
-    group.add_argument("--top-p", type=float, default=0.0)
-    group.add_argument("--random-seed", type=int, default=1234)
+    group.add_argument("--tokens-to-generate", type=int, default=64,
+                       help="tokens generated after each prompt (default: 64)")
+    group.add_argument("--temperature", type=float, default=0.0,
+                       help="sampling temperature; 0 is greedy (default: 0.0)")
+    group.add_argument("--top-k", type=int, default=0,
+                       help="sample among the k most likely tokens; 0 is off (default: 0)")
+    group.add_argument("--top-p", type=float, default=0.0,
+                       help="sample within this cumulative probability; 0 is off "
+                            "(default: 0.0)")
+    group.add_argument("--random-seed", type=int, default=1234,
+                       help="seed of the sampling (default: 1234)")
     return parser
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    generation, rest = add_generation_args(argparse.ArgumentParser()).parse_known_args(argv)
-    initialize_distributed()
-    run, server_args = parse_serving_args(rest + ["--max-batch-size", str(len(generation.prompt))])
-    controller = build_controller(run, server_args)
+    run, generation = parse_serving_args(argv, extra_args_provider=add_generation_args,
+                                         description=__doc__.split("\n")[0])
+    initialize_distributed(run.training.distributed_backend,
+                           run.training.distributed_timeout_minutes)
+    controller = build_controller(run, argparse.Namespace(
+        max_batch_size=len(generation.prompt), no_kv_cache=False))
     tokenizer = get_tokenizer(run)
     sampling = SamplingParams(temperature=generation.temperature, top_k=generation.top_k,
                               top_p=generation.top_p, seed=generation.random_seed)
@@ -58,4 +59,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_program(main))

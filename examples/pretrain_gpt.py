@@ -8,78 +8,34 @@
         --lr 1e-3 --train-iters 200 --data-path my_text_document --split 98,2,0 \
         --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt
 
-The three functions below are the providers Megatron users know; ``pretrain`` hands each
-the parsed run configuration instead of a global ``args``.
+The model provider and the tokenizer come from the library
+(:mod:`megacore.training.gpt_provider`); the dataset provider and the forward step below
+are the functions Megatron users write. ``pretrain`` hands each the parsed run
+configuration instead of a global ``args``.
 """
 
 import functools
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megacore import device, parallel_state  # noqa: E402
-from megacore.datasets import (  # noqa: E402
+from megacore import device, parallel_state
+from megacore.datasets import (
     BlendedMegatronDatasetBuilder,
     parse_and_normalize_split,
     GPTDataset,
     GPTDatasetConfig,
     get_blend_from_list,
 )
-from megacore.models.gpt import GPTModel, get_gpt_decoder_block_spec  # noqa: E402
-from megacore.tokenizers import build_tokenizer  # noqa: E402
-from megacore.training import pretrain  # noqa: E402
-from megacore.transformer import ModelType  # noqa: E402
-from megacore.transformer.context_parallel import (  # noqa: E402
+from megacore.training import pretrain
+from megacore.training.cli import run_program
+from megacore.training.gpt_provider import get_tokenizer, model_provider
+from megacore.transformer import ModelType
+from megacore.transformer.context_parallel import (
     get_batch_on_this_cp_rank,
     masked_token_mean_over_cp,
 )
-
-
-@functools.lru_cache(maxsize=None)
-def _tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_model, vocab_size,
-               tiktoken_pattern):
-    return build_tokenizer(tokenizer_type or "NullTokenizer", vocab_file=vocab_file,
-                           merge_file=merge_file, tokenizer_model=tokenizer_model,
-                           vocab_size=vocab_size, tiktoken_pattern=tiktoken_pattern)
-
-
-def get_tokenizer(run):
-    d = run.data
-    return _tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model,
-                      d.vocab_size, d.tiktoken_pattern)
-
-
-def padded_vocab_size(run) -> int:
-    """Vocabulary rounded up to --make-vocab-size-divisible-by. Unlike Megatron, the tp
-    degree does not enter: GPTModel pads for tp itself and masks the padding, so a model
-    has the same vocabulary (and the same loss) in every layout."""
-    multiple = run.gpt.make_vocab_size_divisible_by
-    size = get_tokenizer(run).vocab_size
-    return -(-size // multiple) * multiple
-
-
-def model_provider(run, pre_process=True, post_process=True, vp_stage=None):
-    """Build this rank's GPT chunk."""
-    config = run.model
-    # Dense layers, or MoE layers where --moe-layer-freq says.
-    spec = get_gpt_decoder_block_spec(config)
-    return GPTModel(config, spec, vocab_size=padded_vocab_size(run),
-                    max_sequence_length=run.gpt.max_position_embeddings,
-                    pre_process=pre_process, post_process=post_process,
-                    share_embeddings_and_output_weights=not run.gpt.untie_embeddings_and_output_weights,
-                    position_embedding_type=run.gpt.position_embedding_type,
-                    rotary_percent=run.gpt.rotary_percent, rotary_base=run.gpt.rotary_base,
-                    rope_scaling=run.gpt.use_rope_scaling,
-                    rope_scaling_factor=run.gpt.rope_scaling_factor,
-                    rope_scaling_low_freq_factor=run.gpt.rope_scaling_low_freq_factor,
-                    rope_scaling_high_freq_factor=run.gpt.rope_scaling_high_freq_factor,
-                    rope_scaling_original_max_position_embeddings=(
-                        run.gpt.rope_scaling_original_max_position_embeddings),
-                    vp_stage=vp_stage)
 
 
 def _blend(paths):
@@ -177,4 +133,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_program(main))

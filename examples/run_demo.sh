@@ -13,6 +13,8 @@ OUT=${DEMO_OUTPUT:-demo_output}
 ITERS=${DEMO_TRAIN_ITERS:-300}
 DATA=examples/data
 export OMP_NUM_THREADS=1
+# Print as it happens when this script's output is piped (python block-buffers a pipe).
+export PYTHONUNBUFFERED=1
 
 mkdir -p "$OUT/data"
 rm -rf "$OUT/checkpoints" "$OUT/train_log.jsonl"
@@ -36,8 +38,7 @@ python -m torch.distributed.run --standalone --nproc-per-node 4 examples/pretrai
   --tokenizer-type GPT2BPETokenizer --vocab-file "$DATA/vocab.json" \
   --merge-file "$DATA/merges.txt" \
   --log-interval 10 --eval-interval 100 --eval-iters 2 --log-jsonl "$OUT/train_log.jsonl" \
-  --save "$OUT/checkpoints" --save-interval "$ITERS" --ckpt-format torch_dist \
-  | grep -v '^ *"\|^ *[{}]\|^ *],\?$\|^ *[0-9.]*,\?$\|resolved configuration'
+  --save "$OUT/checkpoints" --save-interval "$ITERS" --ckpt-format torch_dist
 
 python - "$OUT/train_log.jsonl" <<'PY'
 import json, sys
@@ -50,10 +51,11 @@ PY
 
 echo "== 3/3 generate: greedy, from the checkpoint, in one process (tp=1 x pp=1)"
 python examples/generate_from_checkpoint.py --load "$OUT/checkpoints" --tokens-to-generate 32 \
-  --prompt "Return the" --prompt "This module provides" 2>&1 | grep -v "^W1\|UserWarning\|warnings.warn"
+  --prompt "Return the" --prompt "This module provides" 2>&1 \
+  | grep --line-buffered -v "^W1\|UserWarning\|warnings.warn"
 
 echo
 echo "outputs:"
 echo "  tokenized corpus   $OUT/data/demo_text_document.{bin,idx}"
-echo "  training log       $OUT/train_log.jsonl"
+echo "  training log       $OUT/train_log.jsonl (resolved configuration: $OUT/resolved_config.json)"
 echo "  checkpoint         $OUT/checkpoints (inspect: python tools/checkpoint/inspect.py $OUT/checkpoints)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""megacore's building blocks in your own training loop (no pretrain(), no flags).
+"""megacore's building blocks in your own training loop (no pretrain(), no Megatron flags).
 
     torchrun --nproc-per-node 2 examples/run_simple_train_loop.py      # tp=2 on gloo/CPU
 
@@ -8,40 +8,30 @@ synthetic next-token task with the schedule, optimizer and gradient finalization
 pretrain() uses. Swap any piece for your own.
 """
 
-import os
-import sys
-import tempfile
+import argparse
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megacore import device, parallel_state  # noqa: E402
-from megacore.distributed import (  # noqa: E402
+from megacore import device, parallel_state
+from megacore.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec  # noqa: E402
-from megacore.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megacore.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megacore.tensor_parallel import model_parallel_manual_seed  # noqa: E402
-from megacore.transformer import TransformerConfig  # noqa: E402
+from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec
+from megacore.optimizer import OptimizerConfig, get_megatron_optimizer
+from megacore.pipeline_parallel import get_forward_backward_func
+from megacore.tensor_parallel import model_parallel_manual_seed
+from megacore.training import initialize_distributed
+from megacore.transformer import TransformerConfig
 
 SEQ, MBS, VOCAB, STEPS = 32, 4, 128, 30
 
 
 def initialize(tp: int) -> bool:
     """Join (or create) the process group; True when this program created it."""
-    created = not dist.is_initialized()  # else already joined (e.g. a test harness)
-    if not created:
-        pass
-    elif "RANK" in os.environ:
-        dist.init_process_group(device.default_backend())
-    else:  # plain `python run_simple_train_loop.py`: a world of one, rendezvous via a file
-        store = os.path.join(tempfile.mkdtemp(prefix="megacore-"), "store")
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    created = initialize_distributed()  # torchrun's group, or a world of one via a file
     tp = min(tp, dist.get_world_size())
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     model_parallel_manual_seed(123)
@@ -80,8 +70,8 @@ def forward_step(data_iterator, model):
     return losses, loss_func
 
 
-def main() -> list:
-    owns_process_group = initialize(tp=2)
+def main(tp: int = 2, steps: int = STEPS) -> list:
+    owns_process_group = initialize(tp)
     model = build_model()
     optimizer = get_megatron_optimizer(OptimizerConfig(lr=3e-3, weight_decay=0.0), [model])
     model.config.grad_scale_func = optimizer.scale_loss
@@ -89,7 +79,7 @@ def main() -> list:
     forward_backward = get_forward_backward_func()
     data = synthetic_batches()
     history = []
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         model.zero_grad_buffer()
         optimizer.zero_grad()
         losses = forward_backward(forward_step_func=forward_step, data_iterator=data,
@@ -106,5 +96,17 @@ def main() -> list:
     return history
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=2,
+                        help="tp degree, capped at the number of ranks (default: 2)")
+    parser.add_argument("--train-iters", type=int, default=STEPS,
+                        help=f"training steps (default: {STEPS})")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main()
+    args = parse_args()
+    main(args.tensor_model_parallel_size, args.train_iters)

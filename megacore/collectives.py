@@ -6,7 +6,7 @@ names; older releases only have the old ones. megacore calls these two through t
 module so that it works, without warnings, on every supported PyTorch.
 
 Both need contiguous tensors; on gloo a strided tensor is silently read as if it were
-contiguous (``shared/CPU_NOTES.md``), so the inputs are checked here.
+contiguous (``docs/ARCHITECTURE.md``, "gloo on CPU"), so the inputs are checked here.
 """
 
 from __future__ import annotations

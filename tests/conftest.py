@@ -3,7 +3,8 @@
 import os
 
 # Forked ranks hang on their first matmul if the parent already ran a multi-threaded op
-# (shared/CPU_NOTES.md), and 2-core machines gain nothing from more threads in tests.
+# (docs/ARCHITECTURE.md, "gloo on CPU"), and 2-core machines gain nothing from more
+# threads in tests.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402

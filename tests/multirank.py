@@ -8,7 +8,8 @@ Usage::
 
     results = run_distributed(_check, world_size=4, args=(x,))   # one entry per rank
 
-Why it looks like this (measured on the 2-core CPU machines, ``shared/CPU_NOTES.md``):
+Why it looks like this (measured on 2-core CPU machines; ``docs/ARCHITECTURE.md``, "gloo on
+CPU"):
 
 * Ranks are **forked** from the test process (~0.2 s for 4 ranks; spawn or torchrun take
   8-19 s) and meet through a FileStore (TCPStore stalls 5 s in ~5% of start-ups).

@@ -193,8 +193,14 @@ def main(argv=None) -> int:
                         help="only this surface (repeatable; default: all)")
     args = parser.parse_args(argv)
 
+    import megacore
     from megacore.package_info import __version__
 
+    if os.path.dirname(os.path.abspath(megacore.__file__)) != os.path.join(ROOT, "megacore"):
+        print(f"error: megacore is imported from {os.path.dirname(megacore.__file__)}, not "
+              f"from this checkout ({ROOT}): run `pip install -e .` here or set PYTHONPATH",
+              file=sys.stderr)
+        return 2
     names = args.surface or list(SURFACES)
     if args.check:
         problems = check(names, __version__)

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Interactive client of ``tools/run_text_generation_server.py`` (Megatron's ``PUT /api``).
+"""Interactive client of tools/run_text_generation_server.py (Megatron's PUT /api).
 
     python tools/text_generation_cli.py localhost:5000
     python tools/text_generation_cli.py localhost:5000 --prompt "def main" --tokens 32
 
-Without ``--prompt`` it asks for a prompt and a token count in a loop (empty token count:
-``--tokens``); end with Ctrl-D or Ctrl-C. Errors from the server are printed with the
+Without --prompt it asks for a prompt and a token count in a loop (empty token count:
+--tokens); end with Ctrl-D or Ctrl-C. Errors from the server are printed with the
 field they name, and the loop goes on.
 """
 
@@ -17,7 +17,7 @@ import urllib.request
 
 
 def put_api(url: str, body: dict, timeout: float) -> dict:
-    """PUT ``body`` to ``url``; the decoded JSON answer (raises RuntimeError on errors)."""
+    """PUT body to url; the decoded JSON answer (raises RuntimeError on errors)."""
     data = json.dumps(body).encode("utf-8")
     request = urllib.request.Request(url, data=data, method="PUT",
                                      headers={"Content-Type": "application/json"})
@@ -68,13 +68,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("server", help="HOST:PORT of the server")
     parser.add_argument("--prompt", help="generate once for this prompt and exit")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens to generate")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--add-bos", action="store_true")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    parser.add_argument("--tokens", type=int, default=64,
+                        help="tokens to generate (default: 64)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature; 0 is greedy (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="sample among the k most likely tokens; 0 is off (default: 0)")
+    parser.add_argument("--top-p", type=float, default=0.0,
+                        help="sample within this cumulative probability; 0 is off "
+                             "(default: 0.0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed of the sampling (default: the server's)")
+    parser.add_argument("--add-bos", action="store_true",
+                        help="prepend the tokenizer's beginning-of-sequence token")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds to wait for each request (default: 300)")
     args = parser.parse_args(argv)
     url = f"http://{args.server}/api"
     if args.prompt is None:

@@ -113,7 +113,9 @@ class AsyncSaveHandle:
 
 
 _PENDING: Optional[AsyncSaveHandle] = None
-_ASYNC_GROUP = None
+# (the default process group it was created in, the gloo group). A process group does not
+# outlive destroy_process_group: the pair lets a new world get a new group.
+_ASYNC_GROUP: Optional[tuple] = None
 
 
 def set_pending(handle: AsyncSaveHandle) -> None:
@@ -134,10 +136,13 @@ def async_process_group(layout: RankLayout):
     global _ASYNC_GROUP
     if not layout.is_distributed:
         return None
-    if _ASYNC_GROUP is None:
+    world = dist.group.WORLD
+    if _ASYNC_GROUP is None or _ASYNC_GROUP[0] is not world:
+        # First use, or the world was destroyed and created again since: the cached group
+        # belongs to a dead world, and a collective on it would fail or hang.
         timeout = layout.groups.timeout if layout.groups is not None else None
-        _ASYNC_GROUP = dist.new_group(backend="gloo", timeout=timeout)
-    return _ASYNC_GROUP
+        _ASYNC_GROUP = (world, dist.new_group(backend="gloo", timeout=timeout))
+    return _ASYNC_GROUP[1]
 
 
 def finalize_async_saves(blocking: bool = True) -> bool:

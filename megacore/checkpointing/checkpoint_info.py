@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+import textwrap
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -217,6 +218,24 @@ def verify_checkpoint(load_dir: str) -> List[str]:
     return _verify_legacy(info) if info.format == "torch" else _verify_dist(info)
 
 
+def _format_config(config, width: int = 100) -> List[str]:
+    """``config:`` then one wrapped block of ``field=value`` per section (the saved run
+    configuration has a few hundred fields: one JSON line would be unreadable)."""
+    if not isinstance(config, dict) or not config:
+        return [f"config: {json.dumps(config)}"]
+    lines = ["config:"]
+    for section in sorted(config):
+        values = config[section]
+        if not isinstance(values, dict):
+            lines.append(f"  {section}: {json.dumps(values, default=str)}")
+            continue
+        pairs = [f"{k}={json.dumps(v, default=str)}" for k, v in sorted(values.items())]
+        lines += textwrap.wrap(" ".join(pairs), width=width, initial_indent=f"  {section}: ",
+                               subsequent_indent=" " * (len(section) + 4),
+                               break_on_hyphens=False) or [f"  {section}:"]
+    return lines
+
+
 def format_checkpoint_info(info: CheckpointInfo, show_tensors: bool = True) -> str:
     """Human-readable summary (the inspect tool's output)."""
     lay = info.parallel_layout
@@ -233,7 +252,7 @@ def format_checkpoint_info(info: CheckpointInfo, show_tensors: bool = True) -> s
                  ("etp", "expert_tensor_parallel_size"),
                  ("vpp", "virtual_pipeline_model_parallel_size"), ("world", "world_size"))),
              f"model chunks per rank: {info.num_model_chunks}",
-             "config: " + json.dumps(info.config, sort_keys=True),
+             *_format_config(info.config),
              f"files: {len(info.files)}   tensors: {len(info.tensors)}"]
     if show_tensors:
         lines += [f"  {key}  {list(shape)}  {dtype}" for key, shape, dtype in info.tensors]

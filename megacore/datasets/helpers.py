@@ -8,7 +8,7 @@ references are written independently of the C++ loops (the sample index is compu
 ``searchsorted`` over document end positions rather than by walking), so the tests that
 compare the two check the algorithm, not a transcription.
 
-Semantics: ``shared/FORMATS.md`` section 4.
+Semantics: ``docs/ARCHITECTURE.md``, "Data formats and sample order".
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def shard_range(bucket_numel: int, data_parallel_size: int, rank: int) -> Tuple[
 
 
 def _require_contiguous(tensor: torch.Tensor, what: str) -> None:
-    # gloo reads strided views as if contiguous and silently corrupts (CPU_NOTES.md).
+    # gloo reads strided views as if contiguous and silently corrupts (docs/ARCHITECTURE.md).
     if not tensor.is_contiguous():
         raise RuntimeError(f"{what} must be contiguous for a collective")
 

@@ -41,6 +41,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import socket
 import time
 import uuid
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
@@ -641,10 +642,18 @@ def run_text_generation_server(controller: TextGenerationController, tokenizer,
     if rank != 0:
         follow_requests(controller)
         return
+    # Bind before announcing: "serving on" is printed only once a client can connect, and
+    # a port in use fails here, before the model waits for requests that cannot come.
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.create_server((config.host, config.port), family=family)
     service = GenerationService(controller, service_config).start()
     try:
         app = create_app(service, tokenizer, config)
-        uvicorn.run(app, host=config.host, port=config.port, log_level="info",
-                    limit_concurrency=None, timeout_keep_alive=5)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info", limit_concurrency=None,
+                                               timeout_keep_alive=5))
+        host, port = sock.getsockname()[:2]
+        logger.info("serving on http://%s:%s", host, port)
+        server.run(sockets=[sock])
     finally:
         service.stop()
+        sock.close()

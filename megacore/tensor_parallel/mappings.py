@@ -22,8 +22,8 @@ Shapes (sequence-first): ``[s, b, h]`` full, ``[s/tp, b, h]`` sequence-parallel,
 is the tensor-parallel group of :mod:`megacore.parallel_state`. With a group of size 1
 they are all identities.
 
-gloo reads strided tensors as if contiguous (silent corruption, ``shared/CPU_NOTES.md``),
-so every tensor handed to a collective here is made contiguous first.
+gloo reads strided tensors as if contiguous (silent corruption; ``docs/ARCHITECTURE.md``,
+"gloo on CPU"), so every tensor handed to a collective here is made contiguous first.
 """
 
 from __future__ import annotations

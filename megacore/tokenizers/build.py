@@ -10,9 +10,9 @@ stored on it as ``padded_vocab_size`` for the model to read.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
+from megacore.deprecation import deprecated
 from megacore.tokenizers.bert_wordpiece import BertWordPieceTokenizer
 from megacore.tokenizers.gpt2_bpe import GPT2BPETokenizer
 from megacore.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
@@ -24,6 +24,7 @@ from megacore.tokenizers.sentencepiece_tokenizer import (
     SentencePieceTokenizer,
 )
 from megacore.tokenizers.tiktoken_tokenizer import TikTokenizer
+from megacore.vocab_padding import pad_vocab_size
 
 __all__ = ["TOKENIZER_TYPES", "build_tokenizer", "vocab_size_with_padding"]
 
@@ -42,14 +43,11 @@ TOKENIZER_TYPES = (
 )
 
 
+@deprecated(since="0.2.0", removed_in="0.4.0", alternative="megacore.vocab_padding.pad_vocab_size")
 def vocab_size_with_padding(vocab_size: int, make_vocab_size_divisible_by: int = 128,
                             tensor_model_parallel_size: int = 1) -> int:
     """``vocab_size`` rounded up to a multiple of ``divisible_by * tp``."""
-    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
-    if multiple <= 0:
-        raise ValueError(f"make_vocab_size_divisible_by * tensor_model_parallel_size must be "
-                         f"positive, got {multiple}")
-    return int(math.ceil(vocab_size / multiple) * multiple)
+    return pad_vocab_size(vocab_size, make_vocab_size_divisible_by, tensor_model_parallel_size)
 
 
 def build_tokenizer(tokenizer_type: str, *, vocab_file: Optional[str] = None,
@@ -83,8 +81,8 @@ def build_tokenizer(tokenizer_type: str, *, vocab_file: Optional[str] = None,
     else:
         tokenizer = _construct(tokenizer_type, vocab_file, merge_file, tokenizer_model,
                                vocab_size, vocab_extra_ids)
-    padded = vocab_size_with_padding(tokenizer.vocab_size, make_vocab_size_divisible_by,
-                                     tensor_model_parallel_size)
+    padded = pad_vocab_size(tokenizer.vocab_size, make_vocab_size_divisible_by,
+                            tensor_model_parallel_size)
     logger.info("padded vocab (size: %d) with %d dummy tokens (new size: %d)",
                 tokenizer.vocab_size, padded - tokenizer.vocab_size, padded)
     tokenizer.padded_vocab_size = padded

@@ -18,6 +18,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import re
 import sys
 import textwrap
@@ -81,7 +82,8 @@ class Flag:
     (``--disable-bias-linear`` -> ``add_bias_linear=False``). ``derived``: the flag is read
     by :func:`_derive` instead of being copied into a field. ``kind``: one of
     :data:`FLAG_KINDS`; ``setting`` says, for a mapped flag, the megacore setting it
-    becomes, for a no-effect flag why, and for a ``needs`` flag what it needs.
+    becomes, for a no-effect flag why, and for a ``needs`` flag what it needs. ``help``:
+    the help text of a flag that has no field docstring to take it from (derived flags).
     """
 
     flag: str
@@ -94,6 +96,7 @@ class Flag:
     type: Optional[type] = None
     kind: str = IMPLEMENTED
     setting: str = ""
+    help: Optional[str] = None
 
 
 def _f(flag, section, field=None, **kw):
@@ -109,10 +112,13 @@ FLAGS: List[Flag] = [
     _f("--num-layers", "model"), _f("--hidden-size", "model"),
     _f("--ffn-hidden-size", "model"), _f("--num-attention-heads", "model"),
     _f("--num-query-groups", "model"), _f("--kv-channels", "model"),
-    _f("--group-query-attention", "model", "group_query_attention", derived=True, type=bool),
+    _f("--group-query-attention", "model", "group_query_attention", derived=True, type=bool,
+       help="Grouped-query attention: share each key/value head among several query heads "
+            "(needs --num-query-groups)."),
     _f("--normalization", "model", choices=["LayerNorm", "RMSNorm"]),
     _f("--norm-epsilon", "model", "layernorm_epsilon"),
-    _f("--swiglu", "model", "swiglu", derived=True, type=bool),
+    _f("--swiglu", "model", "swiglu", derived=True, type=bool,
+       help="SwiGLU MLP (Llama): a gated linear unit with SiLU activation."),
     _f("--disable-bias-linear", "model", "add_bias_linear", invert=True),
     _f("--add-qkv-bias", "model"), _f("--qk-layernorm", "model"),
     _f("--multi-latent-attention", "model"), _f("--q-lora-rank", "model"),
@@ -152,7 +158,10 @@ FLAGS: List[Flag] = [
     # parallelism (ModelParallelConfig part of TransformerConfig)
     _f("--tensor-model-parallel-size", "model"), _f("--pipeline-model-parallel-size", "model"),
     _f("--num-layers-per-virtual-pipeline-stage", "model", "num_layers_per_virtual_pipeline_stage",
-       derived=True, type=int),
+       derived=True, type=int,
+       help="Interleaved pipeline: layers per virtual stage; the number of virtual stages "
+            "per rank is num_layers / (pipeline size * this). Alternative to "
+            "--num-virtual-stages-per-pipeline-rank."),
     _f("--num-virtual-stages-per-pipeline-rank", "model", "virtual_pipeline_model_parallel_size"),
     _f("--decoder-first-pipeline-num-layers", "model", "num_layers_in_first_pipeline_stage"),
     _f("--decoder-last-pipeline-num-layers", "model", "num_layers_in_last_pipeline_stage"),
@@ -185,7 +194,9 @@ FLAGS: List[Flag] = [
     _f("--moe-token-drop-policy", "model", choices=["probs", "position"]),
     _f("--moe-shared-expert-intermediate-size", "model"),
     _f("--moe-shared-expert-gate", "model"),
-    _f("--moe-layer-freq", "model", "moe_layer_freq_text", derived=True, type=str),
+    _f("--moe-layer-freq", "model", "moe_layer_freq_text", derived=True, type=str,
+       help="Which layers are MoE: N (every N-th layer) or a 0/1 pattern with one entry "
+            "per layer, e.g. 1,0,1,0 or [1,0,1,0] (default: 1, every layer)."),
     _f("--moe-grouped-gemm", "model"), _f("--moe-per-layer-logging", "model"),
     # GPTModel
     _f("--seq-length", "gpt"), _f("--max-position-embeddings", "gpt"),
@@ -390,20 +401,42 @@ def _field_info(flag: Flag):
     return _scalar_type(hints[flag.field]), default
 
 
-def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
-    """The argparse parser for every flag in ``FLAGS`` (plus ``--yaml-cfg``)."""
-    parser = argparse.ArgumentParser(
-        description="megacore GPT pretraining (Megatron-style flags)", allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _plain(text: str) -> str:
+    """Help text for a terminal: no reST ``literal`` markup, ``%`` escaped for argparse."""
+    return text.replace("``", "").replace("%", "%%")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line usage (the full list is ``--help``'s job) whose errors are
+    printed by launch rank 0 only: under torchrun every rank parses the same flags, and
+    the user should read one ``error:`` line, not one per rank."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") == "0":
+            super().error(message)  # prints usage and "prog: error: message", exits 2
+        self.exit(2)
+
+
+def build_parser(extra_args_provider=None, *, only: Optional[Sequence[str]] = None,
+                 description: str = "megacore GPT pretraining (Megatron-style flags)"
+                 ) -> argparse.ArgumentParser:
+    """The argparse parser for every flag in ``FLAGS`` (plus ``--yaml-cfg``), or only for
+    the flags named in ``only`` (a program that needs a few of them, like the server)."""
+    parser = _ArgumentParser(description=description, allow_abbrev=False,
+                             usage="%(prog)s [flags]   (--help lists them)")
     parser.add_argument("--yaml-cfg", default=None,
                         help="YAML file with the same settings; command-line flags win")
     docs = {name: _field_docs(cls) for name, cls in SECTIONS.items()}
     groups = {name: parser.add_argument_group(name) for name in SECTIONS}
     for flag in FLAGS:
+        if only is not None and flag.flag not in only:
+            continue
         kind, default = _field_info(flag)
-        help_text = docs[flag.section].get(flag.field, "")
+        help_text = _plain(flag.help or docs[flag.section].get(flag.field, ""))
+        if flag.invert:  # the docstring describes the field this switch turns off
+            help_text = f"Turns off: {help_text}"
         if default is not None and not isinstance(default, bool):
-            help_text += f" (default: {default})"
+            help_text += f" (default: {_plain(str(default))})"
         kwargs: Dict[str, Any] = dict(dest=_dest(flag), default=None, help=help_text)
         if kind is bool and flag.nargs is None:
             kwargs["action"] = "store_true"

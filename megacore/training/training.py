@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import datetime
 import gc
-import json
 import math
 import os
 import resource
@@ -61,10 +60,11 @@ from megacore.training.data_samplers import build_pretraining_data_loader, cycli
 from megacore.training.flops import num_floating_point_operations
 from megacore.training.metrics_logger import MetricsLogger
 from megacore.training.num_microbatches_calculator import NumMicroBatchesCalculator
+from megacore.training.run_summary import run_summary, write_resolved_config
 from megacore.transformer.moe import (
-    MoEAuxLossAutoScaler,
     reduce_moe_metrics,
     reset_moe_metrics,
+    set_moe_aux_loss_scale,
     update_router_expert_bias,
 )
 
@@ -317,7 +317,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ru
     if moe or run.model.mtp_num_layers:
         # Aux-loss (MoE balancing, multi-token prediction) gradients are scaled like the
         # main loss: loss scale / micro-batches.
-        MoEAuxLossAutoScaler.set_loss_scale(float(optimizer.get_loss_scale()) / num_microbatches)
+        set_moe_aux_loss_scale(model, float(optimizer.get_loss_scale()) / num_microbatches)
     forward_backward = get_forward_backward_func()
     losses = forward_backward(
         forward_step_func=forward_step_func, data_iterator=data_iterator,
@@ -774,8 +774,8 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
     run = run_config
     _resolve_missing_checkpoint(run)
     initialize_model_parallel_from_run(run)
-    print_rank_0("megacore pretrain: resolved configuration\n"
-                 + json.dumps(run_config_to_dict(run), indent=1, sort_keys=True))
+    config_path = write_resolved_config(run) if dist.get_rank() == 0 else None
+    print_rank_0(run_summary(run, dist.get_world_size(), config_path))
     for note in run.notes:
         print_rank_0(note)
 
@@ -815,9 +815,13 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
             calc = NumMicroBatchesCalculator(run.training.global_batch_size,
                                              run.training.micro_batch_size,
                                              run.data_parallel_size)
+            # The loop already evaluated at the last iteration when it is a multiple of
+            # --eval-interval; a second evaluation on the next batches would print a
+            # different validation loss for the same weights.
+            validated = state.iteration % run.training.eval_interval == 0
             for key, name, iterator in (("validation", "validation (end of training)", valid_iter),
                                         ("test", "test", test_iter)):
-                if iterator is not None:
+                if iterator is not None and not (key == "validation" and validated):
                     summary[key] = _run_eval(run, state, forward_step_func, iterator, model,
                                              logger, calc, name)
     finally:

@@ -1,7 +1,7 @@
 """Weight initialization that does not depend on how the model is split.
 
-The numerical contract (``shared/DESIGN.md``) asks that a model split over tp ranks or
-pipeline stages from one seed equals the single-process model from that seed. The
+The numerical contract (``docs/ARCHITECTURE.md``, section 2) asks that a model split over
+tp ranks or pipeline stages from one seed equals the single-process model from that seed. The
 tensor-parallel layers already draw each *full* master weight on the CPU and keep their
 shard, so tp does not change what is drawn. Pipeline splits do: a stage that builds only
 layers 5-8 would otherwise draw them from a generator that never produced layers 1-4.

@@ -90,6 +90,10 @@ class MultiTokenPrediction(MegatronModule):
         self.layers = torch.nn.ModuleList(depths)
         self.last_losses: List[torch.Tensor] = []
         """Each depth's mean loss over the last micro-batch (detached), for logging."""
+        self.aux_loss_scale = 1.0
+        """Gradient scale of the attached loss, set like the MoE routers' by
+        :func:`~megacore.transformer.moe.set_moe_aux_loss_scale` (loss scale /
+        micro-batches)."""
 
     def attach_loss(self, loss: torch.Tensor, hidden_states: torch.Tensor,
                     input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
@@ -117,5 +121,5 @@ class MultiTokenPrediction(MegatronModule):
             total = total + loss_k
         scale = self.config.mtp_loss_scaling_factor / len(self.layers)
         if torch.is_grad_enabled() and self.training:
-            loss = MoEAuxLossAutoScaler.apply(loss, scale * total)
+            loss = MoEAuxLossAutoScaler.apply(loss, scale * total, self.aux_loss_scale)
         return loss

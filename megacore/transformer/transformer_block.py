@@ -178,13 +178,13 @@ class TransformerBlock(MegatronModule):
                 hidden_states = checkpoint(self._run_layers(start, min(start + k, n),
                                                             attn_mask_type),
                                            distribute, hidden_states, attention_mask,
-                                           rotary_pos_emb)
+                                           rotary_pos_emb, tp_group=self.pg_collection.tp)
             return hidden_states
         for i in range(n):  # "block": the first k layers of this chunk are recomputed
             run = self._run_layers(i, i + 1, attn_mask_type)
             if i < k:
                 hidden_states = checkpoint(run, distribute, hidden_states, attention_mask,
-                                           rotary_pos_emb)
+                                           rotary_pos_emb, tp_group=self.pg_collection.tp)
             else:
                 hidden_states = run(hidden_states, attention_mask, rotary_pos_emb)
         return hidden_states

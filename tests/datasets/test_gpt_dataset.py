@@ -1,4 +1,5 @@
-"""GPTDataset: sample order against a token-level reference of FORMATS.md section 5,
+"""GPTDataset: sample order against a token-level reference of docs/ARCHITECTURE.md
+(section 2, step 3),
 masks, padding, and the on-disk index cache (including rank 0 building for 2 ranks)."""
 
 import os
@@ -52,7 +53,8 @@ def config(tmp_path, **overrides):
 
 
 def reference_windows(docs, indices, num_samples, seq_length, seed):
-    """FORMATS.md section 5 written out on the token stream: every sample of the split."""
+    """docs/ARCHITECTURE.md (section 2, step 3) written out on the token stream: every
+    sample of the split."""
     tokens_per_epoch = sum(len(docs[i]) for i in indices)
     epochs = 1
     if num_samples is not None:

@@ -1,6 +1,6 @@
 """C++ index helpers against two independent references: the numpy fallback shipped in
 megacore.datasets.helpers (searchsorted over document ends) and a token-by-token walk
-written here from the FORMATS.md description."""
+written here from the description in docs/ARCHITECTURE.md."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,8 @@ from megacore.datasets import helpers
 
 def walk_reference(sizes, document_idx, seq_length, num_epochs, tokens_per_epoch,
                    drop_last=True, extra=1):
-    """FORMATS.md section 4, literally: step through the flat stream token by token."""
+    """docs/ARCHITECTURE.md ("Sample index"), literally: step through the flat stream
+    token by token."""
     total = num_epochs * tokens_per_epoch - extra
     if drop_last:
         num_samples = total // seq_length

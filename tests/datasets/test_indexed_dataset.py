@@ -47,7 +47,7 @@ def test_idx_bytes_match_the_hand_computed_layout(tmp_path):
 
 def test_idx_size_for_1000_single_sequence_documents(tmp_path):
     prefix = _write(str(tmp_path / "d"), [[[i % 7 + 1]] for i in range(1000)], dtype=np.int32)
-    assert os.path.getsize(prefix + ".idx") == 20042  # 34 + 12000 + 8008 (FORMATS.md)
+    assert os.path.getsize(prefix + ".idx") == 20042  # 34 + 12000 + 8008 (docs/ARCHITECTURE.md)
 
 
 @pytest.mark.parametrize("dtype,code", [(np.uint8, 1), (np.int8, 2), (np.int16, 3),

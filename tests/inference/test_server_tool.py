@@ -121,3 +121,10 @@ def test_serve_a_checkpoint_at_pp2_and_query_it_with_the_cli(tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
             pytest.fail("server did not shut down on SIGINT")
+    # Ctrl-C reaches torchrun, which passes it to both ranks: they stop in order (rank 0's
+    # server tells the follower), so no rank prints a traceback; only torchrun's own
+    # report of the signal remains.
+    log = server.stdout.read()
+    assert f"serving on http://127.0.0.1:{port}" in log
+    assert "Connection closed" not in log and "KeyboardInterrupt" not in log, log[-4000:]
+    assert log.count("Traceback (most recent call last)") <= 1, log[-4000:]

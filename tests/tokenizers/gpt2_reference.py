@@ -1,5 +1,6 @@
-"""A plain, slow GPT-2 byte-level BPE written from its description (FORMATS.md section 3),
-independent of megacore's tokenizer, as the reference the fast one is checked against."""
+"""A plain, slow GPT-2 byte-level BPE written from its description (docs/ARCHITECTURE.md,
+"Data formats"), independent of megacore's tokenizer, as the reference the fast one is
+checked against."""
 
 import json
 

@@ -1,6 +1,7 @@
 """Megatron-style flags -> configs, --yaml-cfg, and the table of rejected combinations."""
 
 import json
+import re
 import shlex
 
 import pytest
@@ -169,8 +170,27 @@ def test_bad_data_flags(extra, message):
     assert message in str(info.value), str(info.value)
 
 
-def test_table_is_big_enough():
-    assert len(BAD) + len(DATA_BAD) >= 30
+def _rejection(extra, world, base=BASE):
+    with pytest.raises(ArgumentValidationError) as info:
+        _parse(extra, world_size=world, base=base)
+    return str(info.value)
+
+
+def test_every_rejection_names_real_flags():
+    """Every rejected combination names at least one flag, and every flag it names exists:
+    the message speaks of the command line the user typed, not of config fields."""
+    known = {option for action in build_parser()._actions for option in action.option_strings}
+    data_base = BASE.replace("--mock-data --vocab-size 128", "")
+    cases = [(extra, world, BASE) for extra, world, _ in BAD] + \
+        [(extra, 1, data_base) for extra, _ in DATA_BAD]
+    for extra, world, base in cases:
+        message = _rejection(extra, world, base)
+        # "--train/valid/test-data-path" names three flags
+        message = message.replace("--train/valid/test-data-path",
+                                  "--train-data-path --valid-data-path --test-data-path")
+        named = set(re.findall(r"--[a-z][a-z0-9-]*[a-z0-9]", message))
+        assert named, f"{extra!r} -> {message!r} names no flag"
+        assert named <= known, (extra, named - known)
 
 
 def test_moe_layer_freq_takes_effect_and_round_trips_through_a_checkpoint_config():
@@ -184,6 +204,8 @@ def test_moe_layer_freq_takes_effect_and_round_trips_through_a_checkpoint_config
     assert run.model.moe_layer_freq == 2
     flags = model_flags_from_config(run_config_to_dict(run))
     assert flags[flags.index("--moe-layer-freq") + 1] == "2"
+
+
 def test_attention_backend_flags():
     from megacore.transformer import AttnBackend
 

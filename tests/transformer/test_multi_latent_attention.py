@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacore import parallel_state as ps
+
 from megacore.models.gpt import GPTModel, get_gpt_decoder_block_spec
 from megacore.tensor_parallel import model_parallel_manual_seed
 from megacore.transformer import TransformerConfig

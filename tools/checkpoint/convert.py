@@ -1,34 +1,30 @@
 #!/usr/bin/env python
 """Convert checkpoints: any megacore layout/format to any other, and Hugging Face.
 
-Megatron's command line::
+examples (Megatron's command line):
 
-    python tools/checkpoint/convert.py --model-type GPT --loader megacore --saver megacore \
-        --load-dir ckpt_tp2pp2 --save-dir ckpt_tp1pp4 --ckpt-format torch \
+    # change the layout (tp2 x pp2 -> tp1 x pp4), legacy per-rank files
+    python tools/checkpoint/convert.py --model-type GPT --loader megacore --saver megacore \\
+        --load-dir ckpt_tp2pp2 --save-dir ckpt_tp1pp4 --ckpt-format torch \\
         --target-tensor-parallel-size 1 --target-pipeline-parallel-size 4
 
-    python tools/checkpoint/convert.py --model-type GPT --saver hf --load-dir ckpt \
-        --save-dir hf_out                  # loader detected; architecture from the model
-    python tools/checkpoint/convert.py --model-type GPT --loader hf --saver megacore \
+    # megacore -> Hugging Face (loader detected; architecture from the model)
+    python tools/checkpoint/convert.py --model-type GPT --saver hf --load-dir ckpt \\
+        --save-dir hf_out
+
+    # Hugging Face (Llama) -> megacore at tp 2
+    python tools/checkpoint/convert.py --model-type GPT --loader hf --saver megacore \\
         --load-dir hf_llama --save-dir ckpt --target-tensor-parallel-size 2
 
-Loaders: ``megacore`` (legacy ``torch`` or ``torch_dist``, detected), ``hf``
-(architecture from config.json); ``--loader`` may be omitted (detected). Savers:
-``megacore`` (``--ckpt-format torch|torch_dist``, optimizer state carried), ``hf``.
-Converted megacore checkpoints carry no RNG state: resume with ``--no-load-rng``.
-Exit status: 0 done, 2 the conversion stopped (unknown/missing tensors, listed).
+Loaders: megacore (legacy torch or torch_dist, detected), hf (architecture from
+config.json); --loader may be omitted (detected). Savers: megacore (--ckpt-format
+torch|torch_dist, optimizer state carried), hf. Converted megacore checkpoints carry no
+RNG state: resume with --no-load-rng. Exit status: 0 done, 2 the conversion stopped
+(unknown/missing tensors, listed).
 """
 
-import os
+import argparse
 import sys
-
-# tools/checkpoint/inspect.py would shadow the standard library's ``inspect`` (which torch
-# imports) when this directory is on sys.path: import the repository instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
-
-import argparse  # noqa: E402
 
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9,
           "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
@@ -45,30 +41,49 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Convert megacore and Hugging Face checkpoints.")
-    p.add_argument("--model-type", required=True, choices=["GPT"])
+    p = argparse.ArgumentParser(
+        description="Convert megacore and Hugging Face checkpoints.",
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-type", required=True, choices=["GPT"],
+                   help="model family (Megatron's flag; GPT covers GPT-2, Llama, Mistral, Mixtral)")
     p.add_argument("--loader", default="auto", choices=["auto", "megacore", "hf"],
-                   help="source plugin (default: detected from --load-dir)")
-    p.add_argument("--saver", required=True, choices=["megacore", "hf"])
-    p.add_argument("--load-dir", required=True)
-    p.add_argument("--save-dir", required=True)
-    p.add_argument("--target-tensor-parallel-size", type=int, default=None)
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=None)
-    p.add_argument("--target-expert-parallel-size", type=int, default=None)
-    p.add_argument("--target-num-virtual-stages-per-pipeline-rank", type=int, default=None)
+                   help="source format (default: auto, detected from --load-dir)")
+    p.add_argument("--saver", required=True, choices=["megacore", "hf"],
+                   help="target format: a megacore checkpoint or a Hugging Face model directory")
+    p.add_argument("--load-dir", required=True,
+                   help="source: a megacore save directory (or iter_XXXXXXX) or an HF model "
+                        "directory")
+    p.add_argument("--save-dir", required=True,
+                   help="target directory (created when missing)")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=None,
+                   help="megacore saver: tp degree of the output (default: the source's, 1 "
+                        "from HF)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=None,
+                   help="megacore saver: pp degree of the output (default: the source's, 1 "
+                        "from HF)")
+    p.add_argument("--target-expert-parallel-size", type=int, default=None,
+                   help="megacore saver: ep degree of the output, MoE models (default: the "
+                        "source's, 1 from HF)")
+    p.add_argument("--target-num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="megacore saver: virtual pipeline stages per pp rank (default: the "
+                        "source's, none from HF)")
     p.add_argument("--ckpt-format", default="torch_dist", choices=["torch", "torch_dist"],
-                   help="megacore saver format")
+                   help="megacore saver: legacy per-rank files (torch) or the layout-free "
+                        "distributed format (default: torch_dist)")
     p.add_argument("--true-vocab-size", type=int, default=None,
-                   help="vocabulary without padding, when the checkpoint cannot tell")
+                   help="vocabulary without padding, when the checkpoint cannot tell "
+                        "(padding rows are dropped for HF)")
     p.add_argument("--hf-architecture", default=None,
                    help="HF saver: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, "
                         "MixtralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM (default: "
                         "from the model)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),
-                   help="HF saver: bytes per safetensors shard (e.g. 5GB)")
+                   help="HF saver: bytes per safetensors shard, e.g. 5GB or 512MiB "
+                        "(default: 2GB)")
     p.add_argument("--no-optimizer", action="store_true",
-                   help="megacore saver: drop the optimizer state")
-    p.add_argument("--no-progress", action="store_true")
+                   help="megacore saver: drop the optimizer state (weights only)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars on stderr")
     return p
 
 

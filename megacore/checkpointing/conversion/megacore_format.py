@@ -69,8 +69,8 @@ from megacore.checkpointing.paths import (
 )
 from megacore.checkpointing.safe_dcp import safe_dcp_load
 from megacore.checkpointing.save_load import CHECKPOINT_VERSION
-from megacore.models.common.embeddings.language_model_embedding import padded_vocab_size
 from megacore.package_info import __version__
+from megacore.vocab_padding import pad_vocab_size
 
 __all__ = ["LegacySource", "DistSource", "LegacySaver", "DistSaver", "open_megacore_source"]
 
@@ -584,7 +584,7 @@ class DistSaver(_Saver):
                 out[key] = tensor
                 continue
             if rule.vocab:
-                rows = padded_vocab_size(desc.vocab_size, self.layout.tp)
+                rows = pad_vocab_size(desc.vocab_size, tensor_model_parallel_size=self.layout.tp)
                 padded = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
                 padded[:tensor.shape[0]] = tensor
                 tensor = padded

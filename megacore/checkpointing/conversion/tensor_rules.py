@@ -37,10 +37,10 @@ import torch
 
 from megacore.checkpointing.conversion.model_description import GPTDescription
 from megacore.checkpointing.errors import CheckpointError
-from megacore.models.common.embeddings.language_model_embedding import padded_vocab_size
 from megacore.pipeline_parallel.layer_split import get_layer_offset_and_count
 from megacore.tensor_parallel.layers import _shard_master_weight
 from megacore.transformer.qkv_layout import collapse_qkv_rows, expand_qkv_rows
+from megacore.vocab_padding import pad_vocab_size
 
 __all__ = ["ShardRule", "shard_rule", "canonical_sort_key", "MegacoreLayout", "Location",
            "split_for_tp", "merge_from_tp", "WORD_EMBEDDING", "OUTPUT_LAYER", "model_key",
@@ -203,7 +203,7 @@ def split_for_tp(full: torch.Tensor, rule: ShardRule, desc: GPTDescription,
     if full.dim() == 0 or rule.tp_dim is None:
         return [full] * tp
     if rule.vocab:
-        rows = padded_vocab_size(desc.vocab_size, tp)
+        rows = pad_vocab_size(desc.vocab_size, tensor_model_parallel_size=tp)
         if full.shape[0] != rows:  # [V, h] -> [V_padded(tp), h], zero rows
             padded = full.new_zeros((rows,) + tuple(full.shape[1:]))
             padded[:min(rows, full.shape[0])] = full[:rows]

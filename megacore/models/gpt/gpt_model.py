@@ -30,7 +30,6 @@ from megacore.models.common.embeddings.language_model_embedding import (
     WORD_EMBEDDINGS_INIT_KEY,
     LanguageModelEmbedding,
     padded_vocab_init_method,
-    padded_vocab_size,
 )
 from megacore.parallel_state import ProcessGroupCollection
 from megacore.tensor_parallel import ColumnParallelLinear, vocab_parallel_cross_entropy
@@ -42,6 +41,7 @@ from megacore.transformer.module import MegatronModule
 from megacore.transformer.rotary_pos_embedding import RotaryEmbedding
 from megacore.transformer.transformer_block import TransformerBlock
 from megacore.transformer.transformer_config import TransformerConfig
+from megacore.vocab_padding import pad_vocab_size
 
 __all__ = ["GPTModel"]
 
@@ -89,7 +89,7 @@ class GPTModel(MegatronModule):
             raise ValueError(f"position_embedding_type must be one of "
                              f"{_POSITION_EMBEDDING_TYPES}, got {position_embedding_type!r}")
         self.vocab_size = vocab_size
-        self.padded_vocab_size = padded_vocab_size(vocab_size, self.tp_size)
+        self.padded_vocab_size = pad_vocab_size(vocab_size, tensor_model_parallel_size=self.tp_size)
         self.max_sequence_length = max_sequence_length
         self.pre_process, self.post_process = pre_process, post_process
         self.fp16_lm_cross_entropy = fp16_lm_cross_entropy

@@ -182,7 +182,7 @@ class _Ring:
         self.prev = dist.get_global_rank(cp_group, (self.rank - 1) % self.size)
 
     def shift(self, send: torch.Tensor, tag: int) -> _Transfer:
-        # gloo reads a strided tensor as if it were contiguous, silently (CPU_NOTES.md).
+        # gloo reads a strided tensor as if it were contiguous, silently (docs/ARCHITECTURE.md).
         if not send.is_contiguous():
             raise RuntimeError("ring attention sends contiguous tensors only; got strides "
                                f"{send.stride()} for shape {tuple(send.shape)}")

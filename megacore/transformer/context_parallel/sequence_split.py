@@ -154,7 +154,7 @@ def gather_from_context_parallel_ranks(tensor: torch.Tensor, seq_dim: int,
     if cp_size == 1:
         return tensor
     local = tensor.contiguous()
-    # Flat buffer: gloo cannot gather into a stacked output (shared/CPU_NOTES.md).
+    # Flat buffer: gloo cannot gather into a stacked output (docs/ARCHITECTURE.md, "gloo on CPU").
     flat = torch.empty(cp_size * local.numel(), dtype=local.dtype, device=local.device)
     collectives.all_gather_single(flat, local.view(-1), group=cp_group)
     # [cp * numel] -> cp x [.., s/cp, ..]

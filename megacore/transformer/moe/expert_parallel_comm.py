@@ -19,10 +19,10 @@ The gather/split pair is for the expert-tensor-parallel group, whose ranks hold 
 copies of the tokens after the gather (the experts all-reduce their outputs over it), hence
 "keep own rows" as the adjoint of a gather.
 
-gloo facts (``shared/CPU_NOTES.md``): all_gather with unequal sizes fails, so rows are
-padded to the largest count; all_to_all_single handles zero-sized splits (a rank that
-sends or receives no tokens) in both directions. Tensors are made contiguous before every
-collective (gloo reads strided tensors as if contiguous).
+gloo facts (``docs/ARCHITECTURE.md``, "gloo on CPU"): all_gather with unequal sizes
+fails, so rows are padded to the largest count; all_to_all_single handles zero-sized
+splits (a rank that sends or receives no tokens) in both directions. Tensors are made
+contiguous before every collective (gloo reads strided tensors as if contiguous).
 
 Shapes: ``[n, h]`` rows of tokens; ``sizes[r]`` the row count of rank r.
 """

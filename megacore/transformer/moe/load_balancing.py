@@ -21,8 +21,9 @@ parallel router equal the single-process one.
 
 Losses enter the graph through :class:`MoEAuxLossAutoScaler` (Megatron's trick): the loss is
 attached to an activation and its gradient is injected during that activation's backward,
-scaled by :meth:`MoEAuxLossAutoScaler.set_loss_scale` (the schedule sets it to
-``loss_scale / num_microbatches`` so aux losses are scaled like the main loss).
+scaled by the router's ``aux_loss_scale`` (the training step sets it with
+:func:`set_moe_aux_loss_scale` to ``loss_scale / num_microbatches`` so aux losses are scaled
+like the main loss).
 
 Expert bias (aux-loss-free balancing, DeepSeek-V3): after each step
 ``bias += rate * sign(mean_e(n) - n)`` over the tokens of the step on all ranks;
@@ -39,9 +40,11 @@ import torch
 import torch.distributed as dist
 
 from megacore import parallel_state
+from megacore.deprecation import warn_deprecated
 
 __all__ = [
     "MoEAuxLossAutoScaler",
+    "set_moe_aux_loss_scale",
     "switch_load_balancing_loss",
     "sequence_load_balancing_loss",
     "z_loss",
@@ -53,29 +56,52 @@ __all__ = [
 class MoEAuxLossAutoScaler(torch.autograd.Function):
     """Attach an auxiliary loss to an activation.
 
-    forward(output, aux_loss): returns ``output`` unchanged.
+    forward(output, aux_loss, scale): returns ``output`` unchanged.
     backward: passes ``output``'s gradient through and gives ``aux_loss`` the gradient
-    ``loss_scale`` (as if ``loss_scale * aux_loss`` had been added to the main loss).
+    ``scale`` (as if ``scale * aux_loss`` had been added to the main loss).
+
+    The scale is an argument, captured at forward time: each router passes its own
+    (:func:`set_moe_aux_loss_scale` sets it on the routers of one model), so two models in
+    one process never share it. Without ``scale`` the class default of the deprecated
+    :meth:`set_loss_scale` is used (Megatron's global, kept for callers that set it).
     """
 
     main_loss_backward_scale: torch.Tensor = torch.tensor(1.0)
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor):
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale=None):
         ctx.save_for_backward(aux_loss)
+        ctx.scale = MoEAuxLossAutoScaler.main_loss_backward_scale if scale is None else scale
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
-        scale = MoEAuxLossAutoScaler.main_loss_backward_scale.to(aux_loss.device)
-        return grad_output, torch.ones_like(aux_loss) * scale
+        scale = torch.as_tensor(ctx.scale, dtype=torch.float32).to(aux_loss.device)
+        return grad_output, torch.ones_like(aux_loss) * scale, None
 
     @staticmethod
     def set_loss_scale(scale) -> None:
-        """Scale of the aux-loss gradients (e.g. ``loss_scale / num_microbatches``)."""
+        """Deprecated process-wide default scale of the aux-loss gradients (Megatron's
+        API); pass ``scale`` to :meth:`apply`, or use :func:`set_moe_aux_loss_scale`."""
+        warn_deprecated("MoEAuxLossAutoScaler.set_loss_scale", since="0.2.0",
+                        removed_in="0.4.0",
+                        alternative="megacore.transformer.moe.set_moe_aux_loss_scale(model, "
+                                    "scale)")
         MoEAuxLossAutoScaler.main_loss_backward_scale = torch.as_tensor(
             scale, dtype=torch.float32).detach().clone()
+
+
+def set_moe_aux_loss_scale(modules, scale: float) -> int:
+    """Set the aux-loss gradient scale (e.g. ``loss_scale / num_microbatches``) on every
+    router inside ``modules`` (a module or a list of model chunks); returns how many."""
+    if isinstance(modules, torch.nn.Module):
+        modules = [modules]
+    routers = [m for module in modules for m in module.modules()
+               if hasattr(m, "aux_loss_scale")]
+    for router in routers:
+        router.aux_loss_scale = float(scale)
+    return len(routers)
 
 
 def switch_load_balancing_loss(scores: torch.Tensor, tokens_per_expert: torch.Tensor,

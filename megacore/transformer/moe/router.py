@@ -159,6 +159,9 @@ class TopKRouter(MegatronModule):
         self.topk = config.moe_router_topk
         self.tp_cp_group = self.pg_collection.tp_cp
         self.tp_cp_size = dist.get_world_size(self.tp_cp_group)
+        # Gradient scale of the aux and z losses (loss scale / micro-batches): this router's
+        # own, set per step by set_moe_aux_loss_scale, never a process-wide value.
+        self.aux_loss_scale = 1.0
         self.weight = torch.nn.Parameter(torch.empty(self.num_experts, config.hidden_size,
                                                      dtype=config.params_dtype,
                                                      device=device.current_device()))
@@ -189,8 +192,8 @@ class TopKRouter(MegatronModule):
         if self.config.moe_z_loss_coeff is not None:
             z_share = z_loss(logits, s * b * self.tp_cp_size, 1.0)
             if self._attach_losses():
-                logits = MoEAuxLossAutoScaler.apply(logits,
-                                                    z_share * self.config.moe_z_loss_coeff)
+                logits = MoEAuxLossAutoScaler.apply(
+                    logits, z_share * self.config.moe_z_loss_coeff, self.aux_loss_scale)
             z_value = z_share.detach()
         probs, routing_map = topk_routing(
             logits, self.topk, self.config.moe_router_score_function,
@@ -231,5 +234,5 @@ class TopKRouter(MegatronModule):
                                                  s * self.tp_cp_size, self.topk, 1.0)
         coeff = self.config.moe_aux_loss_coeff
         if coeff > 0 and self._attach_losses():
-            probs = MoEAuxLossAutoScaler.apply(probs, share * coeff)
+            probs = MoEAuxLossAutoScaler.apply(probs, share * coeff, self.aux_loss_scale)
         return probs, share.detach()

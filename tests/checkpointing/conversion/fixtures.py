@@ -59,8 +59,12 @@ def config_dict(desc: GPTDescription, tp: int, pp: int, ep: int) -> dict:
     return desc.to_config_dict(MegacoreLayout(tp=tp, pp=pp, ep=ep).config_fields())
 
 
-def save_stepped(root: str, kind: str, tp: int, pp: int, ep: int, formats=("torch",)) -> None:
-    """Build, take one optimizer step, save in each format under ``root/<format>``."""
+def save_stepped(root: str, kind: str, tp: int, pp: int, ep: int, formats=("torch",)):
+    """Build, take one optimizer step, save in each format under ``root/<format>``.
+
+    Returns the saved model's own logits (:func:`pipeline_logits` of :func:`tokens`) on
+    the rank that holds them, else None: the reference a converted checkpoint must give.
+    """
     desc = description(kind)
     model = build_model(desc, tp, pp, ep)
     opt, sched = toy.build_optimizer([model])
@@ -68,6 +72,9 @@ def save_stepped(root: str, kind: str, tp: int, pp: int, ep: int, formats=("torc
     for fmt in formats:
         save_checkpoint(5, [model], opt, sched, save_dir=f"{root}/{fmt}", ckpt_format=fmt,
                         consumed_train_samples=40, config_dict=config_dict(desc, tp, pp, ep))
+    logits = pipeline_logits(model, tokens())
+    first_of_stage = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    return logits if logits is not None and first_of_stage else None
 
 
 def tokens(seed: int = 7) -> torch.Tensor:

@@ -15,12 +15,12 @@ tied to the word embeddings on another pipeline stage uses the same scope.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 
 from megacore import device
+from megacore.deprecation import deprecated
 from megacore.parallel_state import ProcessGroupCollection
 from megacore.tensor_parallel import (
     VocabParallelEmbedding,
@@ -30,15 +30,17 @@ from megacore.transformer.dropout import sequence_dropout
 from megacore.transformer.initialization import init_rng_scope
 from megacore.transformer.module import MegatronModule
 from megacore.transformer.transformer_config import TransformerConfig
+from megacore.vocab_padding import pad_vocab_size
 
 __all__ = ["LanguageModelEmbedding", "padded_vocab_size", "padded_vocab_init_method"]
 
 WORD_EMBEDDINGS_INIT_KEY = "word_embeddings"
 
 
+@deprecated(since="0.2.0", removed_in="0.4.0", alternative="megacore.vocab_padding.pad_vocab_size")
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
     """Smallest multiple of ``tp_size`` that is >= ``vocab_size``."""
-    return math.ceil(vocab_size / tp_size) * tp_size
+    return pad_vocab_size(vocab_size, tensor_model_parallel_size=tp_size)
 
 
 def padded_vocab_init_method(init_method: Callable, vocab_size: int) -> Callable:
@@ -82,7 +84,8 @@ class LanguageModelEmbedding(MegatronModule):
                                   and self.tp_size > 1)
         with init_rng_scope(WORD_EMBEDDINGS_INIT_KEY):
             self.word_embeddings = VocabParallelEmbedding(
-                padded_vocab_size(vocab_size, self.tp_size), config.hidden_size,
+                pad_vocab_size(vocab_size, tensor_model_parallel_size=self.tp_size),
+                config.hidden_size,
                 init_method=padded_vocab_init_method(config.init_method, vocab_size),
                 config=config, reduce_scatter_embeddings=self.sequence_parallel,
                 tp_group=self.tp_group)

@@ -10,21 +10,24 @@ CHECKPOINT is a save directory (its latest_checkpointed_iteration.txt is followe
 iter_XXXXXXX directory. Exit status: 0 fine, 1 verification found problems, 2 unreadable.
 """
 
-import os
+# Why this file is tools/checkpoint/inspect.py/__main__.py: `python
+# tools/checkpoint/inspect.py` runs a directory's __main__.py, and Python puts that
+# directory first on sys.path. A plain file named inspect.py would put tools/checkpoint/
+# there instead, and the file itself would then shadow the standard library's `inspect`
+# (which torch and dataclasses import). This directory holds nothing that can shadow a
+# module, and tools/checkpoint/ holds no inspect module for convert.py to trip over: no
+# program needs to edit sys.path.
+
+import argparse
+import json
 import sys
-
-# This file is named like the standard library's ``inspect``, which torch imports: run as
-# a script, its own directory must not shadow it. Import the repository instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="save directory or iter_XXXXXXX directory")
     parser.add_argument("--verify", action="store_true",
                         help="read every file and report missing or unreadable ones")
