@@ -316,8 +316,11 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ru
     moe = bool(run.model.num_moe_experts)
     if moe or run.model.mtp_num_layers:
         # Aux-loss (MoE balancing, multi-token prediction) gradients are scaled like the
-        # main loss: loss scale / micro-batches.
-        set_moe_aux_loss_scale(model, float(optimizer.get_loss_scale()) / num_microbatches)
+        # main loss: loss scale / micro-batches; with the per-token loss the main loss is
+        # not divided by the micro-batch count, and neither is the aux loss (Megatron-LM's
+        # rule).
+        divisor = 1 if run.model.calculate_per_token_loss else num_microbatches
+        set_moe_aux_loss_scale(model, float(optimizer.get_loss_scale()) / divisor)
     forward_backward = get_forward_backward_func()
     losses = forward_backward(
         forward_step_func=forward_step_func, data_iterator=data_iterator,

@@ -38,6 +38,8 @@ OVERLAP = [
     ("dp1", "dense", 1, ""),
     ("tp2", "dense", 2, "--tensor-model-parallel-size 2"),
     ("tp2_dp2", "dense", 4, "--tensor-model-parallel-size 2"),
+    ("pp2_vpp2", "dense", 2, "--pipeline-model-parallel-size 2 "
+                             "--num-layers-per-virtual-pipeline-stage 1"),
     ("ep2", "moe", 2, f"{MOE} --expert-model-parallel-size 2"),
 ]
 
