@@ -203,6 +203,14 @@ def _install_schedule_hooks(run: RunConfig, model: List[torch.nn.Module], optimi
     config.grad_scale_func = optimizer.scale_loss
 
 
+def _remove_schedule_hooks(run: RunConfig) -> None:
+    """Drop the config's references to the model and optimizer (bound methods): the
+    caller's RunConfig must not keep them, and the process groups they hold, alive."""
+    config = run.model
+    config.no_sync_func = config.grad_sync_func = config.grad_scale_func = None
+    config.finalize_model_grads_func = None
+
+
 # -- data -------------------------------------------------------------------------------
 def _num_samples(run: RunConfig, state_train_samples: int) -> List[int]:
     t = run.training
@@ -681,7 +689,10 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
     if run.checkpoint.load:
         _load(run, state, model, optimizer, scheduler)
     if run.checkpoint.ckpt_convert_format:
-        return _convert_and_exit(run, state, model, optimizer, scheduler)
+        try:
+            return _convert_and_exit(run, state, model, optimizer, scheduler)
+        finally:
+            _remove_schedule_hooks(run)
 
     train_iter, valid_iter, test_iter = build_data_iterators(
         run, train_valid_test_datasets_provider, state)
@@ -715,6 +726,7 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
             _finalize_async_save(run, state, blocking=True)
         logger.close()
         exit_signal.restore()
+        _remove_schedule_hooks(run)
     return summary
 
 
