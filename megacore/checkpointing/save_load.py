@@ -10,7 +10,8 @@ rank 0 atomically points ``latest_checkpointed_iteration.txt`` at it. Order::
     write succeeded -> rank 0 writes the tracker
 
 A crash or failure anywhere before the last step leaves the previous checkpoint as the
-latest loadable one.
+latest loadable one. Every file gets a SHA-256 sidecar (``integrity``), checked on load;
+``torch_dist`` metadata is read without unpickling arbitrary objects (``safe_dcp``).
 
 Loading follows Megatron's flags: ``no_load_optim`` skips optimizer and scheduler state,
 ``no_load_rng`` the random generators, and ``finetune`` loads model weights only and
@@ -139,6 +140,11 @@ def save_checkpoint(iteration: int, model_chunks, optimizer, opt_param_scheduler
 
     Returns:
         The iteration directory.
+
+    Raises:
+        CheckpointError: a model parameter holds NaN/Inf (checked on every rank before
+            any file is written: the tracker never moves to non-finite weights), or a
+            write failed on some rank (the previous checkpoint remains the latest).
     """
     if ckpt_format not in CKPT_FORMATS:
         raise ValueError(f"ckpt_format must be one of {CKPT_FORMATS}, got {ckpt_format!r}")
@@ -203,9 +209,11 @@ def load_checkpoint(model_chunks, optimizer, opt_param_scheduler, *, load_dir: s
         ``(iteration, consumed_train_samples, consumed_valid_samples, saved config_dict)``.
 
     Raises:
-        CheckpointError: no checkpoint, a missing or corrupt file, a layout the legacy
-            format cannot load, or (strict) missing/unexpected keys; the message names
-            the path, and the keys or layouts.
+        CheckpointError: no checkpoint, a missing or corrupt file (including one whose
+            bytes differ from the SHA-256 digest recorded at save), a metadata pickle
+            referencing classes outside DCP's own (``UnsafeCheckpointError``), a layout
+            the legacy format cannot load, or (strict) missing/unexpected keys; the
+            message names the path, and the keys or layouts.
     """
     async_mod.finalize_async_saves(blocking=True)
     chunks = unwrap_model_chunks(model_chunks)

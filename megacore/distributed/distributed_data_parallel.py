@@ -21,6 +21,8 @@ scaled here; ``finalize_model_grads`` divides by the token count instead.
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 from collections import defaultdict
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -41,6 +43,12 @@ __all__ = ["DistributedDataParallel"]
 
 _DEFAULT_MIN_BUCKET_SIZE = 40_000_000
 _DEFAULT_BUCKET_SIZE_PER_DP_RANK = 1_000_000
+
+
+def _grad_hook_of(ddp_ref, param: torch.nn.Parameter) -> None:
+    ddp = ddp_ref()
+    if ddp is not None:
+        ddp._grad_hook(param)
 
 
 class DistributedDataParallel(torch.nn.Module):
@@ -74,7 +82,12 @@ class DistributedDataParallel(torch.nn.Module):
         self.param_to_bucket: Dict[torch.nn.Parameter, ParamAndGradBucket] = {
             p: b for buf in self.all_buffers for p, b in buf.param_to_bucket.items()}
         self._chain_param_gather_prefetch()
-        self._grad_hooks = [p.register_post_accumulate_grad_hook(self._grad_hook)
+        # The hooks live in C++ on each param, where Python's garbage collector cannot
+        # see them: a bound method would make param -> hook -> self -> param a cycle that
+        # is never freed (nor the process groups it holds, whose gloo threads would then
+        # still be running at interpreter exit). A weak reference breaks it.
+        hook = functools.partial(_grad_hook_of, weakref.ref(self))
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(hook)
                             for p in self.param_to_bucket]
         self._param_gather_hooks: List = []
         if ddp_config.overlap_param_gather:

@@ -232,6 +232,12 @@ def microbatch_calculator(run: RunConfig) -> NumMicroBatchesCalculator:
                 if t.step_batch_size_schedule else None)
     return NumMicroBatchesCalculator(t.global_batch_size, t.micro_batch_size,
                                      run.data_parallel_size, t.rampup_batch_size, schedule)
+def _remove_schedule_hooks(run: RunConfig) -> None:
+    """Drop the config's references to the model and optimizer (bound methods): the
+    caller's RunConfig must not keep them, and the process groups they hold, alive."""
+    config = run.model
+    config.no_sync_func = config.grad_sync_func = config.grad_scale_func = None
+    config.finalize_model_grads_func = None
 
 
 # -- data -------------------------------------------------------------------------------
@@ -790,7 +796,10 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
     if run.checkpoint.load:
         _load(run, state, model, optimizer, scheduler)
     if run.checkpoint.ckpt_convert_format:
-        return _convert_and_exit(run, state, model, optimizer, scheduler)
+        try:
+            return _convert_and_exit(run, state, model, optimizer, scheduler)
+        finally:
+            _remove_schedule_hooks(run)
 
     train_iter, valid_iter, test_iter = build_data_iterators(
         run, train_valid_test_datasets_provider, state)
@@ -834,6 +843,7 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
         exit_signal.restore()
         if gc_was_enabled:
             gc.enable()
+        _remove_schedule_hooks(run)
     return summary
 
 
