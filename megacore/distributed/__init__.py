@@ -6,7 +6,6 @@ from megacore.distributed.distributed_data_parallel_config import (
 )
 from megacore.distributed.finalize_model_grads import finalize_model_grads
 from megacore.distributed.fully_shard import (
-    fsdp_no_sync,
     fully_shard_model,
     is_fully_sharded,
 )
@@ -24,7 +23,6 @@ __all__ = [
     "DistributedDataParallelConfig",
     "finalize_model_grads",
     "fully_shard_model",
-    "fsdp_no_sync",
     "is_fully_sharded",
     "BufferLayout",
     "NonFiniteGradientError",

@@ -24,14 +24,18 @@ Megacore's parameter attributes (``tensor_model_parallel``, ``sequence_parallel`
 ``shared_embedding``, ``allreduce`` ...) are copied onto the new DTensor parameters, so
 gradient statistics, clipping and the tp/pp gradient finalization treat them as before.
 
+Gradient accumulation: gradients are reduce-scattered after every micro-batch and
+accumulate in the sharded ``.grad`` (the training loop does not defer the reduction with
+FSDP2's ``set_requires_gradient_sync``: one reduce-scatter per micro-batch, simple and
+checked; deferring it is a possible optimization).
+
 Shapes: a parameter ``[n, ...]`` becomes a DTensor whose local shard is
 ``[ceil(n / d), ...]`` (the last ranks' shards padded or empty), ``d`` = dp x cp.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,7 +45,7 @@ from torch.distributed.tensor import DTensor
 
 from megacore import device, parallel_state
 
-__all__ = ["fully_shard_model", "fsdp_no_sync", "is_fully_sharded", "local_tensor"]
+__all__ = ["fully_shard_model", "is_fully_sharded", "local_tensor"]
 
 # Attributes megacore's layers put on parameters, read by optimizers, clipping,
 # finalize_model_grads and checkpoints.
@@ -119,10 +123,12 @@ def fully_shard_model(model: torch.nn.Module, *, reshard_after_forward: bool = T
             fully_shard(experts, mesh=expert_mesh, reshard_after_forward=reshard_after_forward,
                         mp_policy=policy)
             # DDP's rule: expert grads are summed over expert-dp and divided by dp x cp.
-            # As SUM then a division: the scaled sum FSDP2 would use otherwise (NCCL's
-            # PREMUL_SUM) does not exist on gloo.
             experts.set_gradient_divide_factor(float(dp_cp_size))
-            experts.set_force_sum_reduction_for_comms(True)
+            if expert_mesh.size() > 1:
+                # As SUM then a division: the scaled sum FSDP2 uses otherwise (NCCL's
+                # PREMUL_SUM) does not exist on gloo. Not on a one-rank mesh, where
+                # torch 2.13 then divides twice (measured: grad / factor^2).
+                experts.set_force_sum_reduction_for_comms(True)
         fully_shard(unit, mesh=dense_mesh, reshard_after_forward=reshard_after_forward,
                     mp_policy=policy)
     # The root keeps what no unit took; it stays gathered after forward (its backward
@@ -148,14 +154,3 @@ def is_fully_sharded(model: torch.nn.Module) -> bool:
 def local_tensor(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """This rank's shard of a DTensor (a plain tensor as it is)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-@contextlib.contextmanager
-def fsdp_no_sync(model: torch.nn.Module) -> Iterator[None]:
-    """Accumulate gradients without reduce-scattering them (all but the last
-    micro-batch); the schedules take it as ``config.no_sync_func``."""
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)

@@ -14,7 +14,6 @@ optimizer step, logging, evaluation, saving, exit conditions) -> final save and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import datetime
 import gc
 import math
@@ -38,7 +37,6 @@ from megacore.distributed import (
     DistributedDataParallel,
     NonFiniteGradientError,
     finalize_model_grads,
-    fsdp_no_sync,
     fully_shard_model,
     is_fully_sharded,
 )
@@ -215,9 +213,8 @@ def get_optimizer_param_scheduler(run: RunConfig, optimizer) -> OptimizerParamSc
 
 def _install_schedule_hooks(run: RunConfig, model: List[torch.nn.Module], optimizer) -> None:
     config = run.model
-    no_sync = [functools.partial(fsdp_no_sync, m) if run.ddp.use_torch_fsdp2 else m.no_sync
-               for m in model]
-    config.no_sync_func = no_sync if len(model) > 1 else no_sync[0]
+    if not run.ddp.use_torch_fsdp2:  # FSDP2 reduces after each micro-batch (fully_shard)
+        config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     if run.ddp.overlap_grad_reduce:
         config.grad_sync_func = ([m.start_grad_sync for m in model] if len(model) > 1
                                  else model[0].start_grad_sync)

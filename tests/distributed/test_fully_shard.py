@@ -8,7 +8,8 @@ gathered as in tests/models/test_gpt_model.py) and the global grad norm computed
 local shards (``local_grad_norm_squared``, the optimizer's rule) with one process running
 all ``dp x m`` micro-batches. It also checks that parameters really are sharded.
 
-Layouts: dp 2 (ZeRO-3 and ZeRO-2), dp 4, tp 2 + sequence parallelism x dp 2, pp 2 x dp 2
+Layouts: dp 2 (ZeRO-3, ZeRO-2, and bf16 compute over fp32 master weights: looser
+tolerance, see ``_check_bf16``), dp 4, tp 2 + sequence parallelism x dp 2, pp 2 x dp 2
 (tied embeddings over the stages), MoE at ep 2 x dp 4 (experts sharded over expert-dp 2).
 
 Tolerance (fp32): losses rtol 1e-5 / atol 1e-5, grads rtol 1e-5 / atol 1e-6, as for the
@@ -107,7 +108,13 @@ def _run_case(case):
                      pre_process=rank == 0, post_process=rank == pp - 1,
                      share_embeddings_and_output_weights=case.get("tied", False))
     offset = get_layer_offset_and_count(cfg.num_layers, pp, rank, None, 0, None, None)[0]
-    fully_shard_model(model, reshard_after_forward=case.get("reshard", True))
+    bf16 = case.get("bf16", False)
+    fully_shard_model(model, reshard_after_forward=case.get("reshard", True),
+                      param_dtype=torch.bfloat16 if bf16 else None,
+                      reduce_dtype=torch.float32 if bf16 else None)
+    compute_dtypes = []
+    model.decoder.layers[0].register_forward_pre_hook(
+        lambda module, args: compute_dtypes.append(module.self_attention.linear_qkv.weight.dtype))
     sharded = all(isinstance(p, DTensor) for p in model.parameters())
     smaller = any(p.to_local().numel() < p.numel() for p in model.parameters())
     m, dp = case["m"], ps.get_data_parallel_world_size()
@@ -137,7 +144,9 @@ def _run_case(case):
         losses = [x for rank_losses in gathered for x in rank_losses]
     ps.destroy_model_parallel()
     return {"losses": losses, "grads": grads, "norm": float(norm_sq.sqrt()),
-            "sharded": sharded, "smaller": smaller}
+            "sharded": sharded, "smaller": smaller, "compute_dtype": compute_dtypes[0],
+            "master_dtypes": {p.dtype for p in model.parameters()},
+            "grad_dtypes": {p.grad.dtype for p in model.parameters()}}
 
 
 def _global_name(name, offset, case):
@@ -188,6 +197,10 @@ def _compare(cases, per_rank):
         results = [r[i] for r in per_rank]
         assert all(r["sharded"] and r["smaller"] for r in results), case
         losses = next(r["losses"] for r in results if r["losses"])
+        if case.get("bf16"):
+            _check_bf16(results, losses, ref[i])
+            continue
+        assert all(r["compute_dtype"] == torch.float32 for r in results)
         torch.testing.assert_close(losses, ref[i]["losses"], **LOSS_TOL, msg=str(case))
         grads = {}
         for r in results:
@@ -202,7 +215,19 @@ def _compare(cases, per_rank):
             assert abs(r["norm"] - ref[i]["norm"]) <= 1e-5 * ref[i]["norm"], (case, r["norm"])
 
 
-CASES_2 = [dict(dp=2, m=2), dict(dp=2, m=1, reshard=False, tied=True)]
+def _check_bf16(results, losses, ref):
+    """bf16 compute over fp32 master weights, grads reduced and kept in fp32. Tolerance:
+    bf16 has 8 mantissa bits (relative step 2^-8 = 0.4%); the loss of a tiny model ~3.5
+    moves by ~1e-3 relative, gradients by a few percent: loss rtol 1e-2, norm 5%."""
+    for r in results:
+        assert r["compute_dtype"] == torch.bfloat16
+        assert r["master_dtypes"] == {torch.float32} and r["grad_dtypes"] == {torch.float32}
+        assert abs(r["norm"] - ref["norm"]) <= 0.05 * ref["norm"], (r["norm"], ref["norm"])
+    torch.testing.assert_close(losses, ref["losses"], rtol=1e-2, atol=0)
+
+
+CASES_2 = [dict(dp=2, m=2), dict(dp=2, m=1, reshard=False, tied=True),
+           dict(dp=2, m=1, bf16=True)]
 # MoE at dp 4 x ep 2: experts shard over expert-dp 2 (and divide by dp 4, not 2).
 CASES_4 = [dict(dp=4, m=1, tied=True), dict(dp=2, m=2, tp=2, sp=True),
            dict(dp=2, m=3, pp=2, layers=4, tied=True), dict(dp=4, m=1, moe=True, ep=2)]

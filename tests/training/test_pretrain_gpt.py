@@ -149,6 +149,8 @@ MOE = ("--num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 0.01 --moe-z-lo
     ("ep2_allgather", 2, "--expert-model-parallel-size 2"),
     ("ep2_alltoall_tp2_sp", 4, "--expert-model-parallel-size 2 --moe-token-dispatcher-type "
                                "alltoall --tensor-model-parallel-size 2 --sequence-parallel"),
+    # FSDP2: experts on a one-rank expert-dp mesh, divided by dp like DDP's.
+    ("ep2_fsdp2", 2, "--expert-model-parallel-size 2 --use-torch-fsdp2"),
 ])
 def test_moe_layouts_equal_single_rank(tmp_path, name, world, extra):
     """A GPT with MoE on layers 1 and 3: expert parallelism reproduces the ep=1 losses."""
