@@ -6,7 +6,9 @@
         --load checkpoints/gpt --tensor-model-parallel-size 2 \
         --pipeline-model-parallel-size 2 --port 5000
 
-Model flags are those of ``examples/pretrain_gpt.py``. A megacore checkpoint stores its
+Model flags are those of ``examples/pretrain_gpt.py``. ``--load`` may also name a
+Megatron-LM checkpoint (legacy or torch_dist; read in memory, model from its ``args``).
+A megacore checkpoint stores its
 run configuration, so ``--load`` alone is enough: the model shape and tokenizer flags
 are read from it (a model flag given on the command line must agree with it). The parallel layout is always
 the one given here (default: one rank), whatever layout the checkpoint was saved in.
@@ -25,7 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from examples.pretrain_gpt import get_tokenizer, model_provider  # noqa: E402
-from megacore.checkpointing import load_checkpoint  # noqa: E402
 from megacore.inference import InferenceConfig, TextGenerationController  # noqa: E402
 from megacore.inference.generation_service import ServiceConfig  # noqa: E402
 from megacore.inference.server import ServerConfig, run_text_generation_server  # noqa: E402
@@ -34,6 +35,7 @@ from megacore.training.training import (  # noqa: E402
     get_model,
     initialize_distributed,
     initialize_model_parallel_from_run,
+    load_any_checkpoint,
     print_rank_0,
     saved_run_config,
 )
@@ -89,8 +91,8 @@ def build_controller(run, args) -> TextGenerationController:
     """This rank's model chunks with the checkpoint's weights, wrapped for generation."""
     initialize_model_parallel_from_run(run)
     chunks = get_model(model_provider, run, wrap_with_ddp=False)
-    load_checkpoint(chunks, None, None, load_dir=run.checkpoint.load, no_load_optim=True,
-                    no_load_rng=True)
+    load_any_checkpoint(chunks, None, None, load_dir=run.checkpoint.load, no_load_optim=True,
+                        no_load_rng=True)
     tokenizer = get_tokenizer(run)
     config = InferenceConfig(max_batch_size=args.max_batch_size,
                              use_kv_cache=not args.no_kv_cache,

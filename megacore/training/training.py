@@ -29,6 +29,11 @@ import torch
 import torch.distributed as dist
 
 from megacore import checkpointing, device, parallel_state
+from megacore.checkpointing.conversion.megatron_load import (
+    is_megatron_checkpoint,
+    load_megatron_checkpoint,
+    megatron_run_config,
+)
 from megacore.distributed import DistributedDataParallel, finalize_model_grads
 from megacore.optimizer import (
     GradStatsContext,
@@ -51,7 +56,7 @@ from megacore.transformer.moe import (
 )
 
 __all__ = ["pretrain", "initialize_distributed", "initialize_model_parallel_from_run",
-           "saved_run_config", "params_norm",
+           "saved_run_config", "load_any_checkpoint", "params_norm",
            "get_model", "get_optimizer_param_scheduler", "train_step", "evaluate",
            "TrainState", "print_rank_0", "print_rank_last"]
 
@@ -380,9 +385,19 @@ def _save(run, state, model, optimizer, scheduler):
     print_rank_0(f"saved checkpoint at iteration {state.iteration} to {run.checkpoint.save}")
 
 
+def load_any_checkpoint(model, optimizer, scheduler, *, load_dir: str, no_load_optim: bool,
+                        no_load_rng: bool, finetune: bool = False):
+    """:func:`checkpointing.load_checkpoint`, or, for a Megatron-LM checkpoint, its weights
+    loaded in memory through the converter (``load_megatron_checkpoint``)."""
+    loader = load_megatron_checkpoint if is_megatron_checkpoint(load_dir) \
+        else checkpointing.load_checkpoint
+    return loader(model, optimizer, scheduler, load_dir=load_dir, no_load_optim=no_load_optim,
+                  no_load_rng=no_load_rng, finetune=finetune)
+
+
 def _load(run, state, model, optimizer, scheduler):
     c = run.checkpoint
-    iteration, consumed_train, consumed_valid, _ = checkpointing.load_checkpoint(
+    iteration, consumed_train, consumed_valid, _ = load_any_checkpoint(
         model, optimizer, scheduler, load_dir=c.load, no_load_optim=c.no_load_optim,
         no_load_rng=c.no_load_rng, finetune=c.finetune)
     state.iteration = iteration
@@ -603,6 +618,8 @@ def saved_run_config(load_dir: str) -> Optional[Dict[str, Any]]:
     (None when there is no checkpoint yet, e.g. ``--save d --load d`` on a first start)."""
     if not os.path.isdir(load_dir) or checkpointing.read_tracker(load_dir) is None:
         return None
+    if is_megatron_checkpoint(load_dir):  # the model from Megatron-LM's stored args
+        return megatron_run_config(load_dir)
     return checkpointing.read_checkpoint_info(load_dir).config
 
 

@@ -260,7 +260,8 @@ _TOKENIZER_ARGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_mode
 
 
 def _config_dict(args, desc: GPTDescription) -> Dict[str, Any]:
-    """megacore's run-configuration sections for this model (model, gpt, tokenizer)."""
+    """megacore's run-configuration sections for this model (``model``, ``gpt``, and
+    ``data`` for the tokenizer settings)."""
     tokenizer = {k: getattr(args, k) for k in _TOKENIZER_ARGS
                  if isinstance(getattr(args, k, None), (str, int))}
     gpt = {"make_vocab_size_divisible_by": int(_get(args, "make_vocab_size_divisible_by", 128)),
@@ -268,7 +269,7 @@ def _config_dict(args, desc: GPTDescription) -> Dict[str, Any]:
     model = {"fp16": bool(getattr(args, "fp16", False)),
              "bf16": bool(getattr(args, "bf16", False)),
              "activation_func": desc.activation}
-    return {"model": model, "gpt": gpt, "tokenizer": tokenizer}
+    return {"model": model, "gpt": gpt, "data": tokenizer}
 
 
 # -- description -> args ------------------------------------------------------------------
@@ -317,7 +318,7 @@ def args_from_description(desc: GPTDescription, layout: MegacoreLayout, *,
                       moe_shared_expert_intermediate_size=desc.moe_shared_expert_intermediate_size,
                       moe_shared_expert_gate=desc.moe_shared_expert_gate,
                       moe_router_enable_expert_bias=desc.moe_router_enable_expert_bias)
-    tokenizer = (desc.config_dict or {}).get("tokenizer") or {}
+    tokenizer = (desc.config_dict or {}).get("data") or {}
     for key in _TOKENIZER_ARGS:
         if getattr(args, key, None) is None and tokenizer.get(key) is not None:
             fields[key] = tokenizer[key]

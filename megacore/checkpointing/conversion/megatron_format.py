@@ -168,7 +168,12 @@ def open_megatron_source(load_dir: str, manifest: Optional[Manifest] = None,
 
 
 def _common(state: Dict[str, Any]) -> CommonState:
-    return CommonState(iteration=int(state.get("iteration", 0) or 0))
+    """Iteration, and the data position Megatron-LM keeps in ``args``."""
+    args = state.get("args")
+    return CommonState(
+        iteration=int(state.get("iteration", 0) or 0),
+        consumed_train_samples=int(getattr(args, "consumed_train_samples", 0) or 0),
+        consumed_valid_samples=int(getattr(args, "consumed_valid_samples", 0) or 0))
 
 
 def _optimizer_notes(state: Dict[str, Any], has_optimizer: bool) -> List[str]:
@@ -368,6 +373,8 @@ class _MegatronSaver:
         args.ckpt_format = self.fmt
         args.transformer_impl = self.transformer_impl
         args.iteration = source.common.iteration
+        args.consumed_train_samples = source.common.consumed_train_samples
+        args.consumed_valid_samples = source.common.consumed_valid_samples
         iter_dir = iteration_dir(self.save_dir, source.common.iteration)
         os.makedirs(iter_dir, exist_ok=True)
         return iter_dir, desc, args

@@ -213,6 +213,30 @@ def test_megatron_checkpoints_convert_with_megatron_core_logits(tmp_path):
         torch.testing.assert_close(out[name], ref[_reference_kind(name)], **TOL)
     for name in ("gpt2_tp1_legacy", "gpt2_tp1_dist", "llama_tp2_dist", "mixtral_ep2"):
         torch.testing.assert_close(out[f"back/{name}"], ref[CASES[name][0]], atol=0, rtol=0)
+    _check_pretrain_resumes(tmp_path, f"{root}/llama_tp2_te", f"{root}/mc/llama_tp2_te")
+
+
+def _check_pretrain_resumes(tmp_path, megatron_dir, megacore_dir):
+    """``pretrain_gpt.py --load <Megatron checkpoint>`` (model from its args, TE names,
+    saved at tp 2, here run at tp 1 x dp 2) continues from Megatron's iteration with
+    exactly the losses of the same run from the converted megacore checkpoint."""
+    import json
+    import shlex
+
+    from tests.training.test_pretrain_gpt import _run_pretrain
+
+    runs = {}
+    for name, load in (("megatron", megatron_dir), ("megacore", megacore_dir)):
+        log = tmp_path / f"{name}.jsonl"
+        argv = shlex.split(f"--load {load} --no-load-optim --no-load-rng --mock-data "
+                           "--micro-batch-size 1 --global-batch-size 4 --lr 1e-3 "
+                           f"--train-iters 9 --log-interval 1 --eval-iters 0 "
+                           f"--hidden-dropout 0 --attention-dropout 0 --log-jsonl {log}")
+        run_distributed(_run_pretrain, world_size=2, args=(argv,), timeout=240)
+        with open(log) as f:
+            runs[name] = [r for r in map(json.loads, f) if "lm_loss" in r]
+    assert [r["iteration"] for r in runs["megatron"]] == [8, 9]
+    assert [r["lm_loss"] for r in runs["megatron"]] == [r["lm_loss"] for r in runs["megacore"]]
 
 
 def test_megatron_args_are_loaded_safely_and_bad_input_is_named(tmp_path):
