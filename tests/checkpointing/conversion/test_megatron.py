@@ -12,7 +12,9 @@ Each converts to megacore (both formats) and to Hugging Face; megacore's ``GPTMo
 and ``transformers`` give megatron-core's logits. Converting back (megatron -> megacore
 -> megatron, same layout and format) gives the original tensors bitwise, and a second
 megatron-core run loads the written checkpoints (strict ``load_state_dict`` for legacy,
-``dist_checkpointing.load`` for torch_dist) to the same logits.
+``dist_checkpointing.load`` for torch_dist) to the same logits. ``pretrain_gpt.py --load``
+and the generation server take the Megatron checkpoints directly and agree with the
+converted megacore ones.
 
 Tolerances: megacore and megatron-core compute the same ops in the same order where the
 layout is the same; across layouts (tp 2 -> 1) and against ``transformers`` (split vs
@@ -214,6 +216,22 @@ def test_megatron_checkpoints_convert_with_megatron_core_logits(tmp_path):
     for name in ("gpt2_tp1_legacy", "gpt2_tp1_dist", "llama_tp2_dist", "mixtral_ep2"):
         torch.testing.assert_close(out[f"back/{name}"], ref[CASES[name][0]], atol=0, rtol=0)
     _check_pretrain_resumes(tmp_path, f"{root}/llama_tp2_te", f"{root}/mc/llama_tp2_te")
+    served = [run_distributed(_served_tokens, world_size=1, args=(d,), timeout=120)[0]
+              for d in (f"{root}/mixtral_ep2", f"{root}/mc/mixtral_ep2")]
+    assert served[0] == served[1] and len(served[0][0]) == 4
+
+
+def _served_tokens(load_dir):
+    """Rank body: the generation server's model (``--load`` only) greedily continues a
+    prompt; returns the tokens and their log probabilities."""
+    from megacore.inference import GenerationRequest, SamplingParams
+    from tools import run_text_generation_server as tool
+
+    run, args = tool.parse_serving_args(["--load", load_dir, "--max-batch-size", "1"])
+    controller = tool.build_controller(run, args)
+    result = controller.generate([GenerationRequest([5, 17, 3, 40], 4,
+                                                    SamplingParams(temperature=0.0))])[0]
+    return list(result.generated_tokens), [round(x, 5) for x in result.generated_logprobs]
 
 
 def _check_pretrain_resumes(tmp_path, megatron_dir, megacore_dir):
