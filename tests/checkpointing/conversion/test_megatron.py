@@ -290,3 +290,52 @@ def test_megatron_args_are_loaded_safely_and_bad_input_is_named(tmp_path):
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
+
+
+def _save_megacore_gpt(root):
+    fx.save_stepped(root, "gpt", 1, 1, 1)
+
+
+def test_virtual_pipeline_layout_round_trip_and_errors(tmp_path):
+    """megacore -> Megatron legacy at tp 2, pp 2, vpp 2 (``model0``/``model1`` in each
+    rank file, args recording the layout and the padded vocabulary) -> megacore gives the
+    same tensors bitwise; a missing rank file and a load asking for Megatron's optimizer
+    state fail with messages naming the file and the flags."""
+    from megacore.checkpointing.conversion.megatron_args import load_megatron_file
+    from megacore.checkpointing.conversion.megatron_load import load_megatron_checkpoint
+
+    root = str(tmp_path)
+    run_distributed(_save_megacore_gpt, world_size=1, args=(f"{root}/src",), timeout=120)
+    report = convert_checkpoint(load_dir=f"{root}/src/torch", save_dir=f"{root}/meg",
+                                saver="legacy", ckpt_format="torch",
+                                target_tensor_parallel_size=2, target_pipeline_parallel_size=2,
+                                target_virtual_pipeline_parallel_size=2, progress=False)
+    files = sorted(glob.glob(f"{report.output}/mp_rank_*/model_optim_rng.pt"))
+    assert [os.path.basename(os.path.dirname(f)) for f in files] == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    state = load_megatron_file(files[0])
+    assert {"model0", "model1", "args", "checkpoint_version", "iteration"} <= set(state)
+    args = state["args"]
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            args.virtual_pipeline_model_parallel_size) == (2, 2, 2)
+    assert args.padded_vocab_size == 256 and state["model0"][
+        "embedding.word_embeddings.weight"].shape[0] == 128   # 61 -> 128 * tp
+    assert state["checkpoint_version"] == 3.0 and state["iteration"] == 5
+    convert_checkpoint(load_dir=f"{root}/meg", save_dir=f"{root}/back", loader="core",
+                       saver="megacore", ckpt_format="torch_dist", true_vocab_size=61,
+                       target_tensor_parallel_size=1, target_pipeline_parallel_size=1,
+                       progress=False)
+    original, back = open_source("megacore", f"{root}/src/torch"), open_source(
+        "megacore", f"{root}/back")
+    names = original.model_names()
+    assert names == back.model_names()
+    keys = [f"model/{n}" for n in names]
+    a, b = original.read(keys, consume=False), back.read(keys, consume=False)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with pytest.raises(CheckpointError, match="pass --no-load-optim --no-load-rng"):
+        load_megatron_checkpoint([torch.nn.Linear(1, 1)], None, None, load_dir=f"{root}/meg")
+    os.remove(files[-1])
+    with pytest.raises(CheckpointError, match="mp_rank_01_001/model_optim_rng.pt is missing"):
+        convert_checkpoint(load_dir=f"{root}/meg", save_dir=f"{root}/x", saver="hf",
+                           progress=False)
