@@ -149,9 +149,7 @@ def _check_supported(args, where: str) -> None:
 def _activation(args) -> str:
     if getattr(args, "swiglu", False):
         return "silu"
-    if getattr(args, "openai_gelu", False):
-        return "gelu_tanh"
-    if getattr(args, "gelu_tanh", False) or getattr(args, "use_gelu_tanh", False):
+    if getattr(args, "openai_gelu", False):  # Megatron's tanh approximation of GeLU
         return "gelu_tanh"
     return "gelu"
 
@@ -288,8 +286,6 @@ def args_from_description(desc: GPTDescription, layout: MegacoreLayout, *,
         group_query_attention=gqa, num_query_groups=desc.num_query_groups,
         kv_channels=desc.kv_channels, max_position_embeddings=desc.max_position_embeddings,
         position_embedding_type=desc.position_embedding_type,
-        use_rotary_position_embeddings=desc.position_embedding_type == "rope",
-        add_position_embedding=desc.position_embedding_type == "learned_absolute",
         rotary_base=int(desc.rotary_base), rotary_percent=desc.rotary_percent,
         rotary_interleaved=desc.rotary_interleaved, normalization=desc.normalization,
         norm_epsilon=desc.layernorm_epsilon, add_bias_linear=desc.add_bias_linear,
@@ -309,8 +305,9 @@ def args_from_description(desc: GPTDescription, layout: MegacoreLayout, *,
         num_experts=desc.num_moe_experts)
     if desc.activation not in ("silu", "gelu", "gelu_tanh") or (
             desc.gated_linear_unit and desc.activation != "silu"):
-        raise CheckpointError(f"Megatron-LM has no flag for a {'gated ' if desc.gated_linear_unit else ''}"
-                              f"{desc.activation} MLP; cannot write its args")
+        gated = "gated " if desc.gated_linear_unit else ""
+        raise CheckpointError(f"Megatron-LM has no flag for a {gated}{desc.activation} MLP; "
+                              "cannot write its args")
     if desc.is_moe:
         fields.update(moe_ffn_hidden_size=desc.expert_ffn_hidden_size,
                       moe_router_topk=desc.moe_router_topk, moe_layer_freq=desc.moe_layer_freq,
@@ -325,6 +322,10 @@ def args_from_description(desc: GPTDescription, layout: MegacoreLayout, *,
     if getattr(args, "seq_length", None) is None:
         fields["seq_length"] = ((desc.config_dict or {}).get("gpt") or {}).get(
             "seq_length", desc.max_position_embeddings)
+    # Megatron-LM's defaults (its load compares add_position_embedding with the run's).
+    fields.setdefault("add_position_embedding", getattr(args, "add_position_embedding", True))
+    fields.setdefault("use_rotary_position_embeddings",
+                      getattr(args, "use_rotary_position_embeddings", False))
     for key, value in fields.items():
         setattr(args, key, value)
     return args

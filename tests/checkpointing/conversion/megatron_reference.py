@@ -210,8 +210,9 @@ def te_names(state_dict: dict) -> dict:
     linear_fc1 (dense MLPs), plus TE's core-attention extra state."""
     out = {}
     for name, value in state_dict.items():
-        new = name.replace(".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight")
-        new = new.replace(".input_layernorm.bias", ".self_attention.linear_qkv.layer_norm_bias")
+        qkv = ".self_attention.linear_qkv.layer_norm_"
+        new = name.replace(".input_layernorm.weight", qkv + "weight")
+        new = new.replace(".input_layernorm.bias", qkv + "bias")
         if ".mlp.experts." not in name and ".mlp.router" not in name:
             new = new.replace(".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight")
             new = new.replace(".pre_mlp_layernorm.bias", ".mlp.linear_fc1.layer_norm_bias")
