@@ -6,11 +6,16 @@
         --load checkpoints/gpt --tensor-model-parallel-size 2 \\
         --pipeline-model-parallel-size 2 --port 5000
 
-A megacore checkpoint stores its run configuration, so ``--load`` alone is enough: the
-model shape and tokenizer are read from it (a model flag given here must agree with it).
-The parallel layout is the one given here (default: one rank), whatever layout the
-checkpoint was saved in. Rank 0 serves on ``--host`` and ``--port``; the other ranks
-follow its batches. Query it with ``tools/text_generation_cli.py``.
+Model flags are those of ``examples/pretrain_gpt.py``. ``--load`` may also name a
+Megatron-LM checkpoint (legacy or torch_dist; read in memory, model from its ``args``).
+A megacore checkpoint stores its
+run configuration, so ``--load`` alone is enough: the model shape and tokenizer flags
+are read from it (a model flag given on the command line must agree with it). The parallel layout is always
+the one given here (default: one rank), whatever layout the checkpoint was saved in.
+Training-only flags (``--lr``, ``--train-iters``, data paths) are not needed.
+
+Rank 0 serves on ``--host`` (default 127.0.0.1, this machine only) and ``--port``; the
+other ranks follow its batches. Query it with ``tools/text_generation_cli.py``.
 """
 
 import logging

@@ -159,7 +159,7 @@ def _write_small_files(iter_dir: str, layout: RankLayout, common: Dict[str, Any]
 
 # -- load ------------------------------------------------------------------------------
 def _unexpected_model_keys(layout, entries, saved) -> List[str]:
-    needed = {k for e in entries for k in ss._source_keys(e)}
+    needed = {k for e in entries for k in ss.source_keys(e)}
     if layout.is_distributed and layout.world_size > 1:
         gathered: List[Any] = [None] * layout.world_size
         dist.all_gather_object(gathered, sorted(needed))

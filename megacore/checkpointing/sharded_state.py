@@ -63,7 +63,7 @@ from megacore.tensor_parallel.layers import VocabParallelEmbedding, _shard_maste
 
 __all__ = ["TensorEntry", "unwrap_model_chunks", "model_tensor_entries",
            "optimizer_tensor_entries", "entries_to_dcp_state_dict", "read_needed_keys",
-           "fill_entries_from_full", "model_key", "optimizer_key", "block_key"]
+           "fill_entries_from_full", "source_keys", "model_key", "optimizer_key", "block_key"]
 
 _LAYER_INDEX = re.compile(r"^\d+$")
 
@@ -421,7 +421,8 @@ def entries_to_dcp_state_dict(entries: Sequence[TensorEntry]) -> Dict[str, torch
 
 
 # -- load --------------------------------------------------------------------------------
-def _source_keys(entry: TensorEntry) -> List[str]:
+def source_keys(entry: TensorEntry) -> List[str]:
+    """The checkpoint keys an entry is read from (one per block for stride > 1)."""
     if entry.tp_dim is not None and entry.stride > 1 and entry.transform is None:
         return [block_key(entry.key, j) for j in range(entry.stride)]
     return [entry.key]
@@ -433,7 +434,7 @@ def read_needed_keys(entries: Sequence[TensorEntry], saved: Dict[str, object]
     keys that are missing from the checkpoint metadata ``saved`` (key -> tensor metadata)."""
     request, missing = {}, []
     for entry in entries:
-        for key in _source_keys(entry):
+        for key in source_keys(entry):
             meta = saved.get(key)
             if meta is None or not hasattr(meta, "size"):
                 missing.append(key)
@@ -458,7 +459,7 @@ def fill_entries_from_full(entries: Sequence[TensorEntry], full: Dict[str, torch
                            path: str) -> None:
     """Copy this rank's shard of each loaded global tensor into its entry (in place)."""
     for entry in entries:
-        keys = _source_keys(entry)
+        keys = source_keys(entry)
         if any(k not in full for k in keys):
             continue  # missing and tolerated (strict=False)
         if len(keys) == 1:

@@ -45,7 +45,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megacore import device, parallel_state
-from megacore.checkpointing import load_checkpoint
 from megacore.checkpointing.conversion.model_description import ACTIVATIONS, CONVERSION_SECTION
 from megacore.checkpointing.conversion.streaming import Progress
 from megacore.pipeline_parallel import get_forward_backward_func
@@ -53,6 +52,7 @@ from megacore.tensor_parallel import vocab_parallel_cross_entropy
 from megacore.training.training import (
     get_model,
     initialize_model_parallel_from_run,
+    load_any_checkpoint,
     saved_run_config,
 )
 from megacore.transformer.context_parallel import get_batch_on_this_cp_rank
@@ -101,7 +101,9 @@ def load_model_for_inference(run, model_provider) -> List[torch.nn.Module]:
         run.model.activation_func = ACTIVATIONS[converted["activation"]]
     initialize_model_parallel_from_run(run)
     chunks = get_model(model_provider, run, wrap_with_ddp=False)
-    load_checkpoint(chunks, None, None, load_dir=load, no_load_optim=True, no_load_rng=True)
+    # A megacore checkpoint, or a Megatron-LM one read in memory through the converter.
+    load_any_checkpoint(chunks, None, None, load_dir=load, no_load_optim=True,
+                        no_load_rng=True)
     return [chunk.eval() for chunk in chunks]
 
 

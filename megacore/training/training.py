@@ -31,6 +31,11 @@ import torch.distributed as dist
 
 from megacore import checkpointing, device, parallel_state
 from megacore.checkpointing.async_save import reset_async_state
+from megacore.checkpointing.conversion.megatron_load import (
+    is_megatron_checkpoint,
+    load_megatron_checkpoint,
+    megatron_run_config,
+)
 from megacore.checkpointing.conversion.tokenizer_files import resolve_checkpoint_paths
 from megacore.checkpointing.paths import detect_format
 from megacore.distributed import (
@@ -67,7 +72,7 @@ from megacore.transformer.moe import (
 )
 
 __all__ = ["pretrain", "initialize_distributed", "initialize_model_parallel_from_run",
-           "saved_run_config", "checkpoint_is_missing", "params_norm",
+           "saved_run_config", "checkpoint_is_missing", "load_any_checkpoint", "params_norm",
            "get_model", "get_optimizer_param_scheduler", "train_step", "evaluate",
            "TrainState", "print_rank_0", "print_rank_last"]
 
@@ -470,10 +475,20 @@ def _save(run, state, model, optimizer, scheduler):
                      f"{run.checkpoint.save}")
 
 
+def load_any_checkpoint(model, optimizer, scheduler, *, load_dir: str, no_load_optim: bool,
+                        no_load_rng: bool, finetune: bool = False):
+    """:func:`checkpointing.load_checkpoint`, or, for a Megatron-LM checkpoint, its weights
+    loaded in memory through the converter (``load_megatron_checkpoint``)."""
+    loader = load_megatron_checkpoint if is_megatron_checkpoint(load_dir) \
+        else checkpointing.load_checkpoint
+    return loader(model, optimizer, scheduler, load_dir=load_dir, no_load_optim=no_load_optim,
+                  no_load_rng=no_load_rng, finetune=finetune)
+
+
 def _load(run, state, model, optimizer, scheduler):
     c = run.checkpoint
     try:
-        iteration, consumed_train, consumed_valid, _ = checkpointing.load_checkpoint(
+        iteration, consumed_train, consumed_valid, _ = load_any_checkpoint(
             model, optimizer, scheduler, load_dir=c.load, no_load_optim=c.no_load_optim,
             no_load_rng=c.no_load_rng, finetune=c.finetune)
     except ValueError as e:
@@ -886,6 +901,8 @@ def saved_run_config(load_dir: str) -> Optional[Dict[str, Any]]:
     ``--save d --load d`` on a first start."""
     if checkpoint_is_missing(load_dir):
         return None
+    if is_megatron_checkpoint(load_dir):  # the model from Megatron-LM's stored args
+        return megatron_run_config(load_dir)
     config = checkpointing.read_checkpoint_info(load_dir).config
     # A converted checkpoint keeps its tokenizer inside it, under a relative path.
     return resolve_checkpoint_paths(config, load_dir) if config else config

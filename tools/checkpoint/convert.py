@@ -16,11 +16,20 @@ examples (Megatron's command line):
     python tools/checkpoint/convert.py --model-type GPT --loader hf --saver megacore \\
         --load-dir hf_llama --save-dir ckpt --target-tensor-parallel-size 2
 
-Loaders: megacore (legacy torch or torch_dist, detected), hf (architecture from
-config.json); --loader may be omitted (detected). Savers: megacore (--ckpt-format
-torch|torch_dist, optimizer state carried), hf. Converted megacore checkpoints carry no
-RNG state: resume with --no-load-rng. Exit status: 0 done, 2 the conversion stopped
-(unknown/missing tensors, listed).
+    # Megatron-LM (legacy or torch_dist) -> megacore, and back (Transformer Engine names)
+    python tools/checkpoint/convert.py --model-type GPT --loader megatron --saver megacore \\
+        --load-dir megatron_ckpt --save-dir ckpt
+    python tools/checkpoint/convert.py --model-type GPT --saver mcore --load-dir ckpt \\
+        --save-dir megatron_ckpt --ckpt-format torch --saver-transformer-impl transformer_engine
+
+Loaders: ``megacore`` (legacy ``torch`` or ``torch_dist``, detected), ``hf``
+(architecture from config.json), ``megatron`` (Megatron-LM, either layout; aliases
+``legacy``, ``core``, ``mcore``); ``--loader`` may be omitted (detected). Savers:
+``megacore`` (``--ckpt-format torch|torch_dist``, optimizer state carried), ``hf``,
+``megatron`` (same aliases and formats; model weights and ``args``: Megatron's optimizer
+and RNG states are not converted, load with ``--no-load-optim --no-load-rng``).
+Converted megacore checkpoints carry no RNG state: resume with ``--no-load-rng``.
+Exit status: 0 done, 2 the conversion stopped (unknown/missing tensors, listed).
 """
 
 import argparse
@@ -46,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-type", required=True, choices=["GPT"],
                    help="model family (Megatron's flag; GPT covers GPT-2, Llama, Mistral, Mixtral)")
-    p.add_argument("--loader", default="auto", choices=["auto", "megacore", "hf"],
-                   help="source format (default: auto, detected from --load-dir)")
-    p.add_argument("--saver", required=True, choices=["megacore", "hf"],
-                   help="target format: a megacore checkpoint or a Hugging Face model directory")
+    from megacore.checkpointing.conversion.converter import LOADERS, SAVERS
+
+    p.add_argument("--loader", default="auto", choices=list(LOADERS),
+                   help="source format (default: auto, detected from --load-dir); megatron "
+                        "(aliases legacy, core, mcore) reads Megatron-LM checkpoints")
+    p.add_argument("--saver", required=True, choices=list(SAVERS),
+                   help="target format: a megacore checkpoint, a Hugging Face model directory, "
+                        "or a Megatron-LM checkpoint (megatron, aliases legacy/core/mcore)")
     p.add_argument("--load-dir", required=True,
                    help="source: a megacore save directory (or iter_XXXXXXX) or an HF model "
                         "directory")
@@ -68,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megacore saver: virtual pipeline stages per pp rank (default: the "
                         "source's, none from HF)")
     p.add_argument("--ckpt-format", default="torch_dist", choices=["torch", "torch_dist"],
-                   help="megacore saver: legacy per-rank files (torch) or the layout-free "
-                        "distributed format (default: torch_dist)")
+                   help="megacore or Megatron saver: legacy per-rank files (torch) or the "
+                        "layout-free distributed format (default: torch_dist)")
+    p.add_argument("--saver-transformer-impl", default="local",
+                   choices=["local", "transformer_engine"],
+                   help="Megatron legacy saver: parameter names of megatron-core's local spec "
+                        "or of Transformer Engine (fused norms, Megatron-LM's default)")
     p.add_argument("--true-vocab-size", type=int, default=None,
                    help="vocabulary without padding, when the checkpoint cannot tell "
                         "(padding rows are dropped for HF)")
@@ -102,7 +119,7 @@ def main(argv=None) -> int:
             target_virtual_pipeline_parallel_size=args.target_num_virtual_stages_per_pipeline_rank,
             true_vocab_size=args.true_vocab_size, hf_architecture=args.hf_architecture,
             max_shard_size=args.max_shard_size, save_optimizer=not args.no_optimizer,
-            progress=not args.no_progress)
+            progress=not args.no_progress, transformer_impl=args.saver_transformer_impl)
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -111,6 +128,8 @@ def main(argv=None) -> int:
           f"{report.peak_anon_mb:.0f} MiB, peak RSS {report.peak_rss_mb:.0f} MiB"
           + (f", largest shard {report.largest_shard_mb:.1f} MiB"
              if report.largest_shard_mb else ""))
+    for note in report.notes:
+        print(f"note: {note}")
     return 0
 
 

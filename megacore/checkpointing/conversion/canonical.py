@@ -58,6 +58,8 @@ class CanonicalSource:
         self.manifest = manifest if manifest is not None else Manifest()
         self._names: List[str] = []
         self._fields: Dict[str, List[str]] = {}
+        self.notes: List[str] = []
+        """What the source holds that the conversion does not carry (reported)."""
 
     def model_names(self) -> List[str]:
         """Canonical model tensor names in module order."""

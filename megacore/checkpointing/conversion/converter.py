@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Optional
+from typing import List, Optional
 
 from megacore.checkpointing.conversion.canonical import CanonicalSource
 from megacore.checkpointing.conversion.hf_format import (
@@ -28,6 +28,12 @@ from megacore.checkpointing.conversion.megacore_format import (
     DistSaver,
     LegacySaver,
     open_megacore_source,
+)
+from megacore.checkpointing.conversion.megatron_format import (
+    MegatronDistSaver,
+    MegatronLegacySaver,
+    is_megatron_checkpoint,
+    open_megatron_source,
 )
 from megacore.checkpointing.conversion.streaming import MemoryMonitor, peak_rss_mb
 from megacore.checkpointing.conversion.tensor_rules import (
@@ -44,8 +50,14 @@ from megacore.checkpointing.conversion.tokenizer_files import (
 __all__ = ["convert_checkpoint", "ConversionReport", "open_source", "detect_loader",
            "LOADERS", "SAVERS"]
 
-LOADERS = ("auto", "megacore", "hf")
-SAVERS = ("megacore", "hf")
+MEGATRON_ALIASES = ("megatron", "legacy", "core", "mcore")
+"""Names of the Megatron-LM plugin (Megatron's own loader/saver names are accepted)."""
+LOADERS = ("auto", "megacore", "hf") + MEGATRON_ALIASES
+SAVERS = ("megacore", "hf") + MEGATRON_ALIASES
+
+
+def _plugin(name: str) -> str:
+    return "megatron" if name in MEGATRON_ALIASES else name
 
 
 @dataclasses.dataclass
@@ -60,6 +72,7 @@ class ConversionReport:
         peak_anon_mb: peak anonymous resident memory during the conversion (sampled).
         peak_rss_mb: process peak RSS (includes memory-mapped checkpoint pages).
         largest_shard_mb: largest HF shard written (0 for megacore targets).
+        notes: what the source held that was not converted (e.g. Megatron's optimizer).
     """
 
     loader: str
@@ -70,11 +83,15 @@ class ConversionReport:
     peak_anon_mb: float
     peak_rss_mb: float
     largest_shard_mb: float = 0.0
+    notes: List[str] = dataclasses.field(default_factory=list)
 
 
 def detect_loader(load_dir: str) -> str:
-    """``"hf"`` for a directory with config.json and safetensors, else ``"megacore"``."""
-    return "hf" if is_hf_checkpoint(load_dir) else "megacore"
+    """``"hf"`` for a directory with config.json and safetensors, ``"megatron"`` for a
+    Megatron-LM checkpoint (``args`` stored), else ``"megacore"``."""
+    if is_hf_checkpoint(load_dir):
+        return "hf"
+    return "megatron" if is_megatron_checkpoint(load_dir) else "megacore"
 
 
 def open_source(loader: str, load_dir: str, manifest: Optional[Manifest] = None,
@@ -83,10 +100,11 @@ def open_source(loader: str, load_dir: str, manifest: Optional[Manifest] = None,
     """Open ``load_dir`` with loader ``loader`` (``auto`` detects it)."""
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
-    if loader == "auto":
-        loader = detect_loader(load_dir)
+    loader = detect_loader(load_dir) if loader == "auto" else _plugin(loader)
     if loader == "hf":
         return HFSource(load_dir, manifest)
+    if loader == "megatron":
+        return open_megatron_source(load_dir, manifest, true_vocab_size=true_vocab_size)
     return open_megacore_source(load_dir, manifest, true_vocab_size=true_vocab_size,
                                 load_optimizer=load_optimizer)
 
@@ -135,15 +153,17 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                        true_vocab_size: Optional[int] = None,
                        hf_architecture: Optional[str] = None,
                        max_shard_size: int = 2 * 1024 ** 3, save_optimizer: bool = True,
-                       progress: bool = True) -> ConversionReport:
+                       progress: bool = True,
+                       transformer_impl: str = "local") -> ConversionReport:
     """Convert a checkpoint between megacore layouts/formats and Hugging Face.
 
     Args:
         load_dir: source (megacore save or iteration directory, or HF directory).
         save_dir: target directory (megacore: a save directory with a tracker).
-        loader: ``auto``, ``megacore`` or ``hf``.
-        saver: ``megacore`` or ``hf``.
-        ckpt_format: megacore target format, ``torch`` or ``torch_dist``.
+        loader: ``auto``, ``megacore``, ``hf`` or ``megatron`` (aliases ``legacy``,
+            ``core``, ``mcore``).
+        saver: ``megacore``, ``hf`` or ``megatron`` (same aliases).
+        ckpt_format: megacore or Megatron target format, ``torch`` or ``torch_dist``.
         target_tensor_parallel_size, target_pipeline_parallel_size,
         target_expert_parallel_size, target_virtual_pipeline_parallel_size: megacore
             target layout (default: the source's; 1 from Hugging Face).
@@ -152,6 +172,8 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
         max_shard_size: bytes per HF shard.
         save_optimizer: carry optimizer state (megacore -> megacore).
         progress: progress bars on stderr.
+        transformer_impl: Megatron legacy saver: ``local`` or ``transformer_engine``
+            parameter names.
 
     Raises:
         ConversionError: unknown, missing or unused tensors, or a model the target cannot
@@ -159,24 +181,30 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
     """
     if saver not in SAVERS:
         raise ValueError(f"saver must be one of {SAVERS}, got {saver!r}")
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
+    saver = _plugin(saver)
     if ckpt_format not in ("torch", "torch_dist"):
         raise ValueError(f"ckpt_format must be torch or torch_dist, got {ckpt_format!r}")
     start = time.time()
     manifest = Manifest()
-    used_loader = detect_loader(load_dir) if loader == "auto" else loader
+    used_loader = detect_loader(load_dir) if loader == "auto" else _plugin(loader)
     with MemoryMonitor() as monitor:
         source = open_source(used_loader, load_dir, manifest, true_vocab_size,
                              load_optimizer=save_optimizer and saver == "megacore")
         try:
             _check_names(source)
             os.makedirs(save_dir, exist_ok=True)
+            layout = _target_layout(source, target_tensor_parallel_size,
+                                    target_pipeline_parallel_size, target_expert_parallel_size,
+                                    target_virtual_pipeline_parallel_size)
             if saver == "hf":
                 writer = HFSaver(save_dir, hf_architecture, max_shard_size, progress)
+            elif saver == "megatron":
+                cls = MegatronLegacySaver if ckpt_format == "torch" else MegatronDistSaver
+                writer = cls(save_dir, layout, progress=progress,
+                             transformer_impl=transformer_impl)
             else:
-                layout = _target_layout(source, target_tensor_parallel_size,
-                                        target_pipeline_parallel_size,
-                                        target_expert_parallel_size,
-                                        target_virtual_pipeline_parallel_size)
                 cls = LegacySaver if ckpt_format == "torch" else DistSaver
                 writer = cls(save_dir, layout, progress=progress, save_optimizer=save_optimizer)
             output = writer.save(source)
@@ -188,4 +216,5 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                             num_tensors=len(source.model_names()),
                             seconds=time.time() - start, peak_anon_mb=monitor.peak_anon_mb,
                             peak_rss_mb=peak_rss_mb(),
-                            largest_shard_mb=getattr(writer, "largest_shard_bytes", 0) / 2 ** 20)
+                            largest_shard_mb=getattr(writer, "largest_shard_bytes", 0) / 2 ** 20,
+                            notes=list(source.notes))

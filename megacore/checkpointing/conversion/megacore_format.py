@@ -72,13 +72,14 @@ from megacore.checkpointing.save_load import CHECKPOINT_VERSION
 from megacore.package_info import __version__
 from megacore.vocab_padding import pad_vocab_size
 
-__all__ = ["LegacySource", "DistSource", "LegacySaver", "DistSaver", "open_megacore_source"]
+__all__ = ["LegacySource", "DistSource", "LegacySaver", "DistSaver", "open_megacore_source",
+           "rank_file_placements", "chunk_keys"]
 
 _BLOCK = re.compile(r"^(.*)/block(\d+)$")
 _STACKED_BASE = re.compile(r"^(.*\.mlp\.experts\.(?:weight1|weight2|bias1|bias2))/expert\d+$")
 
 
-def _chunk_keys(num_chunks: int) -> List[str]:
+def chunk_keys(num_chunks: int) -> List[str]:
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
@@ -152,7 +153,7 @@ class LegacySource(CanonicalSource):
         self.manifest.check_source()
 
     def _embedding_rows(self, chunks: int) -> Optional[int]:
-        sd = self.states[(0, 0, 0)][_chunk_keys(chunks)[0]]
+        sd = self.states[(0, 0, 0)][chunk_keys(chunks)[0]]
         if WORD_EMBEDDING not in sd:
             return None
         return int(sd[WORD_EMBEDDING].shape[0]) * self.layout.tp
@@ -180,6 +181,12 @@ class LegacySource(CanonicalSource):
         return [(WORD_EMBEDDING if tied and name == OUTPUT_LAYER else name, slot)
                 for name, slot in pairs]
 
+    def _megacore_local(self, local: str, value: Any) -> Optional[str]:
+        """The megacore name of a rank file's model entry (None: not a tensor to convert);
+        subclasses reading other naming schemes override it."""
+        del value
+        return local
+
     def _add_ref(self, key: str, t: int, ref: tuple, where: str) -> None:
         field, name = parse_key(key)
         known = shard_rule(name) is not None or (field is not None and _STACKED_BASE.match(
@@ -196,9 +203,12 @@ class LegacySource(CanonicalSource):
         for (t, p, e), state in self.states.items():
             fname = os.path.basename(os.path.dirname(
                 legacy_file_path(self.iter_dir, t, p, self.layout.pp, e, self.layout.ep)))
-            for c, ckey in enumerate(_chunk_keys(chunks)):
+            for c, ckey in enumerate(chunk_keys(chunks)):
                 for local in state[ckey]:
-                    for name, slot in self._canonical(local, p, c, e, False):
+                    megacore_local = self._megacore_local(local, state[ckey][local])
+                    if megacore_local is None:
+                        continue
+                    for name, slot in self._canonical(megacore_local, p, c, e, False):
                         self._add_ref(model_key(name), t, ((t, p, e), (ckey, local), slot),
                                       f"{fname}/{ckey}/{local}")
             if not load_optimizer:
@@ -391,16 +401,7 @@ class LegacySaver(_Saver):
         return iter_dir
 
     def _placements(self, names: List[str], desc: GPTDescription, p: int, e: int):
-        """``[(chunk, canonical name, local name, slot)]`` of file (p, e), module order."""
-        out = []
-        for name in names:
-            loc = self.layout.locate(name, desc)
-            if loc.pp_rank == p and e in loc.ep_ranks:
-                out.append((loc.chunk, name, loc.local_name, loc.stack_slot))
-        tied_copy = desc.share_embeddings_and_output_weights and self.layout.pp > 1
-        if tied_copy and p == self.layout.pp - 1 and WORD_EMBEDDING in names:
-            out.append((self.layout.num_chunks - 1, WORD_EMBEDDING, OUTPUT_LAYER, None))
-        return out
+        return rank_file_placements(self.layout, names, desc, p, e)
 
     def _rank_state(self, source: CanonicalSource, names: List[str], t: int, p: int,
                     e: int) -> Dict[str, Any]:
@@ -469,7 +470,7 @@ class LegacySaver(_Saver):
     def _assemble(self, source: CanonicalSource, chunks: List[dict],
                   opt_params: Dict[str, Dict[str, Any]], tag: str) -> Dict[str, Any]:
         state = _common_dict(source, self.layout, "torch")
-        for key, sd in zip(_chunk_keys(self.layout.num_chunks), chunks):
+        for key, sd in zip(chunk_keys(self.layout.num_chunks), chunks):
             state[key] = sd
         state["optimizer"] = None
         if self.save_optimizer and source.has_optimizer:
@@ -504,6 +505,22 @@ class LegacySaver(_Saver):
         if not groups:  # a rank without params still has one (empty) group
             groups = [dict(next(iter(saved["param_groups"].values())))]
         return {"param_groups": groups, "params": params, "grad_scaler": saved["grad_scaler"]}
+
+
+def rank_file_placements(layout: MegacoreLayout, names: List[str], desc: GPTDescription,
+                         p: int, e: int) -> List[Tuple[int, str, str, Optional[int]]]:
+    """``[(chunk, canonical name, local name, slot)]`` of the rank files at pipeline rank
+    ``p``, ep rank ``e``, in module order; with tied embeddings and pp > 1 the last stage
+    also holds the word embedding as ``output_layer.weight``."""
+    out = []
+    for name in names:
+        loc = layout.locate(name, desc)
+        if loc.pp_rank == p and e in loc.ep_ranks:
+            out.append((loc.chunk, name, loc.local_name, loc.stack_slot))
+    tied_copy = desc.share_embeddings_and_output_weights and layout.pp > 1
+    if tied_copy and p == layout.pp - 1 and WORD_EMBEDDING in names:
+        out.append((layout.num_chunks - 1, WORD_EMBEDDING, OUTPUT_LAYER, None))
+    return out
 
 
 def _stacked_base(name: str) -> Optional[str]:

@@ -1,0 +1,282 @@
+"""megatron-core 0.16.1 itself, on CPU, as the reference for the Megatron converter tests.
+
+What megatron-core needs on a CPU-only torch (``shared/CPU_NOTES.md``), applied by
+:func:`stub_for_cpu`: ``torch.cuda.current_device`` returns ``"cpu"`` (its scratch
+buffers), the CUDA RNG tracker's ``fork`` is a null context (dropout is 0),
+``torch.cuda.synchronize`` is a no-op, the MoE router's ``te_general_gemm`` (referenced
+without Transformer Engine) is None, and ``dist_checkpointing``'s writer measures memory
+without psutil and collects results on an in-process queue (its default spawns a
+manager process); the rank process is marked non-daemonic so that it may fork the
+writer's helper processes. Forward passes get an
+explicit causal mask (the default one is built on ``cuda``).
+
+Checkpoints are written as Megatron-LM's ``save_checkpoint`` writes them
+(``megatron/training/checkpointing.py``: ``generate_state_dict``): legacy rank files
+``{args, checkpoint_version: 3.0, iteration, model | model0.., optimizer,
+opt_param_scheduler, rng_state, num_floating_point_operations_so_far}`` holding the
+model's own ``state_dict()`` (``state_dict_for_save_checkpoint`` is the same for
+GPTModel), and ``torch_dist`` directories through ``dist_checkpointing.save`` of the
+model's ``sharded_state_dict()`` plus the common entries. ``args`` carries the fields
+Megatron-LM's parser sets for these models (megatron-core ships without
+``megatron.training``, so the Namespace is assembled here with Megatron's arg names),
+including the ``AttnBackend`` enum member Megatron stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import queue
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+VOCAB_DIVISIBLE = 16
+PADDED_VOCAB = 64          # 61 tokenizer ids padded to a multiple of 16 * tp (tp <= 4)
+SEQ, BATCH = 8, 2
+ITERATION = 7
+
+
+def stub_for_cpu() -> None:
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.moe import moe_utils
+
+    mrandom.CudaRNGStatesTracker.fork = \
+        lambda self, name="model-parallel-rng": contextlib.nullcontext()
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    fa._process_memory = lambda: 0
+    # multirank's ranks are daemonic processes, which may not start children; megatron's
+    # writer forks one per write bucket (they end before save returns).
+    multiprocessing.current_process()._config.pop("daemon", None)
+    # A synchronous save puts and gets its results in this process: a plain queue will do
+    # (the default is a queue served by a spawned manager process).
+    fa._results_queue = queue.Queue()
+
+
+def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1) -> None:
+    from megatron.core import parallel_state as mps
+
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    mps.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep)
+
+
+def _kind_fields(kind: str) -> dict:
+    if kind == "gpt2":
+        return dict(normalization="LayerNorm", position_embedding_type="learned_absolute",
+                    add_bias_linear=True, swiglu=False, untie=False, num_query_groups=None,
+                    ffn_hidden_size=64, num_experts=None)
+    llama = dict(normalization="RMSNorm", position_embedding_type="rope",
+                 add_bias_linear=False, swiglu=True, untie=True, num_query_groups=2,
+                 ffn_hidden_size=48, num_experts=None)
+    if kind == "llama":
+        return llama
+    return dict(llama, untie=False, num_experts=4)
+
+
+def build_model(kind: str, tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 3):
+    """This rank's megatron-core GPTModel (parallel state already initialized)."""
+    from megatron.core import parallel_state as mps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    f = _kind_fields(kind)
+    moe = {}
+    if f["num_experts"]:
+        moe = dict(num_moe_experts=f["num_experts"], moe_router_topk=2,
+                   moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0)
+    config = TransformerConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4,
+        num_query_groups=f["num_query_groups"], ffn_hidden_size=f["ffn_hidden_size"],
+        normalization=f["normalization"], add_bias_linear=f["add_bias_linear"],
+        gated_linear_unit=f["swiglu"], activation_func=F.silu if f["swiglu"] else F.gelu,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep, sequence_parallel=False, pipeline_dtype=torch.float32,
+        **moe)
+    torch.manual_seed(seed)
+    spec = get_gpt_layer_local_spec(num_experts=f["num_experts"],
+                                    normalization=f["normalization"])
+    cuda = torch.Tensor.cuda
+    # With tied embeddings and pp > 1 the constructor moves the shared weight to the GPU
+    # and all-reduces it over the embedding group (the last stage's copy starts at 0):
+    # keep it on the CPU, the all-reduce runs on gloo.
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        model = GPTModel(config, spec, vocab_size=PADDED_VOCAB, max_sequence_length=SEQ,
+                         pre_process=mps.is_pipeline_first_stage(),
+                         post_process=mps.is_pipeline_last_stage(), parallel_output=False,
+                         share_embeddings_and_output_weights=not f["untie"],
+                         position_embedding_type=f["position_embedding_type"])
+    finally:
+        torch.Tensor.cuda = cuda
+    with torch.no_grad():  # norms start at 1, biases at 0: perturb them
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and "router" not in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+def tokens(seed: int = 11) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 61, (BATCH, SEQ), generator=gen)
+
+
+def logits(model, ids: torch.Tensor):
+    """Full fp32 logits ``[b, s, V]`` on the last pipeline stage (None elsewhere); stages
+    pass ``[s, b, h]`` hidden states with send/recv."""
+    from megatron.core import parallel_state as mps
+
+    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1)[None, None]
+    with torch.no_grad():
+        if not mps.is_pipeline_first_stage():
+            hidden = torch.empty(SEQ, BATCH, model.config.hidden_size)
+            dist.recv(hidden, src=mps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        out = model(ids, positions, mask)
+        if not mps.is_pipeline_last_stage():
+            dist.send(out.contiguous(), dst=mps.get_pipeline_model_parallel_next_rank())
+            return None
+    return out.float()
+
+
+def megatron_args(kind: str, tp: int = 1, pp: int = 1, ep: int = 1,
+                  ckpt_format: str = "torch", transformer_impl: str = "local"):
+    """The ``args`` Megatron-LM's parser produces for this model (its arg names)."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    f = _kind_fields(kind)
+    ns = argparse.Namespace(
+        num_layers=2, hidden_size=32, ffn_hidden_size=f["ffn_hidden_size"],
+        num_attention_heads=4, group_query_attention=f["num_query_groups"] is not None,
+        num_query_groups=f["num_query_groups"] or 1, kv_channels=8,
+        max_position_embeddings=SEQ, seq_length=SEQ,
+        position_embedding_type=f["position_embedding_type"],
+        use_rotary_position_embeddings=False, rotary_base=10000, rotary_percent=1.0,
+        rotary_interleaved=False, add_position_embedding=True,
+        normalization=f["normalization"], norm_epsilon=1e-5, apply_layernorm_1p=False,
+        add_bias_linear=f["add_bias_linear"], add_qkv_bias=False, swiglu=f["swiglu"],
+        openai_gelu=False, squared_relu=False, qk_layernorm=False,
+        untie_embeddings_and_output_weights=f["untie"],
+        apply_residual_connection_post_layernorm=False, hidden_dropout=0.0,
+        attention_dropout=0.0, tokenizer_type="NullTokenizer", vocab_size=60,
+        make_vocab_size_divisible_by=VOCAB_DIVISIBLE, padded_vocab_size=PADDED_VOCAB,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=tp, num_experts=f["num_experts"],
+        moe_router_topk=2, moe_ffn_hidden_size=f["ffn_hidden_size"] if f["num_experts"]
+        else None, moe_layer_freq=1, moe_grouped_gemm=False,
+        moe_router_load_balancing_type="aux_loss", moe_router_score_function="softmax",
+        moe_router_pre_softmax=False, moe_token_dispatcher_type="allgather",
+        params_dtype=torch.float32, fp16=False, bf16=False, ckpt_format=ckpt_format,
+        transformer_impl=transformer_impl, attention_backend=AttnBackend.auto,
+        micro_batch_size=2, global_batch_size=4, lr=1e-3, train_iters=10,
+        iteration=ITERATION, consumed_train_samples=ITERATION * 4)
+    return ns
+
+
+def _rng_state() -> list:
+    return [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+             "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.zeros(0),
+             "rng_tracker_states": {}}]
+
+
+def _optimizer_state(model) -> dict:
+    """An FP32Optimizer's state (Megatron's non-distributed fp32 Adam is torch's Adam
+    state dict): one step on copies of the params, so exp_avg is not zero."""
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()
+              if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    return opt.state_dict()
+
+
+def te_names(state_dict: dict) -> dict:
+    """The same weights under Transformer Engine's fused-norm names (what Megatron-LM's
+    default TE spec saves): input_layernorm into linear_qkv, pre_mlp_layernorm into
+    linear_fc1 (dense MLPs), plus TE's core-attention extra state."""
+    out = {}
+    for name, value in state_dict.items():
+        qkv = ".self_attention.linear_qkv.layer_norm_"
+        new = name.replace(".input_layernorm.weight", qkv + "weight")
+        new = new.replace(".input_layernorm.bias", qkv + "bias")
+        if ".mlp.experts." not in name and ".mlp.router" not in name:
+            new = new.replace(".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight")
+            new = new.replace(".pre_mlp_layernorm.bias", ".mlp.linear_fc1.layer_norm_bias")
+        out[new] = value
+        if new.endswith("self_attention.linear_qkv._extra_state"):
+            out[new.replace("linear_qkv", "core_attention")] = torch.zeros(0, dtype=torch.uint8)
+    return out
+
+
+def save_legacy(save_dir: str, kind: str, model_state_dicts, tp_rank: int, pp_rank: int,
+                ep_rank: int, tp: int, pp: int, ep: int, *, optimizer=None,
+                transformer_impl: str = "local", release: bool = False) -> None:
+    """One rank's ``model_optim_rng.pt`` as Megatron-LM's ``save_checkpoint`` writes it
+    (``model_state_dicts``: one per virtual stage) and the tracker file."""
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + \
+        (f"_{ep_rank:03d}" if ep > 1 else "")
+    sub = "release" if release else f"iter_{ITERATION:07d}"
+    path = os.path.join(save_dir, sub, name, "model_optim_rng.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {"args": megatron_args(kind, tp, pp, ep, "torch", transformer_impl),
+             "checkpoint_version": 3.0, "iteration": ITERATION,
+             "num_floating_point_operations_so_far": 123.0}
+    for i, sd in enumerate(model_state_dicts):
+        sd = te_names(sd) if transformer_impl == "transformer_engine" else sd
+        state["model" if len(model_state_dicts) == 1 else f"model{i}"] = sd
+    state["optimizer"] = optimizer
+    state["opt_param_scheduler"] = {"max_lr": 1e-3, "num_steps": ITERATION * 4}
+    state["rng_state"] = _rng_state()
+    torch.save(state, path)
+    with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("release" if release else str(ITERATION))
+
+
+def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int) -> None:
+    """A ``torch_dist`` checkpoint through megatron-core's ``dist_checkpointing.save``
+    (collective over the ranks that hold the model)."""
+    from megatron.core import dist_checkpointing
+
+    iter_dir = os.path.join(save_dir, f"iter_{ITERATION:07d}")
+    if dist.get_rank() == 0:
+        os.makedirs(iter_dir, exist_ok=True)
+    dist.barrier()
+    state = {"model": model.sharded_state_dict(),
+             "args": megatron_args(kind, tp, pp, ep, "torch_dist"),
+             "checkpoint_version": 3.0, "iteration": ITERATION,
+             "num_floating_point_operations_so_far": 123.0}
+    dist_checkpointing.save(state, iter_dir)
+    if dist.get_rank() == 0:
+        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(ITERATION))
+    dist.barrier()
+
+
+def load_legacy_into(model, path: str) -> None:
+    """What Megatron-LM's ``load_checkpoint`` does with a rank file (strict)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"], strict=True)
+
+
+def load_torch_dist_into(model, iter_dir: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    # common.pt holds args; megatron-core reads it with torch.load's default weights_only,
+    # so the Namespace must be allow-listed (for Megatron's own checkpoints as for ours).
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, iter_dir)
+    model.load_state_dict(loaded["model"], strict=True)
