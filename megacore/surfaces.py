@@ -187,15 +187,19 @@ def bump_is_enough(old_version: str, new_version: str, needed: str) -> bool:
 
 # -- command lines ------------------------------------------------------------------------------
 def programs(root: str) -> List[str]:
-    """Every program (a file with a ``__main__`` guard) under tools/ and examples/."""
-    found = []
-    for path in sorted(glob.glob(os.path.join(root, "tools", "**", "*.py"), recursive=True)
-                       + glob.glob(os.path.join(root, "examples", "**", "*.py"),
-                                   recursive=True)):
-        with open(path, encoding="utf-8") as f:
-            if "__name__ == \"__main__\"" in f.read():
-                found.append(os.path.relpath(path, root))
-    return found
+    """Every program under tools/ and examples/: a file with a ``__main__`` guard, or a
+    directory run as a script (``tools/checkpoint/inspect.py/__main__.py``)."""
+    found = set()
+    for path in (glob.glob(os.path.join(root, "tools", "**", "*.py"), recursive=True)
+                 + glob.glob(os.path.join(root, "examples", "**", "*.py"), recursive=True)):
+        if os.path.basename(path) == "__main__.py":
+            found.add(os.path.relpath(os.path.dirname(path), root))
+            continue
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                if "__name__ == \"__main__\"" in f.read():
+                    found.add(os.path.relpath(path, root))
+    return sorted(found)
 
 
 def cli_surface(root: str) -> Dict[str, Any]:
