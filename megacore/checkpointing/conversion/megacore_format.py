@@ -72,7 +72,7 @@ from megacore.models.common.embeddings.language_model_embedding import padded_vo
 from megacore.package_info import __version__
 
 __all__ = ["LegacySource", "DistSource", "LegacySaver", "DistSaver", "open_megacore_source",
-           "rank_file_placements", "chunk_keys"]
+           "rank_file_placements", "chunk_keys", "write_rank_file"]
 
 _BLOCK = re.compile(r"^(.*)/block(\d+)$")
 _STACKED_BASE = re.compile(r"^(.*\.mlp\.experts\.(?:weight1|weight2|bias1|bias2))/expert\d+$")
@@ -394,10 +394,8 @@ class LegacySaver(_Saver):
         for p in range(lay.pp):
             for e in range(lay.ep):
                 for t in range(lay.tp):
-                    state = self._rank_state(source, names, t, p, e)
-                    path = legacy_file_path(iter_dir, t, p, lay.pp, e, lay.ep)
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    atomic_torch_save(state, path)
+                    write_rank_file(iter_dir, lay, t, p, e,
+                                    self._rank_state(source, names, t, p, e))
                     bar.update()
         bar.close()
         write_tracker(self.save_dir, source.common.iteration)
@@ -508,6 +506,14 @@ class LegacySaver(_Saver):
         if not groups:  # a rank without params still has one (empty) group
             groups = [dict(next(iter(saved["param_groups"].values())))]
         return {"param_groups": groups, "params": params, "grad_scaler": saved["grad_scaler"]}
+
+
+def write_rank_file(iter_dir: str, layout: MegacoreLayout, t: int, p: int, e: int,
+                    state: Dict[str, Any]) -> None:
+    """Atomically write the rank file of (tp ``t``, pp ``p``, ep ``e``)."""
+    path = legacy_file_path(iter_dir, t, p, layout.pp, e, layout.ep)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_torch_save(state, path)
 
 
 def rank_file_placements(layout: MegacoreLayout, names: List[str], desc: GPTDescription,
