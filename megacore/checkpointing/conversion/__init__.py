@@ -34,6 +34,18 @@ from megacore.checkpointing.conversion.megacore_format import (
     LegacySource,
     open_megacore_source,
 )
+from megacore.checkpointing.conversion.megatron_format import (
+    MegatronDistSaver,
+    MegatronDistSource,
+    MegatronLegacySaver,
+    MegatronLegacySource,
+    is_megatron_checkpoint,
+    open_megatron_source,
+)
+from megacore.checkpointing.conversion.megatron_load import (
+    load_megatron_checkpoint,
+    megatron_run_config,
+)
 from megacore.checkpointing.conversion.model_description import (
     ACTIVATIONS,
     GPTDescription,
@@ -55,4 +67,7 @@ __all__ = [
     "LegacySaver", "DistSaver", "open_megacore_source", "HFSource", "HFSaver", "ShardWriter",
     "HF_ARCHITECTURES", "MappingGroup", "mapping_groups", "choose_architecture",
     "description_from_hf_config", "hf_config_from_description",
+    "MegatronLegacySource", "MegatronDistSource", "MegatronLegacySaver", "MegatronDistSaver",
+    "open_megatron_source", "is_megatron_checkpoint", "load_megatron_checkpoint",
+    "megatron_run_config",
 ]

@@ -73,7 +73,7 @@ from megacore.package_info import __version__
 from megacore.vocab_padding import pad_vocab_size
 
 __all__ = ["LegacySource", "DistSource", "LegacySaver", "DistSaver", "open_megacore_source",
-           "rank_file_placements", "chunk_keys"]
+           "rank_file_placements", "chunk_keys", "write_rank_file"]
 
 _BLOCK = re.compile(r"^(.*)/block(\d+)$")
 _STACKED_BASE = re.compile(r"^(.*\.mlp\.experts\.(?:weight1|weight2|bias1|bias2))/expert\d+$")
@@ -391,10 +391,8 @@ class LegacySaver(_Saver):
         for p in range(lay.pp):
             for e in range(lay.ep):
                 for t in range(lay.tp):
-                    state = self._rank_state(source, names, t, p, e)
-                    path = legacy_file_path(iter_dir, t, p, lay.pp, e, lay.ep)
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    torch_save_with_digest(state, path)
+                    write_rank_file(iter_dir, lay, t, p, e,
+                                    self._rank_state(source, names, t, p, e), digest=True)
                     bar.update()
         bar.close()
         write_tracker(self.save_dir, source.common.iteration)
@@ -505,6 +503,15 @@ class LegacySaver(_Saver):
         if not groups:  # a rank without params still has one (empty) group
             groups = [dict(next(iter(saved["param_groups"].values())))]
         return {"param_groups": groups, "params": params, "grad_scaler": saved["grad_scaler"]}
+
+
+def write_rank_file(iter_dir: str, layout: MegacoreLayout, t: int, p: int, e: int,
+                    state: Dict[str, Any], digest: bool = False) -> None:
+    """Atomically write the rank file of (tp ``t``, pp ``p``, ep ``e``), with its digest
+    sidecar for a megacore checkpoint (``digest``; Megatron-LM's layout has none)."""
+    path = legacy_file_path(iter_dir, t, p, layout.pp, e, layout.ep)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    (torch_save_with_digest if digest else atomic_torch_save)(state, path)
 
 
 def rank_file_placements(layout: MegacoreLayout, names: List[str], desc: GPTDescription,

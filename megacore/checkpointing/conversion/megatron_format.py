@@ -59,6 +59,7 @@ from megacore.checkpointing.conversion.megacore_format import (
     LegacySource,
     chunk_keys,
     rank_file_placements,
+    write_rank_file,
 )
 from megacore.checkpointing.conversion.megatron_args import (
     MEGATRON_CHECKPOINT_VERSION,
@@ -418,9 +419,7 @@ class MegatronLegacySaver(_MegatronSaver):
                                                source.manifest)
                     for key, sd in zip(chunk_keys(lay.num_chunks), chunks):
                         state[key] = sd
-                    path = legacy_file_path(iter_dir, t, p, lay.pp, e, lay.ep)
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    atomic_torch_save(state, path)
+                    write_rank_file(iter_dir, lay, t, p, e, state)
                     bar.update()
         bar.close()
         write_tracker(self.save_dir, source.common.iteration)
