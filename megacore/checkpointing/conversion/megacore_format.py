@@ -56,6 +56,7 @@ from megacore.checkpointing.dist_checkpoint import (
     read_common,
     read_dcp_metadata,
 )
+from megacore.checkpointing.atomic import atomic_torch_save
 from megacore.checkpointing.integrity import record_dcp_digests, torch_save_with_digest
 from megacore.checkpointing.legacy import read_legacy_file
 from megacore.checkpointing.paths import (
