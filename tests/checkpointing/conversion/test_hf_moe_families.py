@@ -1,0 +1,204 @@
+"""DeepSeek-V3 and Qwen3-MoE through the converter, against ``transformers`` itself.
+
+For each family a tiny random model (2 layers, hidden 32, 4 routed experts, top-2,
+vocabulary 61, seeded, no hub; HF init std 0.3, norms, biases and DeepSeek's
+``e_score_correction_bias`` perturbed so that every tensor matters) and a tiny word-level
+tokenizer are saved with ``save_pretrained``, then:
+
+* imported (``--loader hf``) at tp 1 and at tp 2 x ep 2 (4 ranks; experts split over ep,
+  each expert over expert-tp 2): megacore's fp32 logits equal ``transformers``' within
+  atol 2e-5 / rtol 1e-4 (other op orders: the MoE's token permutation and the
+  renormalized top-k computed as a softmax over the chosen logits);
+* served from the tp 1 checkpoint with ``--load`` alone (MLA widths, routing settings,
+  the dense-layer pattern and the tokenizer all come from the checkpoint) through the
+  HTTP server (``PUT /api`` and ``POST /v1/chat/completions``, greedy): tokens and text
+  equal ``transformers``' ``generate``;
+* exported back (``--saver hf``) from the tp 2 x ep 2 checkpoint: safetensors bitwise
+  equal to the source and ``from_pretrained`` gives exactly the source's logits.
+
+DeepSeek-V3: q and kv latents (``q_lora_rank`` 16, ``kv_lora_rank`` 16), interleaved
+RoPE, the first layer dense (``first_k_dense_replace`` 1), 2 groups with 1 kept
+(``n_group`` 2, ``topk_group`` 1), ``routed_scaling_factor`` 2.5, one shared expert.
+Qwen3-MoE: per-head q/k norms, head dim 16, layer 0 dense (``mlp_only_layers``), once
+with ``norm_topk_prob`` (megacore's default top-k softmax) and once without
+(``moe_router_pre_softmax``).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megacore.checkpointing.conversion import (
+    ConversionError,
+    GPTDescription,
+    convert_checkpoint,
+    description_from_hf_config,
+    hf_config_from_description,
+)
+from tests.checkpointing.conversion import fixtures as fx
+from tests.checkpointing.conversion.test_hf_families import (
+    TOL,
+    _desc_dict,
+    _hf_chat,
+    _hf_greedy,
+    _hf_logits,
+    _safetensors,
+    _serve_greedy,
+    _tokenizer,
+)
+from tests.multirank import run_distributed
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+COMMON = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+              moe_intermediate_size=16, num_experts_per_tok=2, vocab_size=fx.VOCAB,
+              max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.3,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def _hf_model(kind):
+    torch.manual_seed(0)
+    if kind == "deepseek_v3":
+        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+            num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, n_group=2,
+            topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=16,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+            rope_interleave=True, **COMMON))
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            num_key_value_heads=2, head_dim=16, num_experts=4, mlp_only_layers=[0],
+            norm_topk_prob=kind == "qwen3_moe", **COMMON))
+    with torch.no_grad():  # HF's init leaves norms at 1 and the expert bias at 0
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn_like(buffer))
+    return model.eval()
+
+
+def _layout_logits(ckpts, desc_dict):
+    """Rank body (world 4): logits of each ``(tp, ep) -> checkpoint`` layout."""
+    from megacore.checkpointing import load_checkpoint
+
+    desc, out = GPTDescription(**desc_dict), []
+    for (tp, ep), load_dir in ckpts:
+        model = fx.build_model(desc, tp, 1, ep, seed=5)
+        load_checkpoint([model], None, None, load_dir=load_dir, no_load_rng=True,
+                        no_load_optim=True)
+        out.append(fx.pipeline_logits(model, fx.tokens()))
+    return out
+
+
+KINDS = ["deepseek_v3", "qwen3_moe", "qwen3_moe_unnormalized"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_moe_family_imports_serves_and_exports_like_transformers(tmp_path, kind):
+    hf_dir = str(tmp_path / "hf")
+    model = _hf_model(kind)
+    model.save_pretrained(hf_dir)
+    _tokenizer().save_pretrained(hf_dir)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
+    reference = _hf_logits(model, fx.tokens())
+
+    desc = _desc_dict(hf_dir)
+    assert desc["moe_layer_freq"] == [0, 1]  # the dense first layer
+    if kind == "deepseek_v3":
+        assert desc["moe_router_num_groups"] == 2 and desc["moe_router_group_topk"] == 1
+        assert desc["moe_shared_expert_intermediate_size"] == 16
+    else:
+        assert desc["moe_router_pre_softmax"] == (kind != "qwen3_moe")
+
+    ckpts = [((1, 1), str(tmp_path / "tp1")), ((2, 2), str(tmp_path / "tp2ep2"))]
+    for ((tp, ep), directory), fmt in zip(ckpts, ("torch", "torch_dist")):
+        convert_checkpoint(load_dir=hf_dir, save_dir=directory, saver="megacore",
+                           ckpt_format=fmt, target_tensor_parallel_size=tp,
+                           target_expert_parallel_size=ep, progress=False)
+    per_rank = run_distributed(_layout_logits, 4, args=(ckpts, desc), timeout=240)
+    for index in range(len(ckpts)):
+        for logits in (r[index] for r in per_rank):
+            torch.testing.assert_close(logits, reference, **TOL)
+
+    tokens, text, reply, _ = run_distributed(_serve_greedy, 1, args=(ckpts[0][1],))[0]
+    want_tokens, want_text = _hf_greedy(model, tokenizer)
+    assert tokens == want_tokens
+    assert text == want_text
+    assert reply == _hf_chat(model, tokenizer) and reply
+
+    back = tmp_path / "hf_back"
+    convert_checkpoint(load_dir=ckpts[1][1], save_dir=str(back), saver="hf",
+                       max_shard_size=16384, progress=False)
+    assert json.load(open(back / "config.json"))["architectures"] == \
+        json.load(open(os.path.join(hf_dir, "config.json")))["architectures"]
+    original = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
+    exported = _safetensors(back)
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    reloaded = type(model).from_pretrained(back).eval()
+    torch.testing.assert_close(_hf_logits(reloaded, fx.tokens()), reference, rtol=0, atol=0)
+
+
+def _deepseek_config(**overrides):
+    cfg = {"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 32,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48,
+           "moe_intermediate_size": 16, "vocab_size": 61, "n_routed_experts": 8,
+           "num_experts_per_tok": 2, "n_group": 4, "topk_group": 1, "kv_lora_rank": 16,
+           "q_lora_rank": None, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+    cfg.update(overrides)
+    return cfg
+
+
+def test_configs_the_converter_cannot_reproduce_are_refused_by_name(tmp_path):
+    desc = description_from_hf_config(_deepseek_config(first_k_dense_replace=5))
+    assert desc.q_lora_rank is None and desc.moe_layer_freq == [0, 0]
+    with pytest.raises(ConversionError, match=r"best 2 experts, megacore by its best "
+                                              r"topk // group_topk = 4 // 1"):
+        description_from_hf_config(_deepseek_config(num_experts_per_tok=4))
+    # Every group kept: no group limit, whatever topk is.
+    assert description_from_hf_config(_deepseek_config(
+        num_experts_per_tok=3, topk_group=4)).moe_router_num_groups is None
+    with pytest.raises(ConversionError, match="norm_topk_prob False with "
+                                              "num_experts_per_tok 2"):
+        description_from_hf_config(_deepseek_config(norm_topk_prob=False))
+    with pytest.raises(ConversionError, match="config.json scoring_func 'softmax'"):
+        description_from_hf_config(_deepseek_config(scoring_func="softmax"))
+    with pytest.raises(ConversionError, match="num_key_value_heads 2"):
+        description_from_hf_config(_deepseek_config(num_key_value_heads=2))
+    with pytest.raises(ConversionError, match="lacks 'kv_lora_rank'"):
+        description_from_hf_config(_deepseek_config(kv_lora_rank=None))
+
+    # Export: what each architecture's router and layers cannot hold.
+    desc = description_from_hf_config(_deepseek_config())
+    with pytest.raises(ConversionError, match="Qwen3MoeForCausalLM cannot represent this "
+                                              "model: has no multi-latent attention"):
+        hf_config_from_description(desc, "Qwen3MoeForCausalLM")
+    desc.moe_layer_freq = [1, 0]
+    with pytest.raises(ConversionError, match=r"dense layers must be the first ones "
+                                              r"\(first_k_dense_replace\)"):
+        hf_config_from_description(desc, "DeepseekV3ForCausalLM")
+    qwen = description_from_hf_config(dict(_deepseek_config(), architectures=[
+        "Qwen3MoeForCausalLM"], num_experts=4, num_key_value_heads=2))
+    assert qwen.qk_layernorm and not qwen.multi_latent_attention
+    qwen.moe_router_score_function = "sigmoid"
+    with pytest.raises(ConversionError, match="routes by a plain top-k softmax"):
+        hf_config_from_description(qwen, "Qwen3MoeForCausalLM")
+
+
+def test_deepseek_multi_token_prediction_weights_are_refused(tmp_path):
+    """A released DeepSeek-V3 keeps its MTP module as layer ``num_hidden_layers``."""
+    hf_dir = str(tmp_path / "hf")
+    _hf_model("deepseek_v3").save_pretrained(hf_dir)
+    weights = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
+    weights["model.layers.2.eh_proj.weight"] = torch.zeros(32, 64)
+    safetensors_torch.save_file(weights, os.path.join(hf_dir, "model.safetensors"),
+                                metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"weights of layers \[2\] beyond "
+                                              r"num_hidden_layers 2: multi-token-prediction "
+                                              r"layers \(num_nextn_predict_layers\)"):
+        convert_checkpoint(load_dir=hf_dir, save_dir=str(tmp_path / "mc"), saver="megacore",
+                           progress=False)
