@@ -5,8 +5,8 @@ vocabulary 61, seeded, no hub; HF init std 0.3, norms, biases and DeepSeek's
 ``e_score_correction_bias`` perturbed so that every tensor matters) and a tiny word-level
 tokenizer are saved with ``save_pretrained``, then:
 
-* imported (``--loader hf``) at tp 1 and at tp 2 x ep 2 (4 ranks; experts split over ep,
-  each expert over expert-tp 2): megacore's fp32 logits equal ``transformers``' within
+* imported (``--loader hf``) at tp 1, at tp 2 x ep 2 (experts split over ep, each expert
+  over expert-tp 2) and at pp 2 x ep 2 (the dense layer on stage 0), on 4 ranks: megacore's fp32 logits equal ``transformers``' within
   atol 2e-5 / rtol 1e-4 (other op orders: the MoE's token permutation and the
   renormalized top-k computed as a softmax over the chosen logits);
 * served from the tp 1 checkpoint with ``--load`` alone (MLA widths, routing settings,
@@ -82,12 +82,13 @@ def _hf_model(kind):
 
 
 def _layout_logits(ckpts, desc_dict):
-    """Rank body (world 4): logits of each ``(tp, ep) -> checkpoint`` layout."""
+    """Rank body (world 4): logits of each ``(tp, pp, ep) -> checkpoint`` layout (None
+    off the last pipeline stage)."""
     from megacore.checkpointing import load_checkpoint
 
     desc, out = GPTDescription(**desc_dict), []
-    for (tp, ep), load_dir in ckpts:
-        model = fx.build_model(desc, tp, 1, ep, seed=5)
+    for (tp, pp, ep), load_dir in ckpts:
+        model = fx.build_model(desc, tp, pp, ep, seed=5)
         load_checkpoint([model], None, None, load_dir=load_dir, no_load_rng=True,
                         no_load_optim=True)
         out.append(fx.pipeline_logits(model, fx.tokens()))
@@ -114,15 +115,19 @@ def test_moe_family_imports_serves_and_exports_like_transformers(tmp_path, kind)
     else:
         assert desc["moe_router_pre_softmax"] == (kind != "qwen3_moe")
 
-    ckpts = [((1, 1), str(tmp_path / "tp1")), ((2, 2), str(tmp_path / "tp2ep2"))]
-    for ((tp, ep), directory), fmt in zip(ckpts, ("torch", "torch_dist")):
+    ckpts = [((1, 1, 1), str(tmp_path / "tp1")), ((2, 1, 2), str(tmp_path / "tp2ep2")),
+             ((1, 2, 2), str(tmp_path / "pp2ep2"))]
+    for ((tp, pp, ep), directory), fmt in zip(ckpts, ("torch", "torch_dist", "torch")):
         convert_checkpoint(load_dir=hf_dir, save_dir=directory, saver="megacore",
                            ckpt_format=fmt, target_tensor_parallel_size=tp,
-                           target_expert_parallel_size=ep, progress=False)
+                           target_pipeline_parallel_size=pp, target_expert_parallel_size=ep,
+                           progress=False)
     per_rank = run_distributed(_layout_logits, 4, args=(ckpts, desc), timeout=240)
-    for index in range(len(ckpts)):
-        for logits in (r[index] for r in per_rank):
-            torch.testing.assert_close(logits, reference, **TOL)
+    for index, ((_, pp, _), _) in enumerate(ckpts):
+        logits = [r[index] for r in per_rank if r[index] is not None]
+        assert len(logits) == 4 // pp  # every rank of the last stage
+        for each in logits:
+            torch.testing.assert_close(each, reference, **TOL)
 
     tokens, text, reply, _ = run_distributed(_serve_greedy, 1, args=(ckpts[0][1],))[0]
     want_tokens, want_text = _hf_greedy(model, tokenizer)
