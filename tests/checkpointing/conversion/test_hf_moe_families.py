@@ -207,3 +207,36 @@ def test_deepseek_multi_token_prediction_weights_are_refused(tmp_path):
                                               r"layers \(num_nextn_predict_layers\)"):
         convert_checkpoint(load_dir=hf_dir, save_dir=str(tmp_path / "mc"), saver="megacore",
                            progress=False)
+
+
+def test_deepseek_without_query_latent_nor_interleave_nor_groups(tmp_path):
+    """``q_lora_rank`` None (``q_proj``, as DeepSeek-V2-Lite), RoPE over halves
+    (``rope_interleave`` false) and one expert group: tp 2 x ep 2 logits equal
+    transformers', and the export is bitwise."""
+    torch.manual_seed(1)
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        num_key_value_heads=4, n_routed_experts=4, n_shared_experts=2, n_group=1,
+        topk_group=1, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, rope_interleave=False,
+        **COMMON)).eval()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn_like(buffer))
+    hf_dir, mc_dir, back = (str(tmp_path / n) for n in ("hf", "mc", "back"))
+    model.save_pretrained(hf_dir)
+    desc = _desc_dict(hf_dir)
+    assert desc["q_lora_rank"] is None and not desc["rotary_interleaved"]
+    assert desc["moe_router_num_groups"] is None and desc["moe_layer_freq"] == [1, 1]
+    convert_checkpoint(load_dir=hf_dir, save_dir=mc_dir, saver="megacore",
+                       target_tensor_parallel_size=2, target_expert_parallel_size=2,
+                       progress=False)
+    per_rank = run_distributed(_layout_logits, 4, args=([((2, 1, 2), mc_dir)], desc))
+    reference = _hf_logits(model, fx.tokens())
+    for logits in per_rank:
+        torch.testing.assert_close(logits[0], reference, **TOL)
+    convert_checkpoint(load_dir=mc_dir, save_dir=back, saver="hf", progress=False)
+    original = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
+    exported = _safetensors(back)
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[k], exported[k]) for k in original)
