@@ -240,3 +240,42 @@ def test_deepseek_without_query_latent_nor_interleave_nor_groups(tmp_path):
     exported = _safetensors(back)
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
+def _all_tensors(save_dir):
+    """Every tensor (model and optimizer state) of a legacy checkpoint's rank files."""
+    from tests.checkpointing.conversion.test_layout_conversion import _tensors
+
+    return _tensors(save_dir)
+
+
+def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tmp_path):
+    """A stepped DeepSeek-style model saved at tp 2 x ep 2 goes to pp 2 x ep 2 and tp 4
+    and back bitwise (model and optimizer state: MLA's replicated and column-parallel
+    projections, the expert bias, shared experts); the pp 2 x ep 2 copy gives the
+    source's logits."""
+    src = tmp_path / "src"
+    run_distributed(fx.save_stepped, 4, args=(str(src), "deepseek", 2, 1, 2, ("torch",)))
+    original = _all_tensors(src / "torch")
+    assert any(k.endswith("self_attention.linear_kv_down_proj.weight") for k in original)
+    assert any(k.endswith("mlp.router.expert_bias") for k in original)
+    dirs = {}
+    for (tp, pp, ep), fmt in {(1, 2, 2): "torch", (4, 1, 1): "torch_dist"}.items():
+        dirs[(tp, pp, ep)] = str(tmp_path / f"{tp}_{pp}_{ep}")
+        convert_checkpoint(load_dir=str(src / "torch"), save_dir=dirs[(tp, pp, ep)],
+                           ckpt_format=fmt, target_tensor_parallel_size=tp,
+                           target_pipeline_parallel_size=pp, target_expert_parallel_size=ep,
+                           progress=False)
+        back = tmp_path / f"back_{tp}_{pp}_{ep}"
+        convert_checkpoint(load_dir=dirs[(tp, pp, ep)], save_dir=str(back), ckpt_format="torch",
+                           target_tensor_parallel_size=2, target_pipeline_parallel_size=1,
+                           target_expert_parallel_size=2, progress=False)
+        restored = _all_tensors(back)
+        assert sorted(restored) == sorted(original)
+        assert all(torch.equal(original[k], restored[k]) for k in original)
+    layouts = {(2, 1, 2): str(src / "torch"), (1, 2, 2): dirs[(1, 2, 2)]}
+    per_rank = run_distributed(fx.load_and_logits, 4, args=(layouts, "deepseek", list(layouts)))
+    found = [[r[i] for r in per_rank if r[i] is not None] for i in range(2)]
+    assert found[0] and found[1]
+    for logits in found[1]:
+        torch.testing.assert_close(logits, found[0][0], rtol=1e-5, atol=1e-6)
