@@ -279,3 +279,41 @@ def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tm
     assert found[0] and found[1]
     for logits in found[1]:
         torch.testing.assert_close(logits, found[0][0], rtol=1e-5, atol=1e-6)
+
+
+def test_pretrain_resumes_a_converted_deepseek_at_ep2_with_transformers_loss(tmp_path):
+    """``pretrain_gpt.py --load`` of a converted DeepSeek-V3 at ep 2 takes MLA widths,
+    routing settings (sigmoid, expert bias, groups, scaling, shared expert), interleaved
+    RoPE and the dense first layer from the checkpoint; its first training loss is
+    ``transformers``' cross entropy on the same batch."""
+    import shlex
+
+    from megacore.training.arguments import parse_args
+    from megacore.training.training import _num_samples, saved_run_config
+    from tests.training.test_pretrain_gpt import _example, _run_pretrain
+
+    hf_dir, mc_dir, log = str(tmp_path / "hf"), str(tmp_path / "mc"), tmp_path / "log.jsonl"
+    model = _hf_model("deepseek_v3")
+    model.save_pretrained(hf_dir)
+    _tokenizer().save_pretrained(hf_dir)
+    convert_checkpoint(load_dir=hf_dir, save_dir=mc_dir, saver="megacore", progress=False)
+    argv = shlex.split(f"--load {mc_dir} --no-load-optim --no-load-rng --mock-data "
+                       "--seq-length 16 --micro-batch-size 2 --global-batch-size 4 "
+                       "--train-iters 1 --lr 1e-3 --eval-iters 0 --hidden-dropout 0 "
+                       "--attention-dropout 0 --log-interval 1")
+    run_distributed(_run_pretrain, 2, args=(argv + ["--expert-model-parallel-size", "2",
+                                                    "--log-jsonl", str(log)],), timeout=240)
+    loss = [r for r in map(json.loads, open(log)) if "lm_loss" in r][0]["lm_loss"]
+
+    run = parse_args(argv, world_size=1, checkpoint_config=saved_run_config(mc_dir))
+    assert run.model.multi_latent_attention and run.model.rotary_interleaved
+    assert run.model.moe_router_enable_expert_bias and run.model.moe_layer_freq == [0, 1]
+    train_ds = _example().train_valid_test_datasets_provider(run, _num_samples(run, 0))[0]
+    batch = [train_ds[i] for i in range(4)]
+    tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
+    labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
+    mask = torch.stack([torch.as_tensor(b["loss_mask"]) for b in batch]).float()
+    per_token = torch.nn.functional.cross_entropy(
+        _hf_logits(model, tokens).transpose(1, 2), labels, reduction="none")
+    want = (per_token * mask).sum() / mask.sum()
+    torch.testing.assert_close(torch.tensor(loss), want, rtol=1e-5, atol=1e-6)
