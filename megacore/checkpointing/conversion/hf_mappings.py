@@ -58,8 +58,8 @@ from megacore.checkpointing.conversion.manifest import ConversionError
 from megacore.checkpointing.conversion.model_description import GPTDescription
 from megacore.checkpointing.conversion.tensor_rules import OUTPUT_LAYER, WORD_EMBEDDING
 
-__all__ = ["MappingGroup", "HF_ARCHITECTURES", "refuse_extra_layers", "mapping_groups", "choose_architecture",
-           "description_from_hf_config", "hf_config_from_description", "qkv_to_megacore",
+__all__ = ["MappingGroup", "HF_ARCHITECTURES", "refuse_extra_layers", "mapping_groups",
+           "choose_architecture", "description_from_hf_config", "hf_config_from_description", "qkv_to_megacore",
            "qkv_from_megacore"]
 
 DEEPSEEK, QWEN3_MOE = "DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM"

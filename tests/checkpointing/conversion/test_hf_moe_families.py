@@ -6,8 +6,8 @@ vocabulary 61, seeded, no hub; HF init std 0.3, norms, biases and DeepSeek's
 tokenizer are saved with ``save_pretrained``, then:
 
 * imported (``--loader hf``) at tp 1, at tp 2 x ep 2 (experts split over ep, each expert
-  over expert-tp 2) and at pp 2 x ep 2 (the dense layer on stage 0), on 4 ranks: megacore's fp32 logits equal ``transformers``' within
-  atol 2e-5 / rtol 1e-4 (other op orders: the MoE's token permutation and the
+  over expert-tp 2) and at pp 2 x ep 2 (the dense layer on stage 0), on 4 ranks:
+  megacore's fp32 logits equal ``transformers``' within atol 2e-5 / rtol 1e-4 (other op orders: the MoE's token permutation and the
   renormalized top-k computed as a softmax over the chosen logits);
 * served from the tp 1 checkpoint with ``--load`` alone (MLA widths, routing settings,
   the dense-layer pattern and the tokenizer all come from the checkpoint) through the
@@ -15,6 +15,11 @@ tokenizer are saved with ``save_pretrained``, then:
   equal ``transformers``' ``generate``;
 * exported back (``--saver hf``) from the tp 2 x ep 2 checkpoint: safetensors bitwise
   equal to the source and ``from_pretrained`` gives exactly the source's logits.
+
+Also: DeepSeek without a query latent, with RoPE over halves and one expert group; a
+stepped DeepSeek-style megacore checkpoint changing layout with its optimizer state;
+``pretrain_gpt.py --load`` of a converted DeepSeek-V3 at ep 2 (first loss =
+``transformers``'); configs and weights that cannot be reproduced refused by name.
 
 DeepSeek-V3: q and kv latents (``q_lora_rank`` 16, ``kv_lora_rank`` 16), interleaved
 RoPE, the first layer dense (``first_k_dense_replace`` 1), 2 groups with 1 kept
