@@ -202,6 +202,7 @@ FLAGS: List[Flag] = [
     _f("--seq-length", "gpt"), _f("--max-position-embeddings", "gpt"),
     _f("--position-embedding-type", "gpt", choices=["learned_absolute", "rope", "none"]),
     _f("--rotary-percent", "gpt"), _f("--rotary-base", "gpt"),
+    _f("--rotary-interleaved", "model"),
     _f("--use-rope-scaling", "gpt"), _f("--rope-scaling-factor", "gpt"),
     _f("--rope-scaling-low-freq-factor", "gpt"), _f("--rope-scaling-high-freq-factor", "gpt"),
     _f("--rope-scaling-original-max-position-embeddings", "gpt"),
@@ -555,6 +556,7 @@ CHECKPOINT_MODEL_FLAGS = (
     "--multi-latent-attention", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim",
     "--qk-pos-emb-head-dim", "--v-head-dim", "--mtp-num-layers", "--moe-router-num-groups",
     "--moe-router-group-topk", "--moe-router-score-function", "--moe-router-topk-scaling-factor",
+    "--moe-router-enable-expert-bias", "--moe-router-pre-softmax", "--rotary-interleaved",
 )
 """Flags that define a checkpoint's weights and vocabulary: read from its saved config."""
 

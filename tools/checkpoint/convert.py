@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(padding rows are dropped for HF)")
     p.add_argument("--hf-architecture", default=None,
                    help="HF saver: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, "
-                        "MixtralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM (default: "
-                        "from the model)")
+                        "MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                        "Qwen3MoeForCausalLM or DeepseekV3ForCausalLM (default: from the "
+                        "model)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),
                    help="HF saver: bytes per safetensors shard, e.g. 5GB or 512MiB "
                         "(default: 2GB)")

@@ -24,6 +24,7 @@ from megacore.checkpointing.conversion.hf_mappings import (
     description_from_hf_config,
     hf_config_from_description,
     mapping_groups,
+    refuse_extra_layers,
 )
 from megacore.checkpointing.conversion.manifest import ConversionError, Manifest
 from megacore.checkpointing.conversion.streaming import Progress
@@ -95,6 +96,7 @@ class HFSource(CanonicalSource):
                 self.description.vocab_size = int(shape[0])
 
     def _index(self) -> None:
+        refuse_extra_layers(self.weight_map, self.description, self.architecture, self.hf_dir)
         known = set()
         for group in self.groups:
             missing = [n for n in group.hf if n not in self.weight_map]

@@ -1,5 +1,5 @@
-"""Hugging Face GPT-2 / Llama / Mistral / Mixtral / Qwen2 / Qwen3 names and layouts <->
-canonical tensors.
+"""Hugging Face GPT-2 / Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3
+names and layouts <-> canonical tensors.
 
 Each :class:`MappingGroup` converts a few canonical tensors to the HF tensors they make up
 and back (exact inverses, so HF -> megacore -> HF is bitwise). Layout facts:
@@ -21,6 +21,25 @@ and back (exact inverses, so HF -> megacore -> HF is bitwise). Layout facts:
   Llama 3.1+ RoPE scaling (factor, low/high frequency factors, original context);
   Mistral's ``sliding_window = w`` lets a query see ``w`` keys including its own, i.e.
   ``window_size = (w - 1, 0)``.
+* Qwen3-MoE: Qwen3's attention; MoE layers ``mlp.gate`` (router) and
+  ``mlp.experts.<e>.{gate,up,down}_proj`` (``save_pretrained`` writes one tensor per
+  expert; transformers 5 stacks them in memory only), dense layers where
+  ``mlp_only_layers`` / ``decoder_sparse_step`` say. Its router is a softmax over all
+  experts, top-k, renormalized when ``norm_topk_prob`` (= megacore's default top-k
+  softmax; ``norm_topk_prob=False`` = ``moe_router_pre_softmax``).
+* DeepSeek-V3: multi-latent attention (``q_a_proj``/``q_a_layernorm``/``q_b_proj`` or
+  ``q_proj``; ``kv_a_proj_with_mqa``/``kv_a_layernorm``/``kv_b_proj``; the same row
+  layouts as megacore's ``linear_q_down_proj`` ...; ``rope_interleave`` =
+  ``rotary_interleaved``), the first ``first_k_dense_replace`` layers dense, then
+  sigmoid routing with ``mlp.gate.e_score_correction_bias`` (= the router's
+  ``expert_bias``), ``n_group``/``topk_group`` group-limited choice,
+  ``routed_scaling_factor`` and ``n_shared_experts`` shared experts
+  (``mlp.shared_experts``, width ``n_shared_experts * moe_intermediate_size``).
+  transformers scores a group by its best 2 experts, megacore by its best
+  ``topk // group_topk``: only configs where those agree convert. DeepSeek's
+  multi-token-prediction layers (``num_nextn_predict_layers``) are not implemented by
+  transformers: the config field is skipped on import, and weights of such layers
+  (``model.layers.<N>`` with ``N >= num_hidden_layers``) are refused by name.
 * Tied embeddings: GPT-2 saves no ``lm_head.weight``; if a checkpoint has one it must
   equal the word embedding (checked, then consumed).
 
@@ -39,15 +58,18 @@ from megacore.checkpointing.conversion.manifest import ConversionError
 from megacore.checkpointing.conversion.model_description import GPTDescription
 from megacore.checkpointing.conversion.tensor_rules import OUTPUT_LAYER, WORD_EMBEDDING
 
-__all__ = ["MappingGroup", "HF_ARCHITECTURES", "mapping_groups", "choose_architecture",
-           "description_from_hf_config", "hf_config_from_description", "qkv_to_megacore",
+__all__ = ["MappingGroup", "HF_ARCHITECTURES", "refuse_extra_layers", "mapping_groups",
+           "choose_architecture", "description_from_hf_config", "hf_config_from_description", "qkv_to_megacore",
            "qkv_from_megacore"]
 
+DEEPSEEK, QWEN3_MOE = "DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM"
 HF_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
-                    "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+                    "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE,
+                    DEEPSEEK)
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                 "MixtralForCausalLM": "mixtral", "Qwen2ForCausalLM": "qwen2",
-                "Qwen3ForCausalLM": "qwen3"}
+                "Qwen3ForCausalLM": "qwen3", QWEN3_MOE: "qwen3_moe", DEEPSEEK: "deepseek_v3"}
+_MOE_ARCHS = ("MixtralForCausalLM", QWEN3_MOE, DEEPSEEK)
 _WINDOWED = ("MistralForCausalLM", "MixtralForCausalLM")
 _HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
            "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -158,8 +180,15 @@ def _gated(c: str, gate: str, up: str) -> MappingGroup:
     return MappingGroup([c], [gate, up], to_hf, lambda t: {c: torch.cat([t[gate], t[up]])})
 
 
-def _grouped_expert(p: str, e: int, hp: str) -> List[MappingGroup]:
-    w1, w3, w2 = (f"{hp}.experts.{e}.w{i}.weight" for i in (1, 3, 2))
+def _expert_names(hp: str, e: int, mixtral: bool):
+    """HF ``(gate, up, down)`` weight names of routed expert ``e`` under ``hp``."""
+    if mixtral:
+        return tuple(f"{hp}.experts.{e}.w{i}.weight" for i in (1, 3, 2))
+    return tuple(f"{hp}.experts.{e}.{x}_proj.weight" for x in ("gate", "up", "down"))
+
+
+def _grouped_expert(p: str, e: int, hp: str, mixtral: bool = True) -> List[MappingGroup]:
+    w1, w3, w2 = _expert_names(hp, e, mixtral)
     c1, c2 = f"{p}.mlp.experts.weight1/expert{e}", f"{p}.mlp.experts.weight2/expert{e}"
 
     def to_hf(t):
@@ -198,7 +227,52 @@ def _gpt2_groups(d: GPTDescription) -> List[MappingGroup]:
     return groups
 
 
-def _llama_groups(d: GPTDescription, moe: bool) -> List[MappingGroup]:
+def _mla_groups(p: str, h: str, d: GPTDescription) -> List[MappingGroup]:
+    """DeepSeek's attention: each HF projection is one megacore tensor, same layout."""
+    a, ha = f"{p}.self_attention", f"{h}.self_attn"
+    pairs = [("linear_q_proj", "q_proj")] if d.q_lora_rank is None else [
+        ("linear_q_down_proj", "q_a_proj"), ("q_layernorm", "q_a_layernorm"),
+        ("linear_q_up_proj", "q_b_proj")]
+    pairs += [("linear_kv_down_proj", "kv_a_proj_with_mqa"), ("kv_layernorm", "kv_a_layernorm"),
+              ("linear_kv_up_proj", "kv_b_proj")]
+    return [_same(f"{a}.{c}.weight", f"{ha}.{x}.weight") for c, x in pairs]
+
+
+def _attention_groups(p: str, h: str, d: GPTDescription) -> List[MappingGroup]:
+    if d.multi_latent_attention:
+        return _mla_groups(p, h, d)
+    groups = [_llama_qkv(h, f"{p}.self_attention.linear_qkv.weight", d)]
+    if d.add_qkv_bias:  # Qwen2
+        groups.append(_llama_qkv(h, f"{p}.self_attention.linear_qkv.bias", d, "bias"))
+    if d.qk_layernorm:  # Qwen3
+        groups += [_same(f"{p}.self_attention.{x}_layernorm.weight",
+                         f"{h}.self_attn.{x}_norm.weight") for x in "qk"]
+    return groups
+
+
+def _moe_groups(p: str, h: str, d: GPTDescription, mixtral: bool) -> List[MappingGroup]:
+    """Router, expert bias, routed experts and shared experts of one MoE layer."""
+    hp = f"{h}.block_sparse_moe" if mixtral else f"{h}.mlp"
+    groups = [_same(f"{p}.mlp.router.weight", f"{hp}.gate.weight")]
+    if d.moe_router_enable_expert_bias:  # DeepSeek-V3
+        groups.append(_same(f"{p}.mlp.router.expert_bias", f"{hp}.gate.e_score_correction_bias"))
+    for e in range(d.num_moe_experts):
+        if d.moe_grouped_gemm:
+            groups += _grouped_expert(p, e, hp, mixtral)
+            continue
+        c = f"{p}.mlp.experts.local_experts.{e}"
+        gate, up, down = _expert_names(hp, e, mixtral)
+        groups += [_gated(f"{c}.linear_fc1.weight", gate, up),
+                   _same(f"{c}.linear_fc2.weight", down)]
+    if d.moe_shared_expert_intermediate_size:  # DeepSeek-V3
+        c, s = f"{p}.mlp.shared_experts.mlp", f"{hp}.shared_experts"
+        groups += [_gated(f"{c}.linear_fc1.weight", f"{s}.gate_proj.weight",
+                          f"{s}.up_proj.weight"),
+                   _same(f"{c}.linear_fc2.weight", f"{s}.down_proj.weight")]
+    return groups
+
+
+def _llama_groups(d: GPTDescription, architecture: str) -> List[MappingGroup]:
     tied = d.share_embeddings_and_output_weights
     groups = [MappingGroup([WORD_EMBEDDING], ["model.embed_tokens.weight"],
                            lambda t: {"model.embed_tokens.weight": t[WORD_EMBEDDING]},
@@ -206,35 +280,35 @@ def _llama_groups(d: GPTDescription, moe: bool) -> List[MappingGroup]:
                            duplicates=["lm_head.weight"] if tied else [])]
     for layer in range(d.num_layers):
         p, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
-        groups += [_same(f"{p}.input_layernorm.weight", f"{h}.input_layernorm.weight"),
-                   _llama_qkv(h, f"{p}.self_attention.linear_qkv.weight", d)]
-        if d.add_qkv_bias:  # Qwen2
-            groups.append(_llama_qkv(h, f"{p}.self_attention.linear_qkv.bias", d, "bias"))
-        if d.qk_layernorm:  # Qwen3
-            groups += [_same(f"{p}.self_attention.{x}_layernorm.weight",
-                             f"{h}.self_attn.{x}_norm.weight") for x in "qk"]
+        groups.append(_same(f"{p}.input_layernorm.weight", f"{h}.input_layernorm.weight"))
+        groups += _attention_groups(p, h, d)
         groups += [
                    _same(f"{p}.self_attention.linear_proj.weight", f"{h}.self_attn.o_proj.weight"),
                    _same(f"{p}.pre_mlp_layernorm.weight", f"{h}.post_attention_layernorm.weight")]
-        if not moe:
+        if d.is_moe_layer(layer):
+            groups += _moe_groups(p, h, d, mixtral=architecture == "MixtralForCausalLM")
+        else:
             groups += [_gated(f"{p}.mlp.linear_fc1.weight", f"{h}.mlp.gate_proj.weight",
                               f"{h}.mlp.up_proj.weight"),
                        _same(f"{p}.mlp.linear_fc2.weight", f"{h}.mlp.down_proj.weight")]
-            continue
-        hp = f"{h}.block_sparse_moe"
-        groups.append(_same(f"{p}.mlp.router.weight", f"{hp}.gate.weight"))
-        for e in range(d.num_moe_experts):
-            if d.moe_grouped_gemm:
-                groups += _grouped_expert(p, e, hp)
-                continue
-            c = f"{p}.mlp.experts.local_experts.{e}"
-            groups += [_gated(f"{c}.linear_fc1.weight", f"{hp}.experts.{e}.w1.weight",
-                              f"{hp}.experts.{e}.w3.weight"),
-                       _same(f"{c}.linear_fc2.weight", f"{hp}.experts.{e}.w2.weight")]
     groups.append(_same("decoder.final_layernorm.weight", "model.norm.weight"))
     if not tied:
         groups.append(_same(OUTPUT_LAYER, "lm_head.weight"))
     return groups
+
+
+def refuse_extra_layers(names, d: GPTDescription, architecture: str, where: str) -> None:
+    """Refuse weights of layers past ``num_hidden_layers``: DeepSeek's released
+    checkpoints keep their multi-token-prediction modules there, which transformers does
+    not implement and this converter does not map."""
+    extra = sorted({int(n.split(".")[2]) for n in names if n.startswith("model.layers.")
+                    and int(n.split(".")[2]) >= d.num_layers})
+    if extra:
+        field = " (num_nextn_predict_layers)" if architecture == DEEPSEEK else ""
+        raise ConversionError(f"{where}: weights of layers {extra} beyond num_hidden_layers "
+                              f"{d.num_layers}: multi-token-prediction layers{field} are not "
+                              "converted (transformers does not implement them); remove them "
+                              "from the checkpoint to convert the main model")
 
 
 def _require(ok: bool, arch: str, what: str) -> None:
@@ -243,6 +317,9 @@ def _require(ok: bool, arch: str, what: str) -> None:
 
 
 def _check_fits(d: GPTDescription, arch: str) -> None:
+    _require(d.multi_latent_attention == (arch == DEEPSEEK), arch,
+             "needs multi-latent attention" if arch == DEEPSEEK
+             else "has no multi-latent attention (DeepseekV3ForCausalLM has)")
     if arch == "GPT2LMHeadModel":
         _require(d.normalization == "LayerNorm", arch, "needs LayerNorm")
         _require(d.position_embedding_type == "learned_absolute", arch,
@@ -257,14 +334,52 @@ def _check_fits(d: GPTDescription, arch: str) -> None:
         _require(d.window_size is None, arch, "has no sliding-window attention")
     else:
         _check_llama_family(d, arch)
-    moe = arch == "MixtralForCausalLM"
-    _require(d.is_moe == moe, arch, "MoE only in MixtralForCausalLM" if d.is_moe
-             else "MixtralForCausalLM needs num_moe_experts")
+    moe = arch in _MOE_ARCHS
+    _require(d.is_moe == moe, arch, f"MoE only in {_MOE_ARCHS}" if d.is_moe
+             else f"{arch} needs num_moe_experts")
     if moe:
-        _require(all(d.is_moe_layer(i) for i in range(d.num_layers)), arch,
-                 "needs MoE in every layer")
-        _require(not d.moe_shared_expert_intermediate_size and not
-                 d.moe_router_enable_expert_bias, arch, "has no shared experts / expert bias")
+        _check_routing(d, arch)
+
+
+def _check_routing(d: GPTDescription, arch: str) -> None:
+    """What each MoE architecture's router and layer pattern can express."""
+    _require(not d.moe_shared_expert_gate, arch, "has no shared-expert gate")
+    if arch == DEEPSEEK:
+        _require(d.moe_router_score_function == "sigmoid" and d.moe_router_enable_expert_bias
+                 and not d.moe_router_pre_softmax, arch,
+                 "needs sigmoid routing with an expert bias (moe_router_score_function "
+                 "'sigmoid', moe_router_enable_expert_bias)")
+        shared = d.moe_shared_expert_intermediate_size or 0
+        _require(shared % d.expert_ffn_hidden_size == 0, arch, f"shared experts of width "
+                 f"{shared}, not a multiple of moe_ffn_hidden_size {d.expert_ffn_hidden_size}")
+        k = _first_dense_layers(d)
+        _require(k is not None, arch, "dense layers must be the first ones "
+                 "(first_k_dense_replace); moe_layer_freq " f"{d.moe_layer_freq!r}")
+        if d.moe_router_num_groups is not None:
+            _check_group_topk(d.moe_router_topk, d.moe_router_group_topk, arch)
+        return
+    _require(all(d.is_moe_layer(i) for i in range(d.num_layers)) or arch == QWEN3_MOE, arch,
+             "needs MoE in every layer")
+    _require(d.moe_router_score_function == "softmax" and d.moe_router_num_groups is None
+             and d.moe_router_topk_scaling_factor in (None, 1.0)
+             and not d.moe_router_enable_expert_bias, arch, "routes by a plain top-k softmax "
+             "(no sigmoid, groups, scaling factor or expert bias)")
+    _require(not d.moe_shared_expert_intermediate_size, arch, "has no shared experts")
+    _require(not d.moe_router_pre_softmax or arch == QWEN3_MOE, arch,
+             "renormalizes its top-k (no moe_router_pre_softmax)")
+
+
+def _check_group_topk(topk: int, group_topk: int, where: str) -> None:
+    _require(topk == 2 * group_topk, where, f"transformers scores an expert group by its best "
+             f"2 experts, megacore by its best topk // group_topk = {topk} // {group_topk}: "
+             "they agree only when num_experts_per_tok == 2 * topk_group")
+
+
+def _first_dense_layers(d: GPTDescription):
+    """``k`` when exactly the first ``k`` layers are dense, else None."""
+    pattern = [d.is_moe_layer(i) for i in range(d.num_layers)]
+    k = pattern.index(True) if True in pattern else d.num_layers
+    return k if all(pattern[k:]) else None
 
 
 def _check_llama_family(d: GPTDescription, arch: str) -> None:
@@ -272,7 +387,7 @@ def _check_llama_family(d: GPTDescription, arch: str) -> None:
     _require(d.position_embedding_type == "rope" and d.rotary_percent == 1.0, arch,
              "needs full RoPE")
     _require(not d.add_bias_linear, arch, "has no biases in its linear layers")
-    qwen2, qwen3 = arch == "Qwen2ForCausalLM", arch == "Qwen3ForCausalLM"
+    qwen2, qwen3 = arch == "Qwen2ForCausalLM", arch in ("Qwen3ForCausalLM", QWEN3_MOE)
     _require(d.add_qkv_bias == qwen2, arch, "needs q/k/v biases (add_qkv_bias)" if qwen2
              else "has no q/k/v biases (Qwen2ForCausalLM has)")
     _require(d.qk_layernorm == qwen3, arch, "needs per-head q/k norms (qk_layernorm)" if qwen3
@@ -300,16 +415,19 @@ def mapping_groups(d: GPTDescription, architecture: str) -> List[MappingGroup]:
     _check_fits(d, architecture)
     if architecture == "GPT2LMHeadModel":
         return _gpt2_groups(d)
-    return _llama_groups(d, moe=architecture == "MixtralForCausalLM")
+    return _llama_groups(d, architecture)
 
 
 def choose_architecture(d: GPTDescription) -> str:
-    """GPT-2 for LayerNorm + learned positions, Mixtral for MoE, Qwen3 with q/k norms,
-    Qwen2 with q/k/v biases, Mistral with a sliding window, else Llama."""
+    """GPT-2 for LayerNorm + learned positions, DeepSeek-V3 for multi-latent attention,
+    Qwen3-MoE for MoE with q/k norms, Mixtral for other MoE, Qwen3 with q/k norms, Qwen2
+    with q/k/v biases, Mistral with a sliding window, else Llama."""
     if d.normalization == "LayerNorm" and d.position_embedding_type == "learned_absolute":
         return "GPT2LMHeadModel"
+    if d.multi_latent_attention:
+        return DEEPSEEK
     if d.is_moe:
-        return "MixtralForCausalLM"
+        return QWEN3_MOE if d.qk_layernorm else "MixtralForCausalLM"
     if d.qk_layernorm:
         return "Qwen3ForCausalLM"
     if d.add_qkv_bias:
@@ -397,9 +515,8 @@ def description_from_hf_config(cfg: Dict[str, Any]) -> GPTDescription:
                                   "supported")
     if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ConversionError(f"{arch} activation {cfg.get('hidden_act')!r} is not supported")
-    moe = arch == "MixtralForCausalLM"
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    return GPTDescription(
+    kw = dict(
         num_layers=cfg["num_hidden_layers"], hidden_size=h, num_attention_heads=heads,
         vocab_size=cfg["vocab_size"], ffn_hidden_size=cfg["intermediate_size"],
         num_query_groups=cfg.get("num_key_value_heads") or heads,
@@ -409,12 +526,77 @@ def description_from_hf_config(cfg: Dict[str, Any]) -> GPTDescription:
         layernorm_epsilon=cfg.get("rms_norm_eps", 1e-6), add_bias_linear=False,
         gated_linear_unit=True, activation="silu",
         share_embeddings_and_output_weights=cfg.get("tie_word_embeddings", False),
-        add_qkv_bias=arch == "Qwen2ForCausalLM", qk_layernorm=arch == "Qwen3ForCausalLM",
-        **_rope_fields(cfg), **_window_fields(cfg, arch),
-        num_moe_experts=cfg["num_local_experts"] if moe else None,
-        moe_ffn_hidden_size=cfg["intermediate_size"] if moe else None,
-        moe_router_topk=cfg.get("num_experts_per_tok", 2) if moe else 2,
-        params_dtype=_dtype_name(cfg))
+        add_qkv_bias=arch == "Qwen2ForCausalLM",
+        qk_layernorm=arch in ("Qwen3ForCausalLM", QWEN3_MOE),
+        **_rope_fields(cfg), **_window_fields(cfg, arch), params_dtype=_dtype_name(cfg))
+    if arch == "MixtralForCausalLM":
+        kw.update(num_moe_experts=cfg["num_local_experts"],
+                  moe_ffn_hidden_size=cfg["intermediate_size"],
+                  moe_router_topk=cfg.get("num_experts_per_tok", 2))
+    elif arch == QWEN3_MOE:
+        kw.update(_qwen3_moe_fields(cfg))
+    elif arch == DEEPSEEK:
+        kw.update(_deepseek_fields(cfg))
+    return GPTDescription(**kw)
+
+
+def _field(cfg: Dict[str, Any], name: str, arch: str):
+    if cfg.get(name) is None:
+        raise ConversionError(f"config.json of {arch} lacks {name!r}")
+    return cfg[name]
+
+
+def _qwen3_moe_fields(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Experts, top-k normalization and the dense-layer pattern (a layer is MoE unless in
+    ``mlp_only_layers``, and only every ``decoder_sparse_step``-th layer is)."""
+    experts = cfg.get("num_experts") or _field(cfg, "num_local_experts", QWEN3_MOE)
+    step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or [])
+    pattern = [int(i not in dense and (i + 1) % step == 0)
+               for i in range(cfg["num_hidden_layers"])]
+    return dict(num_moe_experts=int(experts),
+                moe_ffn_hidden_size=_field(cfg, "moe_intermediate_size", QWEN3_MOE),
+                moe_router_topk=int(cfg.get("num_experts_per_tok", 2)), moe_layer_freq=pattern,
+                moe_router_pre_softmax=not cfg.get("norm_topk_prob", False))
+
+
+def _deepseek_fields(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Multi-latent attention, DeepSeek's router and the first-k-dense layer pattern."""
+    arch, heads, layers = DEEPSEEK, cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    if (cfg.get("num_key_value_heads") or heads) != heads:
+        raise ConversionError(f"config.json num_key_value_heads {cfg['num_key_value_heads']}: "
+                              f"{arch}'s multi-latent attention has one key per head ({heads})")
+    for name, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+        if cfg.get(name, want) != want:
+            raise ConversionError(f"config.json {name} {cfg[name]!r} is not supported "
+                                  f"(only {want!r}, as transformers' {arch} routes)")
+    topk = int(_field(cfg, "num_experts_per_tok", arch))
+    if bool(cfg.get("norm_topk_prob", True)) != (topk > 1):
+        raise ConversionError(f"config.json norm_topk_prob {cfg.get('norm_topk_prob')} with "
+                              f"num_experts_per_tok {topk}: megacore's sigmoid router "
+                              "normalizes the top-k exactly when k > 1")
+    groups, group_topk = int(cfg.get("n_group") or 1), int(cfg.get("topk_group") or 1)
+    if groups != group_topk:  # equal: every group is kept, no limit
+        _check_group_topk(topk, group_topk, "config.json num_experts_per_tok / topk_group")
+    experts = int(_field(cfg, "n_routed_experts", arch))
+    dense = min(int(cfg.get("first_k_dense_replace") or 0), layers)
+    moe_width = _field(cfg, "moe_intermediate_size", arch)
+    shared = int(cfg.get("n_shared_experts") or 0)
+    q_lora = cfg.get("q_lora_rank")
+    return dict(
+        num_query_groups=heads, multi_latent_attention=True,
+        q_lora_rank=int(q_lora) if q_lora else None,
+        kv_lora_rank=int(_field(cfg, "kv_lora_rank", arch)),
+        qk_head_dim=int(_field(cfg, "qk_nope_head_dim", arch)),
+        qk_pos_emb_head_dim=int(_field(cfg, "qk_rope_head_dim", arch)),
+        v_head_dim=int(_field(cfg, "v_head_dim", arch)),
+        rotary_interleaved=bool(cfg.get("rope_interleave", True)),
+        num_moe_experts=experts, moe_ffn_hidden_size=moe_width, moe_router_topk=topk,
+        moe_layer_freq=[0] * dense + [1] * (layers - dense),
+        moe_shared_expert_intermediate_size=shared * moe_width if shared else None,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_num_groups=groups if groups != group_topk else None,
+        moe_router_group_topk=group_topk if groups != group_topk else None,
+        moe_router_topk_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0))
 
 
 def hf_config_from_description(d: GPTDescription, architecture: str) -> Dict[str, Any]:
@@ -447,10 +629,36 @@ def hf_config_from_description(d: GPTDescription, architecture: str) -> Dict[str
         cfg["mlp_bias"] = False
     if architecture in _WINDOWED:
         cfg["sliding_window"] = d.window_size[0] + 1 if d.window_size else None
-    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", QWEN3_MOE):
         cfg.update(use_sliding_window=False, sliding_window=None)
     if architecture == "MixtralForCausalLM":
         cfg.update(num_local_experts=d.num_moe_experts, num_experts_per_tok=d.moe_router_topk,
                    output_router_logits=False, router_jitter_noise=0.0)
+    if architecture == QWEN3_MOE:
+        cfg.update(intermediate_size=d.ffn_hidden_size, num_experts=d.num_moe_experts,
+                   moe_intermediate_size=d.expert_ffn_hidden_size,
+                   num_experts_per_tok=d.moe_router_topk, decoder_sparse_step=1,
+                   mlp_only_layers=[i for i in range(d.num_layers) if not d.is_moe_layer(i)],
+                   norm_topk_prob=not d.moe_router_pre_softmax, output_router_logits=False)
+    if architecture == DEEPSEEK:
+        cfg.update(_deepseek_config(d))
     return cfg
+
+
+def _deepseek_config(d: GPTDescription) -> Dict[str, Any]:
+    shared = (d.moe_shared_expert_intermediate_size or 0) // d.expert_ffn_hidden_size
+    grouped = d.moe_router_num_groups is not None
+    return dict(
+        intermediate_size=d.ffn_hidden_size, head_dim=d.qk_pos_emb_head_dim,
+        q_lora_rank=d.q_lora_rank, kv_lora_rank=d.kv_lora_rank,
+        qk_nope_head_dim=d.qk_head_dim, qk_rope_head_dim=d.qk_pos_emb_head_dim,
+        qk_head_dim=d.qk_head_dim + d.qk_pos_emb_head_dim, v_head_dim=d.v_head_dim,
+        rope_interleave=d.rotary_interleaved, n_routed_experts=d.num_moe_experts,
+        moe_intermediate_size=d.expert_ffn_hidden_size, n_shared_experts=shared,
+        num_experts_per_tok=d.moe_router_topk, norm_topk_prob=d.moe_router_topk > 1,
+        n_group=d.moe_router_num_groups if grouped else 1,
+        topk_group=d.moe_router_group_topk if grouped else 1,
+        routed_scaling_factor=float(d.moe_router_topk_scaling_factor or 1.0),
+        first_k_dense_replace=_first_dense_layers(d), num_nextn_predict_layers=0,
+        output_router_logits=False)
 

@@ -76,6 +76,15 @@ class GPTDescription:
         moe_shared_expert_intermediate_size: shared expert width (None: none).
         moe_shared_expert_gate: the shared expert has a sigmoid gate.
         moe_router_enable_expert_bias: the router keeps a learned ``expert_bias`` buffer.
+        moe_router_score_function: ``softmax`` or ``sigmoid`` (DeepSeek-V3).
+        moe_router_pre_softmax: softmax over all experts before the top-k (no
+            renormalization; Qwen3-MoE's ``norm_topk_prob=False``).
+        moe_router_num_groups, moe_router_group_topk: group-limited routing (None: off).
+        moe_router_topk_scaling_factor: routed weights times this (None: 1).
+        multi_latent_attention: DeepSeek's multi-latent attention instead of (G)QA, with
+            ``q_lora_rank`` (None: queries projected directly), ``kv_lora_rank``,
+            ``qk_head_dim`` (per-head part without position), ``qk_pos_emb_head_dim``
+            (rotary part) and ``v_head_dim``.
         params_dtype: dtype name of the weights (``float32``, ``bfloat16``, ``float16``).
         config_dict: the full saved configuration this came from (carried to the target).
     """
@@ -114,6 +123,17 @@ class GPTDescription:
     moe_shared_expert_intermediate_size: Optional[int] = None
     moe_shared_expert_gate: bool = False
     moe_router_enable_expert_bias: bool = False
+    moe_router_score_function: str = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
     params_dtype: str = "float32"
     config_dict: Optional[Dict[str, Any]] = dataclasses.field(default=None, repr=False)
 
@@ -130,6 +150,8 @@ class GPTDescription:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got "
                              f"{self.activation!r}")
+        if isinstance(self.moe_layer_freq, (list, tuple)):
+            self.moe_layer_freq = [int(x) for x in self.moe_layer_freq]
         if self.window_size is not None:
             self.window_size = tuple(int(w) for w in self.window_size)
         if self.vocab_size < 1:
@@ -169,6 +191,10 @@ class GPTDescription:
                   activation_func=ACTIVATIONS[self.activation], qk_layernorm=self.qk_layernorm,
                   rotary_interleaved=self.rotary_interleaved, params_dtype=self.torch_dtype,
                   window_size=self.window_size)
+        if self.multi_latent_attention:
+            kw.update(multi_latent_attention=True, q_lora_rank=self.q_lora_rank,
+                      kv_lora_rank=self.kv_lora_rank, qk_head_dim=self.qk_head_dim,
+                      qk_pos_emb_head_dim=self.qk_pos_emb_head_dim, v_head_dim=self.v_head_dim)
         if self.is_moe:
             kw.update(num_moe_experts=self.num_moe_experts,
                       moe_ffn_hidden_size=self.moe_ffn_hidden_size,
@@ -176,7 +202,12 @@ class GPTDescription:
                       moe_grouped_gemm=self.moe_grouped_gemm,
                       moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
                       moe_shared_expert_gate=self.moe_shared_expert_gate,
-                      moe_router_enable_expert_bias=self.moe_router_enable_expert_bias)
+                      moe_router_enable_expert_bias=self.moe_router_enable_expert_bias,
+                      moe_router_score_function=self.moe_router_score_function,
+                      moe_router_pre_softmax=self.moe_router_pre_softmax,
+                      moe_router_num_groups=self.moe_router_num_groups,
+                      moe_router_group_topk=self.moe_router_group_topk,
+                      moe_router_topk_scaling_factor=self.moe_router_topk_scaling_factor)
         return kw
 
     def gpt_model_kwargs(self) -> Dict[str, Any]:
@@ -239,6 +270,9 @@ class GPTDescription:
                                   "with a 'model' section): it was not saved by pretrain or "
                                   "by this converter, so its shapes cannot be known")
         model, gpt = config_dict["model"], config_dict.get("gpt") or {}
+        if model.get("mtp_num_layers"):
+            raise CheckpointError(f"mtp_num_layers {model['mtp_num_layers']}: the converter "
+                                  "does not carry multi-token-prediction layers yet")
         extra = config_dict.get(CONVERSION_SECTION) or {}
         vocab = true_vocab_size or extra.get("vocab_size")
         if vocab is None:

@@ -103,6 +103,14 @@ _LAYER_RULES: List[Tuple[str, dict]] = [
     ("input_layernorm.weight", _REPL), ("input_layernorm.bias", _REPL),
     ("self_attention.linear_qkv.weight", dict(tp_dim=0, qkv=True)),
     ("self_attention.linear_qkv.bias", dict(tp_dim=0, qkv=True)),
+    # Multi-latent attention: replicated down-projections and latent norm, up-projections
+    # column-parallel over heads (rows head-major).
+    ("self_attention.linear_q_proj.weight", dict(tp_dim=0)),
+    ("self_attention.linear_q_down_proj.weight", _REPL),
+    ("self_attention.linear_q_up_proj.weight", dict(tp_dim=0)),
+    ("self_attention.linear_kv_down_proj.weight", _REPL),
+    ("self_attention.kv_layernorm.weight", _REPL),
+    ("self_attention.linear_kv_up_proj.weight", dict(tp_dim=0)),
     ("self_attention.linear_proj.weight", _ROW), ("self_attention.linear_proj.bias", _REPL),
     ("self_attention.q_layernorm.weight", _REPL), ("self_attention.q_layernorm.bias", _REPL),
     ("self_attention.k_layernorm.weight", _REPL), ("self_attention.k_layernorm.bias", _REPL),
@@ -415,6 +423,16 @@ def _moe_names(p: str, desc: GPTDescription) -> List[str]:
     return names
 
 
+def _mla_names(p: str, desc: GPTDescription) -> List[str]:
+    if desc.q_lora_rank is None:
+        names = [f"{p}.linear_q_proj.weight"]
+    else:
+        names = [f"{p}.linear_q_down_proj.weight", *_norm(f"{p}.q_layernorm", desc),
+                 f"{p}.linear_q_up_proj.weight"]
+    return names + [f"{p}.linear_kv_down_proj.weight", *_norm(f"{p}.kv_layernorm", desc),
+                    f"{p}.linear_kv_up_proj.weight"]
+
+
 def expected_model_names(desc: GPTDescription) -> List[str]:
     """Every canonical model tensor ``desc`` implies, in module order: what a converted
     checkpoint must contain, no more, no less."""
@@ -424,10 +442,13 @@ def expected_model_names(desc: GPTDescription) -> List[str]:
     for layer in range(desc.num_layers):
         p = f"decoder.layers.{layer}"
         names += _norm(f"{p}.input_layernorm", desc)
-        names += _linear(f"{p}.self_attention.linear_qkv",
-                         desc.add_bias_linear or desc.add_qkv_bias)
+        if desc.multi_latent_attention:
+            names += _mla_names(f"{p}.self_attention", desc)
+        else:
+            names += _linear(f"{p}.self_attention.linear_qkv",
+                             desc.add_bias_linear or desc.add_qkv_bias)
         names += _linear(f"{p}.self_attention.linear_proj", desc.add_bias_linear)
-        if desc.qk_layernorm:
+        if desc.qk_layernorm and not desc.multi_latent_attention:
             names += _norm(f"{p}.self_attention.q_layernorm", desc)
             names += _norm(f"{p}.self_attention.k_layernorm", desc)
         names += _norm(f"{p}.pre_mlp_layernorm", desc)

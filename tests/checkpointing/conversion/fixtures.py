@@ -4,7 +4,9 @@ through a hand-rolled pipeline forward that returns full fp32 logits on every la
 
 Kinds: ``gpt`` (LayerNorm, learned positions, biases, tied embeddings, multi-head),
 ``llama`` (RMSNorm, RoPE, SwiGLU, GQA with one key/value group, so tp > 1 replicates k/v
-rows; untied), ``moe`` (Llama-style attention with two groups, 4 routed experts, tied).
+rows; untied), ``moe`` (Llama-style attention with two groups, 4 routed experts, tied),
+``deepseek`` (multi-latent attention, first layer dense, sigmoid routing with expert bias,
+2 expert groups, a scaling factor and a shared expert; untied).
 Vocabulary 61 is padded differently at tp = 1, 2, 4.
 """
 
@@ -36,6 +38,15 @@ def description(kind: str) -> GPTDescription:
     if kind == "llama":
         return GPTDescription(num_query_groups=1, share_embeddings_and_output_weights=False,
                               **llama)
+    if kind == "deepseek":
+        return GPTDescription(
+            share_embeddings_and_output_weights=False, multi_latent_attention=True,
+            q_lora_rank=12, kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=4,
+            v_head_dim=6, rotary_interleaved=True, num_moe_experts=4, moe_ffn_hidden_size=8,
+            moe_router_topk=2, moe_layer_freq=[0, 1, 1, 1], moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True, moe_router_num_groups=2,
+            moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5,
+            moe_shared_expert_intermediate_size=8, **llama)
     return GPTDescription(num_query_groups=2, num_moe_experts=4, moe_router_topk=2, **llama)
 
 

@@ -1,0 +1,324 @@
+"""DeepSeek-V3 and Qwen3-MoE through the converter, against ``transformers`` itself.
+
+For each family a tiny random model (2 layers, hidden 32, 4 routed experts, top-2,
+vocabulary 61, seeded, no hub; HF init std 0.3, norms, biases and DeepSeek's
+``e_score_correction_bias`` perturbed so that every tensor matters) and a tiny word-level
+tokenizer are saved with ``save_pretrained``, then:
+
+* imported (``--loader hf``) at tp 1, at tp 2 x ep 2 (experts split over ep, each expert
+  over expert-tp 2) and at pp 2 x ep 2 (the dense layer on stage 0), on 4 ranks:
+  megacore's fp32 logits equal ``transformers``' within atol 2e-5 / rtol 1e-4 (other op orders: the MoE's token permutation and the
+  renormalized top-k computed as a softmax over the chosen logits);
+* served from the tp 1 checkpoint with ``--load`` alone (MLA widths, routing settings,
+  the dense-layer pattern and the tokenizer all come from the checkpoint) through the
+  HTTP server (``PUT /api`` and ``POST /v1/chat/completions``, greedy): tokens and text
+  equal ``transformers``' ``generate``;
+* exported back (``--saver hf``) from the tp 2 x ep 2 checkpoint: safetensors bitwise
+  equal to the source and ``from_pretrained`` gives exactly the source's logits.
+
+Also: DeepSeek without a query latent, with RoPE over halves and one expert group; a
+stepped DeepSeek-style megacore checkpoint changing layout with its optimizer state;
+``pretrain_gpt.py --load`` of a converted DeepSeek-V3 at ep 2 (first loss =
+``transformers``'); configs and weights that cannot be reproduced refused by name.
+
+DeepSeek-V3: q and kv latents (``q_lora_rank`` 16, ``kv_lora_rank`` 16), interleaved
+RoPE, the first layer dense (``first_k_dense_replace`` 1), 2 groups with 1 kept
+(``n_group`` 2, ``topk_group`` 1), ``routed_scaling_factor`` 2.5, one shared expert.
+Qwen3-MoE: per-head q/k norms, head dim 16, layer 0 dense (``mlp_only_layers``), once
+with ``norm_topk_prob`` (megacore's default top-k softmax) and once without
+(``moe_router_pre_softmax``).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megacore.checkpointing.conversion import (
+    ConversionError,
+    GPTDescription,
+    convert_checkpoint,
+    description_from_hf_config,
+    hf_config_from_description,
+)
+from tests.checkpointing.conversion import fixtures as fx
+from tests.checkpointing.conversion.test_hf_families import (
+    TOL,
+    _desc_dict,
+    _hf_chat,
+    _hf_greedy,
+    _hf_logits,
+    _safetensors,
+    _serve_greedy,
+    _tokenizer,
+)
+from tests.multirank import run_distributed
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+COMMON = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+              moe_intermediate_size=16, num_experts_per_tok=2, vocab_size=fx.VOCAB,
+              max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.3,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def _hf_model(kind):
+    torch.manual_seed(0)
+    if kind == "deepseek_v3":
+        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+            num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, n_group=2,
+            topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=16,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+            rope_interleave=True, **COMMON))
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            num_key_value_heads=2, head_dim=16, num_experts=4, mlp_only_layers=[0],
+            norm_topk_prob=kind == "qwen3_moe", **COMMON))
+    with torch.no_grad():  # HF's init leaves norms at 1 and the expert bias at 0
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn_like(buffer))
+    return model.eval()
+
+
+def _layout_logits(ckpts, desc_dict):
+    """Rank body (world 4): logits of each ``(tp, pp, ep) -> checkpoint`` layout (None
+    off the last pipeline stage)."""
+    from megacore.checkpointing import load_checkpoint
+
+    desc, out = GPTDescription(**desc_dict), []
+    for (tp, pp, ep), load_dir in ckpts:
+        model = fx.build_model(desc, tp, pp, ep, seed=5)
+        load_checkpoint([model], None, None, load_dir=load_dir, no_load_rng=True,
+                        no_load_optim=True)
+        out.append(fx.pipeline_logits(model, fx.tokens()))
+    return out
+
+
+KINDS = ["deepseek_v3", "qwen3_moe", "qwen3_moe_unnormalized"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_moe_family_imports_serves_and_exports_like_transformers(tmp_path, kind):
+    hf_dir = str(tmp_path / "hf")
+    model = _hf_model(kind)
+    model.save_pretrained(hf_dir)
+    _tokenizer().save_pretrained(hf_dir)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
+    reference = _hf_logits(model, fx.tokens())
+
+    desc = _desc_dict(hf_dir)
+    assert desc["moe_layer_freq"] == [0, 1]  # the dense first layer
+    if kind == "deepseek_v3":
+        assert desc["moe_router_num_groups"] == 2 and desc["moe_router_group_topk"] == 1
+        assert desc["moe_shared_expert_intermediate_size"] == 16
+    else:
+        assert desc["moe_router_pre_softmax"] == (kind != "qwen3_moe")
+
+    ckpts = [((1, 1, 1), str(tmp_path / "tp1")), ((2, 1, 2), str(tmp_path / "tp2ep2")),
+             ((1, 2, 2), str(tmp_path / "pp2ep2"))]
+    for ((tp, pp, ep), directory), fmt in zip(ckpts, ("torch", "torch_dist", "torch")):
+        convert_checkpoint(load_dir=hf_dir, save_dir=directory, saver="megacore",
+                           ckpt_format=fmt, target_tensor_parallel_size=tp,
+                           target_pipeline_parallel_size=pp, target_expert_parallel_size=ep,
+                           progress=False)
+    per_rank = run_distributed(_layout_logits, 4, args=(ckpts, desc), timeout=240)
+    for index, ((_, pp, _), _) in enumerate(ckpts):
+        logits = [r[index] for r in per_rank if r[index] is not None]
+        assert len(logits) == 4 // pp  # every rank of the last stage
+        for each in logits:
+            torch.testing.assert_close(each, reference, **TOL)
+
+    tokens, text, reply, _ = run_distributed(_serve_greedy, 1, args=(ckpts[0][1],))[0]
+    want_tokens, want_text = _hf_greedy(model, tokenizer)
+    assert tokens == want_tokens
+    assert text == want_text
+    assert reply == _hf_chat(model, tokenizer) and reply
+
+    back = tmp_path / "hf_back"
+    convert_checkpoint(load_dir=ckpts[1][1], save_dir=str(back), saver="hf",
+                       max_shard_size=16384, progress=False)
+    assert json.load(open(back / "config.json"))["architectures"] == \
+        json.load(open(os.path.join(hf_dir, "config.json")))["architectures"]
+    original = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
+    exported = _safetensors(back)
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    reloaded = type(model).from_pretrained(back).eval()
+    torch.testing.assert_close(_hf_logits(reloaded, fx.tokens()), reference, rtol=0, atol=0)
+
+
+def _deepseek_config(**overrides):
+    cfg = {"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 32,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48,
+           "moe_intermediate_size": 16, "vocab_size": 61, "n_routed_experts": 8,
+           "num_experts_per_tok": 2, "n_group": 4, "topk_group": 1, "kv_lora_rank": 16,
+           "q_lora_rank": None, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+    cfg.update(overrides)
+    return cfg
+
+
+def test_configs_the_converter_cannot_reproduce_are_refused_by_name(tmp_path):
+    desc = description_from_hf_config(_deepseek_config(first_k_dense_replace=5))
+    assert desc.q_lora_rank is None and desc.moe_layer_freq == [0, 0]
+    with pytest.raises(ConversionError, match=r"best 2 experts, megacore by its best "
+                                              r"topk // group_topk = 4 // 1"):
+        description_from_hf_config(_deepseek_config(num_experts_per_tok=4))
+    # Every group kept: no group limit, whatever topk is.
+    assert description_from_hf_config(_deepseek_config(
+        num_experts_per_tok=3, topk_group=4)).moe_router_num_groups is None
+    with pytest.raises(ConversionError, match="norm_topk_prob False with "
+                                              "num_experts_per_tok 2"):
+        description_from_hf_config(_deepseek_config(norm_topk_prob=False))
+    with pytest.raises(ConversionError, match="config.json scoring_func 'softmax'"):
+        description_from_hf_config(_deepseek_config(scoring_func="softmax"))
+    with pytest.raises(ConversionError, match="num_key_value_heads 2"):
+        description_from_hf_config(_deepseek_config(num_key_value_heads=2))
+    with pytest.raises(ConversionError, match="lacks 'kv_lora_rank'"):
+        description_from_hf_config(_deepseek_config(kv_lora_rank=None))
+
+    # Export: what each architecture's router and layers cannot hold.
+    desc = description_from_hf_config(_deepseek_config())
+    with pytest.raises(ConversionError, match="Qwen3MoeForCausalLM cannot represent this "
+                                              "model: has no multi-latent attention"):
+        hf_config_from_description(desc, "Qwen3MoeForCausalLM")
+    desc.moe_layer_freq = [1, 0]
+    with pytest.raises(ConversionError, match=r"dense layers must be the first ones "
+                                              r"\(first_k_dense_replace\)"):
+        hf_config_from_description(desc, "DeepseekV3ForCausalLM")
+    qwen = description_from_hf_config(dict(_deepseek_config(), architectures=[
+        "Qwen3MoeForCausalLM"], num_experts=4, num_key_value_heads=2))
+    assert qwen.qk_layernorm and not qwen.multi_latent_attention
+    qwen.moe_router_score_function = "sigmoid"
+    with pytest.raises(ConversionError, match="routes by a plain top-k softmax"):
+        hf_config_from_description(qwen, "Qwen3MoeForCausalLM")
+
+
+def test_deepseek_multi_token_prediction_weights_are_refused(tmp_path):
+    """A released DeepSeek-V3 keeps its MTP module as layer ``num_hidden_layers``."""
+    hf_dir = str(tmp_path / "hf")
+    _hf_model("deepseek_v3").save_pretrained(hf_dir)
+    weights = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
+    weights["model.layers.2.eh_proj.weight"] = torch.zeros(32, 64)
+    safetensors_torch.save_file(weights, os.path.join(hf_dir, "model.safetensors"),
+                                metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"weights of layers \[2\] beyond "
+                                              r"num_hidden_layers 2: multi-token-prediction "
+                                              r"layers \(num_nextn_predict_layers\)"):
+        convert_checkpoint(load_dir=hf_dir, save_dir=str(tmp_path / "mc"), saver="megacore",
+                           progress=False)
+
+
+def test_deepseek_without_query_latent_nor_interleave_nor_groups(tmp_path):
+    """``q_lora_rank`` None (``q_proj``, as DeepSeek-V2-Lite), RoPE over halves
+    (``rope_interleave`` false) and one expert group: tp 2 x ep 2 logits equal
+    transformers', and the export is bitwise."""
+    torch.manual_seed(1)
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        num_key_value_heads=4, n_routed_experts=4, n_shared_experts=2, n_group=1,
+        topk_group=1, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, rope_interleave=False,
+        **COMMON)).eval()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn_like(buffer))
+    hf_dir, mc_dir, back = (str(tmp_path / n) for n in ("hf", "mc", "back"))
+    model.save_pretrained(hf_dir)
+    desc = _desc_dict(hf_dir)
+    assert desc["q_lora_rank"] is None and not desc["rotary_interleaved"]
+    assert desc["moe_router_num_groups"] is None and desc["moe_layer_freq"] == [1, 1]
+    convert_checkpoint(load_dir=hf_dir, save_dir=mc_dir, saver="megacore",
+                       target_tensor_parallel_size=2, target_expert_parallel_size=2,
+                       progress=False)
+    per_rank = run_distributed(_layout_logits, 4, args=([((2, 1, 2), mc_dir)], desc))
+    reference = _hf_logits(model, fx.tokens())
+    for logits in per_rank:
+        torch.testing.assert_close(logits[0], reference, **TOL)
+    convert_checkpoint(load_dir=mc_dir, save_dir=back, saver="hf", progress=False)
+    original = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
+    exported = _safetensors(back)
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
+def _all_tensors(save_dir):
+    """Every tensor (model and optimizer state) of a legacy checkpoint's rank files."""
+    from tests.checkpointing.conversion.test_layout_conversion import _tensors
+
+    return _tensors(save_dir)
+
+
+def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tmp_path):
+    """A stepped DeepSeek-style model saved at tp 2 x ep 2 goes to pp 2 x ep 2 and tp 4
+    and back bitwise (model and optimizer state: MLA's replicated and column-parallel
+    projections, the expert bias, shared experts); the pp 2 x ep 2 copy gives the
+    source's logits."""
+    src = tmp_path / "src"
+    run_distributed(fx.save_stepped, 4, args=(str(src), "deepseek", 2, 1, 2, ("torch",)))
+    original = _all_tensors(src / "torch")
+    assert any(k.endswith("self_attention.linear_kv_down_proj.weight") for k in original)
+    assert any(k.endswith("mlp.router.expert_bias") for k in original)
+    dirs = {}
+    for (tp, pp, ep), fmt in {(1, 2, 2): "torch", (4, 1, 1): "torch_dist"}.items():
+        dirs[(tp, pp, ep)] = str(tmp_path / f"{tp}_{pp}_{ep}")
+        convert_checkpoint(load_dir=str(src / "torch"), save_dir=dirs[(tp, pp, ep)],
+                           ckpt_format=fmt, target_tensor_parallel_size=tp,
+                           target_pipeline_parallel_size=pp, target_expert_parallel_size=ep,
+                           progress=False)
+        back = tmp_path / f"back_{tp}_{pp}_{ep}"
+        convert_checkpoint(load_dir=dirs[(tp, pp, ep)], save_dir=str(back), ckpt_format="torch",
+                           target_tensor_parallel_size=2, target_pipeline_parallel_size=1,
+                           target_expert_parallel_size=2, progress=False)
+        restored = _all_tensors(back)
+        assert sorted(restored) == sorted(original)
+        assert all(torch.equal(original[k], restored[k]) for k in original)
+    layouts = {(2, 1, 2): str(src / "torch"), (1, 2, 2): dirs[(1, 2, 2)]}
+    per_rank = run_distributed(fx.load_and_logits, 4, args=(layouts, "deepseek", list(layouts)))
+    found = [[r[i] for r in per_rank if r[i] is not None] for i in range(2)]
+    assert found[0] and found[1]
+    for logits in found[1]:
+        torch.testing.assert_close(logits, found[0][0], rtol=1e-5, atol=1e-6)
+
+
+def test_pretrain_resumes_a_converted_deepseek_at_ep2_with_transformers_loss(tmp_path):
+    """``pretrain_gpt.py --load`` of a converted DeepSeek-V3 at ep 2 takes MLA widths,
+    routing settings (sigmoid, expert bias, groups, scaling, shared expert), interleaved
+    RoPE and the dense first layer from the checkpoint; its first training loss is
+    ``transformers``' cross entropy on the same batch."""
+    import shlex
+
+    from megacore.training.arguments import parse_args
+    from megacore.training.training import _num_samples, saved_run_config
+    from tests.training.test_pretrain_gpt import _example, _run_pretrain
+
+    hf_dir, mc_dir, log = str(tmp_path / "hf"), str(tmp_path / "mc"), tmp_path / "log.jsonl"
+    model = _hf_model("deepseek_v3")
+    model.save_pretrained(hf_dir)
+    _tokenizer().save_pretrained(hf_dir)
+    convert_checkpoint(load_dir=hf_dir, save_dir=mc_dir, saver="megacore", progress=False)
+    argv = shlex.split(f"--load {mc_dir} --no-load-optim --no-load-rng --mock-data "
+                       "--seq-length 16 --micro-batch-size 2 --global-batch-size 4 "
+                       "--train-iters 1 --lr 1e-3 --eval-iters 0 --hidden-dropout 0 "
+                       "--attention-dropout 0 --log-interval 1")
+    run_distributed(_run_pretrain, 2, args=(argv + ["--expert-model-parallel-size", "2",
+                                                    "--log-jsonl", str(log)],), timeout=240)
+    loss = [r for r in map(json.loads, open(log)) if "lm_loss" in r][0]["lm_loss"]
+
+    run = parse_args(argv, world_size=1, checkpoint_config=saved_run_config(mc_dir))
+    assert run.model.multi_latent_attention and run.model.rotary_interleaved
+    assert run.model.moe_router_enable_expert_bias and run.model.moe_layer_freq == [0, 1]
+    train_ds = _example().train_valid_test_datasets_provider(run, _num_samples(run, 0))[0]
+    batch = [train_ds[i] for i in range(4)]
+    tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
+    labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
+    mask = torch.stack([torch.as_tensor(b["loss_mask"]) for b in batch]).float()
+    per_token = torch.nn.functional.cross_entropy(
+        _hf_logits(model, tokens).transpose(1, 2), labels, reduction="none")
+    want = (per_token * mask).sum() / mask.sum()
+    torch.testing.assert_close(torch.tensor(loss), want, rtol=1e-5, atol=1e-6)
