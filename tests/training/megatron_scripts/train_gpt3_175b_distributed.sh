@@ -34,7 +34,7 @@ GPT_MODEL_ARGS=(
     --num-attention-heads 4 
     --seq-length 32 
     --max-position-embeddings 32 
-    # --attention-backend auto # left out: owned by issue 19 (--attention-backend)
+    --attention-backend auto
 )
 
 TRAINING_ARGS=(

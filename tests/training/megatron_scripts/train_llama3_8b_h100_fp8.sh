@@ -70,7 +70,7 @@ MODEL_ARGS=(
     --swiglu
     --normalization RMSNorm
     --init-method-std 0.0134
-    # --attention-backend fused  # left out: owned by issue 19 (--attention-backend)
+    --attention-backend fused
     --apply-layernorm-1p 
     --untie-embeddings-and-output-weights
     --disable-bias-linear 
