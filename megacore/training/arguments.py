@@ -125,7 +125,9 @@ FLAGS: List[Flag] = [
     _f("--mtp-num-layers", "model"), _f("--mtp-loss-scaling-factor", "model"),
     _f("--kv-lora-rank", "model"), _f("--qk-head-dim", "model"),
     _f("--qk-pos-emb-head-dim", "model"), _f("--v-head-dim", "model"),
-    _f("--openai-gelu", "model", "openai_gelu", derived=True, type=bool),
+    _f("--openai-gelu", "model", "openai_gelu", derived=True, type=bool,
+       help="GPT-2's tanh approximation of GeLU as the MLP activation (Megatron's flag; "
+            "Hugging Face's gelu_new)"),
     _f("--window-size", "model", "window_size", derived=True, type=str, nargs="+"),
     _f("--hidden-dropout", "model"), _f("--attention-dropout", "model"),
     _f("--attention-backend", "model", "attention_backend", derived=True, type=str,
@@ -433,7 +435,9 @@ def build_parser(extra_args_provider=None, *, only: Optional[Sequence[str]] = No
         if only is not None and flag.flag not in only:
             continue
         kind, default = _field_info(flag)
-        help_text = _plain(flag.help or docs[flag.section].get(flag.field, ""))
+        help_text = _plain(flag.help or docs[flag.section].get(flag.field, "")
+                           or (f"Megatron-LM's flag, mapped: {flag.setting}" if flag.setting
+                               else ""))
         if flag.invert:  # the docstring describes the field this switch turns off
             help_text = f"Turns off: {help_text}"
         if default is not None and not isinstance(default, bool):

@@ -31,7 +31,8 @@ __all__ = ["SERVING_FLAGS", "add_server_args", "build_serving_parser", "parse_se
 
 SERVING_FLAGS = (
     "--load", "--tensor-model-parallel-size", "--pipeline-model-parallel-size",
-    "--num-virtual-stages-per-pipeline-rank", "--expert-model-parallel-size",
+    "--num-virtual-stages-per-pipeline-rank", "--num-layers-per-virtual-pipeline-stage",
+    "--expert-model-parallel-size",
     "--expert-tensor-parallel-size", "--distributed-backend", "--distributed-timeout-minutes",
     "--seed", "--seq-length", "--bf16", "--fp16",
 ) + arguments.CHECKPOINT_MODEL_FLAGS
@@ -74,26 +75,29 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_serving_parser(extra_args_provider=add_server_args,
-                         description: str = "Serve a megacore GPT checkpoint over HTTP."
-                         ) -> argparse.ArgumentParser:
-    """The serving parser: :data:`SERVING_FLAGS` plus ``extra_args_provider``'s flags."""
-    return arguments.build_parser(extra_args_provider, only=SERVING_FLAGS,
-                                  description=description)
+                         description: str = "Serve a megacore GPT checkpoint over HTTP.",
+                         only: Sequence[str] = SERVING_FLAGS) -> argparse.ArgumentParser:
+    """The serving parser: the run-configuration flags ``only`` (default
+    :data:`SERVING_FLAGS`) plus ``extra_args_provider``'s flags."""
+    return arguments.build_parser(extra_args_provider, only=only, description=description)
 
 
 def parse_serving_args(argv: Optional[Sequence[str]] = None, *,
                        extra_args_provider=add_server_args,
                        description: str = "Serve a megacore GPT checkpoint over HTTP.",
+                       only: Sequence[str] = SERVING_FLAGS,
                        ) -> Tuple[arguments.RunConfig, argparse.Namespace]:
     """``(run, program_args)``: the checkpoint's model and tokenizer settings, checked
     against any model flag given on the command line (a mismatch is an error), and the
-    flags ``extra_args_provider`` added (the server's by default).
+    flags ``extra_args_provider`` added (the server's by default). ``only``: the
+    run-configuration flags the program accepts (another program reading a checkpoint,
+    such as ``tools/evaluate.py``, adds its data flags).
 
     Raises:
         SystemExit: ``--help``, an unknown flag, or no ``--load`` (argparse's message).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_serving_parser(extra_args_provider, description)
+    parser = build_serving_parser(extra_args_provider, description, only)
     namespace = parser.parse_args(argv)  # rejects training-only flags, answers --help
     if not namespace.load:
         parser.error("--load is required: the checkpoint directory to generate from")

@@ -22,13 +22,13 @@ examples (Megatron's command line):
     python tools/checkpoint/convert.py --model-type GPT --saver mcore --load-dir ckpt \\
         --save-dir megatron_ckpt --ckpt-format torch --saver-transformer-impl transformer_engine
 
-Loaders: ``megacore`` (legacy ``torch`` or ``torch_dist``, detected), ``hf``
-(architecture from config.json), ``megatron`` (Megatron-LM, either layout; aliases
-``legacy``, ``core``, ``mcore``); ``--loader`` may be omitted (detected). Savers:
-``megacore`` (``--ckpt-format torch|torch_dist``, optimizer state carried), ``hf``,
-``megatron`` (same aliases and formats; model weights and ``args``: Megatron's optimizer
-and RNG states are not converted, load with ``--no-load-optim --no-load-rng``).
-Converted megacore checkpoints carry no RNG state: resume with ``--no-load-rng``.
+Loaders: megacore (legacy torch or torch_dist, detected), hf
+(architecture from config.json), megatron (Megatron-LM, either layout; aliases
+legacy, core, mcore); --loader may be omitted (detected). Savers:
+megacore (--ckpt-format torch|torch_dist, optimizer state carried), hf,
+megatron (same aliases and formats; model weights and args: Megatron's optimizer
+and RNG states are not converted, load with --no-load-optim --no-load-rng).
+Converted megacore checkpoints carry no RNG state: resume with --no-load-rng.
 Exit status: 0 done, 2 the conversion stopped (unknown/missing tensors, listed).
 """
 
