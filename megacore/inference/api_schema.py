@@ -92,18 +92,6 @@ class CompletionUsage(BaseModel):
     total_tokens: int
 
 
-class CompletionResponse(BaseModel):
-    """``POST /v1/completions`` without streaming."""
-
-    model_config = _EXACT
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: List[CompletionChoice]
-    usage: CompletionUsage
-
-
 class CompletionStreamChunk(BaseModel):
     """One server-sent event of a streamed completion (no ``usage``)."""
 
@@ -113,6 +101,12 @@ class CompletionStreamChunk(BaseModel):
     created: int
     model: str
     choices: List[CompletionChoice]
+
+
+class CompletionResponse(CompletionStreamChunk):
+    """``POST /v1/completions`` without streaming: a chunk's fields and ``usage``."""
+
+    usage: CompletionUsage
 
 
 class HealthResponse(BaseModel):
