@@ -112,9 +112,21 @@ def capture(path: str) -> Dict[str, Any]:
     return {"<no --help>": {"error": "the program finished without parsing --help"}}
 
 
+def _relative_to(root: str, value: Any) -> Any:
+    """Defaults that are paths inside the checkout, written as ``<repo>/...`` (the
+    snapshot must not depend on where the repository was cloned)."""
+    if isinstance(value, dict):
+        return {k: _relative_to(root, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative_to(root, v) for v in value]
+    if isinstance(value, str) and value.startswith(root):
+        return "<repo>" + value[len(root):]
+    return value
+
+
 def main(argv) -> int:
-    root, paths = argv[0], argv[1:]
-    out = {p: capture(os.path.join(root, p)) for p in paths}
+    root, paths = os.path.abspath(argv[0]), argv[1:]
+    out = {p: _relative_to(root, capture(os.path.join(root, p))) for p in paths}
     print(json.dumps(out, sort_keys=True))
     return 0
 
