@@ -383,17 +383,23 @@ def _fused_ring_backward(ring: Optional[_Ring], q4, kv, out4, lse, dout4, kernel
             dout4[..., rows, :], q4[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :],
             out4[..., rows, :], lse[..., rows].contiguous(), block.causal)
         dq[..., rows, :] += block_dq
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device) \
-            if dkv_transfer is None else dkv_transfer.wait()
-        dkv[0][..., cols, :] += dk
-        dkv[1][..., cols, :] += dv
-        if ring is not None:
-            dkv_transfer = ring.shift(dkv, _DKV_TAG)
+        dkv, dkv_transfer = _pass_dkv(kv, dkv_transfer, ring, cols, dk, dv)
         if kv_transfer is not None:
             kv = kv_transfer.wait()
     if dkv_transfer is not None:
         dkv = dkv_transfer.wait()
     return dq, dkv
+
+
+def _pass_dkv(kv, dkv_transfer, ring, cols, dk, dv):
+    """Add this rank's share ``dk``/``dv`` to the visiting key/value block's gradient
+    (accumulated by the ranks it already passed through) and send it on along the ring:
+    after cp hops in total it is back with its owner. Returns ``(dkv, transfer)``."""
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device) \
+        if dkv_transfer is None else dkv_transfer.wait()
+    dkv[0][..., cols, :] += dk
+    dkv[1][..., cols, :] += dv
+    return dkv, (ring.shift(dkv, _DKV_TAG) if ring is not None else None)
 
 
 class FusedRingAttentionFunction(torch.autograd.Function):
@@ -478,14 +484,7 @@ def _ring_backward(ring: Optional[_Ring], q5, kv, out5, lse, dout5, scale, causa
             dout5[..., rows, :], delta[..., rows], lse[..., rows], scale, block.causal,
             keep, p)
         dq[..., rows, :] += block_dq
-        # The visiting block's dK/dV, accumulated by the ranks it already passed through.
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device) \
-            if dkv_transfer is None else dkv_transfer.wait()
-        dkv[0][..., cols, :] += dk
-        dkv[1][..., cols, :] += dv
-        if ring is not None:
-            # After cp hops in total the block's gradient is back with its owner.
-            dkv_transfer = ring.shift(dkv, _DKV_TAG)
+        dkv, dkv_transfer = _pass_dkv(kv, dkv_transfer, ring, cols, dk, dv)
         if kv_transfer is not None:
             kv = kv_transfer.wait()
     if dkv_transfer is not None:
