@@ -219,7 +219,7 @@ def validate_pipeline_schedule(schedule: Optional[str], pipeline_model_parallel_
     if schedule not in PIPELINE_SCHEDULES:
         raise ValueError(f"--pipeline-schedule must be one of {', '.join(PIPELINE_SCHEDULES)}; "
                          f"got {schedule!r}")
-    pp = pipeline_model_parallel_size
+    del pipeline_model_parallel_size  # a one-stage plan is valid (the degenerate case)
     if schedule in ("1f1b", "zb-h1") and chunks > 1:
         raise ValueError(f"--pipeline-schedule {schedule} runs one model chunk per rank; drop "
                          f"--num-virtual-stages-per-pipeline-rank={chunks}"
