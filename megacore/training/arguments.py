@@ -18,7 +18,6 @@ import functools
 import inspect
 import json
 import math
-import os
 import re
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from megacore.deprecation import DeprecatedFlag, rename_deprecated_flags, warn_d
 from megacore.distributed import DistributedDataParallelConfig
 from megacore.optimizer import OptimizerConfig
 from megacore.parallel_state import ParallelLayout
+from megacore.training.launch_env import is_launch_rank_zero, record_for_launcher
 from megacore.training.training_config import (
     CheckpointArgs,
     CompatArgs,
@@ -415,9 +415,10 @@ class _ArgumentParser(argparse.ArgumentParser):
     the user should read one ``error:`` line, not one per rank."""
 
     def error(self, message: str):
-        if os.environ.get("RANK", "0") == "0":
-            super().error(message)  # prints usage and "prog: error: message", exits 2
-        self.exit(2)
+        record_for_launcher(f"error: {message}")
+        if is_launch_rank_zero():
+            self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n" if is_launch_rank_zero() else None)
 
 
 def build_parser(extra_args_provider=None, *, only: Optional[Sequence[str]] = None,
