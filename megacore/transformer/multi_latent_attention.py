@@ -19,9 +19,22 @@ Generation caches the compressed latent ``c_kv`` and the rotated ``k_pe`` per po
 (``kv_lora_rank + qk_pos_emb_head_dim`` values per token instead of
 ``2 * heads * head_dim``), re-expanding keys and values at each step.
 
-Context parallelism is not supported yet (the ring would pass either the expanded keys
-and values, simple, or the latent, ``heads * (qk + v) / (kv_lora + rope)`` times less
-traffic but an up-projection per ring step); a config with both is refused.
+Context parallelism (``context_parallel_size > 1``): each rank holds its load-balanced
+share ``[s/cp, b, h]`` of the sequence (chunks ``r`` and ``2cp-1-r``), computes its tokens'
+queries, latents and expanded keys/values locally, and the ring of
+:mod:`megacore.transformer.context_parallel.ring_attention` passes the *expanded* per-head
+keys ``[s/cp, b, nq, qk + r]`` and values ``[s/cp, b, nq, vd]``, as Megatron-Core does.
+Passing the latent ``[s/cp, b, L + r]`` instead would move ``nq * (qk + r + vd) / (L + r)``
+times less data (DeepSeek-V3 at tp 1: 128 * 320 / 576, ~71x), but every rank would then
+run the up-projection of every visiting block, forward and again in backward, with the
+up-projection's weight gradient accumulated on the rank that computed it rather than the
+block's owner: more flops than the attention block itself at DeepSeek widths, and a ring
+that knows about MLA. The expanded ring reuses the attention ring unchanged; since
+values are narrower than keys (``vd`` vs ``qk + r``), it zero-pads values to the key
+width inside the ring and slices the output back (exact; see the ring's docstring).
+The decoupled rotary part uses each token's global position: ``GPTModel`` gives this
+rank's angles for its zigzag positions (or the angles of the ``position_ids`` passed).
+Padding masks and the generation cache are refused under cp by the ring's core attention.
 
 Shapes: ``s`` sequence, ``b`` batch, ``h`` hidden, ``nq = heads / tp`` local heads,
 ``qk`` = ``qk_head_dim``, ``r`` = ``qk_pos_emb_head_dim``, ``vd`` = ``v_head_dim``,
@@ -94,8 +107,9 @@ class ReplicatedLinear(MegatronModule):
 class MLASelfAttention(MegatronModule):
     """Multi-latent self-attention (see the module docstring).
 
-    forward(hidden_states ``[s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism),
-    attention_mask, rotary_pos_emb ``[s, b or 1, 1, r]``) returns ``(output, bias)`` like
+    forward(hidden_states ``[s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism;
+    ``s`` is this rank's ``s/cp`` under context parallelism), attention_mask,
+    rotary_pos_emb ``[s, b or 1, 1, r]``) returns ``(output, bias)`` like
     :class:`~megacore.transformer.attention.SelfAttention`.
     """
 
@@ -103,9 +117,6 @@ class MLASelfAttention(MegatronModule):
                  layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal,
                  pg_collection: Optional[ProcessGroupCollection] = None):
         super().__init__(config, pg_collection)
-        if config.context_parallel_size > 1:
-            raise ValueError("multi_latent_attention does not support context parallelism "
-                             "yet (--multi-latent-attention with --context-parallel-size > 1)")
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.nq = config.num_attention_heads // self.tp_size

@@ -112,7 +112,7 @@ def test_latent_kv_cache_generates_like_recompute():
         destroy_single_process()
 
 
-def test_mla_refuses_context_parallelism_and_query_groups():
+def test_mla_refuses_query_groups_and_odd_rotary_width():
     with pytest.raises(ValueError, match="no key/value groups"):
         mla_config(num_query_groups=2)
     with pytest.raises(ValueError, match="qk_pos_emb_head_dim must be even"):
