@@ -36,6 +36,11 @@ The decoupled rotary part uses each token's global position: ``GPTModel`` gives 
 rank's angles for its zigzag positions (or the angles of the ``position_ids`` passed).
 Padding masks and the generation cache are refused under cp by the ring's core attention.
 
+YaRN (``config.rope_type == "yarn"``, DeepSeek-V3): ``GPTModel`` gives the YaRN angles
+(:mod:`megacore.transformer.yarn_rotary_pos_embedding`); here the rotated query and key
+parts are multiplied by the cos/sin factor and the softmax scale by
+``m(factor, mscale_all_dim)^2``, as ``transformers``' DeepSeek-V3 does.
+
 Shapes: ``s`` sequence, ``b`` batch, ``h`` hidden, ``nq = heads / tp`` local heads,
 ``qk`` = ``qk_head_dim``, ``r`` = ``qk_pos_emb_head_dim``, ``vd`` = ``v_head_dim``,
 ``L`` = ``kv_lora_rank``.
@@ -61,6 +66,10 @@ from megacore.transformer.module import MegatronModule
 from megacore.transformer.rotary_pos_embedding import apply_rotary_pos_emb
 from megacore.transformer.spec_utils import ModuleSpec, build_module
 from megacore.transformer.transformer_config import TransformerConfig
+from megacore.transformer.yarn_rotary_pos_embedding import (
+    yarn_concentration_factor,
+    yarn_softmax_scale_factor,
+)
 
 __all__ = ["MLASelfAttention", "MLASelfAttentionSubmodules", "ReplicatedLinear"]
 
@@ -122,6 +131,9 @@ class MLASelfAttention(MegatronModule):
         self.nq = config.num_attention_heads // self.tp_size
         self.qk, self.rope, self.vd = (config.qk_head_dim, config.qk_pos_emb_head_dim,
                                        config.v_head_dim)
+        # YaRN's factor on cos/sin, i.e. on the rotated query and key parts (1: none).
+        self.rope_mscale = 1.0 if config.rope_type != "yarn" else yarn_concentration_factor(
+            config.rotary_scaling_factor, config.mscale, config.mscale_all_dim)
         # The up-projections read the latent, already whole on every rank: they must not
         # all-gather it again under sequence parallelism.
         self._latent_config = dataclasses.replace(config, sequence_parallel=False)
@@ -139,9 +151,15 @@ class MLASelfAttention(MegatronModule):
 
     @staticmethod
     def softmax_scale(config: TransformerConfig) -> float:
+        """``config.softmax_scale``, else ``1/sqrt(qk + r)`` (times YaRN's
+        ``m(factor, mscale_all_dim)^2`` under ``rope_type="yarn"``)."""
         if config.softmax_scale is not None:
             return config.softmax_scale
-        return 1.0 / math.sqrt(config.qk_head_dim + config.qk_pos_emb_head_dim)
+        scale = 1.0 / math.sqrt(config.qk_head_dim + config.qk_pos_emb_head_dim)
+        if config.rope_type == "yarn":
+            scale *= yarn_softmax_scale_factor(config.rotary_scaling_factor,
+                                               config.mscale_all_dim)
+        return scale
 
     # -- construction -------------------------------------------------------------------
     def _column(self, spec, input_size: int, output_size: int):
@@ -205,8 +223,12 @@ class MLASelfAttention(MegatronModule):
         s, b = q.shape[:2]
         q_nope, q_pe = q.view(s, b, self.nq, self.qk + self.rope).split([self.qk, self.rope], -1)
         if rotary_pos_emb is not None:
-            q_pe = apply_rotary_pos_emb(q_pe, rotary_pos_emb, self.config.rotary_interleaved)
+            q_pe = self._rotate(q_pe, rotary_pos_emb)
         return torch.cat([q_nope, q_pe], dim=-1)
+
+    def _rotate(self, x, rotary_pos_emb):
+        x = apply_rotary_pos_emb(x, rotary_pos_emb, self.config.rotary_interleaved)
+        return x if self.rope_mscale == 1.0 else x * self.rope_mscale
 
     def _latent(self, hidden_states, rotary_pos_emb):
         # [s, b, h] -> [s, b, L + r] -> c_kv [s, b, 1, L], k_pe [s, b, 1, r]
@@ -217,7 +239,7 @@ class MLASelfAttention(MegatronModule):
         # through the column-parallel up-projection).
         k_pe = copy_to_tensor_model_parallel_region(k_pe, self.tp_group)
         if rotary_pos_emb is not None:
-            k_pe = apply_rotary_pos_emb(k_pe, rotary_pos_emb, self.config.rotary_interleaved)
+            k_pe = self._rotate(k_pe, rotary_pos_emb)
         return self.kv_layernorm(c_kv), k_pe
 
     def _expand(self, latent, k_pe):
