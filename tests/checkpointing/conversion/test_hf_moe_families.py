@@ -146,6 +146,11 @@ def test_moe_family_imports_serves_and_exports_like_transformers(tmp_path, kind)
                        max_shard_size=16384, progress=False)
     assert json.load(open(back / "config.json"))["architectures"] == \
         json.load(open(os.path.join(hf_dir, "config.json")))["architectures"]
+    _assert_exported_bitwise(model, hf_dir, back, reference)
+
+
+def _assert_exported_bitwise(model, hf_dir, back, reference):
+    """The export's safetensors equal the source's, and reload to the same logits."""
     original = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
     exported = _safetensors(back)
     assert sorted(original) == sorted(exported)
@@ -282,12 +287,7 @@ def test_deepseek_with_yarn_rope_scaling_imports_and_exports_like_transformers(t
     convert_checkpoint(load_dir=ckpts[1][1], save_dir=back, saver="hf", progress=False)
     params = json.load(open(os.path.join(back, "config.json")))["rope_parameters"]
     assert params == json.load(open(os.path.join(hf_dir, "config.json")))["rope_parameters"]
-    original = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
-    exported = _safetensors(back)
-    assert sorted(original) == sorted(exported)
-    assert all(torch.equal(original[k], exported[k]) for k in original)
-    reloaded = type(model).from_pretrained(back).eval()
-    torch.testing.assert_close(_hf_logits(reloaded, fx.tokens()), reference, rtol=0, atol=0)
+    _assert_exported_bitwise(model, hf_dir, back, reference)
 
 
 def test_yarn_configs_are_read_as_transformers_reads_them_or_refused():
