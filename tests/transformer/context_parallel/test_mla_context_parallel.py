@@ -8,7 +8,8 @@ dp x cp) and unsharded over tp; the parent compares the loss and every parameter
 gradient with one single-process run.
 
 Cases: queries through their own latent (``q_lora_rank``, DeepSeek-V3) and straight from
-the hidden state (DeepSeek-V2-Lite). The widths make the key head (qk 8 + rope 4 = 12)
+the hidden state (DeepSeek-V2-Lite), and the first with YaRN rope scaling (its angles,
+cos/sin factor and softmax factor at each token's global position). The widths make the key head (qk 8 + rope 4 = 12)
 wider than the value head (6), so the ring's value padding is exercised. Without
 position ids, the decoupled RoPE must still use global positions: the loss equals the
 one computed with them.
@@ -35,9 +36,10 @@ from tests.transformer.context_parallel.test_gpt_context_parallel import (
     _loss,
     _microbatches,
 )
-from tests.transformer.test_multi_latent_attention import mla_config
+from tests.transformer.test_multi_latent_attention import YARN, mla_config
 
-CASES = {"q_lora": {}, "no_q_lora": dict(q_lora_rank=None)}
+CASES = {"q_lora": {}, "no_q_lora": dict(q_lora_rank=None),
+         "yarn": dict(rope_type="yarn", **YARN)}
 
 
 def _build(case, tp, cp, sequence_parallel):
