@@ -29,7 +29,7 @@ times less data (DeepSeek-V3 at tp 1: 128 * 320 / 576, ~71x), but every rank wou
 run the up-projection of every visiting block, forward and again in backward, with the
 up-projection's weight gradient accumulated on the rank that computed it rather than the
 block's owner: more flops than the attention block itself at DeepSeek widths, and a ring
-that knows about MLA. The expanded ring reuses the attention ring unchanged; since
+that knows about MLA. The expanded keys and values go through the attention ring; since
 values are narrower than keys (``vd`` vs ``qk + r``), it zero-pads values to the key
 width inside the ring and slices the output back (exact; see the ring's docstring).
 The decoupled rotary part uses each token's global position: ``GPTModel`` gives this
