@@ -126,6 +126,19 @@ def test_bad_flag_exits_with_message(tmp_path):
     assert "--global-batch-size 7 must be divisible" in proc.stderr
 
 
+def test_checkpointed_run_config_holds_no_hooks(tmp_path):
+    """Hooks are arguments of the schedules (built per step), never installed on the run's
+    model config: the config saved with a checkpoint has the deprecated hook fields unset."""
+    from megacore.model_parallel_config import DEPRECATED_HOOK_FIELDS
+    from megacore.training.training import saved_run_config
+
+    save = tmp_path / "ckpt"
+    _train(tmp_path, "saved", 1, f"--save {save} --save-interval 5")
+    model = saved_run_config(str(save))["model"]
+    assert {name: model[name] for name in DEPRECATED_HOOK_FIELDS} == \
+        dict.fromkeys(DEPRECATED_HOOK_FIELDS)
+
+
 def _simple_loop():
     spec = importlib.util.spec_from_file_location(
         "simple_loop", os.path.join(ROOT, "examples", "run_simple_train_loop.py"))
