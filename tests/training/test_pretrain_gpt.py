@@ -73,6 +73,10 @@ LAYOUTS = [
     ("tp2_sp_dp2_fsdp2", 4, "--tensor-model-parallel-size 2 --sequence-parallel "
                             "--use-torch-fsdp2 --fsdp-reshard-after-forward"),
     ("pp2_dp2_fsdp2", 4, "--pipeline-model-parallel-size 2 --use-torch-fsdp2"),
+    # Interleaved FSDP2: each chunk's no-sync hook (one reduce-scatter per step) closes
+    # before that chunk's last backward.
+    ("pp2_vpp2_dp2_fsdp2", 4, "--pipeline-model-parallel-size 2 "
+                              "--num-layers-per-virtual-pipeline-stage 1 --use-torch-fsdp2"),
 ]
 
 
