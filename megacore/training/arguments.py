@@ -1222,18 +1222,13 @@ def _jsonable(value):
     return value
 
 
-# Set by the training loop, not part of a run's identity.
-_RUNTIME_HOOKS = {"timers", "finalize_model_grads_func", "grad_scale_func", "no_sync_func",
-                  "grad_sync_func", "param_sync_func"}
-
-
 def run_config_to_dict(run: RunConfig) -> Dict[str, Dict[str, Any]]:
     """The resolved configuration as plain JSON-able data (printed and checkpointed)."""
     out = {}
     for name in SECTIONS:
         config = getattr(run, name)
-        out[name] = {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)
-                     if f.name not in _RUNTIME_HOOKS}
+        out[name] = {f.name: _jsonable(getattr(config, f.name))
+                     for f in dataclasses.fields(config)}
     out["derived"] = {"data_parallel_size": run.data_parallel_size,
                       "num_microbatches": run.num_microbatches}
     return json.loads(json.dumps(out, default=str))
