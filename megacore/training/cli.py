@@ -15,7 +15,7 @@ import sys
 from typing import Any, Callable
 
 from megacore.checkpointing import CheckpointError
-from megacore.training.arguments import ArgumentValidationError
+from megacore.training.flag_error import ArgumentValidationError
 
 __all__ = ["USER_ERRORS", "is_launch_rank_zero", "run_program"]
 
