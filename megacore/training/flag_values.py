@@ -200,9 +200,8 @@ def _build_section(name: str, kwargs: Dict[str, Any]):
     try:
         return cls(**kwargs)
     except FieldError as e:
-        flags = flags_of_fields(name, e.fields)
-        hint = f" [flags: {', '.join(flags)}]" if flags else ""
-        raise FlagError(f"invalid {name} settings: {e}{hint}", *flags) from e
+        raise FlagError(f"invalid {name} settings: {e}", *flags_of_fields(name, e.fields),
+                        named=False) from e
     except (ValueError, TypeError) as e:
         raise FlagError(f"invalid {name} settings: {e}") from e
 
