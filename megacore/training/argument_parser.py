@@ -20,17 +20,17 @@ import textwrap
 import typing
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
-from megacore.deprecation import rename_deprecated_flags, warn_deprecated
+from megacore.deprecation import DeprecatedFlag, rename_deprecated_flags, warn_deprecated
 from megacore.training.flag_error import FlagError
-from megacore.training.megatron_flags import (
-    DEPRECATED_FLAGS,
-    FLAGS,
-    SECTIONS,
-    Flag,
-    flag_dest,
-)
+from megacore.training.megatron_flags import FLAGS, SECTIONS, Flag, flag_dest
 
-__all__ = ["build_parser", "read_flag_values", "FlagValues", "field_info"]
+__all__ = ["build_parser", "read_flag_values", "FlagValues", "field_info", "DEPRECATED_FLAGS"]
+
+DEPRECATED_FLAGS: List[DeprecatedFlag] = []
+"""Renamed or removed flags that keep working, with a warning, until their ``removed_in``
+(at least two minor versions: :class:`~megacore.deprecation.DeprecatedFlag`). They are
+accepted on the command line and as ``--yaml-cfg`` keys, listed by ``--help``, and pinned
+in the command-line snapshot like any flag. Add a row when renaming or removing a flag."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,7 +174,6 @@ def _load_yaml(path: str) -> Dict[str, Any]:
             raise FlagError(f"--yaml-cfg {path}: unknown setting {key!r}", "--yaml-cfg")
         out[dest] = value
     return out
-
 
 
 class FlagValues(NamedTuple):

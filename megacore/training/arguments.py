@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from megacore.training.argument_parser import (  # noqa: F401 - re-exported
+    DEPRECATED_FLAGS,
     FlagValues,
     build_parser,
     read_flag_values,
@@ -42,8 +43,6 @@ from megacore.training.flag_error import ArgumentValidationError, FlagError
 from megacore.training.flag_values import build_run_config, derive_notes
 from megacore.training.flag_values import section_kwargs as _section_kwargs  # noqa: F401
 from megacore.training.megatron_flags import (  # noqa: F401 - re-exported
-    DEPRECATED_FIELDS,
-    DEPRECATED_FLAGS,
     FLAG_KINDS,
     FLAGS,
     IMPLEMENTED,
@@ -57,6 +56,7 @@ from megacore.training.megatron_flags import flag_dest as _dest  # noqa: F401
 from megacore.training.run_config import RunConfig, run_config_to_dict
 from megacore.training.saved_config import (  # noqa: F401 - re-exported
     CHECKPOINT_MODEL_FLAGS,
+    DEPRECATED_FIELDS,
     merge_checkpoint_config,
     model_flags_from_config,
     upgrade_saved_config,

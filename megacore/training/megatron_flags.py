@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List, Optional, Sequence
 
-from megacore.deprecation import DeprecatedFlag
 from megacore.distributed import DistributedDataParallelConfig
 from megacore.optimizer import OptimizerConfig
 from megacore.training.training_config import (
@@ -27,7 +26,7 @@ from megacore.training.training_config import (
 from megacore.transformer import AttnBackend, TransformerConfig
 
 __all__ = ["Flag", "FLAGS", "SECTIONS", "FLAG_KINDS", "IMPLEMENTED", "MAPPED", "NO_EFFECT",
-           "NEEDS", "DEPRECATED_FLAGS", "DEPRECATED_FIELDS", "flag_dest", "flags_of_fields"]
+           "NEEDS", "flag_dest", "flags_of_fields"]
 
 SECTIONS = {
     "model": TransformerConfig,
@@ -48,7 +47,6 @@ MAPPED = "mapped"            # onto an equivalent megacore setting (Flag.setting
 NO_EFFECT = "no effect"      # kernel/fusion/hardware choice: accepted, reported at start-up
 NEEDS = "needs"              # needs something absent (Flag.setting): stops before training
 FLAG_KINDS = (IMPLEMENTED, MAPPED, NO_EFFECT, NEEDS)
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,16 +290,6 @@ FLAGS: List[Flag] = [
        setting=_FP8_NEEDS),
     _f("--fp8-param-gather", "compat", kind=NEEDS, setting=_FP8_NEEDS),
 ]
-
-DEPRECATED_FLAGS: List[DeprecatedFlag] = []
-"""Renamed or removed flags that keep working, with a warning, until their ``removed_in``
-(at least two minor versions: :class:`~megacore.deprecation.DeprecatedFlag`). They are
-accepted on the command line and as ``--yaml-cfg`` keys, listed by ``--help``, and pinned
-in the command-line snapshot like any flag. Add a row when renaming or removing a flag."""
-
-DEPRECATED_FIELDS: List[DeprecatedFlag] = []
-"""Renamed config fields, as ``DeprecatedFlag("section.old", "section.new", ...)``: a run
-configuration saved in a checkpoint under the old name is read under the new one."""
 
 
 def flag_dest(flag: Flag) -> str:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from megacore.deprecation import warn_deprecated
+from megacore.deprecation import DeprecatedFlag, warn_deprecated
 from megacore.training.flag_error import FlagError
 from megacore.training.flag_values import parse_moe_layer_freq, parse_window_size
-from megacore.training.megatron_flags import DEPRECATED_FIELDS, FLAGS, flag_dest
+from megacore.training.megatron_flags import FLAGS, flag_dest
 
 __all__ = ["CHECKPOINT_MODEL_FLAGS", "upgrade_saved_config", "model_flags_from_config",
-           "merge_checkpoint_config"]
+           "merge_checkpoint_config", "DEPRECATED_FIELDS"]
 
+DEPRECATED_FIELDS: List[DeprecatedFlag] = []
+"""Renamed config fields, as ``DeprecatedFlag("section.old", "section.new", ...)``: a run
+configuration saved in a checkpoint under the old name is read under the new one."""
 
 CHECKPOINT_MODEL_FLAGS = (
     "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
