@@ -106,28 +106,11 @@ def _backend_name(backend: Any) -> str:
 def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
     """Flags that set several fields or need arithmetic."""
     _derive_megatron_aliases(values, kw)
+    _derive_activation(values, kw["model"])
+    _derive_precision(values, kw)
     model = kw["model"]
-    if values.get("swiglu"):
-        model["gated_linear_unit"] = True
-        model["activation_func"] = F.silu
-    if values.get("openai_gelu"):
-        if values.get("swiglu"):
-            raise FlagError("--openai-gelu and --swiglu are alternatives "
-                            "(tanh GeLU vs gated SiLU); give one", "--openai-gelu", "--swiglu")
-        model["activation_func"] = openai_gelu
     if values.get("window_size") is not None:
         model["window_size"] = parse_window_size(values["window_size"])
-    fp16, bf16 = bool(values.get("fp16")), bool(values.get("bf16"))
-    if fp16 and bf16:
-        raise FlagError("--fp16 and --bf16 are mutually exclusive", "--fp16", "--bf16")
-    if bf16 and values.get("use_torch_fsdp2"):
-        # FSDP2's mixed precision: fp32 master weights (the optimizer updates them
-        # directly), bf16 compute and bf16 activations between pipeline stages.
-        model.update(bf16=True, params_dtype=torch.float32, pipeline_dtype=torch.bfloat16)
-    elif fp16 or bf16:
-        dtype = torch.float16 if fp16 else torch.bfloat16
-        for section in ("model", "optimizer"):
-            kw[section].update(fp16=fp16, bf16=bf16, params_dtype=dtype)
     if values.get("use_distributed_optimizer"):
         kw["ddp"]["use_distributed_optimizer"] = True
     if values.get("check_for_nan_in_loss_and_grad") and \
@@ -138,24 +121,7 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
     if values.get("group_query_attention") and "num_query_groups" not in model:
         raise FlagError("--group-query-attention needs --num-query-groups",
                         "--group-query-attention", "--num-query-groups")
-    per_stage = values.get("num_layers_per_virtual_pipeline_stage")
-    if per_stage is not None:
-        if "virtual_pipeline_model_parallel_size" in model:
-            raise FlagError(
-                "--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank"
-                " are alternatives; give one", _PER_STAGE, "--num-virtual-stages-per-pipeline-rank")
-        pp = model.get("pipeline_model_parallel_size", 1)
-        layers = model.get("num_layers", 0)
-        if pp < 2:
-            raise FlagError(
-                "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1",
-                _PER_STAGE, "--pipeline-model-parallel-size")
-        if per_stage < 1 or layers % (pp * per_stage):
-            raise FlagError(
-                f"--num-layers {layers} must be divisible by --pipeline-model-parallel-size {pp} "
-                f"x --num-layers-per-virtual-pipeline-stage {per_stage}", "--num-layers",
-                "--pipeline-model-parallel-size", _PER_STAGE)
-        model["virtual_pipeline_model_parallel_size"] = layers // (pp * per_stage)
+    _derive_virtual_stages(values, model)
     if values.get("attention_backend") is not None:
         model["attention_backend"] = AttnBackend[values["attention_backend"]]
     freq = values.get("moe_layer_freq")  # the flag's argparse destination
@@ -163,6 +129,56 @@ def _derive(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
         model["moe_layer_freq"] = parse_moe_layer_freq(freq)
     if model.get("virtual_pipeline_model_parallel_size") == 1:
         model["virtual_pipeline_model_parallel_size"] = None
+
+
+def _derive_activation(values: Dict[str, Any], model: Dict[str, Any]) -> None:
+    """--swiglu (gated SiLU) and --openai-gelu (tanh GeLU): alternatives."""
+    if values.get("swiglu"):
+        model["gated_linear_unit"] = True
+        model["activation_func"] = F.silu
+    if values.get("openai_gelu"):
+        if values.get("swiglu"):
+            raise FlagError("--openai-gelu and --swiglu are alternatives "
+                            "(tanh GeLU vs gated SiLU); give one", "--openai-gelu", "--swiglu")
+        model["activation_func"] = openai_gelu
+
+
+def _derive_precision(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> None:
+    """--fp16 / --bf16: the dtypes of the model and the optimizer."""
+    fp16, bf16 = bool(values.get("fp16")), bool(values.get("bf16"))
+    if fp16 and bf16:
+        raise FlagError("--fp16 and --bf16 are mutually exclusive", "--fp16", "--bf16")
+    if bf16 and values.get("use_torch_fsdp2"):
+        # FSDP2's mixed precision: fp32 master weights (the optimizer updates them
+        # directly), bf16 compute and bf16 activations between pipeline stages.
+        kw["model"].update(bf16=True, params_dtype=torch.float32, pipeline_dtype=torch.bfloat16)
+    elif fp16 or bf16:
+        dtype = torch.float16 if fp16 else torch.bfloat16
+        for section in ("model", "optimizer"):
+            kw[section].update(fp16=fp16, bf16=bf16, params_dtype=dtype)
+
+
+def _derive_virtual_stages(values: Dict[str, Any], model: Dict[str, Any]) -> None:
+    """--num-layers-per-virtual-pipeline-stage -> virtual stages per pipeline rank."""
+    per_stage = values.get("num_layers_per_virtual_pipeline_stage")
+    if per_stage is None:
+        return
+    if "virtual_pipeline_model_parallel_size" in model:
+        raise FlagError(
+            "--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank"
+            " are alternatives; give one", _PER_STAGE, "--num-virtual-stages-per-pipeline-rank")
+    pp = model.get("pipeline_model_parallel_size", 1)
+    layers = model.get("num_layers", 0)
+    if pp < 2:
+        raise FlagError(
+            "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1",
+            _PER_STAGE, "--pipeline-model-parallel-size")
+    if per_stage < 1 or layers % (pp * per_stage):
+        raise FlagError(
+            f"--num-layers {layers} must be divisible by --pipeline-model-parallel-size {pp} "
+            f"x --num-layers-per-virtual-pipeline-stage {per_stage}", "--num-layers",
+            "--pipeline-model-parallel-size", _PER_STAGE)
+    model["virtual_pipeline_model_parallel_size"] = layers // (pp * per_stage)
 
 
 def parse_window_size(value) -> tuple:
