@@ -14,7 +14,6 @@ import ast
 import dataclasses
 import functools
 import inspect
-import os
 import sys
 import textwrap
 import typing
@@ -22,6 +21,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 from megacore.deprecation import DeprecatedFlag, rename_deprecated_flags, warn_deprecated
 from megacore.training.flag_error import FlagError
+from megacore.training.launch_env import is_launch_rank_zero, record_for_launcher
 from megacore.training.megatron_flags import FLAGS, SECTIONS, Flag, flag_dest
 
 __all__ = ["build_parser", "read_flag_values", "FlagValues", "field_info", "DEPRECATED_FLAGS"]
@@ -92,9 +92,10 @@ class _ArgumentParser(argparse.ArgumentParser):
     the user should read one ``error:`` line, not one per rank."""
 
     def error(self, message: str):
-        if os.environ.get("RANK", "0") == "0":
-            super().error(message)  # prints usage and "prog: error: message", exits 2
-        self.exit(2)
+        record_for_launcher(f"error: {message}")
+        if is_launch_rank_zero():
+            self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n" if is_launch_rank_zero() else None)
 
 
 def build_parser(extra_args_provider=None, *, only: Optional[Sequence[str]] = None,

@@ -115,6 +115,22 @@ def _check_model_shape(run: RunConfig, sizes: DerivedSizes) -> None:
               f"2 x {cp}", "--context-parallel-size", "--seq-length")
 
 
+def _check_rope_type(run: RunConfig, sizes: DerivedSizes) -> None:
+    """YaRN replaces the other RoPE position scalings (they would compound)."""
+    m, g = run.model, run.gpt
+    if m.rope_type != "yarn":
+        return
+    if g.position_embedding_type != "rope":
+        _fail(f"--rope-type yarn needs --position-embedding-type rope, got "
+              f"{g.position_embedding_type}", "--rope-type", "--position-embedding-type")
+    if g.use_rope_scaling:
+        _fail("--rope-type yarn and --use-rope-scaling are alternatives: give one",
+              "--rope-type", "--use-rope-scaling")
+    if g.rotary_percent != 1.0:
+        _fail(f"--rope-type yarn rotates the whole --qk-pos-emb-head-dim: drop "
+              f"--rotary-percent {g.rotary_percent}", "--rope-type", "--rotary-percent")
+
+
 def _check_pipeline(run: RunConfig, sizes: DerivedSizes) -> None:
     m = run.model
     pp = m.pipeline_model_parallel_size
@@ -391,9 +407,9 @@ def _check_transformer_impl(run: RunConfig, sizes: DerivedSizes) -> None:
               "--transformer-impl", "--num-query-groups", "--tensor-model-parallel-size")
 
 
-CHECKS = (_check_requirements, _check_transformer_impl, _check_model_shape, _check_pipeline,
-          _check_batch, _check_duration, _check_optimizer, _check_recompute, _check_data,
-          _check_checkpointing, _check_moe, _check_fsdp2)
+CHECKS = (_check_requirements, _check_transformer_impl, _check_model_shape, _check_rope_type,
+          _check_pipeline, _check_batch, _check_duration, _check_optimizer, _check_recompute,
+          _check_data, _check_checkpointing, _check_moe, _check_fsdp2)
 """Every check across configs: ``check(run, sizes)`` raises :class:`FlagError` or returns;
 none writes anything, so they hold in any order."""
 

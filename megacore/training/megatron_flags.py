@@ -100,6 +100,13 @@ FLAGS: List[Flag] = [
     _f("--mtp-num-layers", "model"), _f("--mtp-loss-scaling-factor", "model"),
     _f("--kv-lora-rank", "model"), _f("--qk-head-dim", "model"),
     _f("--qk-pos-emb-head-dim", "model"), _f("--v-head-dim", "model"),
+    # YaRN for multi-latent attention (Megatron-LM's --rope-type and MLA flags; the ramp's
+    # flags are Megatron's --yarn-* ones, setting MLATransformerConfig's field names)
+    _f("--rope-type", "model", choices=["rope", "yarn"]),
+    _f("--rotary-scaling-factor", "model"), _f("--mscale", "model"),
+    _f("--mscale-all-dim", "model"),
+    _f("--yarn-original-max-position-embeddings", "model", "original_max_position_embeddings"),
+    _f("--yarn-beta-fast", "model", "beta_fast"), _f("--yarn-beta-slow", "model", "beta_slow"),
     _f("--openai-gelu", "model", "openai_gelu", derived=True, type=bool,
        help="GPT-2's tanh approximation of GeLU as the MLP activation (Megatron's flag; "
             "Hugging Face's gelu_new)"),

@@ -41,6 +41,8 @@ CHECKPOINT_MODEL_FLAGS = (
     "--qk-pos-emb-head-dim", "--v-head-dim", "--mtp-num-layers", "--moe-router-num-groups",
     "--moe-router-group-topk", "--moe-router-score-function", "--moe-router-topk-scaling-factor",
     "--moe-router-enable-expert-bias", "--moe-router-pre-softmax", "--rotary-interleaved",
+    "--rope-type", "--rotary-scaling-factor", "--mscale", "--mscale-all-dim",
+    "--yarn-original-max-position-embeddings", "--yarn-beta-fast", "--yarn-beta-slow",
 )
 """Flags that define a checkpoint's weights and vocabulary: read from its saved config."""
 
