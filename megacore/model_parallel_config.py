@@ -15,6 +15,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
+from megacore.config_error import FieldError
 from megacore.deprecation import warn_deprecated
 
 __all__ = ["ModelParallelConfig"]
@@ -147,12 +148,14 @@ class ModelParallelConfig:
                      "context_parallel_size", "expert_model_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise FieldError(f"{name} must be a positive integer, got {value!r}", name)
         if self.fp16 and self.bf16:
-            raise ValueError("fp16 and bf16 are mutually exclusive; set at most one")
+            raise FieldError("fp16 and bf16 are mutually exclusive; set at most one",
+                             "fp16", "bf16")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             # Megatron silently turns this off; we keep the config honest instead.
-            raise ValueError("sequence_parallel=True needs tensor_model_parallel_size > 1")
+            raise FieldError("sequence_parallel=True needs tensor_model_parallel_size > 1",
+                             "sequence_parallel", "tensor_model_parallel_size")
         if self.expert_tensor_parallel_size is None:
             self.expert_tensor_parallel_size = self.tensor_model_parallel_size
         if self.pipeline_dtype is None:

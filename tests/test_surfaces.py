@@ -15,7 +15,7 @@ import megacore
 from megacore import surfaces
 from megacore.deprecation import DeprecatedFlag, MegacoreDeprecationWarning
 from megacore.inference import api_schema
-from megacore.training import arguments
+from megacore.training import argument_parser, arguments, saved_config
 from megacore.training.training_config import TrainingArgs
 from tools import api_snapshot
 
@@ -138,7 +138,7 @@ RENAMED = DeprecatedFlag("--learning-rate", "--lr", since="0.2.0", removed_in="0
 
 
 def test_a_deprecated_flag_still_works_and_warns_with_its_removal_version(monkeypatch, tmp_path):
-    monkeypatch.setattr(arguments, "DEPRECATED_FLAGS", [RENAMED])
+    monkeypatch.setattr(argument_parser, "DEPRECATED_FLAGS", [RENAMED])
     for form in (["--learning-rate", "0.25"], ["--learning-rate=0.25"]):
         with pytest.warns(MegacoreDeprecationWarning,
                           match=r"--learning-rate .*removed in 0\.4\.0; use --lr"):
@@ -162,7 +162,7 @@ def test_deprecation_policy_is_enforced():
 
 
 def test_a_renamed_config_field_is_read_from_an_old_checkpoint(monkeypatch):
-    monkeypatch.setattr(arguments, "DEPRECATED_FIELDS", [
+    monkeypatch.setattr(saved_config, "DEPRECATED_FIELDS", [
         DeprecatedFlag("model.num_layers_old", "model.num_layers", "0.2.0", "0.4.0")])
     with pytest.warns(MegacoreDeprecationWarning, match="model.num_layers_old"):
         upgraded = arguments.upgrade_saved_config({"model": {"num_layers_old": 3}})

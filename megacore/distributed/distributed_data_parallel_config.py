@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from megacore.config_error import FieldError
+
 __all__ = ["DistributedDataParallelConfig"]
 
 
@@ -72,13 +74,16 @@ class DistributedDataParallelConfig:
 
     def __post_init__(self):
         if self.fsdp_reshard_after_forward and not self.use_torch_fsdp2:
-            raise ValueError("fsdp_reshard_after_forward=True needs use_torch_fsdp2=True")
+            raise FieldError("fsdp_reshard_after_forward=True needs use_torch_fsdp2=True",
+                             "fsdp_reshard_after_forward", "use_torch_fsdp2")
         if self.overlap_param_gather and not self.use_distributed_optimizer:
-            raise ValueError("overlap_param_gather=True needs use_distributed_optimizer=True "
-                             "(only the distributed optimizer all-gathers params)")
+            raise FieldError("overlap_param_gather=True needs use_distributed_optimizer=True "
+                             "(only the distributed optimizer all-gathers params)",
+                             "overlap_param_gather", "use_distributed_optimizer")
         if self.align_param_gather and not self.overlap_param_gather:
-            raise ValueError("align_param_gather=True needs overlap_param_gather=True")
+            raise FieldError("align_param_gather=True needs overlap_param_gather=True",
+                             "align_param_gather", "overlap_param_gather")
         if self.bucket_size is not None and (not isinstance(self.bucket_size, int)
                                              or self.bucket_size < 1):
-            raise ValueError(f"bucket_size must be a positive integer or None, "
-                             f"got {self.bucket_size!r}")
+            raise FieldError(f"bucket_size must be a positive integer or None, "
+                             f"got {self.bucket_size!r}", "bucket_size")

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from megacore.config_error import FieldError
+
 __all__ = ["OptimizerConfig"]
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -99,27 +101,33 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
+            raise FieldError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}",
+                             "optimizer")
         if self.fp16 and self.bf16:
-            raise ValueError("fp16 and bf16 are mutually exclusive; set at most one")
+            raise FieldError("fp16 and bf16 are mutually exclusive; set at most one",
+                             "fp16", "bf16")
         if self.lr is not None and self.lr < 0:
-            raise ValueError(f"lr must be >= 0, got {self.lr}")
+            raise FieldError(f"lr must be >= 0, got {self.lr}", "lr")
         if self.min_lr is not None and self.min_lr < 0:
-            raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
+            raise FieldError(f"min_lr must be >= 0, got {self.min_lr}", "min_lr")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise FieldError(f"weight_decay must be >= 0, got {self.weight_decay}", "weight_decay")
         if self.decoupled_lr is not None and self.decoupled_lr < 0:
-            raise ValueError(f"decoupled_lr must be >= 0, got {self.decoupled_lr}")
+            raise FieldError(f"decoupled_lr must be >= 0, got {self.decoupled_lr}", "decoupled_lr")
         if self.decoupled_min_lr is not None and self.decoupled_min_lr < 0:
-            raise ValueError(f"decoupled_min_lr must be >= 0, got {self.decoupled_min_lr}")
+            raise FieldError(f"decoupled_min_lr must be >= 0, got {self.decoupled_min_lr}",
+                             "decoupled_min_lr")
         if self.clip_grad < 0:
-            raise ValueError(f"clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
+            raise FieldError(f"clip_grad must be >= 0 (0 disables), got {self.clip_grad}",
+                             "clip_grad")
         if self.loss_scale is not None and self.loss_scale <= 0:
-            raise ValueError(f"loss_scale must be positive or None, got {self.loss_scale}")
+            raise FieldError(f"loss_scale must be positive or None, got {self.loss_scale}",
+                             "loss_scale")
         if self.loss_scale_window < 1:
-            raise ValueError(f"loss_scale_window must be >= 1, got {self.loss_scale_window}")
+            raise FieldError(f"loss_scale_window must be >= 1, got {self.loss_scale_window}",
+                             "loss_scale_window")
         if self.hysteresis < 1:
-            raise ValueError(f"hysteresis must be >= 1, got {self.hysteresis}")
+            raise FieldError(f"hysteresis must be >= 1, got {self.hysteresis}", "hysteresis")
         if not 0.0 < self.min_loss_scale <= self.initial_loss_scale:
-            raise ValueError("min_loss_scale must be in (0, initial_loss_scale], got "
-                             f"{self.min_loss_scale}")
+            raise FieldError("min_loss_scale must be in (0, initial_loss_scale], got "
+                             f"{self.min_loss_scale}", "min_loss_scale", "initial_loss_scale")

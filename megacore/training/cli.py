@@ -17,7 +17,7 @@ import sys
 from typing import Any, Callable
 
 from megacore.checkpointing import CheckpointError
-from megacore.training.arguments import ArgumentValidationError
+from megacore.training.flag_error import ArgumentValidationError
 from megacore.training.launch_env import is_launch_rank_zero, record_for_launcher
 
 __all__ = ["USER_ERRORS", "is_launch_rank_zero", "record_for_launcher", "run_program"]

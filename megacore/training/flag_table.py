@@ -1,10 +1,10 @@
 """The Megatron-LM flag table of ``docs/megatron_flags.md``, generated from ``FLAGS``.
 
-Every row of :data:`megacore.training.arguments.FLAGS` is one line: the flag, how megacore
-treats it (``implemented`` with Megatron's meaning, ``mapped`` onto an equivalent megacore
-setting, ``no effect`` for a kernel/fusion/hardware choice reported once at start-up, or
-``needs`` something this backend does not have, which stops the run before training) and
-the megacore setting. Regenerate the document after adding flags::
+Every row of :data:`megacore.training.megatron_flags.FLAGS` is one line: the flag, how
+megacore treats it (``implemented`` with Megatron's meaning, ``mapped`` onto an equivalent
+megacore setting, ``no effect`` for a kernel/fusion/hardware choice reported once at
+start-up, or ``needs`` something this backend does not have, which stops the run before
+training) and the megacore setting. Regenerate the document after adding flags::
 
     python -m megacore.training.flag_table > docs/megatron_flags.md
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import List
 
-from megacore.training.arguments import FLAGS, FLAG_KINDS, IMPLEMENTED, SECTIONS, Flag
+from megacore.training.megatron_flags import FLAGS, FLAG_KINDS, IMPLEMENTED, SECTIONS, Flag
 
 __all__ = ["flag_table_markdown", "flag_setting"]
 

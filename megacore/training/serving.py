@@ -98,13 +98,14 @@ def parse_serving_args(argv: Optional[Sequence[str]] = None, *,
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_serving_parser(extra_args_provider, description, only)
-    namespace = parser.parse_args(argv)  # rejects training-only flags, answers --help
-    if not namespace.load:
+    parser.parse_args(argv)  # rejects training-only flags, answers --help
+    flags = arguments.read_flag_values(argv, extra_args_provider=extra_args_provider)
+    load = flags.values.get("load")  # from the command line or --yaml-cfg
+    if not load:
         parser.error("--load is required: the checkpoint directory to generate from")
-    run = arguments.parse_args(argv, world_size=_world_size(),
-                               extra_args_provider=extra_args_provider,
-                               checkpoint_config=saved_run_config(namespace.load),
-                               checkpoint_path=namespace.load, for_inference=True)
+    run = arguments.run_config_from_flags(flags, world_size=_world_size(),
+                                          checkpoint_config=saved_run_config(load),
+                                          checkpoint_path=load, for_inference=True)
     # A one-token decode step cannot be split along the sequence over tp ranks.
     run.model.sequence_parallel = False
     program, _ = extra_args_provider(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)

@@ -55,8 +55,9 @@ from megacore.pipeline_parallel import get_forward_backward_func
 from megacore.tensor_parallel import model_parallel_manual_seed
 from megacore.training.arguments import (
     RunConfig,
-    parse_args,
     parse_step_batch_size_schedule,
+    read_flag_values,
+    run_config_from_flags,
     run_config_to_dict,
 )
 from megacore.training.data_samplers import build_pretraining_data_loader, cyclic_iter
@@ -740,12 +741,15 @@ def shutdown_distributed(barrier: bool = True) -> None:
 
 
 def _parse(argv: Sequence[str], extra_args_provider) -> RunConfig:
-    load_dir = _flag_value(argv, "--load")
+    """Parse once (command line and ``--yaml-cfg``), then read the checkpoint that the
+    parsed ``--load`` names: a ``load:`` in the YAML file counts like the flag."""
+    flags = read_flag_values(argv, extra_args_provider=extra_args_provider)
+    load_dir = flags.values.get("load")
     saved = saved_run_config(load_dir) if load_dir else None
     world = dist.get_world_size() if dist.is_initialized() \
         else int(os.environ.get("WORLD_SIZE", "1"))
-    return parse_args(argv, world_size=world, extra_args_provider=extra_args_provider,
-                      checkpoint_config=saved, checkpoint_path=load_dir or "")
+    return run_config_from_flags(flags, world_size=world, checkpoint_config=saved,
+                                 checkpoint_path=load_dir or "")
 
 
 def _report_communication_failure(exc: BaseException, timeout_minutes: float) -> None:
@@ -862,17 +866,6 @@ def _resolve_missing_checkpoint(run: RunConfig) -> None:
             f"--load {c.load}: no checkpoint there, and --exit-on-missing-checkpoint is set")
     print_rank_0(f"WARNING: --load {c.load}: no checkpoint found; training from scratch")
     run.checkpoint = dataclasses.replace(c, load=None)
-
-
-def _flag_value(argv: Optional[Sequence[str]], flag: str) -> Optional[str]:
-    """The value of ``flag`` in ``argv`` (before full parsing, which needs it)."""
-    argv = list(argv or [])
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def saved_run_config(load_dir: str) -> Optional[Dict[str, Any]]:

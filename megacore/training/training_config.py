@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional
 
+from megacore.config_error import FieldError
+
 __all__ = [
     "GPTModelArgs",
     "DataArgs",
@@ -70,19 +72,23 @@ class GPTModelArgs:
 
     def __post_init__(self):
         if self.seq_length < 1:
-            raise ValueError(f"seq_length must be >= 1, got {self.seq_length}")
+            raise FieldError(f"seq_length must be >= 1, got {self.seq_length}", "seq_length")
         if self.position_embedding_type not in ("learned_absolute", "rope", "none"):
-            raise ValueError("position_embedding_type must be learned_absolute, rope or none, "
-                             f"got {self.position_embedding_type!r}")
+            raise FieldError("position_embedding_type must be learned_absolute, rope or none, "
+                             f"got {self.position_embedding_type!r}", "position_embedding_type")
         if not 0.0 < self.rotary_percent <= 1.0:
-            raise ValueError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
+            raise FieldError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}",
+                             "rotary_percent")
         if self.use_rope_scaling and not (
                 self.rope_scaling_factor > 0
                 and self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor):
-            raise ValueError("use_rope_scaling needs rope_scaling_factor > 0 and "
-                             "rope_scaling_low_freq_factor < rope_scaling_high_freq_factor")
+            raise FieldError("use_rope_scaling needs rope_scaling_factor > 0 and "
+                             "rope_scaling_low_freq_factor < rope_scaling_high_freq_factor",
+                             "use_rope_scaling", "rope_scaling_factor",
+                             "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor")
         if self.make_vocab_size_divisible_by < 1:
-            raise ValueError("make_vocab_size_divisible_by must be >= 1")
+            raise FieldError("make_vocab_size_divisible_by must be >= 1",
+                             "make_vocab_size_divisible_by")
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
 
@@ -151,9 +157,10 @@ class DataArgs:
 
     def __post_init__(self):
         if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise FieldError(f"num_workers must be >= 0, got {self.num_workers}", "num_workers")
         if self.tiktoken_pattern not in (None, "v1", "v2"):
-            raise ValueError(f"tiktoken_pattern must be v1 or v2, got {self.tiktoken_pattern!r}")
+            raise FieldError(f"tiktoken_pattern must be v1 or v2, got {self.tiktoken_pattern!r}",
+                             "tiktoken_pattern")
 
 
 @dataclasses.dataclass
@@ -226,20 +233,25 @@ class TrainingArgs:
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+            raise FieldError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}",
+                             "micro_batch_size")
         if self.global_batch_size is not None and self.global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
+            raise FieldError(f"global_batch_size must be >= 1, got {self.global_batch_size}",
+                             "global_batch_size")
         if self.rampup_batch_size is not None and len(self.rampup_batch_size) != 3:
-            raise ValueError("rampup_batch_size needs three numbers: start increment samples")
+            raise FieldError("rampup_batch_size needs three numbers: start increment samples",
+                             "rampup_batch_size")
         if self.eval_interval < 1:
-            raise ValueError(f"eval_interval must be >= 1, got {self.eval_interval}")
+            raise FieldError(f"eval_interval must be >= 1, got {self.eval_interval}",
+                             "eval_interval")
         if self.eval_iters < 0:
-            raise ValueError(f"eval_iters must be >= 0, got {self.eval_iters}")
+            raise FieldError(f"eval_iters must be >= 0, got {self.eval_iters}", "eval_iters")
         if self.manual_gc_interval < 0:
-            raise ValueError(f"manual_gc_interval must be >= 0, got {self.manual_gc_interval}")
+            raise FieldError(f"manual_gc_interval must be >= 0, got {self.manual_gc_interval}",
+                             "manual_gc_interval")
         if self.empty_unused_memory_level not in (0, 1, 2):
-            raise ValueError("empty_unused_memory_level must be 0, 1 or 2, got "
-                             f"{self.empty_unused_memory_level}")
+            raise FieldError("empty_unused_memory_level must be 0, 1 or 2, got "
+                             f"{self.empty_unused_memory_level}", "empty_unused_memory_level")
 
 
 @dataclasses.dataclass
@@ -293,9 +305,11 @@ class SchedulerArgs:
 
     def __post_init__(self):
         if self.lr_warmup_fraction is not None and not 0.0 <= self.lr_warmup_fraction <= 1.0:
-            raise ValueError(f"lr_warmup_fraction must be in [0, 1], got {self.lr_warmup_fraction}")
+            raise FieldError(f"lr_warmup_fraction must be in [0, 1], got {self.lr_warmup_fraction}",
+                             "lr_warmup_fraction")
         if self.lr_warmup_iters < 0:
-            raise ValueError(f"lr_warmup_iters must be >= 0, got {self.lr_warmup_iters}")
+            raise FieldError(f"lr_warmup_iters must be >= 0, got {self.lr_warmup_iters}",
+                             "lr_warmup_iters")
 
 
 @dataclasses.dataclass
@@ -336,10 +350,11 @@ class LoggingArgs:
 
     def __post_init__(self):
         if self.log_interval < 1:
-            raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
+            raise FieldError(f"log_interval must be >= 1, got {self.log_interval}", "log_interval")
         if self.profile and not 0 <= self.profile_step_start < self.profile_step_end:
-            raise ValueError("profile steps need 0 <= profile_step_start < profile_step_end, "
-                             f"got {self.profile_step_start} and {self.profile_step_end}")
+            raise FieldError("profile steps need 0 <= profile_step_start < profile_step_end, "
+                             f"got {self.profile_step_start} and {self.profile_step_end}",
+                             "profile", "profile_step_start", "profile_step_end")
 
 
 @dataclasses.dataclass
@@ -387,9 +402,11 @@ class CheckpointArgs:
 
     def __post_init__(self):
         if self.ckpt_format not in ("torch", "torch_dist"):
-            raise ValueError(f"ckpt_format must be torch or torch_dist, got {self.ckpt_format!r}")
+            raise FieldError(f"ckpt_format must be torch or torch_dist, got {self.ckpt_format!r}",
+                             "ckpt_format")
         if self.save_interval is not None and self.save_interval < 1:
-            raise ValueError(f"save_interval must be >= 1, got {self.save_interval}")
+            raise FieldError(f"save_interval must be >= 1, got {self.save_interval}",
+                             "save_interval")
 
 
 @dataclasses.dataclass

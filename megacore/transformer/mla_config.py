@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from megacore.config_error import FieldError
+
 __all__ = ["MLAConfig"]
 
 
@@ -69,7 +71,8 @@ class MLAConfig:
         if parent is not None:
             parent()
         if self.rope_type not in ("rope", "yarn"):
-            raise ValueError(f"rope_type must be 'rope' or 'yarn', got {self.rope_type!r}")
+            raise FieldError(f"rope_type must be 'rope' or 'yarn', got {self.rope_type!r}",
+                             "rope_type")
         if self.rope_type == "yarn":
             self._check_yarn()
         if not self.multi_latent_attention:
@@ -77,24 +80,26 @@ class MLAConfig:
         for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise FieldError(f"{name} must be a positive integer, got {value!r}", name)
         if self.qk_pos_emb_head_dim % 2:
-            raise ValueError(f"qk_pos_emb_head_dim must be even (rotary pairs), got "
-                             f"{self.qk_pos_emb_head_dim}")
+            raise FieldError(f"qk_pos_emb_head_dim must be even (rotary pairs), got "
+                             f"{self.qk_pos_emb_head_dim}", "qk_pos_emb_head_dim")
         if self.q_lora_rank is not None and self.q_lora_rank < 1:
-            raise ValueError(f"q_lora_rank must be None or positive, got {self.q_lora_rank}")
+            raise FieldError(f"q_lora_rank must be None or positive, got {self.q_lora_rank}",
+                             "q_lora_rank")
         heads, groups = getattr(self, "num_attention_heads", None), \
             getattr(self, "num_query_groups", None)
         if groups is not None and groups != heads:
-            raise ValueError("multi_latent_attention has no key/value groups: drop "
-                             "num_query_groups (--group-query-attention)")
+            raise FieldError("multi_latent_attention has no key/value groups: drop "
+                             "num_query_groups (--group-query-attention)",
+                             "multi_latent_attention", "num_query_groups")
 
     def _check_yarn(self) -> None:
         if not self.multi_latent_attention:
-            raise ValueError("rope_type 'yarn' is implemented for multi-latent attention only "
-                             "(--rope-type yarn needs --multi-latent-attention)")
+            raise FieldError("rope_type 'yarn' is implemented for multi-latent attention only "
+                             "(--rope-type yarn needs --multi-latent-attention)", "rope_type")
         for name in ("rotary_scaling_factor", "original_max_position_embeddings",
                      "beta_fast", "beta_slow"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"rope_type 'yarn' needs {name} > 0, got "
-                                 f"{getattr(self, name)!r}")
+                raise FieldError(f"rope_type 'yarn' needs {name} > 0, got "
+                                 f"{getattr(self, name)!r}", "rope_type", name)

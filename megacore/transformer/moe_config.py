@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional, Union
 
+from megacore.config_error import FieldError
+
 __all__ = ["MoEConfig", "check_moe_parallelism", "get_moe_layer_pattern", "is_moe_layer"]
 
 ROUTER_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
@@ -141,77 +143,91 @@ class MoEConfig:
     def _check_moe_experts(self) -> None:
         if self.num_moe_experts is not None and (not isinstance(self.num_moe_experts, int)
                                                  or self.num_moe_experts < 1):
-            raise ValueError(f"num_moe_experts must be None or a positive integer, "
-                             f"got {self.num_moe_experts!r}")
+            raise FieldError(f"num_moe_experts must be None or a positive integer, "
+                             f"got {self.num_moe_experts!r}", "num_moe_experts")
         for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
+                raise FieldError(f"{name} must be None or a positive integer, got {value!r}",
+                                 name)
         freq = self.moe_layer_freq
         if isinstance(freq, int):
             if freq < 1:
-                raise ValueError(f"moe_layer_freq must be >= 1, got {freq}")
+                raise FieldError(f"moe_layer_freq must be >= 1, got {freq}", "moe_layer_freq")
         elif not (isinstance(freq, (list, tuple)) and all(v in (0, 1) for v in freq)):
-            raise ValueError(f"moe_layer_freq must be an int or a list of 0/1, got {freq!r}")
+            raise FieldError(f"moe_layer_freq must be an int or a list of 0/1, got {freq!r}",
+                             "moe_layer_freq")
 
     def _check_group_limited_routing(self) -> None:
         groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
         if groups is None and group_topk is None:
             return
         if groups is None or group_topk is None:
-            raise ValueError("moe_router_num_groups and moe_router_group_topk go together "
-                             "(--moe-router-num-groups, --moe-router-group-topk)")
+            raise FieldError("moe_router_num_groups and moe_router_group_topk go together "
+                             "(--moe-router-num-groups, --moe-router-group-topk)",
+                             "moe_router_num_groups", "moe_router_group_topk")
         experts = self.num_moe_experts or 0
         if groups < 1 or experts % groups:
-            raise ValueError(f"moe_router_num_groups {groups} must divide num_moe_experts "
-                             f"{experts}")
+            raise FieldError(f"moe_router_num_groups {groups} must divide num_moe_experts "
+                             f"{experts}", "moe_router_num_groups", "num_moe_experts")
         if not 1 <= group_topk <= groups:
-            raise ValueError(f"moe_router_group_topk must be in [1, moe_router_num_groups="
-                             f"{groups}], got {group_topk}")
+            raise FieldError(f"moe_router_group_topk must be in [1, moe_router_num_groups="
+                             f"{groups}], got {group_topk}",
+                             "moe_router_group_topk", "moe_router_num_groups")
         per_group = self.moe_router_topk // group_topk
         if self.moe_router_topk % group_topk or per_group > experts // groups:
-            raise ValueError(f"moe_router_topk {self.moe_router_topk} must be a multiple of "
+            raise FieldError(f"moe_router_topk {self.moe_router_topk} must be a multiple of "
                              f"moe_router_group_topk {group_topk}, at most "
-                             f"{experts // groups} per group")
+                             f"{experts // groups} per group",
+                             "moe_router_topk", "moe_router_group_topk")
 
     def _check_moe_router(self) -> None:
         if self.moe_router_load_balancing_type not in ROUTER_LOAD_BALANCING_TYPES:
-            raise ValueError(f"moe_router_load_balancing_type must be one of "
+            raise FieldError(f"moe_router_load_balancing_type must be one of "
                              f"{ROUTER_LOAD_BALANCING_TYPES}, got "
-                             f"{self.moe_router_load_balancing_type!r}")
+                             f"{self.moe_router_load_balancing_type!r}",
+                             "moe_router_load_balancing_type")
         if self.moe_router_score_function not in ROUTER_SCORE_FUNCTIONS:
-            raise ValueError(f"moe_router_score_function must be one of "
-                             f"{ROUTER_SCORE_FUNCTIONS}, got {self.moe_router_score_function!r}")
+            raise FieldError(f"moe_router_score_function must be one of "
+                             f"{ROUTER_SCORE_FUNCTIONS}, got {self.moe_router_score_function!r}",
+                             "moe_router_score_function")
         if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
-            raise ValueError("moe_router_pre_softmax applies only to "
-                             "moe_router_score_function='softmax'")
+            raise FieldError("moe_router_pre_softmax applies only to "
+                             "moe_router_score_function='softmax'",
+                             "moe_router_pre_softmax", "moe_router_score_function")
         if self.num_moe_experts is not None and not 1 <= self.moe_router_topk <= \
                 self.num_moe_experts:
-            raise ValueError(f"moe_router_topk must be in [1, num_moe_experts="
-                             f"{self.num_moe_experts}], got {self.moe_router_topk}")
+            raise FieldError(f"moe_router_topk must be in [1, num_moe_experts="
+                             f"{self.num_moe_experts}], got {self.moe_router_topk}",
+                             "moe_router_topk", "num_moe_experts")
         self._check_group_limited_routing()
         if self.moe_aux_loss_coeff < 0:
-            raise ValueError(f"moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+            raise FieldError(f"moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}",
+                             "moe_aux_loss_coeff")
         if self.moe_z_loss_coeff is not None and self.moe_z_loss_coeff < 0:
-            raise ValueError(f"moe_z_loss_coeff must be None or >= 0, "
-                             f"got {self.moe_z_loss_coeff}")
+            raise FieldError(f"moe_z_loss_coeff must be None or >= 0, "
+                             f"got {self.moe_z_loss_coeff}", "moe_z_loss_coeff")
         if self.moe_router_bias_update_rate < 0:
-            raise ValueError(f"moe_router_bias_update_rate must be >= 0, "
-                             f"got {self.moe_router_bias_update_rate}")
+            raise FieldError(f"moe_router_bias_update_rate must be >= 0, "
+                             f"got {self.moe_router_bias_update_rate}",
+                             "moe_router_bias_update_rate")
 
     def _check_moe_capacity(self) -> None:
         if self.moe_token_dispatcher_type not in TOKEN_DISPATCHER_TYPES:
-            raise ValueError(f"moe_token_dispatcher_type must be one of "
-                             f"{TOKEN_DISPATCHER_TYPES}, got {self.moe_token_dispatcher_type!r}")
+            raise FieldError(f"moe_token_dispatcher_type must be one of "
+                             f"{TOKEN_DISPATCHER_TYPES}, got {self.moe_token_dispatcher_type!r}",
+                             "moe_token_dispatcher_type")
         if self.moe_token_drop_policy not in TOKEN_DROP_POLICIES:
-            raise ValueError(f"moe_token_drop_policy must be one of {TOKEN_DROP_POLICIES}, "
-                             f"got {self.moe_token_drop_policy!r}")
+            raise FieldError(f"moe_token_drop_policy must be one of {TOKEN_DROP_POLICIES}, "
+                             f"got {self.moe_token_drop_policy!r}", "moe_token_drop_policy")
         factor = self.moe_expert_capacity_factor
         if factor is not None and factor <= 0:
-            raise ValueError(f"moe_expert_capacity_factor must be None or > 0, got {factor}")
+            raise FieldError(f"moe_expert_capacity_factor must be None or > 0, got {factor}",
+                             "moe_expert_capacity_factor")
         if self.moe_pad_expert_input_to_capacity and factor is None:
-            raise ValueError("moe_pad_expert_input_to_capacity needs "
-                             "moe_expert_capacity_factor to be set")
+            raise FieldError("moe_pad_expert_input_to_capacity needs "
+                             "moe_expert_capacity_factor to be set",
+                             "moe_pad_expert_input_to_capacity", "moe_expert_capacity_factor")
 
 
 def check_moe_parallelism(config) -> None:
@@ -221,19 +237,22 @@ def check_moe_parallelism(config) -> None:
     """
     experts, ep = config.num_moe_experts, config.expert_model_parallel_size
     if experts is None:
-        raise ValueError("an MoE layer needs num_moe_experts to be set")
+        raise FieldError("an MoE layer needs num_moe_experts to be set", "num_moe_experts")
     if experts % ep:
-        raise ValueError(f"num_moe_experts ({experts}) must be divisible by "
-                         f"expert_model_parallel_size ({ep})")
+        raise FieldError(f"num_moe_experts ({experts}) must be divisible by "
+                         f"expert_model_parallel_size ({ep})",
+                         "num_moe_experts", "expert_model_parallel_size")
     etp = config.expert_tensor_parallel_size
     ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
     if ffn % etp:
-        raise ValueError(f"moe_ffn_hidden_size ({ffn}) must be divisible by "
-                         f"expert_tensor_parallel_size ({etp})")
+        raise FieldError(f"moe_ffn_hidden_size ({ffn}) must be divisible by "
+                         f"expert_tensor_parallel_size ({etp})",
+                         "moe_ffn_hidden_size", "expert_tensor_parallel_size")
     shared = config.moe_shared_expert_intermediate_size
     if shared is not None and shared % config.tensor_model_parallel_size:
-        raise ValueError(f"moe_shared_expert_intermediate_size ({shared}) must be divisible "
-                         f"by tensor_model_parallel_size ({config.tensor_model_parallel_size})")
+        raise FieldError(f"moe_shared_expert_intermediate_size ({shared}) must be divisible "
+                         f"by tensor_model_parallel_size ({config.tensor_model_parallel_size})",
+                         "moe_shared_expert_intermediate_size", "tensor_model_parallel_size")
 
 
 def get_moe_layer_pattern(moe_layer_freq: Union[int, List[int]], num_layers: int) -> List[bool]:
@@ -245,8 +264,8 @@ def get_moe_layer_pattern(moe_layer_freq: Union[int, List[int]], num_layers: int
     if isinstance(moe_layer_freq, int):
         return [i % moe_layer_freq == 0 for i in range(num_layers)]
     if len(moe_layer_freq) != num_layers:
-        raise ValueError(f"moe_layer_freq lists {len(moe_layer_freq)} layers but "
-                         f"num_layers is {num_layers}")
+        raise FieldError(f"moe_layer_freq lists {len(moe_layer_freq)} layers but "
+                         f"num_layers is {num_layers}", "moe_layer_freq", "num_layers")
     return [bool(v) for v in moe_layer_freq]
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from megacore.config_error import FieldError
 from megacore.model_parallel_config import ModelParallelConfig
 from megacore.transformer.enums import AttnBackend
 from megacore.transformer.initialization import (
@@ -213,7 +214,8 @@ class TransformerConfig(MLAConfig, MoEConfig, ModelParallelConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.mtp_num_layers is not None and self.mtp_num_layers < 1:
-            raise ValueError(f"mtp_num_layers must be None or >= 1, got {self.mtp_num_layers}")
+            raise FieldError(f"mtp_num_layers must be None or >= 1, got {self.mtp_num_layers}",
+                             "mtp_num_layers")
         self._fill_defaults()
         self._check_shape()
         self._check_numerics()
@@ -224,16 +226,17 @@ class TransformerConfig(MLAConfig, MoEConfig, ModelParallelConfig):
         for name in ("num_layers", "hidden_size", "num_attention_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise FieldError(f"{name} must be a positive integer, got {value!r}", name)
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
+                raise FieldError(
                     f"hidden_size ({self.hidden_size}) is not divisible by "
-                    f"num_attention_heads ({self.num_attention_heads}); set kv_channels")
+                    f"num_attention_heads ({self.num_attention_heads}); set kv_channels",
+                                 "hidden_size", "num_attention_heads", "kv_channels")
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.init_method is None:
             self.init_method = init_method_normal(self.init_method_std)
@@ -245,82 +248,94 @@ class TransformerConfig(MLAConfig, MoEConfig, ModelParallelConfig):
         tp, heads, groups = (self.tensor_model_parallel_size, self.num_attention_heads,
                              self.num_query_groups)
         if heads % tp:
-            raise ValueError(f"num_attention_heads ({heads}) must be divisible by "
-                             f"tensor_model_parallel_size ({tp})")
+            raise FieldError(f"num_attention_heads ({heads}) must be divisible by "
+                             f"tensor_model_parallel_size ({tp})",
+                             "num_attention_heads", "tensor_model_parallel_size")
         if groups < 1 or heads % groups:
-            raise ValueError(f"num_attention_heads ({heads}) must be divisible by "
-                             f"num_query_groups ({groups})")
+            raise FieldError(f"num_attention_heads ({heads}) must be divisible by "
+                             f"num_query_groups ({groups})",
+                             "num_attention_heads", "num_query_groups")
         if groups % tp and tp % groups:
-            raise ValueError(
+            raise FieldError(
                 f"num_query_groups ({groups}) and tensor_model_parallel_size ({tp}) must "
                 "divide one another (each rank holds whole groups, or each group is "
-                "replicated over whole ranks)")
+                "replicated over whole ranks)", "num_query_groups", "tensor_model_parallel_size")
         if self.ffn_hidden_size % tp:
-            raise ValueError(f"ffn_hidden_size ({self.ffn_hidden_size}) must be divisible "
-                             f"by tensor_model_parallel_size ({tp})")
+            raise FieldError(f"ffn_hidden_size ({self.ffn_hidden_size}) must be divisible "
+                             f"by tensor_model_parallel_size ({tp})",
+                             "ffn_hidden_size", "tensor_model_parallel_size")
         if self.normalization not in _NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, "
-                             f"got {self.normalization!r}")
+            raise FieldError(f"normalization must be one of {_NORMALIZATIONS}, "
+                             f"got {self.normalization!r}", "normalization")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise FieldError(f"{name} must be in [0, 1), got {getattr(self, name)}", name)
 
     def _check_numerics(self) -> None:
         if self.apply_query_key_layer_scaling and not self.attention_softmax_in_fp32:
-            raise ValueError("apply_query_key_layer_scaling needs "
+            raise FieldError("apply_query_key_layer_scaling needs "
                              "attention_softmax_in_fp32=True (Megatron turned it on "
-                             "silently; set it explicitly)")
+                             "silently; set it explicitly)",
+                             "apply_query_key_layer_scaling", "attention_softmax_in_fp32")
         self._check_window()
         if self.transformer_impl not in ("local", "transformer_engine"):
-            raise ValueError(f"transformer_impl must be 'local' or 'transformer_engine', "
-                             f"got {self.transformer_impl!r}")
+            raise FieldError(f"transformer_impl must be 'local' or 'transformer_engine', "
+                             f"got {self.transformer_impl!r}", "transformer_impl")
         if not isinstance(self.attention_backend, AttnBackend):
-            raise ValueError(f"attention_backend must be an AttnBackend, "
-                             f"got {self.attention_backend!r}")
+            raise FieldError(f"attention_backend must be an AttnBackend, "
+                             f"got {self.attention_backend!r}", "attention_backend")
         if self.layout_independent_attention_dropout and self.attention_dropout > 0 and \
                 self.attention_backend in (AttnBackend.flash, AttnBackend.fused):
-            raise ValueError(
+            raise FieldError(
                 f"layout_independent_attention_dropout runs attention dropout on the "
                 f"explicit path, which attention_backend {self.attention_backend.name} "
-                f"excludes; use attention_backend auto or unfused")
+                f"excludes; use attention_backend auto or unfused",
+                             "layout_independent_attention_dropout", "attention_backend")
 
     def _check_window(self) -> None:
         if self.window_size is None:
             return
         window = tuple(self.window_size)
         if len(window) != 2 or not all(isinstance(w, int) and w >= -1 for w in window):
-            raise ValueError(f"window_size must be a pair (left, right) of integers >= -1, "
-                             f"got {self.window_size!r}")
+            raise FieldError(f"window_size must be a pair (left, right) of integers >= -1, "
+                             f"got {self.window_size!r}", "window_size")
         self.window_size = window
         if self.context_parallel_size > 1:
-            raise ValueError(f"window_size {window} (sliding-window attention) is not "
+            raise FieldError(f"window_size {window} (sliding-window attention) is not "
                              f"supported with context_parallel_size "
-                             f"{self.context_parallel_size} > 1")
+                             f"{self.context_parallel_size} > 1",
+                             "window_size", "context_parallel_size")
 
     def _check_recompute(self) -> None:
         granularity, method, n = (self.recompute_granularity, self.recompute_method,
                                   self.recompute_num_layers)
         if granularity not in _RECOMPUTE_GRANULARITIES:
-            raise ValueError(f"recompute_granularity must be one of "
-                             f"{_RECOMPUTE_GRANULARITIES}, got {granularity!r}")
+            raise FieldError(f"recompute_granularity must be one of "
+                             f"{_RECOMPUTE_GRANULARITIES}, got {granularity!r}",
+                             "recompute_granularity")
         if method not in _RECOMPUTE_METHODS:
-            raise ValueError(f"recompute_method must be one of {_RECOMPUTE_METHODS}, "
-                             f"got {method!r}")
+            raise FieldError(f"recompute_method must be one of {_RECOMPUTE_METHODS}, "
+                             f"got {method!r}", "recompute_method")
         if granularity == "full":
             if method is None:
-                raise ValueError("recompute_granularity='full' needs recompute_method "
-                                 "'uniform' or 'block'")
+                raise FieldError("recompute_granularity='full' needs recompute_method "
+                                 "'uniform' or 'block'",
+                                 "recompute_granularity", "recompute_method")
             if n is None or not 1 <= n <= self.num_layers:
-                raise ValueError(f"recompute_granularity='full' needs recompute_num_layers "
-                                 f"in [1, num_layers={self.num_layers}], got {n!r}")
+                raise FieldError(f"recompute_granularity='full' needs recompute_num_layers "
+                                 f"in [1, num_layers={self.num_layers}], got {n!r}",
+                                 "recompute_granularity", "recompute_num_layers", "num_layers")
         elif method is not None or n is not None:
-            raise ValueError(f"recompute_method ({method!r}) and recompute_num_layers "
+            raise FieldError(f"recompute_method ({method!r}) and recompute_num_layers "
                              f"({n!r}) apply only to recompute_granularity='full', "
-                             f"got {granularity!r}")
+                             f"got {granularity!r}",
+                             "recompute_method", "recompute_num_layers", "recompute_granularity")
         if self.distribute_saved_activations:
             if self.sequence_parallel:
-                raise ValueError("distribute_saved_activations and sequence_parallel "
-                                 "cannot be used together")
+                raise FieldError("distribute_saved_activations and sequence_parallel "
+                                 "cannot be used together",
+                                 "distribute_saved_activations", "sequence_parallel")
             if granularity != "full":
-                raise ValueError("distribute_saved_activations needs "
-                                 "recompute_granularity='full'")
+                raise FieldError("distribute_saved_activations needs "
+                                 "recompute_granularity='full'",
+                                 "distribute_saved_activations", "recompute_granularity")
