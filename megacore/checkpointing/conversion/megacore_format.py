@@ -113,10 +113,13 @@ class LegacySource(CanonicalSource):
         manifest: bookkeeping (a new one by default).
         true_vocab_size: overrides the vocabulary size.
         load_optimizer: also expose the optimizer state.
+        block_spec: the decoder block spec the model was built with (None: megacore's
+            GPT spec), which says what tensors it has (``GPTDescription.block_spec``).
     """
 
     def __init__(self, iter_dir: str, manifest: Optional[Manifest] = None,
-                 true_vocab_size: Optional[int] = None, load_optimizer: bool = True):
+                 true_vocab_size: Optional[int] = None, load_optimizer: bool = True,
+                 block_spec: Any = None):
         super().__init__(manifest)
         self.iter_dir = iter_dir
         paths = sorted(glob.glob(os.path.join(iter_dir, "mp_rank_*", LEGACY_FILENAME)))
@@ -145,7 +148,7 @@ class LegacySource(CanonicalSource):
         rows = self._embedding_rows(chunks)
         self.description = GPTDescription.from_config_dict(
             first.get("config"), embedding_rows=rows, tp_size=tp,
-            true_vocab_size=true_vocab_size)
+            true_vocab_size=true_vocab_size, block_spec=block_spec)
         self.common = self._common(first, load_optimizer)
         # canonical key -> tp rank -> [(file key, path in the file, stack slot)]
         self.refs: Dict[str, Dict[int, List[tuple]]] = {}
@@ -265,7 +268,8 @@ class DistSource(CanonicalSource):
     """A torch_dist iteration directory as canonical tensors (args as :class:`LegacySource`)."""
 
     def __init__(self, iter_dir: str, manifest: Optional[Manifest] = None,
-                 true_vocab_size: Optional[int] = None, load_optimizer: bool = True):
+                 true_vocab_size: Optional[int] = None, load_optimizer: bool = True,
+                 block_spec: Any = None):
         super().__init__(manifest)
         self.iter_dir = iter_dir
         common = read_common(iter_dir)
@@ -277,7 +281,7 @@ class DistSource(CanonicalSource):
         emb = self.meta.get(model_key(WORD_EMBEDDING))
         self.description = GPTDescription.from_config_dict(
             common.get("config"), embedding_rows=int(emb.size[0]) if emb is not None else None,
-            tp_size=tp, true_vocab_size=true_vocab_size)
+            tp_size=tp, true_vocab_size=true_vocab_size, block_spec=block_spec)
         opt_common: Dict[str, Dict[str, Any]] = {}
         if load_optimizer:
             for member in common.get("optimizer") or []:
@@ -334,12 +338,14 @@ class DistSource(CanonicalSource):
 
 def open_megacore_source(load_dir: str, manifest: Optional[Manifest] = None,
                          true_vocab_size: Optional[int] = None,
-                         load_optimizer: bool = True) -> CanonicalSource:
-    """The latest checkpoint under ``load_dir`` (or an iteration directory), either format."""
+                         load_optimizer: bool = True, block_spec: Any = None
+                         ) -> CanonicalSource:
+    """The latest checkpoint under ``load_dir`` (or an iteration directory), either format
+    (``block_spec``: as for :class:`LegacySource`)."""
     iter_dir, _ = resolve_checkpoint_dir(load_dir)
     cls = LegacySource if detect_format(iter_dir) == "torch" else DistSource
     return cls(iter_dir, manifest, true_vocab_size=true_vocab_size,
-               load_optimizer=load_optimizer)
+               load_optimizer=load_optimizer, block_spec=block_spec)
 
 
 # -- savers -------------------------------------------------------------------------------
