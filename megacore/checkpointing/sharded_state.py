@@ -23,7 +23,8 @@ Global names are the chunk's ``state_dict`` names with pipeline-local indices ma
   takes the name of the word embedding it mirrors and is not saved a second time; on load
   it is filled from that key.
 
-Shards: a param with ``tensor_model_parallel=True`` is split along ``partition_dim`` over
+Shards (read from the modules by ``tensor_split``, which the offline converter uses too):
+a param with ``tensor_model_parallel=True`` is split along ``partition_dim`` over
 its tp group (expert-tp for ``allreduce=False`` params). With stride 1 the global tensor is
 the concatenation of the rank shards, saved as a ``DTensor`` with ``Shard(dim)``. With
 stride s the global dim is cut in ``tp * s`` blocks and rank r holds blocks

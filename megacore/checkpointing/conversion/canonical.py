@@ -2,9 +2,9 @@
 
 A :class:`CanonicalSource` (megacore legacy or torch_dist, Hugging Face) exposes the
 model's :class:`GPTDescription`, the canonical tensor names in module order
-(the model's, ``tensor_rules``), optimizer fields per param, and ``read(keys)``, which merges the
-physical shards of just those keys. Savers pull what they need, one layer (or one target
-file) at a time, so no side holds the whole model. Keys are ``model/<name>`` and
+(the model's, ``tensor_rules``), optimizer fields per param, and ``read(keys)``, which
+merges the physical shards of just those keys. Savers pull what they need, one layer (or
+one target file) at a time, so no side holds the whole model. Keys are ``model/<name>`` and
 ``optimizer/<field>/<name>``.
 
 ``common`` carries what is not a tensor: iteration, consumed samples, scheduler state,
