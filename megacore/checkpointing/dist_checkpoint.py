@@ -126,8 +126,6 @@ def save_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimi
     (a group of its own, so background collectives never interleave with training's)
     the small files are written now and the returned function writes the tensors and
     their digests (run it in a background thread)."""
-    import torch.distributed.checkpoint as dcp
-
     entries, by_local = ss.model_tensor_entries(model_chunks, layout)
     common = dict(common)
     if optimizer is not None:

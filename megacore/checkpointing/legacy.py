@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from megacore.checkpointing.async_save import agree_no_problem
-from megacore.checkpointing.errors import CheckpointError
 from megacore.checkpointing.atomic import atomic_torch_save
+from megacore.checkpointing.errors import CheckpointError
 from megacore.checkpointing.integrity import check_digest, has_digests, torch_save_with_digest
 from megacore.checkpointing.parallel_layout import RankLayout
 from megacore.checkpointing.paths import LEGACY_FILENAME, legacy_file_path

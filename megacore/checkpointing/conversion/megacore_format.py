@@ -67,9 +67,8 @@ from megacore.checkpointing.paths import (
     write_tracker,
 )
 from megacore.checkpointing.safe_dcp import safe_dcp_load
-from megacore.checkpointing.save_load import CHECKPOINT_VERSION
+from megacore.checkpointing.save_load import common_state
 from megacore.checkpointing.sharded_state import block_key, model_key, optimizer_key
-from megacore.package_info import __version__
 from megacore.vocab_padding import pad_vocab_size
 
 __all__ = ["LegacySource", "DistSource", "LegacySaver", "DistSaver", "open_megacore_source",
@@ -193,8 +192,7 @@ class LegacySource(CanonicalSource):
     def _add_ref(self, key: str, t: int, ref: tuple, where: str) -> None:
         field, name = parse_key(key)
         known = shard_rule(name, self.description) is not None or (
-            field is not None and _STACKED_BASE.match(
-            f"{name}/expert0") is not None)
+            field is not None and _STACKED_BASE.match(f"{name}/expert0") is not None)
         if not known:
             self.manifest.add_unknown(where)
             return
@@ -351,13 +349,12 @@ def open_megacore_source(load_dir: str, manifest: Optional[Manifest] = None,
 # -- savers -------------------------------------------------------------------------------
 def _common_dict(source: CanonicalSource, layout: MegacoreLayout, fmt: str) -> Dict[str, Any]:
     c = source.common
-    return {"checkpoint_format": fmt, "checkpoint_version": CHECKPOINT_VERSION,
-            "megacore_version": __version__, "iteration": c.iteration,
-            "consumed_train_samples": c.consumed_train_samples,
-            "consumed_valid_samples": c.consumed_valid_samples,
-            "config": source.description.to_config_dict(layout.config_fields()),
-            "parallel_layout": layout.degrees(), "num_model_chunks": layout.num_chunks,
-            "extra_state": c.extra_state, "opt_param_scheduler": c.opt_param_scheduler}
+    return common_state(
+        ckpt_format=fmt, iteration=c.iteration, parallel_layout=layout.degrees(),
+        num_model_chunks=layout.num_chunks, consumed_train_samples=c.consumed_train_samples,
+        consumed_valid_samples=c.consumed_valid_samples,
+        config_dict=source.description.to_config_dict(layout.config_fields()),
+        extra_state=c.extra_state, opt_param_scheduler=c.opt_param_scheduler)
 
 
 class _Saver:
