@@ -45,7 +45,8 @@ from megacore.checkpointing.rng_state import capture_rng_state, restore_rng_stat
 from megacore.checkpointing.safe_dcp import read_dcp_metadata_file, safe_dcp_load
 
 __all__ = ["save_dist_checkpoint", "load_dist_checkpoint", "read_dcp_metadata",
-           "read_common", "list_tensors", "verify_dcp_files", "read_full_tensors"]
+           "read_common", "write_common", "write_dcp_tensors", "list_tensors",
+           "verify_dcp_files", "read_full_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,20 @@ def _optimizer_common(opt_state: dict, layout: RankLayout) -> List[Dict[str, Any
 
 
 # -- save ------------------------------------------------------------------------------
+def write_common(iter_dir: str, common: Dict[str, Any]) -> None:
+    """``common.pt`` with its digest (rank 0 of a save, and the converter)."""
+    torch_save_with_digest(common, os.path.join(iter_dir, COMMON_FILENAME))
+
+
+def write_dcp_tensors(state: Dict[str, torch.Tensor], iter_dir: str, *, no_dist: bool,
+                      process_group: Optional[dist.ProcessGroup] = None) -> None:
+    """DCP's data files and ``.metadata`` of ``state`` (collective unless ``no_dist``);
+    their digests follow with ``integrity.record_dcp_digests``."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=iter_dir, process_group=process_group, no_dist=no_dist)
+
+
 def save_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimizer,
                          common: Dict[str, Any], *, save_rng: bool,
                          async_group: Optional[dist.ProcessGroup] = None):
@@ -111,8 +126,6 @@ def save_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimi
     (a group of its own, so background collectives never interleave with training's)
     the small files are written now and the returned function writes the tensors and
     their digests (run it in a background thread)."""
-    import torch.distributed.checkpoint as dcp
-
     entries, by_local = ss.model_tensor_entries(model_chunks, layout)
     common = dict(common)
     if optimizer is not None:
@@ -132,7 +145,7 @@ def save_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimi
     no_dist = not layout.is_distributed
     rank = 0 if no_dist else layout.global_rank
     if async_group is None:
-        dcp.save(state, checkpoint_id=iter_dir, no_dist=no_dist)
+        write_dcp_tensors(state, iter_dir, no_dist=no_dist)
         # Local: the caller agrees over all ranks that it succeeded before the tracker.
         return lambda: record_dcp_digests(iter_dir, rank, coordinator=rank == 0)
     # Own staging instead of dcp.async_save: its stager fails on the param views DTensors
@@ -140,7 +153,7 @@ def save_dist_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, optimi
     staged = {k: v.detach().clone() for k, v in state.items()}
 
     def write() -> None:
-        dcp.save(staged, checkpoint_id=iter_dir, process_group=async_group, no_dist=no_dist)
+        write_dcp_tensors(staged, iter_dir, no_dist=no_dist, process_group=async_group)
         record_dcp_digests(iter_dir, rank, coordinator=rank == 0)
 
     return write
@@ -154,7 +167,7 @@ def _write_small_files(iter_dir: str, layout: RankLayout, common: Dict[str, Any]
                            "rng_state": capture_rng_state()},
                           rng_file_path(iter_dir, layout.global_rank))
     if layout.global_rank == 0:
-        torch_save_with_digest(common, os.path.join(iter_dir, COMMON_FILENAME))
+        write_common(iter_dir, common)
 
 
 # -- load ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megacore.checkpointing.async_save import agree_no_problem
+from megacore.checkpointing.atomic import atomic_torch_save
 from megacore.checkpointing.errors import CheckpointError
 from megacore.checkpointing.integrity import check_digest, has_digests, torch_save_with_digest
 from megacore.checkpointing.parallel_layout import RankLayout
@@ -36,7 +37,8 @@ from megacore.checkpointing.rng_state import capture_rng_state, restore_rng_stat
 from megacore.checkpointing.sharded_state import unwrap_model_chunks
 
 __all__ = ["prepare_legacy_save", "load_legacy_checkpoint", "legacy_rank_file",
-           "is_legacy_writer", "read_legacy_file", "clone_to_cpu"]
+           "is_legacy_writer", "read_legacy_file", "write_legacy_file", "model_chunk_keys",
+           "clone_to_cpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +54,17 @@ def is_legacy_writer(layout: RankLayout) -> bool:
     return layout.edp_rank == 0 if layout.ep > 1 else layout.dp_rank == 0
 
 
-def _model_keys(num_chunks: int) -> List[str]:
+def model_chunk_keys(num_chunks: int) -> List[str]:
+    """The file entries of the model chunks: ``model``, or ``model0``, ``model1``, ..."""
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def write_legacy_file(path: str, state: Dict[str, Any], digest: bool = True) -> None:
+    """Atomically write one rank file (creating its directory), with its digest sidecar
+    (``digest=False``: none, for Megatron-LM's layout). The online save and the converter
+    both write through here."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    (torch_save_with_digest if digest else atomic_torch_save)(state, path)
 
 
 def clone_to_cpu(obj: Any) -> Any:
@@ -96,7 +107,7 @@ def prepare_legacy_save(iter_dir: str, layout: RankLayout, model_chunks, optimiz
     if not is_legacy_writer(layout):
         return None
     state = dict(common)
-    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+    for key, chunk in zip(model_chunk_keys(len(chunks)), chunks):
         state[key] = chunk.state_dict()
     state["optimizer"] = opt_state
     state["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else None
@@ -106,8 +117,7 @@ def prepare_legacy_save(iter_dir: str, layout: RankLayout, model_chunks, optimiz
     path = legacy_rank_file(iter_dir, layout)
 
     def write() -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch_save_with_digest(state, path)
+        write_legacy_file(path, state)
 
     return write
 
@@ -149,7 +159,7 @@ def _check_layout(iter_dir: str, layout: RankLayout, num_chunks: int) -> None:
 
 
 def _load_model(path: str, state: Dict[str, Any], chunks, strict: bool) -> None:
-    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+    for key, chunk in zip(model_chunk_keys(len(chunks)), chunks):
         if key not in state:
             raise CheckpointError(f"{path} has no {key!r} entry (entries: {sorted(state)})")
         try:

@@ -44,12 +44,29 @@ from megacore.checkpointing.paths import (
 from megacore.checkpointing.sharded_state import unwrap_model_chunks
 from megacore.package_info import __version__
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_VERSION", "CKPT_FORMATS"]
+__all__ = ["save_checkpoint", "load_checkpoint", "common_state", "CHECKPOINT_VERSION",
+           "CKPT_FORMATS"]
 
 CHECKPOINT_VERSION = 3.0
 """Version of the file contents (Megatron's ``checkpoint_version`` is 3.0 too)."""
 
 CKPT_FORMATS = ("torch", "torch_dist")
+
+
+def common_state(*, ckpt_format: str, iteration: int, parallel_layout: Dict[str, Any],
+                 num_model_chunks: int, consumed_train_samples: int,
+                 consumed_valid_samples: int, config_dict: Optional[Dict[str, Any]],
+                 extra_state: Any, opt_param_scheduler: Optional[Dict[str, Any]]
+                 ) -> Dict[str, Any]:
+    """The non-tensor entries of a checkpoint (each legacy rank file, torch_dist's
+    ``common.pt``): the online save and the converter both write these."""
+    return {"checkpoint_format": ckpt_format, "checkpoint_version": CHECKPOINT_VERSION,
+            "megacore_version": __version__, "iteration": int(iteration),
+            "consumed_train_samples": int(consumed_train_samples),
+            "consumed_valid_samples": int(consumed_valid_samples),
+            "config": config_dict, "parallel_layout": parallel_layout,
+            "num_model_chunks": num_model_chunks, "extra_state": extra_state,
+            "opt_param_scheduler": opt_param_scheduler}
 
 
 def _common_state(ckpt_format: str, iteration: int, layout: RankLayout, num_chunks: int,
@@ -61,13 +78,12 @@ def _common_state(ckpt_format: str, iteration: int, layout: RankLayout, num_chun
     except (TypeError, ValueError) as exc:
         raise TypeError(f"config_dict must be JSON-serializable (the resolved run "
                         f"configuration): {exc}") from exc
-    return {"checkpoint_format": ckpt_format, "checkpoint_version": CHECKPOINT_VERSION,
-            "megacore_version": __version__, "iteration": int(iteration),
-            "consumed_train_samples": int(consumed_train_samples),
-            "consumed_valid_samples": int(consumed_valid_samples),
-            "config": config_dict, "parallel_layout": layout.degrees(),
-            "num_model_chunks": num_chunks, "extra_state": extra_state,
-            "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None}
+    return common_state(
+        ckpt_format=ckpt_format, iteration=iteration, parallel_layout=layout.degrees(),
+        num_model_chunks=num_chunks, consumed_train_samples=consumed_train_samples,
+        consumed_valid_samples=consumed_valid_samples, config_dict=config_dict,
+        extra_state=extra_state,
+        opt_param_scheduler=scheduler.state_dict() if scheduler is not None else None)
 
 
 def _tracker_finalizer(save_dir: str, iteration: int, layout: RankLayout):

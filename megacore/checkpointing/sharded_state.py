@@ -23,7 +23,8 @@ Global names are the chunk's ``state_dict`` names with pipeline-local indices ma
   takes the name of the word embedding it mirrors and is not saved a second time; on load
   it is filled from that key.
 
-Shards: a param with ``tensor_model_parallel=True`` is split along ``partition_dim`` over
+Shards (read from the modules by ``tensor_split``, which the offline converter uses too):
+a param with ``tensor_model_parallel=True`` is split along ``partition_dim`` over
 its tp group (expert-tp for ``allreduce=False`` params). With stride 1 the global tensor is
 the concatenation of the rank shards, saved as a ``DTensor`` with ``Shard(dim)``. With
 stride s the global dim is cut in ``tp * s`` blocks and rank r holds blocks
@@ -59,7 +60,13 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from megacore import collectives, device
 from megacore.checkpointing.errors import CheckpointError
 from megacore.checkpointing.parallel_layout import RankLayout
-from megacore.tensor_parallel.layers import VocabParallelEmbedding, _shard_master_weight
+from megacore.checkpointing.tensor_split import (
+    QKVGroups,
+    TensorSplit,
+    stacked_expert_indices,
+    tensor_splits,
+)
+from megacore.tensor_parallel.layers import _shard_master_weight
 
 __all__ = ["TensorEntry", "unwrap_model_chunks", "model_tensor_entries",
            "optimizer_tensor_entries", "entries_to_dcp_state_dict", "read_needed_keys",
@@ -69,10 +76,12 @@ _LAYER_INDEX = re.compile(r"^\d+$")
 
 
 def model_key(global_name: str) -> str:
+    """The checkpoint key of a model tensor (also the converter's canonical key)."""
     return f"model/{global_name}"
 
 
 def optimizer_key(field: str, global_name: str) -> str:
+    """The checkpoint key of one optimizer state field of a param."""
     return f"optimizer/{field}/{global_name}"
 
 
@@ -105,6 +114,8 @@ class TensorEntry:
         expert_slot: for a stacked-experts param ``[El, ...]``: which local expert this
             entry is (``tensor`` is that slice); None otherwise.
         key_suffix: ``/expert<global index>`` for such slices.
+        split: how the tensor under ``key`` is split (``tensor_split``), as its module
+            says; for a stacked-experts slice, the slice's split.
     """
 
     key: str
@@ -120,6 +131,7 @@ class TensorEntry:
     expert_slot: Optional[int] = None
     key_suffix: str = ""
     dp_sharded: Optional[DTensor] = None
+    split: TensorSplit = TensorSplit()
 
     def global_shape(self) -> Tuple[int, ...]:
         """Shape of the full tensor in this layout (before any transform)."""
@@ -227,42 +239,19 @@ def _tied_embedding_name(chunks: Sequence[torch.nn.Module], names: List[Dict[str
 
 
 # -- special layouts ---------------------------------------------------------------------
-def _qkv_transform(attention: torch.nn.Module, tp_size: int) -> LayoutTransform:
+def _qkv_transform(groups: QKVGroups, tp_size: int) -> LayoutTransform:
     from megacore.transformer.qkv_layout import collapse_qkv_rows, expand_qkv_rows
 
-    cfg = attention.config
-    kw = dict(num_attention_heads=cfg.num_attention_heads,
-              num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
-              tp_size=tp_size)
+    kw = groups.layout_kwargs(tp_size)
     return LayoutTransform(to_logical=lambda t: collapse_qkv_rows(t, **kw),
                            from_logical=lambda t: expand_qkv_rows(t, **kw).contiguous())
 
 
-def _transforms(module: torch.nn.Module, layout: RankLayout) -> Dict[str, LayoutTransform]:
-    """Local state-dict name -> transform, for the fused QKV with replicated k/v rows."""
-    out = {}
-    for name, sub in module.named_modules():
-        if getattr(sub, "kv_replicated", False) and hasattr(sub, "linear_qkv"):
-            transform = _qkv_transform(sub, layout.tp)
-            prefix = f"{name}.linear_qkv." if name else "linear_qkv."
-            out[prefix + "weight"] = transform
-            out[prefix + "bias"] = transform
-    return out
-
-
-def _stacked_expert_params(module: torch.nn.Module) -> Dict[str, List[int]]:
-    """Local name -> global expert indices, for params stacking this rank's experts on
-    dim 0 (grouped experts: a module with ``local_expert_indices`` and no
-    ``local_experts`` list). Each expert is saved under its own key, so any ep loads."""
-    out = {}
-    for name, sub in module.named_modules():
-        indices = getattr(sub, "local_expert_indices", None)
-        if indices is None or hasattr(sub, "local_experts"):
-            continue
-        for pname, param in sub.named_parameters(recurse=False):
-            if param.dim() >= 1 and param.shape[0] == len(indices):
-                out[f"{name}.{pname}" if name else pname] = list(indices)
-    return out
+def _transform(split: TensorSplit, layout: RankLayout) -> Optional[LayoutTransform]:
+    """The fused QKV's transform when its key/value rows are replicated (ng < tp)."""
+    if split.qkv is None or split.qkv.num_query_groups >= layout.tp:
+        return None
+    return _qkv_transform(split.qkv, layout.tp)
 
 
 def _split_experts(entry: TensorEntry, indices: List[int]) -> List[TensorEntry]:
@@ -272,30 +261,27 @@ def _split_experts(entry: TensorEntry, indices: List[int]) -> List[TensorEntry]:
     tp_dim = None if entry.tp_dim is None else entry.tp_dim - 1
     return [dataclasses.replace(entry, key=f"{entry.key}/expert{index}",
                                 tensor=entry.tensor[slot], tp_dim=tp_dim, expert_slot=slot,
-                                key_suffix=f"/expert{index}")
+                                key_suffix=f"/expert{index}",
+                                split=entry.split.without_leading_dim())
             for slot, index in enumerate(indices)]
 
 
-def _vocab_names(module: torch.nn.Module) -> set:
-    return {f"{name}.weight" if name else "weight" for name, sub in module.named_modules()
-            if isinstance(sub, VocabParallelEmbedding)}
-
-
 # -- entries -----------------------------------------------------------------------------
-def _entry_for(key: str, param: torch.Tensor, layout: RankLayout) -> TensorEntry:
-    """Entry for a param or buffer (attributes read from ``param``, which ``detach``
-    would drop)."""
+def _entry_for(key: str, param: torch.Tensor, split: TensorSplit,
+               layout: RankLayout) -> TensorEntry:
+    """Entry for a param or buffer split as ``split`` says (``tensor_split``)."""
     tensor, dp_sharded = _gathered_over_dp(param.detach() if not isinstance(param, DTensor)
                                            else param)
-    split = bool(getattr(param, "tensor_model_parallel", False))
-    expert = getattr(param, "allreduce", True) is False
-    size = layout.etp if expert else layout.tp
-    if not split:
-        return TensorEntry(key=key, tensor=tensor, dp_sharded=dp_sharded)
-    return TensorEntry(key=key, tensor=tensor, tp_dim=int(param.partition_dim),
-                       stride=int(getattr(param, "partition_stride", 1)), tp_size=size,
-                       tp_rank=layout.etp_rank if expert else layout.tp_rank,
-                       tp_group=layout.tp_group_for(expert), dp_sharded=dp_sharded)
+    entry = TensorEntry(key=key, tensor=tensor, dp_sharded=dp_sharded, vocab=split.vocab,
+                        transform=_transform(split, layout), split=split)
+    if split.tp_dim is None:
+        return entry
+    expert = split.expert
+    return dataclasses.replace(
+        entry, tp_dim=split.tp_dim, stride=split.stride,
+        tp_size=layout.etp if expert else layout.tp,
+        tp_rank=layout.etp_rank if expert else layout.tp_rank,
+        tp_group=layout.tp_group_for(expert))
 
 
 def model_tensor_entries(model_chunks, layout: RankLayout
@@ -311,8 +297,7 @@ def model_tensor_entries(model_chunks, layout: RankLayout
     tied = _tied_embedding_name(chunks, names, layout)
     entries, by_local = [], {}
     for index, chunk in enumerate(chunks):
-        transforms, vocab = _transforms(chunk, layout), _vocab_names(chunk)
-        stacked = _stacked_expert_params(chunk)
+        splits, stacked = tensor_splits(chunk), stacked_expert_indices(chunk)
         for local, tensor in chunk.state_dict(keep_vars=True).items():
             if not torch.is_tensor(tensor):
                 raise CheckpointError(f"model chunk {index} state entry {local!r} is a "
@@ -322,11 +307,8 @@ def model_tensor_entries(model_chunks, layout: RankLayout
             if getattr(tensor, "shared_embedding", False) and tied is not None \
                     and not (layout.pp_rank == 0 and index == 0):
                 global_name, owner = tied, False
-            entry = _entry_for(model_key(global_name), tensor, layout)
+            entry = _entry_for(model_key(global_name), tensor, splits[local], layout)
             entry.owner = owner
-            entry.vocab = (local in vocab or getattr(tensor, "shared_embedding", False)
-                           or getattr(tensor, "is_embedding_or_output_parameter", False))
-            entry.transform = transforms.get(local)
             pieces = _split_experts(entry, stacked[local]) if local in stacked else [entry]
             entries += pieces
             by_local[(index, local)] = pieces

@@ -1,7 +1,9 @@
 """Checkpoint conversion: any megacore layout to any layout, and Hugging Face import/export.
 
 Everything passes through *canonical* tensors (the single-process model's tensors under
-global names, ``tensor_rules``): loaders merge shards into them on request
+global names, ``tensor_rules``; which tensors a model has and how each is split over tp
+is read from the model itself built on the meta device, ``reference_model``, never
+listed here): loaders merge shards into them on request
 (``megacore_format``, ``hf_format``), savers cut them for the target, one layer or one
 target file at a time. A :class:`Manifest` checks that every source tensor is consumed
 and every target entry written exactly once. ``tools/checkpoint/convert.py`` is the

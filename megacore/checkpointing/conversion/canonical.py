@@ -2,9 +2,9 @@
 
 A :class:`CanonicalSource` (megacore legacy or torch_dist, Hugging Face) exposes the
 model's :class:`GPTDescription`, the canonical tensor names in module order
-(``tensor_rules``), optimizer fields per param, and ``read(keys)``, which merges the
-physical shards of just those keys. Savers pull what they need, one layer (or one target
-file) at a time, so no side holds the whole model. Keys are ``model/<name>`` and
+(the model's, ``tensor_rules``), optimizer fields per param, and ``read(keys)``, which
+merges the physical shards of just those keys. Savers pull what they need, one layer (or
+one target file) at a time, so no side holds the whole model. Keys are ``model/<name>`` and
 ``optimizer/<field>/<name>``.
 
 ``common`` carries what is not a tensor: iteration, consumed samples, scheduler state,
@@ -21,7 +21,11 @@ import torch
 
 from megacore.checkpointing.conversion.manifest import Manifest
 from megacore.checkpointing.conversion.model_description import GPTDescription
-from megacore.checkpointing.conversion.tensor_rules import canonical_sort_key, parse_key
+from megacore.checkpointing.conversion.tensor_rules import (
+    canonical_sort_key,
+    layer_group,
+    parse_key,
+)
 
 __all__ = ["CanonicalSource", "CommonState", "layer_batches"]
 
@@ -63,7 +67,7 @@ class CanonicalSource:
 
     def model_names(self) -> List[str]:
         """Canonical model tensor names in module order."""
-        return sorted(self._names, key=canonical_sort_key)
+        return sorted(self._names, key=lambda n: canonical_sort_key(n, self.description))
 
     def optimizer_fields(self, name: str) -> List[str]:
         """Optimizer state fields saved for param ``name`` (empty: none)."""
@@ -103,7 +107,7 @@ def layer_batches(names: Sequence[str]) -> List[List[str]]:
     batches: List[List[str]] = []
     last = None
     for name in names:
-        group = canonical_sort_key(name)[:2]
+        group = layer_group(name)
         if group != last:
             batches.append([])
             last = group

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from megacore.checkpointing.conversion.canonical import CanonicalSource
 from megacore.checkpointing.conversion.hf_format import (
@@ -96,17 +96,22 @@ def detect_loader(load_dir: str) -> str:
 
 def open_source(loader: str, load_dir: str, manifest: Optional[Manifest] = None,
                 true_vocab_size: Optional[int] = None,
-                load_optimizer: bool = True) -> CanonicalSource:
-    """Open ``load_dir`` with loader ``loader`` (``auto`` detects it)."""
+                load_optimizer: bool = True, block_spec: Any = None) -> CanonicalSource:
+    """Open ``load_dir`` with loader ``loader`` (``auto`` detects it); ``block_spec``:
+    the decoder block spec of a megacore model with custom layers."""
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
     loader = detect_loader(load_dir) if loader == "auto" else _plugin(loader)
+    if block_spec is not None and loader != "megacore":
+        raise ValueError(f"block_spec (a custom megacore layer spec) needs a megacore "
+                         f"checkpoint; {load_dir} is read with the {loader!r} loader, whose "
+                         "tensor names come from its own format")
     if loader == "hf":
         return HFSource(load_dir, manifest)
     if loader == "megatron":
         return open_megatron_source(load_dir, manifest, true_vocab_size=true_vocab_size)
     return open_megacore_source(load_dir, manifest, true_vocab_size=true_vocab_size,
-                                load_optimizer=load_optimizer)
+                                load_optimizer=load_optimizer, block_spec=block_spec)
 
 
 def _check_names(source: CanonicalSource) -> None:
@@ -154,7 +159,8 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                        hf_architecture: Optional[str] = None,
                        max_shard_size: int = 2 * 1024 ** 3, save_optimizer: bool = True,
                        progress: bool = True,
-                       transformer_impl: str = "local") -> ConversionReport:
+                       transformer_impl: str = "local",
+                       block_spec: Any = None) -> ConversionReport:
     """Convert a checkpoint between megacore layouts/formats and Hugging Face.
 
     Args:
@@ -174,6 +180,9 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
         progress: progress bars on stderr.
         transformer_impl: Megatron legacy saver: ``local`` or ``transformer_engine``
             parameter names.
+        block_spec: the decoder block spec of a megacore model built with custom layers
+            (None: megacore's GPT spec); the converter reads the tensors and their tp
+            splits from the model this spec builds (megacore sources only).
 
     Raises:
         ConversionError: unknown, missing or unused tensors, or a model the target cannot
@@ -191,7 +200,8 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
     used_loader = detect_loader(load_dir) if loader == "auto" else _plugin(loader)
     with MemoryMonitor() as monitor:
         source = open_source(used_loader, load_dir, manifest, true_vocab_size,
-                             load_optimizer=save_optimizer and saver == "megacore")
+                             load_optimizer=save_optimizer and saver == "megacore",
+                             block_spec=block_spec)
         try:
             _check_names(source)
             os.makedirs(save_dir, exist_ok=True)

@@ -45,8 +45,6 @@ from megacore.checkpointing.conversion.tensor_rules import (
     WORD_EMBEDDING,
     MegacoreLayout,
     merge_from_tp,
-    model_key,
-    optimizer_key,
     parse_key,
     shard_rule,
     split_for_tp,
@@ -55,12 +53,12 @@ from megacore.checkpointing.dist_checkpoint import (
     _group_signature,
     read_common,
     read_dcp_metadata,
+    write_common,
+    write_dcp_tensors,
 )
-from megacore.checkpointing.atomic import atomic_torch_save
-from megacore.checkpointing.integrity import record_dcp_digests, torch_save_with_digest
-from megacore.checkpointing.legacy import read_legacy_file
+from megacore.checkpointing.integrity import record_dcp_digests
+from megacore.checkpointing.legacy import model_chunk_keys, read_legacy_file, write_legacy_file
 from megacore.checkpointing.paths import (
-    COMMON_FILENAME,
     LEGACY_FILENAME,
     detect_format,
     iteration_dir,
@@ -69,8 +67,8 @@ from megacore.checkpointing.paths import (
     write_tracker,
 )
 from megacore.checkpointing.safe_dcp import safe_dcp_load
-from megacore.checkpointing.save_load import CHECKPOINT_VERSION
-from megacore.package_info import __version__
+from megacore.checkpointing.save_load import common_state
+from megacore.checkpointing.sharded_state import block_key, model_key, optimizer_key
 from megacore.vocab_padding import pad_vocab_size
 
 __all__ = ["LegacySource", "DistSource", "LegacySaver", "DistSaver", "open_megacore_source",
@@ -80,8 +78,8 @@ _BLOCK = re.compile(r"^(.*)/block(\d+)$")
 _STACKED_BASE = re.compile(r"^(.*\.mlp\.experts\.(?:weight1|weight2|bias1|bias2))/expert\d+$")
 
 
-def chunk_keys(num_chunks: int) -> List[str]:
-    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+chunk_keys = model_chunk_keys
+"""The rank files' model chunk entries (``legacy.model_chunk_keys``)."""
 
 
 def _members(opt_state: Optional[dict]) -> List[dict]:
@@ -114,10 +112,13 @@ class LegacySource(CanonicalSource):
         manifest: bookkeeping (a new one by default).
         true_vocab_size: overrides the vocabulary size.
         load_optimizer: also expose the optimizer state.
+        block_spec: the decoder block spec the model was built with (None: megacore's
+            GPT spec), which says what tensors it has (``GPTDescription.block_spec``).
     """
 
     def __init__(self, iter_dir: str, manifest: Optional[Manifest] = None,
-                 true_vocab_size: Optional[int] = None, load_optimizer: bool = True):
+                 true_vocab_size: Optional[int] = None, load_optimizer: bool = True,
+                 block_spec: Any = None):
         super().__init__(manifest)
         self.iter_dir = iter_dir
         paths = sorted(glob.glob(os.path.join(iter_dir, "mp_rank_*", LEGACY_FILENAME)))
@@ -146,7 +147,7 @@ class LegacySource(CanonicalSource):
         rows = self._embedding_rows(chunks)
         self.description = GPTDescription.from_config_dict(
             first.get("config"), embedding_rows=rows, tp_size=tp,
-            true_vocab_size=true_vocab_size)
+            true_vocab_size=true_vocab_size, block_spec=block_spec)
         self.common = self._common(first, load_optimizer)
         # canonical key -> tp rank -> [(file key, path in the file, stack slot)]
         self.refs: Dict[str, Dict[int, List[tuple]]] = {}
@@ -190,8 +191,8 @@ class LegacySource(CanonicalSource):
 
     def _add_ref(self, key: str, t: int, ref: tuple, where: str) -> None:
         field, name = parse_key(key)
-        known = shard_rule(name) is not None or (field is not None and _STACKED_BASE.match(
-            f"{name}/expert0") is not None)
+        known = shard_rule(name, self.description) is not None or (
+            field is not None and _STACKED_BASE.match(f"{name}/expert0") is not None)
         if not known:
             self.manifest.add_unknown(where)
             return
@@ -252,7 +253,7 @@ class LegacySource(CanonicalSource):
                         raise ConversionError(f"{self.iter_dir}: the copies of {key} in the "
                                               "rank files differ; the checkpoint is inconsistent")
                 shards.append(tensors[0])
-            rule = shard_rule(name)
+            rule = shard_rule(name, self.description)
             if rule is None:  # 0-dim state of a stacked param
                 out[key] = shards[0].clone()
                 continue
@@ -265,7 +266,8 @@ class DistSource(CanonicalSource):
     """A torch_dist iteration directory as canonical tensors (args as :class:`LegacySource`)."""
 
     def __init__(self, iter_dir: str, manifest: Optional[Manifest] = None,
-                 true_vocab_size: Optional[int] = None, load_optimizer: bool = True):
+                 true_vocab_size: Optional[int] = None, load_optimizer: bool = True,
+                 block_spec: Any = None):
         super().__init__(manifest)
         self.iter_dir = iter_dir
         common = read_common(iter_dir)
@@ -277,7 +279,7 @@ class DistSource(CanonicalSource):
         emb = self.meta.get(model_key(WORD_EMBEDDING))
         self.description = GPTDescription.from_config_dict(
             common.get("config"), embedding_rows=int(emb.size[0]) if emb is not None else None,
-            tp_size=tp, true_vocab_size=true_vocab_size)
+            tp_size=tp, true_vocab_size=true_vocab_size, block_spec=block_spec)
         opt_common: Dict[str, Dict[str, Any]] = {}
         if load_optimizer:
             for member in common.get("optimizer") or []:
@@ -301,7 +303,7 @@ class DistSource(CanonicalSource):
             match = _BLOCK.match(dcp_key)
             key = match.group(1) if match else dcp_key
             field, name = parse_key(key) if "/" in key else (None, None)
-            known = name is not None and (shard_rule(name) is not None or (
+            known = name is not None and (shard_rule(name, self.description) is not None or (
                 field is not None and _STACKED_BASE.match(f"{name}/expert0") is not None))
             if not known:
                 self.manifest.add_unknown(dcp_key)
@@ -324,7 +326,7 @@ class DistSource(CanonicalSource):
         for key in keys:
             _, name = parse_key(key)
             parts = [request[k] for k in self.blocks[key]]
-            rule = shard_rule(name)
+            rule = shard_rule(name, self.description)
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=rule.tp_dim)
             if rule is not None and rule.vocab and tensor.dim() > 0:
                 tensor = tensor[:self.description.vocab_size].contiguous()
@@ -334,24 +336,25 @@ class DistSource(CanonicalSource):
 
 def open_megacore_source(load_dir: str, manifest: Optional[Manifest] = None,
                          true_vocab_size: Optional[int] = None,
-                         load_optimizer: bool = True) -> CanonicalSource:
-    """The latest checkpoint under ``load_dir`` (or an iteration directory), either format."""
+                         load_optimizer: bool = True, block_spec: Any = None
+                         ) -> CanonicalSource:
+    """The latest checkpoint under ``load_dir`` (or an iteration directory), either format
+    (``block_spec``: as for :class:`LegacySource`)."""
     iter_dir, _ = resolve_checkpoint_dir(load_dir)
     cls = LegacySource if detect_format(iter_dir) == "torch" else DistSource
     return cls(iter_dir, manifest, true_vocab_size=true_vocab_size,
-               load_optimizer=load_optimizer)
+               load_optimizer=load_optimizer, block_spec=block_spec)
 
 
 # -- savers -------------------------------------------------------------------------------
 def _common_dict(source: CanonicalSource, layout: MegacoreLayout, fmt: str) -> Dict[str, Any]:
     c = source.common
-    return {"checkpoint_format": fmt, "checkpoint_version": CHECKPOINT_VERSION,
-            "megacore_version": __version__, "iteration": c.iteration,
-            "consumed_train_samples": c.consumed_train_samples,
-            "consumed_valid_samples": c.consumed_valid_samples,
-            "config": source.description.to_config_dict(layout.config_fields()),
-            "parallel_layout": layout.degrees(), "num_model_chunks": layout.num_chunks,
-            "extra_state": c.extra_state, "opt_param_scheduler": c.opt_param_scheduler}
+    return common_state(
+        ckpt_format=fmt, iteration=c.iteration, parallel_layout=layout.degrees(),
+        num_model_chunks=layout.num_chunks, consumed_train_samples=c.consumed_train_samples,
+        consumed_valid_samples=c.consumed_valid_samples,
+        config_dict=source.description.to_config_dict(layout.config_fields()),
+        extra_state=c.extra_state, opt_param_scheduler=c.opt_param_scheduler)
 
 
 class _Saver:
@@ -422,7 +425,7 @@ class LegacySaver(_Saver):
             keys += self._stacked_scalar_keys(source, group)
             tensors = source.read(list(dict.fromkeys(keys)))
             for chunk, name, local, slot in group:
-                rule = shard_rule(name)
+                rule = shard_rule(name, desc)
                 kind = "expert" if rule.expert else "dense"
                 values = {"model": tensors[model_key(name)]}
                 for field in (source.optimizer_fields(name) if self.save_optimizer else []):
@@ -510,9 +513,7 @@ def write_rank_file(iter_dir: str, layout: MegacoreLayout, t: int, p: int, e: in
                     state: Dict[str, Any], digest: bool = False) -> None:
     """Atomically write the rank file of (tp ``t``, pp ``p``, ep ``e``), with its digest
     sidecar for a megacore checkpoint (``digest``; Megatron-LM's layout has none)."""
-    path = legacy_file_path(iter_dir, t, p, layout.pp, e, layout.ep)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    (torch_save_with_digest if digest else atomic_torch_save)(state, path)
+    write_legacy_file(legacy_file_path(iter_dir, t, p, layout.pp, e, layout.ep), state, digest)
 
 
 def rank_file_placements(layout: MegacoreLayout, names: List[str], desc: GPTDescription,
@@ -555,8 +556,6 @@ class DistSaver(_Saver):
     fmt = "torch_dist"
 
     def save(self, source: CanonicalSource) -> str:
-        import torch.distributed.checkpoint as dcp
-
         iter_dir = self._prepare(source)
         desc = source.description
         names = source.model_names()
@@ -582,7 +581,7 @@ class DistSaver(_Saver):
             bar.close()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                dcp.save(state, checkpoint_id=iter_dir, no_dist=True)
+                write_dcp_tensors(state, iter_dir, no_dist=True)
             record_dcp_digests(iter_dir, 0, coordinator=True)
             del state
         finally:
@@ -593,7 +592,7 @@ class DistSaver(_Saver):
                                    for k in ("dense", "expert")
                                    if k in source.common.optimizer_common]
         os.makedirs(os.path.join(iter_dir, "rng"), exist_ok=True)
-        torch_save_with_digest(common, os.path.join(iter_dir, COMMON_FILENAME))
+        write_common(iter_dir, common)
         write_tracker(self.save_dir, source.common.iteration)
         return iter_dir
 
@@ -604,7 +603,7 @@ class DistSaver(_Saver):
         out = {}
         for key, tensor in tensors.items():
             _, name = parse_key(key)
-            rule = shard_rule(name)
+            rule = shard_rule(name, desc)
             if rule is None or tensor.dim() == 0 or rule.tp_dim is None:
                 out[key] = tensor
                 continue
@@ -613,10 +612,10 @@ class DistSaver(_Saver):
                 padded = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
                 padded[:tensor.shape[0]] = tensor
                 tensor = padded
-            stride = rule.stride(desc)
+            stride = rule.stride
             if stride == 1 or rule.qkv:
                 out[key] = tensor
             else:
                 for j, block in enumerate(tensor.chunk(stride, dim=rule.tp_dim)):
-                    out[f"{key}/block{j}"] = block.contiguous()
+                    out[block_key(key, j)] = block.contiguous()
         return out

@@ -282,7 +282,7 @@ class MegatronDistSource(CanonicalSource):
                 optimizer_keys += 1
                 continue
             for name, index in self._canonical(key, tuple(meta.size)):
-                if shard_rule(name) is None:
+                if shard_rule(name, self.description) is None:
                     self.manifest.add_unknown(key)
                     continue
                 self.refs[model_key(name)] = (key, index)
@@ -323,7 +323,7 @@ class MegatronDistSource(CanonicalSource):
                 raise ConversionError(f"{self.iter_dir}: no tensor {key}")
             dcp_key, index = self.refs[key]
             tensor = self._stacked(dcp_key)[index] if index else self._stacked(dcp_key)
-            rule = shard_rule(parse_key(key)[1])
+            rule = shard_rule(parse_key(key)[1], self.description)
             if rule.vocab:
                 tensor = tensor[:self.description.vocab_size]
             out[key] = tensor.clone()
@@ -353,6 +353,7 @@ class _MegatronSaver:
 
     def _prepare(self, source: CanonicalSource) -> Tuple[str, GPTDescription, Any]:
         desc = source.description
+        self.description = desc
         try:
             self.layout.check(desc)
         except ValueError as exc:
@@ -387,7 +388,7 @@ class _MegatronSaver:
 
     def _padded(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A vocabulary tensor padded with zero rows to Megatron's padded vocabulary."""
-        rule = shard_rule(name)
+        rule = shard_rule(name, self.description)
         if rule is None or not rule.vocab or tensor.shape[0] == self.padded_vocab:
             return tensor
         padded = tensor.new_zeros((self.padded_vocab,) + tuple(tensor.shape[1:]))
@@ -429,7 +430,7 @@ class MegatronLegacySaver(_MegatronSaver):
                      tag: str, manifest: Manifest) -> List[Dict[str, Any]]:
         chunks: List[Dict[str, Any]] = [dict() for _ in range(self.layout.num_chunks)]
         for chunk, name, local, _ in placements:
-            rule = shard_rule(name)
+            rule = shard_rule(name, desc)
             full = self._padded(name, tensors[model_key(name)])
             layer = layer_index(local)
             moe = layer is not None and desc.is_moe_layer(layer_index(name))

@@ -4,7 +4,8 @@
 (``run_config_to_dict``: sections ``model`` = ``TransformerConfig`` fields and ``gpt`` =
 ``GPTModelArgs``) or from a Hugging Face ``config.json`` (``hf_mappings``), and written
 back into the target's configuration. It decides the tensor names, their shapes and how
-they are split over tp (``tensor_rules``).
+they are split over tp, read from the model built for it on the meta device
+(:meth:`GPTDescription.model_tensors`, ``reference_model``).
 
 Two facts are not in a run configuration: the true vocabulary size (pretrain passes the
 tokenizer's size rounded up to ``make_vocab_size_divisible_by``; the checkpoint holds it
@@ -22,6 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from megacore.checkpointing.conversion.reference_model import ModelTensors, build_model_tensors
 from megacore.checkpointing.errors import CheckpointError
 from megacore.transformer.activations import openai_gelu
 
@@ -90,6 +92,9 @@ class GPTDescription:
             (:class:`~megacore.transformer.mla_config.MLAConfig`).
         params_dtype: dtype name of the weights (``float32``, ``bfloat16``, ``float16``).
         config_dict: the full saved configuration this came from (carried to the target).
+        block_spec: the decoder block spec the model was built with (None: megacore's
+            GPT spec for the config); a program with custom layers passes its own so its
+            extra parameters convert. Not saved.
     """
 
     num_layers: int
@@ -146,8 +151,10 @@ class GPTDescription:
     mscale_all_dim: float = 0.0
     params_dtype: str = "float32"
     config_dict: Optional[Dict[str, Any]] = dataclasses.field(default=None, repr=False)
+    block_spec: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        self._tensors: Optional[Tuple[str, ModelTensors]] = None  # not a field: a cache
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.num_query_groups is None:
@@ -184,6 +191,17 @@ class GPTDescription:
         if isinstance(freq, int):
             return layer % freq == 0
         return bool(list(freq)[layer])
+
+    def model_tensors(self) -> ModelTensors:
+        """Canonical tensor names (module order) and tp splits of this model, read from
+        the model itself built on the meta device (``reference_model``). Built once, and
+        again only when a field changed since."""
+        key = repr([(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                    if f.name not in ("config_dict", "block_spec")])
+        key += f"/{id(self.block_spec)}"
+        if self._tensors is None or self._tensors[0] != key:
+            self._tensors = (key, build_model_tensors(self, self.block_spec))
+        return self._tensors[1]
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -268,8 +286,8 @@ class GPTDescription:
     # -- from megacore ---------------------------------------------------------------
     @classmethod
     def from_config_dict(cls, config_dict: Dict[str, Any], *, embedding_rows: Optional[int],
-                         tp_size: int, true_vocab_size: Optional[int] = None
-                         ) -> "GPTDescription":
+                         tp_size: int, true_vocab_size: Optional[int] = None,
+                         block_spec: Any = None) -> "GPTDescription":
         """From a saved run configuration (``model``/``gpt`` sections).
 
         Args:
@@ -278,6 +296,7 @@ class GPTDescription:
                 :func:`infer_vocab_size` when the vocabulary is not recorded.
             tp_size: the tp size those rows were padded for.
             true_vocab_size: overrides everything (``--true-vocab-size``).
+            block_spec: the model's decoder block spec (None: megacore's GPT spec).
         """
         if not config_dict or "model" not in config_dict:
             raise CheckpointError("the checkpoint carries no model configuration ('config' "
@@ -295,7 +314,7 @@ class GPTDescription:
         gated = bool(model.get("gated_linear_unit", False))
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in model.items() if k in fields and v is not None}
-        kw.update(vocab_size=int(vocab), config_dict=config_dict,
+        kw.update(vocab_size=int(vocab), config_dict=config_dict, block_spec=block_spec,
                   activation=extra.get("activation", _activation_name(model, gated)),
                   params_dtype=str(model.get("params_dtype", "float32")).replace("torch.", ""),
                   max_position_embeddings=int(gpt.get("max_position_embeddings")

@@ -12,13 +12,18 @@ under its global name (``sharded_state``'s naming, also the torch_dist keys with
 * vocabulary rows unpadded (``V``); a tied output layer is not a tensor of its own.
 
 Optimizer state is canonical too: ``optimizer/<field>/<name>``, shaped and split like the
-param (0-dim ``step`` replicated).
+param (0-dim ``step`` replicated). Keys are ``sharded_state``'s (:func:`model_key`,
+:func:`optimizer_key`): one spelling online and offline.
 
-:class:`ShardRule` says how a canonical tensor is cut for tp ``t``: ``tp_dim``,
-``stride`` (``t * stride`` blocks, rank ``r`` keeps ``r, r + t, ...``, as
-``tensor_parallel.layers`` does), replicated k/v rows when ``ng < t``, vocabulary padding
-to a multiple of ``t``. :class:`MegacoreLayout` says which rank file holds it and under
-which local name (pipeline stage by layer, ep rank by expert).
+Which tensors a model has, in which order, and how each is split are not listed here:
+they are read from the model itself, built on the meta device for the description
+(``GPTDescription.model_tensors``, ``reference_model``), through ``tensor_split``, the
+function the online format uses. :class:`ShardRule` is that split as the converter
+applies it for tp ``t``: ``tp_dim``, ``stride`` (``t * stride`` blocks, rank ``r`` keeps
+``r, r + t, ...``, as ``tensor_parallel.layers`` does), replicated k/v rows when
+``ng < t``, vocabulary padding to a multiple of ``t``. :class:`MegacoreLayout` says which
+rank file holds it and under which local name (pipeline stage by layer, ep rank by
+expert).
 
 Worked example (4 layers, 4 experts, tp=2, pp=2, ep=2): ``decoder.layers.3.mlp.experts.
 local_experts.2.linear_fc1.weight`` lives in files ``mp_rank_0{0,1}_001_001`` (tp ranks
@@ -37,14 +42,17 @@ import torch
 
 from megacore.checkpointing.conversion.model_description import GPTDescription
 from megacore.checkpointing.errors import CheckpointError
+from megacore.checkpointing.sharded_state import model_key, optimizer_key
+from megacore.checkpointing.tensor_split import QKVGroups
 from megacore.pipeline_parallel.layer_split import get_layer_offset_and_count
 from megacore.tensor_parallel.layers import _shard_master_weight
 from megacore.transformer.qkv_layout import collapse_qkv_rows, expand_qkv_rows
 from megacore.vocab_padding import pad_vocab_size
 
-__all__ = ["ShardRule", "shard_rule", "canonical_sort_key", "MegacoreLayout", "Location",
-           "split_for_tp", "merge_from_tp", "WORD_EMBEDDING", "OUTPUT_LAYER", "model_key",
-           "optimizer_key", "parse_key", "expected_model_names", "layer_index", "expert_index"]
+__all__ = ["ShardRule", "shard_rule", "canonical_sort_key", "layer_group", "MegacoreLayout",
+           "Location", "split_for_tp", "merge_from_tp", "WORD_EMBEDDING", "OUTPUT_LAYER",
+           "model_key", "optimizer_key", "parse_key", "expected_model_names", "layer_index",
+           "expert_index"]
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
@@ -53,117 +61,54 @@ _SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 _STACKED_EXPERT = re.compile(r"^mlp\.experts\.(weight1|weight2|bias1|bias2)/expert(\d+)$")
 _STACKED_LOCAL = re.compile(
     r"^(decoder\.layers\.\d+\.mlp\.experts\.)(weight1|weight2|bias1|bias2)$")
-
-
-def model_key(name: str) -> str:
-    return f"model/{name}"
-
-
-def optimizer_key(field: str, name: str) -> str:
-    return f"optimizer/{field}/{name}"
+_MODEL_PREFIX = model_key("")
 
 
 def parse_key(key: str) -> Tuple[Optional[str], str]:
     """``(optimizer field or None, canonical name)`` of a canonical key."""
-    if key.startswith("model/"):
-        return None, key[len("model/"):]
+    if key.startswith(_MODEL_PREFIX):
+        return None, key[len(_MODEL_PREFIX):]
     _, field, name = key.split("/", 2)
     return field, name
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardRule:
-    """How a canonical tensor is split over tp (see the module docstring).
+    """How the converter splits a canonical tensor over tp (see the module docstring):
+    the model's ``tensor_split.TensorSplit`` plus its place in module order.
 
     Attributes:
         tp_dim: split dim, None when replicated over tp.
-        gated_stride: stride 2 when the model is gated (fc1 of a gated MLP), else 1.
-        qkv: the fused QKV (k/v rows replicated when ``ng < tp``).
+        stride: blocks per rank along ``tp_dim`` (2 for a gated fc1 ``[gate; up]``).
+        qkv: head geometry of the fused QKV (k/v rows replicated when ``ng < tp``).
         vocab: dim 0 is the vocabulary (padded to a multiple of tp).
         expert: a routed expert's tensor (split over expert-tp, placed by ep).
-        order: position in module order (sorting key inside a layer).
+        order: position in the model's module order.
     """
 
     tp_dim: Optional[int] = None
-    gated_stride: bool = False
-    qkv: bool = False
+    stride: int = 1
+    qkv: Optional[QKVGroups] = None
     vocab: bool = False
     expert: bool = False
     order: int = 0
 
-    def stride(self, desc: GPTDescription) -> int:
-        return 2 if self.gated_stride and desc.gated_linear_unit else 1
 
-
-_REPL, _ROW = dict(), dict(tp_dim=1)
-_FC1 = dict(tp_dim=0, gated_stride=True)
-# Suffixes inside a dense layer, in module order (the order matters for the optimizer's
-# param groups, which follow named_parameters order).
-_LAYER_RULES: List[Tuple[str, dict]] = [
-    ("input_layernorm.weight", _REPL), ("input_layernorm.bias", _REPL),
-    ("self_attention.linear_qkv.weight", dict(tp_dim=0, qkv=True)),
-    ("self_attention.linear_qkv.bias", dict(tp_dim=0, qkv=True)),
-    # Multi-latent attention: replicated down-projections and latent norm, up-projections
-    # column-parallel over heads (rows head-major).
-    ("self_attention.linear_q_proj.weight", dict(tp_dim=0)),
-    ("self_attention.linear_q_down_proj.weight", _REPL),
-    ("self_attention.linear_q_up_proj.weight", dict(tp_dim=0)),
-    ("self_attention.linear_kv_down_proj.weight", _REPL),
-    ("self_attention.kv_layernorm.weight", _REPL),
-    ("self_attention.linear_kv_up_proj.weight", dict(tp_dim=0)),
-    ("self_attention.linear_proj.weight", _ROW), ("self_attention.linear_proj.bias", _REPL),
-    ("self_attention.q_layernorm.weight", _REPL), ("self_attention.q_layernorm.bias", _REPL),
-    ("self_attention.k_layernorm.weight", _REPL), ("self_attention.k_layernorm.bias", _REPL),
-    ("pre_mlp_layernorm.weight", _REPL), ("pre_mlp_layernorm.bias", _REPL),
-    ("mlp.linear_fc1.weight", _FC1), ("mlp.linear_fc1.bias", _FC1),
-    ("mlp.linear_fc2.weight", _ROW), ("mlp.linear_fc2.bias", _REPL),
-    ("mlp.router.weight", _REPL), ("mlp.router.expert_bias", _REPL),
-    ("<experts>", _REPL),
-    ("mlp.shared_experts.mlp.linear_fc1.weight", _FC1),
-    ("mlp.shared_experts.mlp.linear_fc1.bias", _FC1),
-    ("mlp.shared_experts.mlp.linear_fc2.weight", _ROW),
-    ("mlp.shared_experts.mlp.linear_fc2.bias", _REPL),
-    ("mlp.shared_experts.gate_weight", _REPL),
-]
-_LAYER_TABLE = {suffix: ShardRule(order=i, **kw) for i, (suffix, kw) in enumerate(_LAYER_RULES)}
-_EXPERT_ORDER = _LAYER_TABLE["<experts>"].order
-_EXPERT_RULES = {  # inside local_experts.<E>.
-    "linear_fc1.weight": ShardRule(tp_dim=0, gated_stride=True, expert=True, order=0),
-    "linear_fc1.bias": ShardRule(tp_dim=0, gated_stride=True, expert=True, order=1),
-    "linear_fc2.weight": ShardRule(tp_dim=1, expert=True, order=2),
-    "linear_fc2.bias": ShardRule(expert=True, order=3),
-}
-_STACKED_RULES = {  # per-expert slices of GroupedMLP's stacked params
-    "weight1": ShardRule(tp_dim=1, gated_stride=True, expert=True, order=0),  # [h, F1]
-    "weight2": ShardRule(tp_dim=0, expert=True, order=1),                     # [f, h]
-    "bias1": ShardRule(tp_dim=0, gated_stride=True, expert=True, order=2),    # [F1]
-    "bias2": ShardRule(expert=True, order=3),                                 # [h]
-}
-_TOP_RULES = {
-    WORD_EMBEDDING: ShardRule(tp_dim=0, vocab=True, order=0),
-    "embedding.position_embeddings.weight": ShardRule(order=1),
-    "decoder.final_layernorm.weight": ShardRule(order=2),
-    "decoder.final_layernorm.bias": ShardRule(order=3),
-    OUTPUT_LAYER: ShardRule(tp_dim=0, vocab=True, order=4),
-}
-
-
-def shard_rule(name: str) -> Optional[ShardRule]:
-    """The rule of a canonical model tensor name, or None for a name megacore's GPT does
-    not have (the manifest reports those)."""
-    if name in _TOP_RULES:
-        return _TOP_RULES[name]
-    match = _LAYER.match(name)
-    if not match:
+def shard_rule(name: str, desc: GPTDescription) -> Optional[ShardRule]:
+    """The rule of canonical model tensor ``name`` in the model ``desc`` describes, or
+    None for a name that model does not have (the manifest reports those)."""
+    tensors = desc.model_tensors()
+    split = tensors.splits.get(name)
+    if split is None:
         return None
-    suffix = match.group(2)
-    expert = _SEQ_EXPERT.match(suffix)
-    if expert:
-        return _EXPERT_RULES.get(expert.group(2))
-    stacked = _STACKED_EXPERT.match(suffix)
-    if stacked:
-        return _STACKED_RULES[stacked.group(1)]
-    return None if suffix == "<experts>" else _LAYER_TABLE.get(suffix)
+    return ShardRule(tp_dim=split.tp_dim, stride=split.stride, qkv=split.qkv,
+                     vocab=split.vocab, expert=split.expert, order=tensors.order[name])
+
+
+def expected_model_names(desc: GPTDescription) -> List[str]:
+    """Every canonical model tensor ``desc`` implies, in module order: what a converted
+    checkpoint must contain, no more, no less (read from the model itself)."""
+    return list(desc.model_tensors().names)
 
 
 def expert_index(name: str) -> Optional[int]:
@@ -183,26 +128,24 @@ def layer_index(name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def canonical_sort_key(name: str) -> Tuple:
-    """Module order: embedding, layers (in layer order, each in module order, experts by
-    index), final norm, output layer."""
-    rule = shard_rule(name)
-    order = rule.order if rule is not None else 99
+def layer_group(name: str) -> Tuple[int, int]:
+    """``(section, layer)``: embedding (0), a layer (1, its index), the rest (2, 0)."""
     layer = layer_index(name)
     if layer is None:
-        section = 0 if name.startswith("embedding.") else 2
-        return (section, 0, order, 0, 0, name)
-    expert = expert_index(name)
-    if expert is not None:
-        return (1, layer, _EXPERT_ORDER, expert, order, name)
-    return (1, layer, order, 0, 0, name)
+        return (0 if name.startswith("embedding.") else 2, 0)
+    return (1, layer)
+
+
+def canonical_sort_key(name: str, desc: GPTDescription) -> Tuple:
+    """Module order of the model ``desc`` describes (names it lacks last in their
+    section)."""
+    order = desc.model_tensors().order
+    return layer_group(name) + (order.get(name, len(order)), name)
 
 
 # -- tp split and merge -------------------------------------------------------------------
-def _qkv_kw(desc: GPTDescription, tp: int) -> dict:
-    return dict(num_attention_heads=desc.num_attention_heads,
-                num_query_groups=desc.num_query_groups, kv_channels=desc.kv_channels,
-                tp_size=tp)
+def _qkv_kw(rule: ShardRule, tp: int) -> dict:
+    return rule.qkv.layout_kwargs(tp)
 
 
 def split_for_tp(full: torch.Tensor, rule: ShardRule, desc: GPTDescription,
@@ -217,9 +160,8 @@ def split_for_tp(full: torch.Tensor, rule: ShardRule, desc: GPTDescription,
             padded[:min(rows, full.shape[0])] = full[:rows]
             full = padded
     if rule.qkv:
-        full = expand_qkv_rows(full, **_qkv_kw(desc, tp))
-    stride = rule.stride(desc)
-    return [_shard_master_weight(full, rule.tp_dim, stride, r, tp).contiguous()
+        full = expand_qkv_rows(full, **_qkv_kw(rule, tp))
+    return [_shard_master_weight(full, rule.tp_dim, rule.stride, r, tp).contiguous()
             for r in range(tp)]
 
 
@@ -231,16 +173,16 @@ def merge_from_tp(shards: List[torch.Tensor], rule: ShardRule, desc: GPTDescript
     if shards[0].dim() == 0 or rule.tp_dim is None:
         _check_replicas(shards, name)
         return shards[0]
-    stride = rule.stride(desc)
+    stride = rule.stride
     if stride == 1:
         full = torch.cat(shards, dim=rule.tp_dim)
     else:  # rank r holds blocks r, r + tp, ...: block j of every rank forms 1/stride
         parts = [s.chunk(stride, dim=rule.tp_dim) for s in shards]
         full = torch.cat([parts[r][j] for j in range(stride) for r in range(tp)],
                          dim=rule.tp_dim)
-    if rule.qkv and desc.num_query_groups < tp:
-        collapsed = collapse_qkv_rows(full, **_qkv_kw(desc, tp))
-        _check_replicas([full, expand_qkv_rows(collapsed, **_qkv_kw(desc, tp))], name)
+    if rule.qkv and rule.qkv.num_query_groups < tp:
+        collapsed = collapse_qkv_rows(full, **_qkv_kw(rule, tp))
+        _check_replicas([full, expand_qkv_rows(collapsed, **_qkv_kw(rule, tp))], name)
         full = collapsed
     if rule.vocab:
         full = full[:desc.vocab_size]
@@ -392,72 +334,3 @@ class MegacoreLayout:
                 "virtual_pipeline_model_parallel_size": self.vpp,
                 "num_layers_in_first_pipeline_stage": self.first_stage_layers,
                 "num_layers_in_last_pipeline_stage": self.last_stage_layers}
-
-
-def _norm(prefix: str, desc: GPTDescription) -> List[str]:
-    return [f"{prefix}.weight"] + ([f"{prefix}.bias"] if desc.normalization == "LayerNorm" else [])
-
-
-def _linear(prefix: str, bias: bool) -> List[str]:
-    return [f"{prefix}.weight"] + ([f"{prefix}.bias"] if bias else [])
-
-
-def _moe_names(p: str, desc: GPTDescription) -> List[str]:
-    bias = desc.add_bias_linear
-    names = [f"{p}.mlp.router.weight"]
-    if desc.moe_router_enable_expert_bias:
-        names.append(f"{p}.mlp.router.expert_bias")
-    for e in range(desc.num_moe_experts):
-        if desc.moe_grouped_gemm:
-            names += [f"{p}.mlp.experts.weight1/expert{e}", f"{p}.mlp.experts.weight2/expert{e}"]
-            names += [f"{p}.mlp.experts.bias1/expert{e}",
-                      f"{p}.mlp.experts.bias2/expert{e}"] if bias else []
-        else:
-            names += _linear(f"{p}.mlp.experts.local_experts.{e}.linear_fc1", bias)
-            names += _linear(f"{p}.mlp.experts.local_experts.{e}.linear_fc2", bias)
-    if desc.moe_shared_expert_intermediate_size:
-        names += _linear(f"{p}.mlp.shared_experts.mlp.linear_fc1", bias)
-        names += _linear(f"{p}.mlp.shared_experts.mlp.linear_fc2", bias)
-        if desc.moe_shared_expert_gate:
-            names.append(f"{p}.mlp.shared_experts.gate_weight")
-    return names
-
-
-def _mla_names(p: str, desc: GPTDescription) -> List[str]:
-    if desc.q_lora_rank is None:
-        names = [f"{p}.linear_q_proj.weight"]
-    else:
-        names = [f"{p}.linear_q_down_proj.weight", *_norm(f"{p}.q_layernorm", desc),
-                 f"{p}.linear_q_up_proj.weight"]
-    return names + [f"{p}.linear_kv_down_proj.weight", *_norm(f"{p}.kv_layernorm", desc),
-                    f"{p}.linear_kv_up_proj.weight"]
-
-
-def expected_model_names(desc: GPTDescription) -> List[str]:
-    """Every canonical model tensor ``desc`` implies, in module order: what a converted
-    checkpoint must contain, no more, no less."""
-    names = [WORD_EMBEDDING]
-    if desc.position_embedding_type == "learned_absolute":
-        names.append("embedding.position_embeddings.weight")
-    for layer in range(desc.num_layers):
-        p = f"decoder.layers.{layer}"
-        names += _norm(f"{p}.input_layernorm", desc)
-        if desc.multi_latent_attention:
-            names += _mla_names(f"{p}.self_attention", desc)
-        else:
-            names += _linear(f"{p}.self_attention.linear_qkv",
-                             desc.add_bias_linear or desc.add_qkv_bias)
-        names += _linear(f"{p}.self_attention.linear_proj", desc.add_bias_linear)
-        if desc.qk_layernorm and not desc.multi_latent_attention:
-            names += _norm(f"{p}.self_attention.q_layernorm", desc)
-            names += _norm(f"{p}.self_attention.k_layernorm", desc)
-        names += _norm(f"{p}.pre_mlp_layernorm", desc)
-        if desc.is_moe_layer(layer):
-            names += _moe_names(p, desc)
-        else:
-            names += _linear(f"{p}.mlp.linear_fc1", desc.add_bias_linear)
-            names += _linear(f"{p}.mlp.linear_fc2", desc.add_bias_linear)
-    names += _norm("decoder.final_layernorm", desc)
-    if not desc.share_embeddings_and_output_weights:
-        names.append(OUTPUT_LAYER)
-    return names
