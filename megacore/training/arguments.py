@@ -167,7 +167,7 @@ FLAGS: List[Flag] = [
     _f("--num-virtual-stages-per-pipeline-rank", "model", "virtual_pipeline_model_parallel_size"),
     _f("--decoder-first-pipeline-num-layers", "model", "num_layers_in_first_pipeline_stage"),
     _f("--decoder-last-pipeline-num-layers", "model", "num_layers_in_last_pipeline_stage"),
-    _f("--pipeline-schedule", "model", choices=["1f1b", "interleaved-1f1b", "zb-h1"]),
+    _f("--pipeline-schedule", "model", choices=["1f1b", "interleaved-1f1b", "zb-h1", "zbv"]),
     _f("--context-parallel-size", "model"), _f("--expert-model-parallel-size", "model"),
     _f("--expert-tensor-parallel-size", "model"),
     _f("--sequence-parallel", "model"),
@@ -940,11 +940,37 @@ def _check_pipeline(run: RunConfig, world_size: int) -> None:
     if pp == 1 and m.pipeline_schedule is not None:
         _fail(f"--pipeline-schedule {m.pipeline_schedule} needs "
               "--pipeline-model-parallel-size > 1")
+    if m.pipeline_schedule == "zbv":
+        _check_zbv(run)
     try:
         pipeline_layer_counts(m.num_layers, pp, m.virtual_pipeline_model_parallel_size,
                               first, last)
         validate_pipeline_schedule(m.pipeline_schedule, pp,
                                    m.virtual_pipeline_model_parallel_size)
+    except ValueError as e:
+        raise ArgumentValidationError(str(e)) from e
+
+
+def _check_zbv(run: RunConfig) -> None:
+    """ZBV runs exactly two chunks per rank (set here when not given), evenly split, with
+    the output layer untied (its two ends are different chunks of rank 0)."""
+    from megacore.pipeline_parallel.layer_split import get_layer_offset_and_count
+
+    m = run.model
+    if m.virtual_pipeline_model_parallel_size is None:
+        m.virtual_pipeline_model_parallel_size = 2
+    if not run.gpt.untie_embeddings_and_output_weights:
+        _fail("--pipeline-schedule zbv needs --untie-embeddings-and-output-weights: the word "
+              "embedding (rank 0, chunk 0) and the output layer (rank 0, chunk 1) are "
+              "different chunks, and tying them across chunks is not implemented")
+    if run.ddp.use_torch_fsdp2:
+        _fail("--use-torch-fsdp2 cannot be combined with --pipeline-schedule zbv (its split "
+              "backward bypasses FSDP2's backward hooks)")
+    try:
+        get_layer_offset_and_count(m.num_layers, m.pipeline_model_parallel_size, 0,
+                                   m.virtual_pipeline_model_parallel_size, 0,
+                                   m.num_layers_in_first_pipeline_stage,
+                                   m.num_layers_in_last_pipeline_stage, v_shape=True)
     except ValueError as e:
         raise ArgumentValidationError(str(e)) from e
 
