@@ -966,6 +966,11 @@ def _check_zbv(run: RunConfig) -> None:
     if run.ddp.use_torch_fsdp2:
         _fail("--use-torch-fsdp2 cannot be combined with --pipeline-schedule zbv (its split "
               "backward bypasses FSDP2's backward hooks)")
+    c = run.checkpoint
+    if c.ckpt_format == "torch" and bool(c.save or c.load):
+        _fail("--pipeline-schedule zbv cannot save or load --ckpt-format torch (its files "
+              "key chunks by position, which hold other layers in the V); use --ckpt-format "
+              "torch_dist")
     try:
         get_layer_offset_and_count(m.num_layers, m.pipeline_model_parallel_size, 0,
                                    m.virtual_pipeline_model_parallel_size, 0,
@@ -988,7 +993,8 @@ def _check_batch(run: RunConfig, world_size: int) -> None:
     run.num_microbatches = t.global_batch_size // (mbs * dp)
     vpp = run.model.virtual_pipeline_model_parallel_size
     pp = run.model.pipeline_model_parallel_size
-    if vpp is not None and run.num_microbatches % pp:
+    # ZBV runs any number of micro-batches (schedule_plan.zbv_compute_order).
+    if vpp is not None and run.model.pipeline_schedule != "zbv" and run.num_microbatches % pp:
         _fail(f"the interleaved schedule needs the number of micro-batches "
               f"(--global-batch-size / (--micro-batch-size x dp) = {run.num_microbatches}) to "
               f"be divisible by --pipeline-model-parallel-size {pp}")
