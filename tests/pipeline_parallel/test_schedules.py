@@ -294,3 +294,11 @@ def test_collect_non_loss_data_only_in_forward_only():
         forward_backward_no_pipelining(
             forward_step_func=forward_step_func, data_iterator=iter([]), model=stage,
             num_microbatches=1, collect_non_loss_data=True)
+
+
+def test_zbv_refuses_p2p_without_tags(monkeypatch):
+    # NCCL pairs a link's messages in posting order; ZBV's orders need gloo's tags.
+    from megacore.pipeline_parallel import schedules
+    monkeypatch.setattr(schedules.dist, "get_backend", lambda group: "nccl")
+    with pytest.raises(ValueError, match="--pipeline-schedule zbv needs gloo p2p"):
+        schedules._check_tag_matched_p2p(type("Comm", (), {"group": None})())
