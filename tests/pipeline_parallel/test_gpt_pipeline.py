@@ -197,3 +197,11 @@ def test_gpt_pipeline_matches_single_process(tp, pp):
     ref = run_distributed(_reference, 1, args=(cases,))[0]
     per_rank = run_distributed(_run_cases, tp * pp, args=(tp, pp, cases), timeout=240)
     _compare(cases, ref, per_rank, pp)
+
+
+def test_zbv_refuses_tied_embeddings():
+    # The tie would join chunks of pipeline rank 0, not the first and last rank.
+    config = _config(dict(vpp=2, layers=4, schedule="zbv"), 1, 2)
+    with pytest.raises(ValueError, match="--untie-embeddings-and-output-weights"):
+        GPTModel(config, get_gpt_layer_local_spec(), VOCAB, max_sequence_length=SEQ,
+                 share_embeddings_and_output_weights=True, vp_stage=0)
