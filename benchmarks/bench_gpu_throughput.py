@@ -46,7 +46,7 @@ from megacore import device, parallel_state  # noqa: E402
 from megacore.distributed import (  # noqa: E402
     DistributedDataParallel,
     DistributedDataParallelConfig,
-    finalize_model_grads,
+    build_training_hooks,
 )
 from megacore.models.gpt import (  # noqa: E402
     GPTModel,
@@ -143,19 +143,18 @@ def build_megacore(shape: Shape, bf16: bool, backend: AttnBackend, compile_layer
     if compile_layers:
         for layer in gpt.decoder.layers:
             layer.compile()
-    config.finalize_model_grads_func = finalize_model_grads
     model = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=False), gpt)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.1, bf16=bf16,
                         params_dtype=dtype, clip_grad=1.0), [model])
-    model.config.grad_scale_func = optimizer.scale_loss
     params = sum(p.numel() for p in gpt.parameters())
     return model, optimizer, build_s, params
 
 
 def megacore_step(model, optimizer, data, shape: Shape):
     forward_backward = get_forward_backward_func()
+    hooks = build_training_hooks(model, optimizer)
 
     def step():
         model.zero_grad_buffer()
@@ -163,7 +162,8 @@ def megacore_step(model, optimizer, data, shape: Shape):
         losses = forward_backward(forward_step_func=_forward_step, data_iterator=data,
                                   model=model, num_microbatches=1,
                                   seq_length=shape.seq_length,
-                                  micro_batch_size=shape.micro_batch_size, forward_only=False)
+                                  micro_batch_size=shape.micro_batch_size, forward_only=False,
+                                  hooks=hooks)
         optimizer.step()
         return float(losses[0]["lm loss"])
 

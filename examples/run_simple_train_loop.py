@@ -17,7 +17,7 @@ from megacore import device, parallel_state
 from megacore.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
-    finalize_model_grads,
+    build_training_hooks,
 )
 from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec
 from megacore.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -45,7 +45,6 @@ def build_model() -> DistributedDataParallel:
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size())
     gpt = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
                    share_embeddings_and_output_weights=True)
-    config.finalize_model_grads_func = finalize_model_grads
     return DistributedDataParallel(config, DistributedDataParallelConfig(), gpt)
 
 
@@ -74,8 +73,8 @@ def main(tp: int = 2, steps: int = STEPS) -> list:
     owns_process_group = initialize(tp)
     model = build_model()
     optimizer = get_megatron_optimizer(OptimizerConfig(lr=3e-3, weight_decay=0.0), [model])
-    model.config.grad_scale_func = optimizer.scale_loss
-    model.config.no_sync_func = model.no_sync
+    # DDP's no_sync and gradient finalization, the optimizer's loss scaling.
+    hooks = build_training_hooks(model, optimizer)
     forward_backward = get_forward_backward_func()
     data = synthetic_batches()
     history = []
@@ -84,7 +83,7 @@ def main(tp: int = 2, steps: int = STEPS) -> list:
         optimizer.zero_grad()
         losses = forward_backward(forward_step_func=forward_step, data_iterator=data,
                                   model=model, num_microbatches=2, seq_length=SEQ,
-                                  micro_batch_size=MBS, forward_only=False)
+                                  micro_batch_size=MBS, forward_only=False, hooks=hooks)
         _, grad_norm, _ = optimizer.step()
         loss = sum(float(item["lm loss"]) for item in losses) / len(losses)
         history.append(loss)

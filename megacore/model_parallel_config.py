@@ -2,8 +2,10 @@
 
 Parallel layers, pipeline schedules and DDP read this config; ``TransformerConfig``
 extends it with the model's shape. Field names are Megatron-Core's, so configs written
-for it port unchanged. Hooks (``finalize_model_grads_func``, ``no_sync_func`` ...) are set
-by the training loop, not by users, and are not part of a model's identity.
+for it port unchanged. The hook fields (``finalize_model_grads_func``, ``no_sync_func`` ...)
+are deprecated: hooks are arguments of the schedules
+(``megacore.pipeline_parallel.TrainingHooks``), not part of a model's configuration.
+Setting one warns; the schedules still call them until they are removed.
 """
 
 from __future__ import annotations
@@ -13,12 +15,24 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
+from megacore.deprecation import warn_deprecated
+
 __all__ = ["ModelParallelConfig"]
+
+HOOKS_DEPRECATED_SINCE = "0.2.0"
+"""Version since which the hook fields below are deprecated."""
+
+HOOKS_REMOVED_IN = "0.4.0"
+"""Version that removes them (two minor versions: ``deprecation.MIN_MINOR_VERSIONS``)."""
+
+DEPRECATED_HOOK_FIELDS = ("timers", "finalize_model_grads_func", "grad_scale_func",
+                          "no_sync_func", "grad_sync_func", "param_sync_func")
+"""Fields that moved to ``megacore.pipeline_parallel.TrainingHooks``."""
 
 
 @dataclasses.dataclass
 class ModelParallelConfig:
-    """Parallel degrees, precision and the hooks the schedules call."""
+    """Parallel degrees and precision (and, deprecated, the hooks the schedules call)."""
 
     # -- degrees ------------------------------------------------------------------------
     tensor_model_parallel_size: int = 1
@@ -99,24 +113,37 @@ class ModelParallelConfig:
     """Micro-batches run on one model chunk before moving to the next in the interleaved
     schedule (None: pipeline_model_parallel_size)."""
 
-    # -- hooks the training loop sets ---------------------------------------------------
+    # -- deprecated: hooks are the schedules' ``hooks=TrainingHooks(...)`` argument -----
     timers: Optional[Callable] = None
-    """Timer factory used by schedules and optimizers (None: no timing)."""
+    """Deprecated (use ``TrainingHooks.timers``): timer factory for the schedules."""
 
     finalize_model_grads_func: Optional[Callable] = None
-    """Called by the schedule after the last backward (DDP grad sync, tied embeddings)."""
+    """Deprecated (use ``TrainingHooks.finalize_model_grads_func``): called by the
+    schedule after the last backward (DDP grad sync, tied embeddings)."""
 
     grad_scale_func: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    """Scales the loss before backward (the fp16 loss scaler)."""
+    """Deprecated (use ``TrainingHooks.grad_scale_func``): scales the loss before backward."""
 
     no_sync_func: Optional[Callable[[], ContextManager]] = None
-    """Context manager that defers DDP gradient reduction during accumulation."""
+    """Deprecated (use ``TrainingHooks.no_sync_func``): defers data-parallel gradient
+    reduction during accumulation."""
 
     grad_sync_func: Optional[Callable] = None
-    """Starts gradient reduction for a model chunk (overlap with the pipeline)."""
+    """Deprecated (use ``TrainingHooks.grad_sync_func``): starts a chunk's gradient
+    reduction."""
 
     param_sync_func: Optional[Callable] = None
-    """Starts the parameter all-gather of the distributed optimizer for a chunk."""
+    """Deprecated (use ``TrainingHooks.param_sync_func``): starts a chunk's parameter
+    all-gather (distributed optimizer)."""
+
+    def __setattr__(self, name, value):
+        # Also reached from the generated __init__, so a constructor argument warns too.
+        if value is not None and name in DEPRECATED_HOOK_FIELDS:
+            warn_deprecated(f"ModelParallelConfig.{name}", since=HOOKS_DEPRECATED_SINCE,
+                            removed_in=HOOKS_REMOVED_IN,
+                            alternative="megacore.pipeline_parallel.TrainingHooks (the "
+                                        "schedules' hooks= argument)")
+        super().__setattr__(name, value)
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",

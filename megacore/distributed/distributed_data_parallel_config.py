@@ -33,9 +33,9 @@ class DistributedDataParallelConfig:
     optimizer step. Needs ``use_distributed_optimizer``."""
 
     align_param_gather: bool = False
-    """With ``overlap_param_gather`` and pipeline parallelism, let the schedule dispatch
-    every chunk's all-gather through ``config.param_sync_func`` instead of chaining the
-    next bucket from the pre-hook."""
+    """With ``overlap_param_gather``, let the schedule dispatch every chunk's all-gather
+    through its ``param_sync_func`` hook (``build_training_hooks``), one chunk ahead of
+    its forward, instead of chaining the next bucket from the pre-hook."""
 
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (ZeRO-1): grads are reduce-scattered

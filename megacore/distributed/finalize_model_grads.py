@@ -12,11 +12,11 @@ backward and the optimizer step.
 4. Per-token loss: with ``num_tokens`` given, the token count is summed over the
    pipeline's last stage and dp x cp, and all grads are divided by it.
 
-The schedules call it through ``config.finalize_model_grads_func``. Grads live in
-``param.main_grad`` (DDP buffers); with the distributed optimizer only this rank's shard
-of each bucket is valid after step 1, which is enough because the steps below are
-element-wise and every tp rank (and both embedding stages, whose tied weight gets a bucket
-of its own) lays its buckets out identically.
+The schedules call it through ``hooks.finalize_model_grads_func``
+(``build_training_hooks``). Grads live in ``param.main_grad`` (DDP buffers); with the
+distributed optimizer only this rank's shard of each bucket is valid after step 1, which
+is enough because the steps below are element-wise and every tp rank (and both embedding
+stages, whose tied weight gets a bucket of its own) lays its buckets out identically.
 """
 
 from __future__ import annotations

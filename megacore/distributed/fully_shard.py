@@ -24,10 +24,16 @@ Megacore's parameter attributes (``tensor_model_parallel``, ``sequence_parallel`
 ``shared_embedding``, ``allreduce`` ...) are copied onto the new DTensor parameters, so
 gradient statistics, clipping and the tp/pp gradient finalization treat them as before.
 
-Gradient accumulation: gradients are reduce-scattered after every micro-batch and
-accumulate in the sharded ``.grad`` (the training loop does not defer the reduction with
-FSDP2's ``set_requires_gradient_sync``: one reduce-scatter per micro-batch, simple and
-checked; deferring it is a possible optimization).
+Gradient accumulation: :func:`fully_sharded_no_sync` is the schedules' ``no_sync_func``
+for an FSDP2 chunk (``megacore.distributed.build_training_hooks`` installs it). Inside it
+FSDP2 accumulates unsharded gradients without communicating
+(``set_requires_gradient_sync(False)``), so each unit reduce-scatters once per step, on
+its last micro-batch's backward, instead of once per micro-batch. Under ZeRO-2
+(``reshard_after_forward=False``) the gathered parameters also stay gathered between
+micro-batches (``set_reshard_after_backward(False)``, as torch's ``PipelineStage`` does for
+micro-batches): the next forward needs no all-gather and the memory is held for the
+backward anyway. Under ZeRO-3 they are freed after every backward, which is the point of
+ZeRO-3.
 
 Shapes: a parameter ``[n, ...]`` becomes a DTensor whose local shard is
 ``[ceil(n / d), ...]`` (the last ranks' shards padded or empty), ``d`` = dp x cp.
@@ -35,17 +41,18 @@ Shapes: a parameter ``[n, ...]`` becomes a DTensor whose local shard is
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import contextlib
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from megacore import device, parallel_state
 
-__all__ = ["fully_shard_model", "is_fully_sharded", "local_tensor"]
+__all__ = ["fully_shard_model", "is_fully_sharded", "local_tensor", "fully_sharded_no_sync"]
 
 # Attributes megacore's layers put on parameters, read by optimizers, clipping,
 # finalize_model_grads and checkpoints.
@@ -138,7 +145,34 @@ def fully_shard_model(model: torch.nn.Module, *, reshard_after_forward: bool = T
                          "sharded over the expert-data-parallel group")
     fully_shard(model, mesh=dense_mesh, reshard_after_forward=False, mp_policy=policy)
     _restore_attributes(model, saved)
+    # Read by fully_sharded_no_sync: whether to keep parameters gathered between
+    # micro-batches (ZeRO-2) or not (ZeRO-3).
+    model.fsdp_reshard_after_forward = reshard_after_forward
     return model
+
+
+@contextlib.contextmanager
+def fully_sharded_no_sync(model: torch.nn.Module) -> Iterator[None]:
+    """No gradient reduce-scatter in the block: FSDP2's ``no_sync`` for gradient
+    accumulation (the schedules' ``no_sync_func`` of a :func:`fully_shard_model` chunk).
+
+    Gradients of the micro-batches run inside accumulate unsharded, in the reduce dtype;
+    the first backward outside reduce-scatters the sum. Under ZeRO-2 the parameters also
+    stay gathered until then (see the module docstring).
+    """
+    if not isinstance(model, FSDPModule):
+        raise TypeError(f"fully_sharded_no_sync needs a fully_shard_model chunk, got "
+                        f"{type(model).__name__}")
+    keep_gathered = not getattr(model, "fsdp_reshard_after_forward", True)
+    model.set_requires_gradient_sync(False)
+    if keep_gathered:
+        model.set_reshard_after_backward(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+        if keep_gathered:
+            model.set_reshard_after_backward(True)
 
 
 def _root_params(model: torch.nn.Module, units: Sequence[torch.nn.Module]):

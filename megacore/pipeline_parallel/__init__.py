@@ -3,7 +3,8 @@
 ``get_forward_backward_func()`` picks the schedule (none, 1F1B, interleaved 1F1B) for the
 current grid, and ``config.pipeline_schedule`` makes it zero-bubble (ZB-H1, or ZBV's V
 over two chunks); :mod:`.schedule_plan` computes each rank's order of operations as data
-and simulates all stages together; :mod:`.layer_split` says which layers a stage builds.
+and simulates all stages together; :mod:`.layer_split` says which layers a stage builds;
+:class:`TrainingHooks` carries the training loop's hooks into every schedule.
 """
 
 from megacore.pipeline_parallel.layer_split import (
@@ -28,9 +29,11 @@ from megacore.pipeline_parallel.schedules import (
     forward_backward_pipelining_without_interleaving,
     get_forward_backward_func,
 )
+from megacore.pipeline_parallel.training_hooks import TrainingHooks
 
 __all__ = [
     "get_forward_backward_func",
+    "TrainingHooks",
     "forward_backward_no_pipelining",
     "forward_backward_pipelining_without_interleaving",
     "forward_backward_pipelining_with_interleaving",

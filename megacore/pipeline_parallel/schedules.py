@@ -5,19 +5,23 @@ has Megatron-Core's contract::
 
     losses = forward_backward_func(
         forward_step_func=..., data_iterator=..., model=..., num_microbatches=...,
-        seq_length=..., micro_batch_size=..., forward_only=False)
+        seq_length=..., micro_batch_size=..., forward_only=False,
+        hooks=TrainingHooks(...))
 
 * ``forward_step_func(data_iterator, model) -> (output_tensor, loss_func)``; on the last
   stage ``loss_func(output_tensor)`` returns ``(loss, {"lm loss": reduced})`` (the loss is
   divided by ``num_microbatches`` here) or ``(loss, num_tokens, {...})`` (per-token form:
-  not divided; the summed ``num_tokens`` goes to ``finalize_model_grads_func``).
+  not divided; the summed ``num_tokens`` goes to ``hooks.finalize_model_grads_func``).
 * Received activations reach a stage through ``model.set_input_tensor(tensor)`` (``None``
   on the first stage); the model returns its output activation ``[s, b, h]``.
-* Hooks come from the model's config (``model.config``, or ``model.module.config``
-  through wrappers): ``grad_scale_func`` scales the loss before the first backward,
-  ``no_sync_func`` defers data-parallel gradient reduction until a chunk's last
-  backward (or, with ``grad_sync_func`` set, the schedule calls that after it instead),
-  and ``finalize_model_grads_func(model_list)`` runs once at the end of training steps.
+* ``hooks`` (:class:`.training_hooks.TrainingHooks`, optional): ``grad_scale_func``
+  scales the loss before the first backward, ``no_sync_func`` defers data-parallel
+  gradient reduction until a chunk's last backward (or, with ``grad_sync_func`` set, the
+  schedule calls that after it instead), ``param_sync_func`` starts a chunk's parameter
+  all-gather ahead of its forward, ``timers`` time compute and p2p, and
+  ``finalize_model_grads_func(model_list)`` runs once at the end of training steps.
+  Without ``hooks`` the deprecated hook fields of the model's config (``model.config``,
+  or ``model.module.config`` through wrappers) are used, with a warning.
 * Returns the list of loss dicts on the last pipeline stage, ``[]`` elsewhere.
 
 ``config.pipeline_schedule = "zb-h1"`` makes the non-interleaved schedule zero-bubble:
@@ -58,6 +62,7 @@ from megacore.pipeline_parallel.p2p_communication import (
     get_tensor_shape,
 )
 from megacore.pipeline_parallel.schedule_plan import Step
+from megacore.pipeline_parallel.training_hooks import TrainingHooks, resolve_hooks
 
 __all__ = [
     "get_forward_backward_func",
@@ -166,16 +171,21 @@ def deallocate_output_tensor(output: Optional[torch.Tensor], deallocate: bool) -
 
 def backward_step(input_tensor: Optional[torch.Tensor], output_tensor: torch.Tensor,
                   output_tensor_grad: Optional[torch.Tensor],
-                  config: ModelParallelConfig) -> Optional[torch.Tensor]:
+                  config: ModelParallelConfig, *,
+                  hooks: Optional[TrainingHooks] = None) -> Optional[torch.Tensor]:
     """Backward of one micro-batch through one chunk; returns the input's gradient.
 
     ``output_tensor_grad`` is None on the last stage, where ``output_tensor`` is the loss:
-    ``config.grad_scale_func`` (the fp16 loss scaler) is applied to it there.
+    ``hooks.grad_scale_func`` (the fp16 loss scaler) is applied to it there. Without
+    ``hooks``, the config's deprecated ``grad_scale_func`` is used (the schedules pass the
+    hooks they resolved once, and a schedule refuses hooks given in both places).
     """
+    if hooks is None:
+        hooks = resolve_hooks(None, config)
     if input_tensor is not None:
         input_tensor.retain_grad()
-    if output_tensor_grad is None and config.grad_scale_func is not None:
-        output_tensor = config.grad_scale_func(output_tensor)
+    if output_tensor_grad is None and hooks.grad_scale_func is not None:
+        output_tensor = hooks.grad_scale_func(output_tensor)
     if config.deallocate_pipeline_outputs:
         custom_backward(output_tensor, output_tensor_grad)
     else:
@@ -197,17 +207,18 @@ _GRAD_ACCUMULATING_OPS = (plan_lib.BACKWARD, plan_lib.BACKWARD_WEIGHT)
 class _GradSync:
     """Keeps data-parallel gradient reduction off until each chunk's last backward.
 
-    ``no_sync_func`` is one context-manager factory (covering every chunk) or a list, one
-    per chunk. Without ``grad_sync_func`` the chunk's context is left just before its
-    last backward so DDP reduces during it; with ``grad_sync_func`` the contexts stay on
-    and ``grad_sync_func(chunk parameters)`` is called after the chunk's last backward.
+    ``hooks.no_sync_func`` is one context-manager factory (covering every chunk) or a
+    sequence, one per chunk. Without ``grad_sync_func`` the chunk's context is left just
+    before its last backward so DDP reduces during it; with ``grad_sync_func`` the
+    contexts stay on and ``grad_sync_func(chunk parameters)`` is called after the chunk's
+    last backward.
     """
 
-    def __init__(self, config: ModelParallelConfig, models: Sequence[Model],
+    def __init__(self, hooks: TrainingHooks, models: Sequence[Model],
                  steps: Sequence[Step]):
         self.models = models
-        self.grad_sync = config.grad_sync_func
-        no_sync = config.no_sync_func
+        self.grad_sync = hooks.grad_sync_func
+        no_sync = hooks.no_sync_func
         self.per_chunk = isinstance(no_sync, (list, tuple))
         factories = list(no_sync) if self.per_chunk else [no_sync]
         self.factories = [f or contextlib.nullcontext for f in factories]
@@ -217,7 +228,7 @@ class _GradSync:
         self.final_backward = backwards[-1] if backwards else None
         self.stacks = [contextlib.ExitStack() for _ in self.factories]
         if self.per_chunk and len(self.factories) != len(models):
-            raise ValueError(f"config.no_sync_func lists {len(self.factories)} functions for "
+            raise ValueError(f"hooks.no_sync_func lists {len(self.factories)} functions for "
                              f"{len(models)} model chunks")
 
     def start(self) -> None:
@@ -235,14 +246,41 @@ class _GradSync:
     def after_backward(self, position: int, chunk: int) -> None:
         if self.grad_sync is None or self.last_backward.get(chunk) != position:
             return
-        sync = self.grad_sync
-        if isinstance(sync, (list, tuple)):
-            sync = sync[chunk]
-        sync(self.models[chunk].parameters())
+        _for_chunk(self.grad_sync, chunk)(self.models[chunk].parameters())
 
     def finish(self) -> None:
         for stack in self.stacks:
             stack.close()
+
+
+def _for_chunk(hook: Any, chunk: int) -> Callable:
+    """A per-chunk hook's function for ``chunk`` (one function serves every chunk)."""
+    return hook[chunk] if isinstance(hook, (list, tuple)) else hook
+
+
+class _ParamSync:
+    """Starts each chunk's parameter all-gather (``hooks.param_sync_func``) one chunk
+    ahead: chunk 0 when the step starts, chunk c + 1 at chunk c's first forward, so the
+    gather overlaps compute; the model's forward pre-hooks wait for it. Training steps
+    only: evaluation forwards gather lazily in those pre-hooks."""
+
+    def __init__(self, hooks: TrainingHooks, models: Sequence[Model], forward_only: bool):
+        self.func = None if forward_only else hooks.param_sync_func
+        self.models = models
+        self.dispatched: set = set()
+        if isinstance(self.func, (list, tuple)) and len(self.func) != len(models):
+            raise ValueError(f"hooks.param_sync_func lists {len(self.func)} functions for "
+                             f"{len(models)} model chunks")
+
+    def dispatch(self, chunk: int) -> None:
+        if self.func is None or chunk >= len(self.models) or chunk in self.dispatched:
+            return
+        self.dispatched.add(chunk)
+        _for_chunk(self.func, chunk)(self.models[chunk].parameters())
+
+    def before_forward(self, chunk: int) -> None:
+        self.dispatch(chunk)
+        self.dispatch(chunk + 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -263,14 +301,14 @@ def _check_modes(forward_only: bool, collect_non_loss_data: bool) -> None:
                          "data is not a loss to differentiate")
 
 
-def _finalize(config: ModelParallelConfig, models: List[Model],
+def _finalize(hooks: TrainingHooks, models: List[Model],
               num_tokens: Optional[torch.Tensor]) -> None:
-    if config.finalize_model_grads_func is None:
+    if hooks.finalize_model_grads_func is None:
         return
     if num_tokens is None:
-        config.finalize_model_grads_func(models)
+        hooks.finalize_model_grads_func(models)
     else:
-        config.finalize_model_grads_func(models, num_tokens)
+        hooks.finalize_model_grads_func(models, num_tokens)
 
 
 def _add_tokens(total: Optional[torch.Tensor], num_tokens) -> Optional[torch.Tensor]:
@@ -287,39 +325,53 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
                                    decoder_seq_length: Optional[int] = None,
                                    forward_only: bool = False,
                                    collect_non_loss_data: bool = False,
-                                   first_val_step: Optional[bool] = None) -> List[Any]:
+                                   first_val_step: Optional[bool] = None,
+                                   hooks: Optional[TrainingHooks] = None) -> List[Any]:
     """Gradient accumulation over micro-batches on a single stage (pp=1).
 
-    All but the last micro-batch run inside ``config.no_sync_func()`` so data-parallel
-    gradients are reduced once (with ``config.grad_sync_func`` set, all of them do and
-    ``grad_sync_func(model.parameters())`` is called after the last backward). ``seq_length``, ``micro_batch_size``,
-    ``decoder_seq_length`` and ``first_val_step`` are accepted for the common contract and
-    unused here.
+    All but the last micro-batch run inside ``hooks.no_sync_func()`` so data-parallel
+    gradients are reduced once (with ``hooks.grad_sync_func`` set, all of them do and
+    ``grad_sync_func(model.parameters())`` is called after the last backward).
+    ``seq_length``, ``micro_batch_size``, ``decoder_seq_length`` and ``first_val_step``
+    are accepted for the common contract and unused here.
     """
     model, data_iterator = _single(model, "models"), _single(data_iterator, "data iterators")
     _check_modes(forward_only, collect_non_loss_data)
     config = get_model_config(model)
+    hooks = resolve_hooks(hooks, config)
     plan_lib.validate_schedule_args(1, num_microbatches)
+    _ParamSync(hooks, [model], forward_only).dispatch(0)
     store: List[Any] = []
-    total_tokens = None
-    no_sync = config.no_sync_func or contextlib.nullcontext
-    # With grad_sync_func the last micro-batch stays in no_sync too; the hook syncs after.
-    synced_last = num_microbatches - 1 if config.grad_sync_func is None else num_microbatches
     grad_mode = torch.no_grad() if forward_only else contextlib.nullcontext()
     with grad_mode:
-        for i in range(num_microbatches):
-            with (no_sync() if i < synced_last else contextlib.nullcontext()):
+        total_tokens = _accumulate(forward_step_func, data_iterator, model, num_microbatches,
+                                   store, config, hooks, forward_only, collect_non_loss_data)
+    if not forward_only:
+        if hooks.grad_sync_func is not None:
+            _for_chunk(hooks.grad_sync_func, 0)(model.parameters())
+        _finalize(hooks, [model], total_tokens)
+    return store
+
+
+def _accumulate(forward_step_func, data_iterator, model, num_microbatches, store, config,
+                hooks: TrainingHooks, forward_only, collect_non_loss_data
+                ) -> Optional[torch.Tensor]:
+    """Forward (and backward) of every micro-batch; returns the summed token count."""
+    no_sync = _for_chunk(hooks.no_sync_func, 0) or contextlib.nullcontext
+    # With grad_sync_func the last micro-batch stays in no_sync too; the hook syncs after.
+    synced_last = num_microbatches - 1 if hooks.grad_sync_func is None else num_microbatches
+    total_tokens = None
+    for i in range(num_microbatches):
+        with (no_sync() if i < synced_last and not forward_only else contextlib.nullcontext()):
+            with hooks.timed("forward-compute"):
                 output, tokens = forward_step(
                     forward_step_func, data_iterator, model, num_microbatches, None, store,
                     config, is_last_stage=True, collect_non_loss_data=collect_non_loss_data)
-                total_tokens = _add_tokens(total_tokens, tokens)
-                if not forward_only:
-                    backward_step(None, output, None, config)
-    if not forward_only:
-        if config.grad_sync_func is not None:
-            config.grad_sync_func(model.parameters())
-        _finalize(config, [model], total_tokens)
-    return store
+            total_tokens = _add_tokens(total_tokens, tokens)
+            if not forward_only:
+                with hooks.timed("backward-compute"):
+                    backward_step(None, output, None, config, hooks=hooks)
+    return total_tokens
 
 
 # --------------------------------------------------------------------------------------
@@ -334,9 +386,11 @@ class _PipelineRun:
     """
 
     def __init__(self, *, forward_step_func, data_iterators, models, num_microbatches,
-                 config, comm: P2PCommunicator, tensor_shape, forward_only,
-                 collect_non_loss_data, interleaved, layout: plan_lib.StageLayout):
-        self.forward_step_func = forward_step_func
+                 config, hooks: TrainingHooks, comm: P2PCommunicator, tensor_shape,
+                 forward_only, collect_non_loss_data, interleaved,
+                 layout: plan_lib.StageLayout):
+        self.forward_step_func, self.hooks = forward_step_func, hooks
+        self.param_sync = _ParamSync(hooks, models, forward_only)
         self.data_iterators, self.models = data_iterators, models
         self.num_microbatches, self.config, self.comm = num_microbatches, config, comm
         self.tensor_shape, self.forward_only = tensor_shape, forward_only
@@ -366,11 +420,13 @@ class _PipelineRun:
         key = (step.microbatch, step.chunk)
         self._set_chunk(step.chunk)
         input_tensor = self.inputs.get(key)
-        output, tokens = forward_step(
-            self.forward_step_func, self.data_iterators[step.chunk], self.models[step.chunk],
-            self.num_microbatches, input_tensor, self.store, self.config,
-            is_last_stage=self._is_last_virtual(step.chunk),
-            collect_non_loss_data=self.collect_non_loss_data)
+        self.param_sync.before_forward(step.chunk)
+        with self.hooks.timed("forward-compute"):
+            output, tokens = forward_step(
+                self.forward_step_func, self.data_iterators[step.chunk],
+                self.models[step.chunk], self.num_microbatches, input_tensor, self.store,
+                self.config, is_last_stage=self._is_last_virtual(step.chunk),
+                collect_non_loss_data=self.collect_non_loss_data)
         self.total_tokens = _add_tokens(self.total_tokens, tokens)
         if self.forward_only:
             self.inputs.pop(key, None)
@@ -382,8 +438,10 @@ class _PipelineRun:
     def backward(self, step: Step) -> None:
         key = (step.microbatch, step.chunk)
         self._set_chunk(step.chunk)
-        grad = backward_step(self.inputs.pop(key, None), self.outputs.pop(key),
-                             self.output_grads.pop(key, None), self.config)
+        with self.hooks.timed("backward-compute"):
+            grad = backward_step(self.inputs.pop(key, None), self.outputs.pop(key),
+                                 self.output_grads.pop(key, None), self.config,
+                                 hooks=self.hooks)
         if grad is not None:
             self.input_grads[key] = grad
 
@@ -391,16 +449,18 @@ class _PipelineRun:
         """B: the input gradient now; the weight half waits in ``splits`` for its W."""
         key = (step.microbatch, step.chunk)
         output, output_grad = self.outputs.pop(key), self.output_grads.pop(key, None)
-        if output_grad is None and self.config.grad_scale_func is not None:
-            output = self.config.grad_scale_func(output)
+        if output_grad is None and self.hooks.grad_scale_func is not None:
+            output = self.hooks.grad_scale_func(output)
         split = SplitBackward(output, output_grad, self.inputs.pop(key, None))
-        grad = split.backward_input()
+        with self.hooks.timed("backward-compute"):
+            grad = split.backward_input()
         self.splits[key] = split
         if grad is not None:
             self.input_grads[key] = grad
 
     def backward_weight(self, step: Step) -> None:
-        self.splits.pop((step.microbatch, step.chunk)).backward_weight()
+        with self.hooks.timed("backward-compute"):
+            self.splits.pop((step.microbatch, step.chunk)).backward_weight()
 
     def handoff(self, step: Step) -> None:
         """ZBV's turn of the V: pass an output (or input gradient) to this rank's other
@@ -426,13 +486,14 @@ class _PipelineRun:
             return
         send_next = self.outputs.get(ops.get(plan_lib.SEND_FORWARD))
         send_prev = self.input_grads.pop(ops.get(plan_lib.SEND_BACKWARD), None)
-        if self.eager_sends:
-            got_prev, got_next = self._exchange_eager(ops, send_next, send_prev)
-        else:
-            got_prev, got_next = self.comm.communicate(
-                tensor_send_next=send_next, tensor_send_prev=send_prev,
-                recv_prev=plan_lib.RECV_FORWARD in ops,
-                recv_next=plan_lib.RECV_BACKWARD in ops, tensor_shape=self.tensor_shape)
+        with self.hooks.timed("pipeline-p2p"):
+            if self.eager_sends:
+                got_prev, got_next = self._exchange_eager(ops, send_next, send_prev)
+            else:
+                got_prev, got_next = self.comm.communicate(
+                    tensor_send_next=send_next, tensor_send_prev=send_prev,
+                    recv_prev=plan_lib.RECV_FORWARD in ops,
+                    recv_next=plan_lib.RECV_BACKWARD in ops, tensor_shape=self.tensor_shape)
         if plan_lib.SEND_FORWARD in ops and not self.eager_sends:
             if self.forward_only:
                 self.outputs.pop(ops[plan_lib.SEND_FORWARD])
@@ -474,8 +535,9 @@ class _PipelineRun:
                 peer = self.layout.neighbour(rank, step.chunk, -1 if forward else 1)[0]
                 recvs.append((self._is_next(peer), kind))
                 recv_keys.append((key, forward))
-        got, pending = self.comm.communicate_directed(sends=sends, recvs=recvs,
-                                                      tensor_shape=self.tensor_shape)
+        with self.hooks.timed("pipeline-p2p"):
+            got, pending = self.comm.communicate_directed(sends=sends, recvs=recvs,
+                                                          tensor_shape=self.tensor_shape)
         for (key, forward), tensor in zip(recv_keys, got):
             (self.inputs if forward else self.output_grads)[key] = tensor
         self.in_flight.append(pending)
@@ -545,9 +607,10 @@ class _PipelineRun:
 
 def _run_pipelined(*, forward_step_func, data_iterators, models, num_microbatches,
                    seq_length, micro_batch_size, forward_only, collect_non_loss_data,
-                   interleaved, pp_group, p2p_timeout) -> List[Any]:
+                   interleaved, pp_group, p2p_timeout, hooks) -> List[Any]:
     _check_modes(forward_only, collect_non_loss_data)
     config = get_model_config(models[0])
+    hooks = resolve_hooks(hooks, config)
     comm = P2PCommunicator(config, pp_group=pp_group, timeout=p2p_timeout)
     num_chunks = len(models)
     # Validate everything before the first message, identically on every rank.
@@ -576,11 +639,11 @@ def _run_pipelined(*, forward_step_func, data_iterators, models, num_microbatche
                                 schedule=schedule if zero_bubble or schedule == "zbv" else None)
     run = _PipelineRun(forward_step_func=forward_step_func, data_iterators=data_iterators,
                        models=models, num_microbatches=num_microbatches, config=config,
-                       comm=comm, tensor_shape=tensor_shape, forward_only=forward_only,
+                       hooks=hooks, comm=comm, tensor_shape=tensor_shape, forward_only=forward_only,
                        collect_non_loss_data=collect_non_loss_data, interleaved=interleaved,
                        layout=plan_lib.stage_layout(schedule, comm.pp_size, num_chunks))
     run.eager_sends = zero_bubble
-    grad_sync = _GradSync(config, models, steps)
+    grad_sync = _GradSync(hooks, models, steps)
     saved_chunk = parallel_state.get_virtual_pipeline_model_parallel_rank()
     try:
         if forward_only:
@@ -596,7 +659,7 @@ def _run_pipelined(*, forward_step_func, data_iterators, models, num_microbatche
         if interleaved:
             parallel_state.set_virtual_pipeline_model_parallel_rank(saved_chunk)
     if not forward_only:
-        _finalize(config, list(models), run.total_tokens)
+        _finalize(hooks, list(models), run.total_tokens)
     return run.store
 
 
@@ -617,12 +680,14 @@ def forward_backward_pipelining_without_interleaving(
         decoder_seq_length: Optional[int] = None, forward_only: bool = False,
         collect_non_loss_data: bool = False, first_val_step: Optional[bool] = None,
         pp_group: Optional[dist.ProcessGroup] = None,
-        p2p_timeout: Optional[datetime.timedelta] = None) -> List[Any]:
+        p2p_timeout: Optional[datetime.timedelta] = None,
+        hooks: Optional[TrainingHooks] = None) -> List[Any]:
     """1F1B: ``pp - rank - 1`` warm-up forwards, then one forward / one backward, then
     the remaining backwards. At most ``pp - rank`` micro-batches' activations are alive.
 
     ``pp_group`` overrides the default pipeline group; ``p2p_timeout`` bounds each
-    exchange (default :data:`.p2p_communication.DEFAULT_P2P_TIMEOUT`).
+    exchange (default :data:`.p2p_communication.DEFAULT_P2P_TIMEOUT`); ``hooks`` as in
+    the module docstring.
     ``decoder_seq_length`` and ``first_val_step`` are accepted and unused.
     """
     model, data_iterator = _single(model, "models"), _single(data_iterator, "data iterators")
@@ -630,7 +695,8 @@ def forward_backward_pipelining_without_interleaving(
                           models=[model], num_microbatches=num_microbatches,
                           seq_length=seq_length, micro_batch_size=micro_batch_size,
                           forward_only=forward_only, collect_non_loss_data=collect_non_loss_data,
-                          interleaved=False, pp_group=pp_group, p2p_timeout=p2p_timeout)
+                          interleaved=False, pp_group=pp_group, p2p_timeout=p2p_timeout,
+                          hooks=hooks)
 
 
 def forward_backward_pipelining_with_interleaving(
@@ -639,7 +705,8 @@ def forward_backward_pipelining_with_interleaving(
         decoder_seq_length: Optional[int] = None, forward_only: bool = False,
         collect_non_loss_data: bool = False, first_val_step: Optional[bool] = None,
         pp_group: Optional[dist.ProcessGroup] = None,
-        p2p_timeout: Optional[datetime.timedelta] = None) -> List[Any]:
+        p2p_timeout: Optional[datetime.timedelta] = None,
+        hooks: Optional[TrainingHooks] = None) -> List[Any]:
     """Interleaved 1F1B over ``len(model)`` chunks per rank (virtual stages).
 
     ``model`` and ``data_iterator`` are lists, one entry per chunk; chunk ``c`` of rank
@@ -656,4 +723,4 @@ def forward_backward_pipelining_with_interleaving(
                           num_microbatches=num_microbatches, seq_length=seq_length,
                           micro_batch_size=micro_batch_size, forward_only=forward_only,
                           collect_non_loss_data=collect_non_loss_data, interleaved=True,
-                          pp_group=pp_group, p2p_timeout=p2p_timeout)
+                          pp_group=pp_group, p2p_timeout=p2p_timeout, hooks=hooks)

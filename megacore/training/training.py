@@ -41,7 +41,7 @@ from megacore.checkpointing.paths import detect_format
 from megacore.distributed import (
     DistributedDataParallel,
     NonFiniteGradientError,
-    finalize_model_grads,
+    build_training_hooks,
     fully_shard_model,
     is_fully_sharded,
 )
@@ -217,17 +217,6 @@ def get_optimizer_param_scheduler(run: RunConfig, optimizer) -> OptimizerParamSc
         lr_wsd_decay_style=s.lr_wsd_decay_style)
 
 
-def _install_schedule_hooks(run: RunConfig, model: List[torch.nn.Module], optimizer) -> None:
-    config = run.model
-    if not run.ddp.use_torch_fsdp2:  # FSDP2 reduces after each micro-batch (fully_shard)
-        config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
-    if run.ddp.overlap_grad_reduce:
-        config.grad_sync_func = ([m.start_grad_sync for m in model] if len(model) > 1
-                                 else model[0].start_grad_sync)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-
-
 def microbatch_calculator(run: RunConfig) -> NumMicroBatchesCalculator:
     """Global batch size and micro-batch count per step (ramp-up or step schedule)."""
     t = run.training
@@ -235,14 +224,6 @@ def microbatch_calculator(run: RunConfig) -> NumMicroBatchesCalculator:
                 if t.step_batch_size_schedule else None)
     return NumMicroBatchesCalculator(t.global_batch_size, t.micro_batch_size,
                                      run.data_parallel_size, t.rampup_batch_size, schedule)
-def _remove_schedule_hooks(run: RunConfig) -> None:
-    """Drop the config's references to the model and optimizer (bound methods): the
-    caller's RunConfig must not keep them, and the process groups they hold, alive."""
-    config = run.model
-    config.no_sync_func = config.grad_sync_func = config.grad_scale_func = None
-    config.finalize_model_grads_func = None
-
-
 # -- data -------------------------------------------------------------------------------
 def _num_samples(run: RunConfig, state_train_samples: int) -> List[int]:
     t = run.training
@@ -315,7 +296,11 @@ def _p2p_kwargs(run: RunConfig) -> Dict[str, Any]:
 
 def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, run: RunConfig,
                num_microbatches: int, global_batch_size: int):
-    """Forward/backward over the global batch, then the optimizer and schedule steps."""
+    """Forward/backward over the global batch, then the optimizer and schedule steps.
+
+    The schedule's hooks (gradient sync of the DDP or FSDP2 chunks, loss scaling,
+    finalization) are built here from ``model`` and ``optimizer``; nothing is kept on
+    ``run``'s configs."""
     for chunk in model:
         if hasattr(chunk, "zero_grad_buffer"):
             chunk.zero_grad_buffer()
@@ -335,7 +320,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ru
         forward_step_func=forward_step_func, data_iterator=data_iterator,
         model=model if len(model) > 1 else model[0], num_microbatches=num_microbatches,
         seq_length=run.gpt.seq_length, micro_batch_size=run.training.micro_batch_size,
-        forward_only=False, **_p2p_kwargs(run))
+        forward_only=False, hooks=build_training_hooks(model, optimizer), **_p2p_kwargs(run))
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful:
         scheduler.step(increment=global_batch_size)
@@ -810,15 +795,11 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
     model = get_model(model_provider, run)
     optimizer = get_megatron_optimizer(run.optimizer, model)
     scheduler = get_optimizer_param_scheduler(run, optimizer)
-    _install_schedule_hooks(run, model, optimizer)
     state = TrainState()
     if run.checkpoint.load:
         _load(run, state, model, optimizer, scheduler)
     if run.checkpoint.ckpt_convert_format:
-        try:
-            return _convert_and_exit(run, state, model, optimizer, scheduler)
-        finally:
-            _remove_schedule_hooks(run)
+        return _convert_and_exit(run, state, model, optimizer, scheduler)
 
     train_iter, valid_iter, test_iter = build_data_iterators(
         run, train_valid_test_datasets_provider, state)
@@ -862,7 +843,6 @@ def _pretrain(train_valid_test_datasets_provider, model_provider, forward_step_f
         exit_signal.restore()
         if gc_was_enabled:
             gc.enable()
-        _remove_schedule_hooks(run)
     return summary
 
 

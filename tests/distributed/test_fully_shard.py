@@ -12,17 +12,30 @@ Layouts: dp 2 (ZeRO-3, ZeRO-2, and bf16 compute over fp32 master weights: looser
 tolerance, see ``_check_bf16``), dp 4, tp 2 + sequence parallelism x dp 2, pp 2 x dp 2
 (tied embeddings over the stages), MoE at ep 2 x dp 4 (experts sharded over expert-dp 2).
 
+The schedule runs with ``build_training_hooks(model)``: ``finalize_model_grads`` and
+FSDP2's no-sync for all but the last micro-batch. Each rank counts the collectives FSDP2
+issues during the step (``torch.distributed.reduce_scatter_single`` and
+``all_gather_single`` wrapped in the rank): one gradient reduce-scatter per FSDP2 unit
+per step, whatever the micro-batch count, and under ZeRO-2 one parameter all-gather per
+unit per step. A control case runs without the no-sync hook and counts one of each per
+unit per micro-batch, so the count can tell the two apart.
+
 Tolerance (fp32): losses rtol 1e-5 / atol 1e-5, grads rtol 1e-5 / atol 1e-6, as for the
 other layouts (sums over dp and tp in another order); FSDP2 averages gradients with the
 same 1/dp as DDP.
 """
 
+import collections
+import contextlib
+
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from megacore import parallel_state as ps
-from megacore.distributed import fully_shard_model
+from megacore.distributed import build_training_hooks, fully_shard_model
+from megacore.pipeline_parallel import TrainingHooks
 from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec
 from megacore.optimizer.clip_grads import GradStatsContext, local_grad_norm_squared
 from megacore.pipeline_parallel import get_forward_backward_func, get_layer_offset_and_count
@@ -82,18 +95,44 @@ def _forward_step(data_iterator, model):
     return output, _loss_func
 
 
-def _finalize(models):
-    """Tied embedding over the stages, sequence-parallel grads over tp (local shards)."""
-    params = [p for m in models for p in m.parameters()]
-    if ps.is_rank_in_embedding_group(ignore_virtual=True) and \
-            dist.get_world_size(ps.get_embedding_group()) > 1:
-        for p in params:
-            if getattr(p, "shared_embedding", False):
-                dist.all_reduce(p.grad.to_local(), group=ps.get_embedding_group())
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        for p in params:
-            if getattr(p, "sequence_parallel", False):
-                dist.all_reduce(p.grad.to_local(), group=ps.get_tensor_model_parallel_group())
+@contextlib.contextmanager
+def _counting_collectives(names=("reduce_scatter_single", "all_gather_single")):
+    """Count calls of ``torch.distributed.<name>`` in this rank (FSDP2 calls them through
+    the module, so replacing the attribute sees every call)."""
+    counts, originals = collections.Counter(), {name: getattr(dist, name) for name in names}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in names:
+        setattr(dist, name, counted(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def _units_with_params(model):
+    """FSDP2 units (one parameter group each) that manage at least one parameter."""
+    count = 0
+    for unit in model.modules():
+        if not isinstance(unit, FSDPModule):
+            continue
+        nested = {id(p) for sub in unit.modules() if sub is not unit and isinstance(sub, FSDPModule)
+                  for p in sub.parameters()}
+        count += any(id(p) not in nested for p in unit.parameters())
+    return count
+
+
+def _hooks(model, case):
+    hooks = build_training_hooks(model)
+    if case.get("sync_every_microbatch"):  # control: reduce-scatter after every micro-batch
+        hooks = TrainingHooks(finalize_model_grads_func=hooks.finalize_model_grads_func)
+    return hooks
 
 
 def _run_case(case):
@@ -101,7 +140,6 @@ def _run_case(case):
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  expert_model_parallel_size=ep)
     cfg = _config(case)
-    cfg.finalize_model_grads_func = _finalize
     rank = ps.get_pipeline_model_parallel_rank()
     model_parallel_manual_seed(1234)
     model = GPTModel(cfg, _spec(cfg), VOCAB, max_sequence_length=SEQ,
@@ -119,9 +157,10 @@ def _run_case(case):
     smaller = any(p.to_local().numel() < p.numel() for p in model.parameters())
     m, dp = case["m"], ps.get_data_parallel_world_size()
     batches = _batches(m * dp)[ps.get_data_parallel_rank() * m:][:m]
-    losses = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(batches), model=model,
-        num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+    with _counting_collectives() as counts:
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(batches), model=model,
+            num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS, hooks=_hooks(model, case))
     context = GradStatsContext(
         tp_rank=ps.get_tensor_model_parallel_rank(),
         expert_tp_rank=ps.get_expert_tensor_parallel_rank(),
@@ -146,7 +185,9 @@ def _run_case(case):
     return {"losses": losses, "grads": grads, "norm": float(norm_sq.sqrt()),
             "sharded": sharded, "smaller": smaller, "compute_dtype": compute_dtypes[0],
             "master_dtypes": {p.dtype for p in model.parameters()},
-            "grad_dtypes": {p.grad.dtype for p in model.parameters()}}
+            "grad_dtypes": {p.grad.dtype for p in model.parameters()},
+            "reduce_scatters": counts["reduce_scatter_single"],
+            "all_gathers": counts["all_gather_single"], "units": _units_with_params(model)}
 
 
 def _global_name(name, offset, case):
@@ -196,6 +237,7 @@ def _compare(cases, per_rank):
     for i, case in enumerate(cases):
         results = [r[i] for r in per_rank]
         assert all(r["sharded"] and r["smaller"] for r in results), case
+        _check_collective_counts(case, results)
         losses = next(r["losses"] for r in results if r["losses"])
         if case.get("bf16"):
             _check_bf16(results, losses, ref[i])
@@ -215,6 +257,15 @@ def _compare(cases, per_rank):
             assert abs(r["norm"] - ref[i]["norm"]) <= 1e-5 * ref[i]["norm"], (case, r["norm"])
 
 
+def _check_collective_counts(case, results):
+    per_step = case["m"] if case.get("sync_every_microbatch") else 1
+    for r in results:
+        assert r["units"] > 0
+        assert r["reduce_scatters"] == per_step * r["units"], (case, r["reduce_scatters"])
+        if case.get("reshard") is False:  # ZeRO-2: gathered once, kept over micro-batches
+            assert r["all_gathers"] == per_step * r["units"], (case, r["all_gathers"])
+
+
 def _check_bf16(results, losses, ref):
     """bf16 compute over fp32 master weights, grads reduced and kept in fp32. Tolerance:
     bf16 has 8 mantissa bits (relative step 2^-8 = 0.4%); the loss of a tiny model ~3.5
@@ -226,8 +277,9 @@ def _check_bf16(results, losses, ref):
     torch.testing.assert_close(losses, ref["losses"], rtol=1e-2, atol=0)
 
 
-CASES_2 = [dict(dp=2, m=2), dict(dp=2, m=1, reshard=False, tied=True),
-           dict(dp=2, m=1, bf16=True)]
+CASES_2 = [dict(dp=2, m=2), dict(dp=2, m=3, reshard=False, tied=True),
+           dict(dp=2, m=2, bf16=True),
+           dict(dp=2, m=2, reshard=False, sync_every_microbatch=True)]
 # MoE at dp 4 x ep 2: experts shard over expert-dp 2 (and divide by dp 4, not 2).
 CASES_4 = [dict(dp=4, m=1, tied=True), dict(dp=2, m=2, tp=2, sp=True),
            dict(dp=2, m=3, pp=2, layers=4, tied=True), dict(dp=4, m=1, moe=True, ep=2)]

@@ -17,7 +17,7 @@ from megacore import parallel_state
 from megacore.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
-    finalize_model_grads,
+    build_training_hooks,
 )
 from megacore.optimizer import OptimizerConfig, get_megatron_optimizer
 from megacore.pipeline_parallel.schedules import get_forward_backward_func
@@ -130,9 +130,7 @@ def _pipeline_train(master, steps, use_distributed_optimizer):
         OptimizerConfig(lr=LR, weight_decay=WD, clip_grad=CLIP,
                         use_distributed_optimizer=use_distributed_optimizer), [model],
         no_weight_decay_cond=_no_decay)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model.no_sync
-    config.grad_scale_func = optimizer.scale_loss
+    hooks = build_training_hooks(model, optimizer)
     norms = []
     for batches in steps:
         mine = batches[dp_rank * MICROBATCHES:(dp_rank + 1) * MICROBATCHES]
@@ -140,7 +138,7 @@ def _pipeline_train(master, steps, use_distributed_optimizer):
         optimizer.zero_grad()
         get_forward_backward_func()(forward_step_func=_forward_step, data_iterator=iter(mine),
                                     model=[model], num_microbatches=MICROBATCHES,
-                                    seq_length=SEQ, micro_batch_size=MBS)
+                                    seq_length=SEQ, micro_batch_size=MBS, hooks=hooks)
         ok, norm, _ = optimizer.step()
         assert ok
         norms.append(norm)

@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from megacore import parallel_state as ps
 from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec
-from megacore.pipeline_parallel import get_forward_backward_func, get_layer_offset_and_count
+from megacore.pipeline_parallel import (
+    TrainingHooks, get_forward_backward_func, get_layer_offset_and_count)
 from megacore.pipeline_parallel.schedule_plan import stage_layout
 from megacore.tensor_parallel import model_parallel_manual_seed
 from megacore.transformer import TransformerConfig
@@ -94,7 +95,6 @@ def _global_name(name, offset):
 def _build_chunks(case, tp, pp):
     rank, vpp = ps.get_pipeline_model_parallel_rank(), case["vpp"]
     config = _config(case, tp, pp)
-    config.finalize_model_grads_func = _finalize
     layout = stage_layout(case.get("schedule"), pp, vpp)
     chunks, offsets = [], []
     for c in range(vpp):
@@ -120,7 +120,7 @@ def _run_case(case, tp, pp):
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step, data_iterator=iters if vpp > 1 else iters[0],
         model=chunks if vpp > 1 else chunks[0], num_microbatches=case["m"], seq_length=SEQ,
-        micro_batch_size=MBS)
+        micro_batch_size=MBS, hooks=TrainingHooks(finalize_model_grads_func=_finalize))
     group = ps.get_tensor_model_parallel_group()
     grads = {}
     for chunk, offset in zip(chunks, offsets):

@@ -73,6 +73,10 @@ LAYOUTS = [
     ("tp2_sp_dp2_fsdp2", 4, "--tensor-model-parallel-size 2 --sequence-parallel "
                             "--use-torch-fsdp2 --fsdp-reshard-after-forward"),
     ("pp2_dp2_fsdp2", 4, "--pipeline-model-parallel-size 2 --use-torch-fsdp2"),
+    # Interleaved FSDP2: each chunk's no-sync hook (one reduce-scatter per step) closes
+    # before that chunk's last backward.
+    ("pp2_vpp2_dp2_fsdp2", 4, "--pipeline-model-parallel-size 2 "
+                              "--num-layers-per-virtual-pipeline-stage 1 --use-torch-fsdp2"),
 ]
 
 
@@ -124,6 +128,19 @@ def test_bad_flag_exits_with_message(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0
     assert "--global-batch-size 7 must be divisible" in proc.stderr
+
+
+def test_checkpointed_run_config_holds_no_hooks(tmp_path):
+    """Hooks are arguments of the schedules (built per step), never installed on the run's
+    model config: the config saved with a checkpoint has the deprecated hook fields unset."""
+    from megacore.model_parallel_config import DEPRECATED_HOOK_FIELDS
+    from megacore.training.training import saved_run_config
+
+    save = tmp_path / "ckpt"
+    _train(tmp_path, "saved", 1, f"--save {save} --save-interval 5")
+    model = saved_run_config(str(save))["model"]
+    assert {name: model[name] for name in DEPRECATED_HOOK_FIELDS} == \
+        dict.fromkeys(DEPRECATED_HOOK_FIELDS)
 
 
 def _simple_loop():

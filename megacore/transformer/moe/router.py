@@ -162,6 +162,12 @@ class TopKRouter(MegatronModule):
         # Gradient scale of the aux and z losses (loss scale / micro-batches): this router's
         # own, set per step by set_moe_aux_loss_scale, never a process-wide value.
         self.aux_loss_scale = 1.0
+        # Each cp rank attaches its share of the aux and z losses; the shares' gradients must
+        # be summed over cp, but DistributedDataParallel averages over dp x cp. Scale the
+        # shares by cp as the main loss is (context_parallel/loss_reduction.py). With the
+        # per-token loss gradients are summed, not averaged, and no factor is needed.
+        cp_size = dist.get_world_size(self.pg_collection.cp)
+        self._cp_share_factor = 1 if config.calculate_per_token_loss else cp_size
         self.weight = torch.nn.Parameter(torch.empty(self.num_experts, config.hidden_size,
                                                      dtype=config.params_dtype,
                                                      device=device.current_device()))
@@ -193,7 +199,8 @@ class TopKRouter(MegatronModule):
             z_share = z_loss(logits, s * b * self.tp_cp_size, 1.0)
             if self._attach_losses():
                 logits = MoEAuxLossAutoScaler.apply(
-                    logits, z_share * self.config.moe_z_loss_coeff, self.aux_loss_scale)
+                    logits, z_share * (self.config.moe_z_loss_coeff * self._cp_share_factor),
+                    self.aux_loss_scale)
             z_value = z_share.detach()
         probs, routing_map = topk_routing(
             logits, self.topk, self.config.moe_router_score_function,
@@ -234,5 +241,6 @@ class TopKRouter(MegatronModule):
                                                  s * self.tp_cp_size, self.topk, 1.0)
         coeff = self.config.moe_aux_loss_coeff
         if coeff > 0 and self._attach_losses():
-            probs = MoEAuxLossAutoScaler.apply(probs, share * coeff, self.aux_loss_scale)
+            probs = MoEAuxLossAutoScaler.apply(probs, share * (coeff * self._cp_share_factor),
+                                               self.aux_loss_scale)
         return probs, share.detach()
