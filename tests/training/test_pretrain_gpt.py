@@ -238,9 +238,20 @@ ZBV_LAYOUTS = [
 @pytest.mark.parametrize("name, world, layers, extra", ZBV_LAYOUTS,
                          ids=[l[0] for l in ZBV_LAYOUTS])
 def test_zbv_losses_and_grad_norms_equal_single_rank(tmp_path, name, world, layers, extra):
-    untied = f"--untie-embeddings-and-output-weights --num-layers {layers}"
+    # Validation at iteration 5 runs ZBV's forward-only plan; its loss reaches the logger.
+    untied = (f"--untie-embeddings-and-output-weights --num-layers {layers} --eval-iters 1 "
+              "--eval-interval 5")
     ref_losses, ref_norms = _train(tmp_path, "ref", 1, untied)
     losses, norms = _train(tmp_path, name, world, f"{untied} {extra}")
     assert len(losses) == len(ref_losses) == 5
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4, atol=0)
+    validation = [_validation(tmp_path / f"{run}.jsonl") for run in ("ref", name)]
+    assert len(validation[0]) == 1
+    torch.testing.assert_close(torch.tensor(validation[1]), torch.tensor(validation[0]),
+                               rtol=1e-5, atol=0)
+
+
+def _validation(path):
+    with open(path) as f:
+        return [r["validation_lm_loss"] for r in map(json.loads, f) if "validation_lm_loss" in r]
