@@ -101,11 +101,14 @@ class ModelParallelConfig:
     """Layers on the last stage when splitting unevenly (None: even split)."""
 
     pipeline_schedule: Optional[str] = None
-    """Pipeline schedule: ``"1f1b"``, ``"interleaved-1f1b"`` or ``"zb-h1"`` (None: 1F1B,
-    interleaved when the model has several chunks per rank). ``zb-h1`` (zero bubble)
-    splits each backward into the input gradient, sent on at once, and the weight
+    """Pipeline schedule: ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"`` or ``"zbv"``
+    (None: 1F1B, interleaved when the model has several chunks per rank). ``zb-h1`` (zero
+    bubble) splits each backward into the input gradient, sent on at once, and the weight
     gradients, run in what would be pipeline bubbles: about a third of 1F1B's bubble
-    for the same activation memory. Needs fixed sequence lengths."""
+    for the same activation memory. ``zbv`` also splits them, over exactly two chunks per
+    rank placed in a V (rank ``r`` holds virtual stages ``r`` and ``2 pp - 1 - r``; the
+    loss is on rank 0): about half of ZB-H1's bubble for ``m >= 2 pp``. Both need fixed
+    sequence lengths; ``zbv`` needs gloo (tag-matched p2p)."""
 
     microbatch_group_size_per_vp_stage: Optional[int] = None
     """Micro-batches run on one model chunk before moving to the next in the interleaved

@@ -79,6 +79,8 @@ __all__ = [
     "get_pipeline_model_parallel_prev_rank",
     "is_pipeline_first_stage",
     "is_pipeline_last_stage",
+    "set_virtual_pipeline_v_shape",
+    "is_virtual_pipeline_v_shape",
     "is_rank_in_embedding_group",
     "is_rank_in_position_embedding_group",
     "get_virtual_pipeline_model_parallel_rank",
@@ -362,6 +364,9 @@ class ProcessGroupCollection:
 _GROUPS: Optional[ProcessGroupCollection] = None
 _VIRTUAL_PIPELINE_RANK: Optional[int] = None
 _VIRTUAL_PIPELINE_WORLD_SIZE: Optional[int] = None
+# ZBV (--pipeline-schedule zbv): chunk 1 of rank r is virtual stage 2 pp - 1 - r, so the
+# last virtual stage is rank 0's chunk 1 instead of the last rank's last chunk.
+_VIRTUAL_PIPELINE_V_SHAPE = False
 
 
 def initialize_model_parallel(
@@ -411,6 +416,7 @@ def destroy_model_parallel() -> None:
     _GROUPS = None
     _VIRTUAL_PIPELINE_RANK = None
     _VIRTUAL_PIPELINE_WORLD_SIZE = None
+    set_virtual_pipeline_v_shape(False)
 
 
 def model_parallel_is_initialized() -> bool:
@@ -604,7 +610,15 @@ def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
 
 
 def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
-    """True on the last pipeline stage (and, unless ``ignore_virtual``, its last model chunk)."""
+    """True on the last pipeline stage (and, unless ``ignore_virtual``, its last model chunk).
+
+    Under ZBV's V (:func:`set_virtual_pipeline_v_shape`) the last virtual stage, which
+    computes the loss, is chunk 1 of pipeline rank 0: the rank this answers for.
+    """
+    if _VIRTUAL_PIPELINE_V_SHAPE:
+        if not ignore_virtual and _VIRTUAL_PIPELINE_RANK != 1:
+            return False
+        return get_pipeline_model_parallel_rank() == 0
     if not ignore_virtual and _VIRTUAL_PIPELINE_WORLD_SIZE is not None:
         if _VIRTUAL_PIPELINE_RANK != _VIRTUAL_PIPELINE_WORLD_SIZE - 1:
             return False
@@ -644,3 +658,15 @@ def get_virtual_pipeline_model_parallel_world_size() -> Optional[int]:
 def set_virtual_pipeline_model_parallel_world_size(world_size: Optional[int]) -> None:
     global _VIRTUAL_PIPELINE_WORLD_SIZE
     _VIRTUAL_PIPELINE_WORLD_SIZE = world_size
+
+
+def set_virtual_pipeline_v_shape(v_shape: bool) -> None:
+    """Place the two chunks of each rank in ZBV's V (``--pipeline-schedule zbv``): chunk 0
+    of rank ``r`` is virtual stage ``r``, chunk 1 is ``2 pp - 1 - r``. Changes what
+    :func:`is_pipeline_last_stage` answers; reset by :func:`destroy_model_parallel`."""
+    global _VIRTUAL_PIPELINE_V_SHAPE
+    _VIRTUAL_PIPELINE_V_SHAPE = bool(v_shape)
+
+
+def is_virtual_pipeline_v_shape() -> bool:
+    return _VIRTUAL_PIPELINE_V_SHAPE

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megacore import parallel_state
 from megacore.checkpointing.async_save import agree_no_problem
 from megacore.checkpointing.atomic import atomic_torch_save
 from megacore.checkpointing.errors import CheckpointError
@@ -98,6 +99,7 @@ def prepare_legacy_save(iter_dir: str, layout: RankLayout, model_chunks, optimiz
     goes on.
     """
     chunks = unwrap_model_chunks(model_chunks)
+    _refuse_v_shape("save")
     if layout.ep > 1 and layout.etp != layout.tp:
         raise CheckpointError("the legacy format needs expert_tensor_parallel_size == "
                               f"tensor_model_parallel_size with expert parallelism (got "
@@ -137,6 +139,17 @@ def _layout_key(degrees: Dict[str, Any], num_chunks: int) -> Dict[str, Any]:
             "pipeline_model_parallel_size": degrees["pipeline_model_parallel_size"],
             "expert_model_parallel_size": degrees["expert_model_parallel_size"],
             "model_chunks": num_chunks}
+
+
+def _refuse_v_shape(action: str) -> None:
+    """The legacy files key chunks by position (``model0``, ``model1``) and their readers
+    and converter assume the interleaved layer order; under ZBV's V the same positions
+    hold other layers, so a ZBV run would silently swap layers with an interleaved one."""
+    if parallel_state.is_virtual_pipeline_v_shape():
+        raise CheckpointError(f"cannot {action} a legacy ('torch') checkpoint with "
+                              "--pipeline-schedule zbv: its chunks hold other layers than "
+                              "the legacy layout assumes; use --ckpt-format torch_dist "
+                              "(saved by global layer number, loadable in any layout)")
 
 
 def _check_layout(iter_dir: str, layout: RankLayout, num_chunks: int) -> None:
@@ -189,6 +202,7 @@ def load_legacy_checkpoint(iter_dir: str, layout: RankLayout, model_chunks, opti
     """Load this rank's file into the model (and optimizer, scheduler, RNG); returns the
     file's state (its common entries name iteration, consumed samples, config)."""
     chunks = unwrap_model_chunks(model_chunks)
+    _refuse_v_shape("load")
     _check_layout(iter_dir, layout, len(chunks))  # metadata only (the first file, mmap)
     path = legacy_rank_file(iter_dir, layout)
     problem = None

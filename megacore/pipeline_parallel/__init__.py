@@ -1,8 +1,9 @@
 """Pipeline parallelism: p2p exchange between stages, schedules, layer split.
 
 ``get_forward_backward_func()`` picks the schedule (none, 1F1B, interleaved 1F1B) for the
-current grid; :mod:`.schedule_plan` computes each rank's order of operations as data and
-simulates all stages together; :mod:`.layer_split` says which layers a stage builds;
+current grid, and ``config.pipeline_schedule`` makes it zero-bubble (ZB-H1, or ZBV's V
+over two chunks); :mod:`.schedule_plan` computes each rank's order of operations as data
+and simulates all stages together; :mod:`.layer_split` says which layers a stage builds;
 :class:`TrainingHooks` carries the training loop's hooks into every schedule.
 """
 

@@ -19,6 +19,14 @@ With 8 layers, pp=2, vpp=2 (2 layers per virtual stage)::
 
     rank 0: chunk 0 -> layers 0-1 (v=0), chunk 1 -> layers 4-5 (v=2)
     rank 1: chunk 0 -> layers 2-3 (v=1), chunk 1 -> layers 6-7 (v=3)
+
+ZBV (``v_shape=True``, ``--pipeline-schedule zbv``) places the virtual stages in a V:
+chunk 0 of rank ``r`` is ``v = r`` and chunk 1 is ``v = 2 pp - 1 - r``, so rank 0 holds
+the first layers (with the embedding) and the last ones (with the output layer and the
+loss). Same 8 layers, pp=2::
+
+    rank 0: chunk 0 -> layers 0-1 (v=0), chunk 1 -> layers 6-7 (v=3)
+    rank 1: chunk 0 -> layers 2-3 (v=1), chunk 1 -> layers 4-5 (v=2)
 """
 
 from __future__ import annotations
@@ -128,8 +136,8 @@ def get_layer_offset_and_count(num_layers: int, pipeline_model_parallel_size: in
                                virtual_pipeline_model_parallel_size: Optional[int] = None,
                                virtual_pipeline_model_parallel_rank: Optional[int] = None,
                                num_layers_in_first_pipeline_stage: Optional[int] = None,
-                               num_layers_in_last_pipeline_stage: Optional[int] = None
-                               ) -> Tuple[int, int]:
+                               num_layers_in_last_pipeline_stage: Optional[int] = None,
+                               v_shape: bool = False) -> Tuple[int, int]:
     """Global index of the first layer and number of layers of one (virtual) stage.
 
     Args:
@@ -140,6 +148,7 @@ def get_layer_offset_and_count(num_layers: int, pipeline_model_parallel_size: in
         virtual_pipeline_model_parallel_rank: this chunk; None means 0.
         num_layers_in_first_pipeline_stage: layers on rank 0 (None: even split).
         num_layers_in_last_pipeline_stage: layers on rank pp-1 (None: even split).
+        v_shape: ZBV's V placement of the two chunks (see the module docstring).
 
     Returns:
         ``(offset, count)``: this stage builds layers ``offset .. offset + count - 1``.
@@ -147,6 +156,9 @@ def get_layer_offset_and_count(num_layers: int, pipeline_model_parallel_size: in
     Raises:
         ValueError: naming the flags when the split is impossible.
     """
+    if v_shape:
+        _check_v_shape(virtual_pipeline_model_parallel_size, num_layers_in_first_pipeline_stage,
+                       num_layers_in_last_pipeline_stage)
     counts = pipeline_layer_counts(num_layers, pipeline_model_parallel_size,
                                    virtual_pipeline_model_parallel_size,
                                    num_layers_in_first_pipeline_stage,
@@ -159,4 +171,17 @@ def get_layer_offset_and_count(num_layers: int, pipeline_model_parallel_size: in
         raise ValueError(f"virtual pipeline rank {chunk} is outside 0..{vpp - 1}")
     flat = [n for row in counts for n in row]   # virtual stage v = chunk * pp + rank
     virtual = chunk * pp + rank
+    if v_shape:
+        # Every virtual stage holds the same number of layers (checked above).
+        virtual = rank if chunk == 0 else 2 * pp - 1 - rank
     return sum(flat[:virtual]), flat[virtual]
+
+
+def _check_v_shape(vpp: Optional[int], first: Optional[int], last: Optional[int]) -> None:
+    """ZBV's V needs exactly two chunks per rank, all virtual stages of equal size."""
+    if vpp != 2:
+        raise ValueError(f"--pipeline-schedule zbv places exactly 2 model chunks per rank; "
+                         f"{_VPP} is {vpp}")
+    if first is not None or last is not None:
+        raise ValueError(f"--pipeline-schedule zbv splits the layers evenly over its 2 x "
+                         f"{_PP} virtual stages; drop {_FIRST} / {_LAST}")

@@ -188,6 +188,41 @@ class P2PCommunicator:
         self._wait(recv_works, recvs)
         return recv_prev_t, recv_next_t, PendingSends(self, send_works, sends)
 
+    def communicate_directed(self, *, sends: Sequence[Tuple[torch.Tensor, bool, str]],
+                             recvs: Sequence[Tuple[bool, str]],
+                             tensor_shape: Sequence[int]
+                             ) -> Tuple[List[torch.Tensor], "PendingSends"]:
+        """Post sends and receives whose direction is given per message; wait only for
+        the receives.
+
+        ZBV's second chunk runs the V backwards: its activations go to the *previous*
+        rank and its gradients to the *next*, so direction and kind are independent here.
+
+        Args:
+            sends: ``(tensor, to_next, kind)`` with kind ``"activation"`` or ``"gradient"``.
+            recvs: ``(from_next, kind)``; activations come back with ``requires_grad``.
+            tensor_shape: shape of every tensor (fixed lengths only).
+
+        Returns:
+            The received tensors in ``recvs`` order, and the sends still in flight (wait
+            for them with ``PendingSends.wait()``; keep the tensors alive until then).
+        """
+        if self.config.variable_seq_lengths:
+            raise ValueError("--pipeline-schedule zbv needs fixed sequence lengths; unset "
+                             "variable_seq_lengths")
+        tags = {"activation": _TAG_ACTIVATION, "gradient": _TAG_GRADIENT}
+        send_ops = []
+        for tensor, to_next, kind in sends:
+            self._check_send(kind, tensor, tensor_shape)
+            send_ops.append(("send", tensor, self.next_rank if to_next else self.prev_rank,
+                             tags[kind]))
+        recv_ops = [("recv", self._empty(tensor_shape, requires_grad=kind == "activation"),
+                     self.next_rank if from_next else self.prev_rank, tags[kind])
+                    for from_next, kind in recvs]
+        send_works = self._post(send_ops)
+        self._wait(self._post(recv_ops), recv_ops)
+        return [op[1] for op in recv_ops], PendingSends(self, send_works, send_ops)
+
     # -- helpers ------------------------------------------------------------------------
     def _post(self, ops: List[Tuple[str, Optional[torch.Tensor], int, int]]) -> list:
         """Post ``(kind, tensor, peer, tag)`` ops one by one; return their works."""
@@ -288,6 +323,10 @@ class PendingSends:
     @property
     def tensors(self) -> List[torch.Tensor]:
         return [op[1] for op in self.ops]
+
+    def completed(self) -> bool:
+        """Whether every send has completed (without waiting)."""
+        return all(work.is_completed() for work in self.works)
 
     def wait(self) -> None:
         if self.works:

@@ -72,6 +72,9 @@ __all__ = [
     "SEND_FORWARD",
     "RECV_BACKWARD",
     "SEND_BACKWARD",
+    "HANDOFF_FORWARD",
+    "HANDOFF_BACKWARD",
+    "HANDOFF_OPS",
     "COMPUTE_OPS",
     "COMM_OPS",
     "PIPELINE_SCHEDULES",
@@ -82,6 +85,8 @@ __all__ = [
     "num_warmup_microbatches",
     "compute_order",
     "zero_bubble_compute_order",
+    "zbv_compute_order",
+    "stage_layout",
     "build_plan",
     "group_batches",
     "simulate",
@@ -96,17 +101,25 @@ RECV_FORWARD = "recv_forward"
 SEND_FORWARD = "send_forward"
 RECV_BACKWARD = "recv_backward"
 SEND_BACKWARD = "send_backward"
+# ZBV: the last rank's chunk 0 feeds its own chunk 1 (and chunk 1's input gradient goes
+# back to chunk 0) through memory, with no message.
+HANDOFF_FORWARD = "handoff_forward"
+HANDOFF_BACKWARD = "handoff_backward"
+HANDOFF_OPS = (HANDOFF_FORWARD, HANDOFF_BACKWARD)
 COMPUTE_OPS = (FORWARD, BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)
 # Order inside one batch: activations (forward direction) before gradients.
 COMM_OPS = (SEND_FORWARD, RECV_FORWARD, SEND_BACKWARD, RECV_BACKWARD)
 # The ops that receive an output gradient and send an input gradient.
 _GRADIENT_OPS = (BACKWARD, BACKWARD_INPUT)
 
-PIPELINE_SCHEDULES = ("1f1b", "interleaved-1f1b", "zb-h1")
+PIPELINE_SCHEDULES = ("1f1b", "interleaved-1f1b", "zb-h1", "zbv")
 """Values of ``--pipeline-schedule``. ``1f1b`` and ``interleaved-1f1b`` are today's
 schedules (which of the two runs follows ``--num-virtual-stages-per-pipeline-rank``);
-``zb-h1`` splits backwards into B and W (zero bubble). ZBV (two chunks per rank in a
-V) is not offered: its plans from this scheduler deadlock under the strict p2p model."""
+``zb-h1`` splits backwards into B and W (zero bubble); ``zbv`` also splits them and
+places two chunks per rank in a V (:func:`zbv_compute_order`)."""
+
+ZBV_NUM_CHUNKS = 2
+"""ZBV holds exactly two model chunks per rank: the two arms of the V."""
 
 
 class Step(NamedTuple):
@@ -133,23 +146,34 @@ Batch = Tuple[Step, ...]
 
 
 class StageLayout(NamedTuple):
-    """Where each virtual stage lives: chunk ``c`` of rank ``r`` is stage ``c * pp + r``.
+    """Where each virtual stage lives.
 
+    Interleaved (``v_shape=False``): chunk ``c`` of rank ``r`` is stage ``c * pp + r``.
     Example ``pp=4``, two chunks: rank 0 holds stages 0 and 4, rank 3 holds 3 and 7.
+
+    ZBV (``v_shape=True``, two chunks): chunk 0 of rank ``r`` is stage ``r`` and chunk 1
+    is stage ``2 pp - 1 - r``. Example ``pp=4``: rank 0 holds stages 0 and 7, rank 3
+    holds 3 and 4; activations go ``0 -> 1 -> 2 -> 3 -> (rank 3, chunk 1) -> 2 -> 1 -> 0``,
+    and the loss is computed on rank 0.
     """
 
     pp_size: int
     num_chunks: int = 1
+    v_shape: bool = False
 
     @property
     def num_stages(self) -> int:
         return self.pp_size * self.num_chunks
 
     def stage(self, pp_rank: int, chunk: int) -> int:
+        if self.v_shape and chunk == 1:
+            return 2 * self.pp_size - 1 - pp_rank
         return chunk * self.pp_size + pp_rank
 
     def place(self, stage: int) -> Tuple[int, int]:
         """``(pp_rank, chunk)`` of a stage."""
+        if self.v_shape and stage >= self.pp_size:
+            return 2 * self.pp_size - 1 - stage, 1
         return stage % self.pp_size, stage // self.pp_size
 
     def is_first(self, pp_rank: int, chunk: int) -> bool:
@@ -157,6 +181,15 @@ class StageLayout(NamedTuple):
 
     def is_last(self, pp_rank: int, chunk: int) -> bool:
         return self.stage(pp_rank, chunk) == self.num_stages - 1
+
+    def neighbour(self, pp_rank: int, chunk: int, offset: int) -> Tuple[int, int]:
+        """``(pp_rank, chunk)`` of the stage ``offset`` (+1 next, -1 previous) away."""
+        return self.place(self.stage(pp_rank, chunk) + offset)
+
+
+def stage_layout(schedule: Optional[str], pp_size: int, num_chunks: int = 1) -> StageLayout:
+    """The stage layout a schedule runs on (V-shaped for ``zbv``)."""
+    return StageLayout(pp_size, num_chunks, v_shape=schedule == "zbv")
 
 
 # --------------------------------------------------------------------------------------
@@ -208,7 +241,7 @@ def validate_pipeline_schedule(schedule: Optional[str], pipeline_model_parallel_
     """Resolve ``--pipeline-schedule`` against the layout; return the schedule to run.
 
     ``None`` keeps today's choice: ``interleaved-1f1b`` with several chunks per rank,
-    else ``1f1b``. ``zb-h1`` runs one chunk per rank.
+    else ``1f1b``. ``zb-h1`` runs one chunk per rank, ``zbv`` exactly two.
 
     Raises:
         ValueError: naming the flags to change.
@@ -225,6 +258,10 @@ def validate_pipeline_schedule(schedule: Optional[str], pipeline_model_parallel_
                          f"--num-virtual-stages-per-pipeline-rank={chunks}"
                          + (" (or use --pipeline-schedule interleaved-1f1b)"
                             if schedule == "1f1b" else ""))
+    if schedule == "zbv" and chunks != ZBV_NUM_CHUNKS:
+        raise ValueError(f"--pipeline-schedule zbv runs exactly {ZBV_NUM_CHUNKS} model chunks "
+                         f"per rank (a V); set --num-virtual-stages-per-pipeline-rank "
+                         f"{ZBV_NUM_CHUNKS} (got {chunks})")
     if schedule == "interleaved-1f1b" and chunks < 2:
         raise ValueError("--pipeline-schedule interleaved-1f1b needs "
                          "--num-virtual-stages-per-pipeline-rank >= 2")
@@ -324,24 +361,132 @@ def zero_bubble_compute_order(pp_rank: int, pp_size: int, num_microbatches: int,
 
 
 # --------------------------------------------------------------------------------------
+# Compute order: ZBV
+# --------------------------------------------------------------------------------------
+class _ZbvCounters:
+    """Next micro-batch of each (op, chunk) on one rank, appending steps as it goes."""
+
+    def __init__(self):
+        self.steps: List[Step] = []
+        self.next: Dict[Tuple[str, int], int] = collections.defaultdict(int)
+
+    def count(self, op: str, chunk: int) -> int:
+        return self.next[(op, chunk)]
+
+    def add(self, phase: str, op: str, chunk: int) -> None:
+        self.steps.append(Step(phase, op, self.next[(op, chunk)], chunk))
+        self.next[(op, chunk)] += 1
+
+
+def zbv_compute_order(pp_rank: int, pp_size: int, num_microbatches: int,
+                      forward_only: bool = False) -> List[Step]:
+    """The compute steps of one rank for ZBV (Qi et al., "Pipeline Parallelism with
+    Controllable Memory", 2024; PyTorch's ``ScheduleZBVZeroBubble``).
+
+    Chunk 0 of rank ``r`` is stage ``r``, chunk 1 is stage ``2 pp - 1 - r``
+    (:class:`StageLayout` with ``v_shape``). With ``n = max(m, 2 pp - 1)`` micro-batches:
+
+    * warm-up: ``2 (pp - r) - 1`` chunk-0 forwards; ``r`` pairs (F chunk 1, F chunk 0);
+      ``pp - r`` triples (F, B, W) on chunk 1;
+    * steady: (F, B, W) on chunk 0 (no F once all ``n`` are in), then on chunk 1, until
+      chunk 1 has run every forward chunk 0 has;
+    * cool-down: ``r`` pairs (B chunk 0, B chunk 1); ``pp - r`` pairs (B chunk 0, W chunk
+      0); the remaining Ws, chunk 1 first.
+
+    Steps of micro-batches ``>= m`` (padding when ``m < 2 pp - 1``) are then dropped on
+    every rank alike. Example ``pp=2``, ``m=4``, rank 1 (``F1.0`` = F of chunk 1,
+    micro-batch 0)::
+
+        F0.0 F1.0 F0.1 F1.1 B1.0 W1.0 F0.2 B0.0 W0.0 F1.2 B1.1 W1.1
+        F0.3 B0.1 W0.1 F1.3 B1.2 W1.2 B0.2 B1.3 B0.3 W0.2 W1.3 W0.3
+    """
+    m, pp, r = num_microbatches, pp_size, pp_rank
+    if forward_only:
+        # Chunk 0 for every micro-batch, then chunk 1: the V's arms one after the other.
+        return [Step("warmup", FORWARD, mb, c) for c in (0, 1) for mb in range(m)]
+    n = max(m, 2 * pp - 1)
+    order = _ZbvCounters()
+    for _ in range(2 * (pp - r) - 1):
+        order.add("warmup", FORWARD, 0)
+    for _ in range(r):
+        order.add("warmup", FORWARD, 1)
+        order.add("warmup", FORWARD, 0)
+    for _ in range(pp - r):
+        for op in (FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT):
+            order.add("warmup", op, 1)
+    _zbv_steady(order, n)
+    _zbv_cooldown(order, pp, r)
+    return [s for s in order.steps if s.microbatch < m]
+
+
+def _zbv_steady(order: _ZbvCounters, n: int) -> None:
+    while order.count(FORWARD, 1) < order.count(FORWARD, 0) or order.count(FORWARD, 0) < n:
+        if order.count(FORWARD, 0) < n:
+            order.add("steady", FORWARD, 0)
+        order.add("steady", BACKWARD_INPUT, 0)
+        order.add("steady", BACKWARD_WEIGHT, 0)
+        for op in (FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT):
+            order.add("steady", op, 1)
+
+
+def _zbv_cooldown(order: _ZbvCounters, pp: int, r: int) -> None:
+    for _ in range(r):
+        order.add("cooldown", BACKWARD_INPUT, 0)
+        order.add("cooldown", BACKWARD_INPUT, 1)
+    for _ in range(pp - r):
+        order.add("cooldown", BACKWARD_INPUT, 0)
+        order.add("cooldown", BACKWARD_WEIGHT, 0)
+    for chunk in (1, 0):
+        while order.count(BACKWARD_WEIGHT, chunk) < order.count(BACKWARD_INPUT, chunk):
+            order.add("cooldown", BACKWARD_WEIGHT, chunk)
+
+
+# --------------------------------------------------------------------------------------
 # Communication placement
 # --------------------------------------------------------------------------------------
+def _source_offset(step: Step) -> Optional[int]:
+    """Where ``step``'s input comes from: the previous stage (-1) for a forward, the next
+    (+1) for B or a whole backward, nowhere (None) for W."""
+    if step.op == FORWARD:
+        return -1
+    return 1 if step.op in _GRADIENT_OPS else None
+
+
+def _is_local(step: Step, pp_rank: int, layout: StageLayout, offset: int) -> bool:
+    """Whether the stage ``offset`` away from ``step``'s lives on this rank too (ZBV's
+    turn of the V on the last rank)."""
+    return layout.neighbour(pp_rank, step.chunk, offset)[0] == pp_rank
+
+
+def _has_neighbour(step: Step, pp_rank: int, layout: StageLayout, offset: int) -> bool:
+    stage = layout.stage(pp_rank, step.chunk) + offset
+    return 0 <= stage < layout.num_stages
+
+
 def _input_recv(step: Step, pp_rank: int, layout: StageLayout) -> Optional[Step]:
-    """The receive that delivers ``step``'s input (None on the pipeline's ends and for W)."""
-    if step.op == FORWARD and not layout.is_first(pp_rank, step.chunk):
-        return Step(step.phase, RECV_FORWARD, step.microbatch, step.chunk)
-    if step.op in _GRADIENT_OPS and not layout.is_last(pp_rank, step.chunk):
-        return Step(step.phase, RECV_BACKWARD, step.microbatch, step.chunk)
-    return None
+    """The receive that delivers ``step``'s input (None on the pipeline's ends, for W,
+    and for an input handed over on this rank)."""
+    offset = _source_offset(step)
+    if offset is None or not _has_neighbour(step, pp_rank, layout, offset):
+        return None
+    if _is_local(step, pp_rank, layout, offset):
+        return None
+    return Step(step.phase, RECV_FORWARD if step.op == FORWARD else RECV_BACKWARD,
+                step.microbatch, step.chunk)
 
 
 def _output_send(step: Step, pp_rank: int, layout: StageLayout) -> Optional[Step]:
-    """The send that delivers ``step``'s output (None as for :func:`_input_recv`)."""
-    if step.op == FORWARD and not layout.is_last(pp_rank, step.chunk):
-        return Step(step.phase, SEND_FORWARD, step.microbatch, step.chunk)
-    if step.op in _GRADIENT_OPS and not layout.is_first(pp_rank, step.chunk):
-        return Step(step.phase, SEND_BACKWARD, step.microbatch, step.chunk)
-    return None
+    """The send (or, to a stage on this rank, the hand-off) that delivers ``step``'s
+    output (None on the pipeline's ends and for W)."""
+    offset = _source_offset(step)
+    if offset is None or not _has_neighbour(step, pp_rank, layout, -offset):
+        return None
+    forward = step.op == FORWARD
+    if _is_local(step, pp_rank, layout, -offset):
+        op = HANDOFF_FORWARD if forward else HANDOFF_BACKWARD
+    else:
+        op = SEND_FORWARD if forward else SEND_BACKWARD
+    return Step(step.phase, op, step.microbatch, step.chunk)
 
 
 def _ordered(batch: List[Step]) -> List[Step]:
@@ -368,14 +513,20 @@ def _compute_groups(compute: List[Step], num_chunks: int) -> List[List[Step]]:
 def _place_communication(compute: List[Step], pp_rank: int, layout: StageLayout) -> List[Step]:
     """Between two groups of compute steps one batch carries the first group's output
     sends and the second group's input receives (a W has neither, so the sends of the
-    step before a W go out before it and the receives of the step after it come after)."""
+    step before a W go out before it and the receives of the step after it come after).
+    An output for a stage on this rank is handed over right after the step (ZBV)."""
     plan: List[Step] = []
     previous: List[Step] = []
     for current in _compute_groups(compute, layout.num_chunks) + [[]]:
         batch = [_output_send(s, pp_rank, layout) for s in previous]
         batch += [_input_recv(s, pp_rank, layout) for s in current]
-        plan.extend(_ordered([s for s in batch if s is not None]))
-        plan.extend(current)
+        plan.extend(_ordered([s for s in batch if s is not None and s.op in COMM_OPS]))
+        for step in current:
+            plan.append(step)
+            # A hand-off to this rank's other chunk happens at once, outside any batch.
+            handoff = _output_send(step, pp_rank, layout)
+            if handoff is not None and handoff.op in HANDOFF_OPS:
+                plan.append(handoff)
         previous = current
     return plan
 
@@ -387,16 +538,19 @@ def build_plan(pp_rank: int, pp_size: int, num_microbatches: int, num_chunks: in
 
     ``schedule`` is a :data:`PIPELINE_SCHEDULES` value (None: 1F1B, interleaved when
     ``num_chunks > 1``). Arguments are validated with :func:`validate_schedule_args` and
-    :func:`validate_pipeline_schedule` (``ValueError`` naming the flags).
+    :func:`validate_pipeline_schedule` (``ValueError`` naming the flags). ``zbv`` plans
+    run on :func:`stage_layout`'s V (simulate them with ``v_shape=True``).
     """
     schedule = validate_pipeline_schedule(schedule, pp_size, num_chunks)
-    zero_bubble = schedule == "zb-h1"
+    zero_bubble = schedule in ("zb-h1", "zbv")
     group = validate_schedule_args(pp_size, num_microbatches,
                                    None if zero_bubble else num_chunks, group_size)
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp_rank {pp_rank} is outside 0..{pp_size - 1}")
-    layout = StageLayout(pp_size, num_chunks)
-    if zero_bubble:
+    layout = stage_layout(schedule, pp_size, num_chunks)
+    if schedule == "zbv":
+        compute = zbv_compute_order(pp_rank, pp_size, num_microbatches, forward_only)
+    elif zero_bubble:
         compute = zero_bubble_compute_order(pp_rank, pp_size, num_microbatches, forward_only)
     else:
         compute = compute_order(pp_rank, pp_size, num_microbatches, num_chunks,
@@ -426,13 +580,19 @@ def published_bubble_fraction(schedule: str, pp_size: int, num_microbatches: int
 
     1F1B (Narayanan et al. 2021): ``(p - 1) / (m + p - 1)``. ZB-H1 (Qi et al. 2024):
     bubble time ``(p - 1)(T_F + T_B - T_W)``, a third of 1F1B's ``(p - 1)(T_F + T_B + T_W)``,
-    so ``(p - 1) / (3 m + p - 1)``.
+    so ``(p - 1) / (3 m + p - 1)``. ZBV (Qi et al. 2024, V-ZB): 0.
     """
     p, m = pp_size, num_microbatches
     if schedule == "1f1b":
         return (p - 1) / (m + p - 1)
     if schedule == "zb-h1":
         return (p - 1) / (3 * m + p - 1)
+    if schedule == "zbv":
+        # "Pipeline Parallelism with Controllable Memory" (Qi et al. 2024), V-ZB: bubble
+        # rate 0 for T_F = T_B = T_W, the rate as m grows (1F1B's is given as ~p/m there).
+        # Timed with unit costs per chunk, the plans leave (p - 1) chunk-forwards of
+        # start-up per rank: (p - 1) / (6 m + p - 1) once m >= 2 p.
+        return 0.0
     raise ValueError(f"no published bubble fraction for schedule {schedule!r}")
 
 
@@ -477,14 +637,16 @@ class _Clock:
         self.busy = [0.0] * pp
 
     def compute(self, rank: int, op: str) -> None:
-        if self.costs is not None:
+        if self.costs is not None and op not in HANDOFF_OPS:   # a hand-off is free
             cost = self.costs[op]
             self.now[rank] += cost
             self.busy[rank] += cost
 
 
 def simulate(plans: Sequence[Sequence[Step]], num_chunks: int = 1, *, eager_sends: bool = False,
-             costs: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+             costs: Optional[Dict[str, float]] = None, v_shape: bool = False,
+             match_by_kind: bool = False, deferred_sends: bool = False
+             ) -> Dict[str, float]:
     """Run every rank's plan together; raise :class:`ScheduleError` unless it is sound.
 
     Model (the strictest realistic one, NCCL-like): a rank posts all operations of its
@@ -492,7 +654,18 @@ def simulate(plans: Sequence[Sequence[Step]], num_chunks: int = 1, *, eager_send
     a send completes only when the matching receive is posted (no buffering). Messages on
     each directed link pair up in posting order, and the sender's and receiver's labels
     must agree. Also checks that each ``(microbatch, chunk)`` runs forward once, its
-    backward (or B) after its forward, and its W after its B.
+    backward (or B) after its forward, and its W after its B. ``v_shape`` places the
+    stages as ZBV does (:class:`StageLayout`); an input that comes from a stage on the
+    same rank must have been handed over (``handoff_*``) before the step that uses it.
+
+    ``deferred_sends`` (the ZBV runtime): as ``eager_sends``, but a batch waits only for
+    its receives; every send is waited for at the end of the plan (a send is a posted
+    ``isend`` that completes whenever its receiver gets to it).
+
+    ``match_by_kind`` pairs activations and gradients on one link separately, as tagged
+    p2p does on gloo (ZBV needs it: on link ``r -> r+1`` chunk 0's activations and chunk
+    1's gradients are sent and received in different orders). Without it the messages
+    of one link pair in posting order whatever their kind, as NCCL does.
 
     ``eager_sends`` (the zero-bubble runtime): a batch waits for its receives and for the
     sends of the rank's previous batch, not for its own sends (they complete while the
@@ -508,12 +681,13 @@ def simulate(plans: Sequence[Sequence[Step]], num_chunks: int = 1, *, eager_send
         and ``"bubble_fraction"`` = ``1 - busy / (pp * makespan)``.
     """
     pp = len(plans)
-    layout = StageLayout(pp, num_chunks)
+    layout = StageLayout(pp, num_chunks, v_shape)
+    eager_sends = eager_sends or deferred_sends
     programs = [group_batches(plan) + ([()] if eager_sends else []) for plan in plans]
     links: Dict[Tuple[int, int], _Link] = collections.defaultdict(_Link)
     position = [0] * pp
     clock = _Clock(pp, costs)
-    comm = _Posting(pp, eager_sends)
+    comm = _Posting(pp, eager_sends, match_by_kind, deferred_sends)
     done: set = set()
     rounds = batches = 0
     while any(position[r] < len(programs[r]) for r in range(pp)):
@@ -523,7 +697,7 @@ def simulate(plans: Sequence[Sequence[Step]], num_chunks: int = 1, *, eager_send
             while position[r] < len(programs[r]):
                 item = programs[r][position[r]]
                 if isinstance(item, Step):
-                    _record_compute(item, r, done)
+                    _record_compute(item, r, done, layout)
                     clock.compute(r, item.op)
                 elif not _advance_batch(item, r, layout, links, comm, clock):
                     break
@@ -542,12 +716,13 @@ def simulate(plans: Sequence[Sequence[Step]], num_chunks: int = 1, *, eager_send
     return result
 
 
-def _record_compute(step: Step, rank: int, done: set) -> None:
+def _record_compute(step: Step, rank: int, done: set, layout: StageLayout) -> None:
     mb, chunk = step.microbatch, step.chunk
     key = (step.op, mb, chunk, rank)
     where = f"micro-batch {mb} chunk {chunk}"
     if key in done:
         raise ScheduleError(f"rank {rank} runs {step.op} of {where} twice")
+    _check_handed_over(step, rank, done, layout)
     if step.op in _GRADIENT_OPS and (FORWARD, mb, chunk, rank) not in done:
         raise ScheduleError(f"rank {rank} runs {step.op} of {where} before its forward")
     if step.op == BACKWARD_WEIGHT and (BACKWARD_INPUT, mb, chunk, rank) not in done:
@@ -556,11 +731,36 @@ def _record_compute(step: Step, rank: int, done: set) -> None:
     done.add(key)
 
 
+def _check_handed_over(step: Step, rank: int, done: set, layout: StageLayout) -> None:
+    """A hand-off follows its producing step; a step whose input comes from this rank's
+    other chunk runs only after that input was handed over."""
+    if step.op in HANDOFF_OPS:
+        producer = FORWARD if step.op == HANDOFF_FORWARD else _GRADIENT_OPS
+        if not any((op, step.microbatch, step.chunk, rank) in done
+                   for op in ((producer,) if isinstance(producer, str) else producer)):
+            raise ScheduleError(f"rank {rank} hands over {step.op} of micro-batch "
+                                f"{step.microbatch} chunk {step.chunk} before computing it")
+        return
+    offset = _source_offset(step)
+    if (offset is None or not _has_neighbour(step, rank, layout, offset)
+            or not _is_local(step, rank, layout, offset)):
+        return
+    source_chunk = layout.neighbour(rank, step.chunk, offset)[1]
+    handoff = HANDOFF_FORWARD if step.op == FORWARD else HANDOFF_BACKWARD
+    if (handoff, step.microbatch, source_chunk, rank) not in done:
+        raise ScheduleError(f"rank {rank} runs {step.op} of micro-batch {step.microbatch} "
+                            f"chunk {step.chunk} before chunk {source_chunk} handed its "
+                            "input over")
+
+
 class _Posting:
     """What each rank has posted and must still see matched before it moves on."""
 
-    def __init__(self, pp: int, eager_sends: bool):
-        self.eager_sends = eager_sends
+    def __init__(self, pp: int, eager_sends: bool, match_by_kind: bool = False,
+                 deferred_sends: bool = False):
+        self.eager_sends = eager_sends or deferred_sends
+        self.deferred_sends = deferred_sends
+        self.match_by_kind = match_by_kind
         # For a rank blocked in a batch: [(link key, index in that link's queue)].
         self.waiting: List[Optional[List[Tuple[Tuple[int, int], int]]]] = [None] * pp
         # Eager sends of each rank's previous batch, waited for by its next batch.
@@ -577,6 +777,8 @@ def _advance_batch(batch: Batch, rank: int, layout: StageLayout, links, comm: _P
         for step in batch:
             direction, peer, label = _message(step, rank, layout)
             key = (rank, peer) if direction == "send" else (peer, rank)
+            if comm.match_by_kind:
+                key += (label[0],)
             queue = links[key].sends if direction == "send" else links[key].recvs
             queue.append((label, clock.now[rank]))
             index = len(queue) - 1
@@ -586,7 +788,11 @@ def _advance_batch(batch: Batch, rank: int, layout: StageLayout, links, comm: _P
                                     f"{link.sends[index][0]} but receiver expects "
                                     f"{link.recvs[index][0]}")
             (sends if direction == "send" else receives).append((key, index))
-        if comm.eager_sends:
+        if comm.deferred_sends:
+            # Sends are waited for only at the end of the plan (the empty last batch).
+            comm.waiting[rank] = receives if batch else receives + comm.unwaited[rank]
+            comm.own_sends[rank] = comm.unwaited[rank] + sends
+        elif comm.eager_sends:
             comm.waiting[rank] = receives + comm.unwaited[rank]
             comm.own_sends[rank] = sends
         else:
@@ -605,9 +811,9 @@ def _advance_batch(batch: Batch, rank: int, layout: StageLayout, links, comm: _P
 
 
 def _check_links(links) -> None:
-    for (src, dst), link in links.items():
+    for key, link in links.items():
         if len(link.sends) != len(link.recvs):
-            raise ScheduleError(f"link {src}->{dst}: {len(link.sends)} sends but "
+            raise ScheduleError(f"link {key[0]}->{key[1]}: {len(link.sends)} sends but "
                                 f"{len(link.recvs)} receives")
 
 

@@ -1,4 +1,4 @@
-"""Forward/backward schedules over micro-batches: none, 1F1B, interleaved 1F1B, ZB-H1.
+"""Forward/backward schedules over micro-batches: none, 1F1B, interleaved 1F1B, ZB-H1, ZBV.
 
 ``get_forward_backward_func()`` returns the schedule for the current grid; every schedule
 has Megatron-Core's contract::
@@ -28,6 +28,13 @@ has Megatron-Core's contract::
 each backward runs as B (input gradient, :class:`.backward_split.SplitBackward`) and,
 later, W (weight gradients); sends do not wait (their completion is awaited at the
 next exchange), so W steps fill the time a rank would spend waiting.
+
+``config.pipeline_schedule = "zbv"`` runs the interleaved schedule's two chunks per rank
+in a V (rank ``r`` holds virtual stages ``r`` and ``2 pp - 1 - r``, see
+:class:`.schedule_plan.StageLayout`) with split backwards: chunk 1 sends activations to
+the previous rank and gradients to the next; the last rank hands its chunk 0's output to
+its chunk 1 in memory; the loss is computed on rank 0's chunk 1. Sends are waited for
+only at the end of the step (or released once complete). Needs gloo (tag-matched p2p).
 
 The pipelined schedules do not decide on the fly: :mod:`.schedule_plan` computes each
 rank's order of compute and communication steps as data (tested, with all stages
@@ -380,7 +387,8 @@ class _PipelineRun:
 
     def __init__(self, *, forward_step_func, data_iterators, models, num_microbatches,
                  config, hooks: TrainingHooks, comm: P2PCommunicator, tensor_shape,
-                 forward_only, collect_non_loss_data, interleaved):
+                 forward_only, collect_non_loss_data, interleaved,
+                 layout: plan_lib.StageLayout):
         self.forward_step_func, self.hooks = forward_step_func, hooks
         self.param_sync = _ParamSync(hooks, models, forward_only)
         self.data_iterators, self.models = data_iterators, models
@@ -397,9 +405,12 @@ class _PipelineRun:
         self.splits: Dict[Tuple[int, int], SplitBackward] = {}
         self.pending_sends: Optional[PendingSends] = None
         self.eager_sends = False
+        # ZBV: where each chunk's neighbours live, and sends waited for only at the end.
+        self.layout = layout
+        self.in_flight: List[PendingSends] = []
 
     def _is_last_virtual(self, chunk: int) -> bool:
-        return self.comm.pp_rank == self.comm.pp_size - 1 and chunk == len(self.models) - 1
+        return self.layout.is_last(self.comm.pp_rank, chunk)
 
     def _set_chunk(self, chunk: int) -> None:
         if self.interleaved:
@@ -451,9 +462,28 @@ class _PipelineRun:
         with self.hooks.timed("backward-compute"):
             self.splits.pop((step.microbatch, step.chunk)).backward_weight()
 
+    def handoff(self, step: Step) -> None:
+        """ZBV's turn of the V: pass an output (or input gradient) to this rank's other
+        chunk through memory, as a receive would have delivered it."""
+        key = (step.microbatch, step.chunk)
+        offset = 1 if step.op == plan_lib.HANDOFF_FORWARD else -1
+        target = (step.microbatch, self.layout.neighbour(self.comm.pp_rank, step.chunk,
+                                                         offset)[1])
+        if step.op == plan_lib.HANDOFF_FORWARD:
+            # A fresh leaf, like a received activation: B of the next chunk stops here.
+            self.inputs[target] = self.outputs[key].detach().requires_grad_(
+                not self.forward_only)
+            if self.forward_only:
+                self.outputs.pop(key)
+        else:
+            self.output_grads[target] = self.input_grads.pop(key)
+
     def exchange(self, batch: Sequence[Step]) -> None:
         ops = {step.op: (step.microbatch, step.chunk) for step in batch}
         assert len(ops) == len(batch), f"a batch holds one step per kind, got {batch}"
+        if self.layout.v_shape:
+            self._exchange_directed(batch)
+            return
         send_next = self.outputs.get(ops.get(plan_lib.SEND_FORWARD))
         send_prev = self.input_grads.pop(ops.get(plan_lib.SEND_BACKWARD), None)
         with self.hooks.timed("pipeline-p2p"):
@@ -485,6 +515,48 @@ class _PipelineRun:
         self._release_sent(finished)
         return got_prev, got_next
 
+    def _exchange_directed(self, batch: Sequence[Step]) -> None:
+        """ZBV: each message's peer follows its chunk's place in the V. Sends are waited
+        for only when complete (checked here) or at the end: waiting for them earlier
+        deadlocks ZBV for pp >= 3 (found with ``simulate``)."""
+        rank = self.comm.pp_rank
+        sends, send_keys, recvs, recv_keys = [], [], [], []
+        for step in batch:
+            key = (step.microbatch, step.chunk)
+            forward = step.op in (plan_lib.SEND_FORWARD, plan_lib.RECV_FORWARD)
+            kind = "activation" if forward else "gradient"
+            if step.op in (plan_lib.SEND_FORWARD, plan_lib.SEND_BACKWARD):
+                peer = self.layout.neighbour(rank, step.chunk, 1 if forward else -1)[0]
+                tensor = (self.outputs[key] if forward else self.input_grads.pop(key))
+                if self.forward_only and forward:
+                    self.outputs.pop(key)   # the pending send keeps it alive
+                sends.append((tensor, self._is_next(peer), kind))
+            else:
+                peer = self.layout.neighbour(rank, step.chunk, -1 if forward else 1)[0]
+                recvs.append((self._is_next(peer), kind))
+                recv_keys.append((key, forward))
+        with self.hooks.timed("pipeline-p2p"):
+            got, pending = self.comm.communicate_directed(sends=sends, recvs=recvs,
+                                                          tensor_shape=self.tensor_shape)
+        for (key, forward), tensor in zip(recv_keys, got):
+            (self.inputs if forward else self.output_grads)[key] = tensor
+        self.in_flight.append(pending)
+        self._release_completed()
+
+    def _is_next(self, peer: int) -> bool:
+        """Whether pipeline rank ``peer`` is this rank's next (else its previous)."""
+        return peer == (self.comm.pp_rank + 1) % self.comm.pp_size
+
+    def _release_completed(self) -> None:
+        still = []
+        for sends in self.in_flight:
+            if sends.completed():
+                sends.wait()
+                self._release_sent(sends)
+            else:
+                still.append(sends)
+        self.in_flight = still
+
     def _release_sent(self, sends: Optional[PendingSends]) -> None:
         if sends is None:
             return
@@ -494,6 +566,10 @@ class _PipelineRun:
                 deallocate_output_tensor(tensor, self.config.deallocate_pipeline_outputs)
 
     def finish_sends(self) -> None:
+        for sends in self.in_flight:
+            sends.wait()
+            self._release_sent(sends)
+        self.in_flight = []
         if self.pending_sends is not None:
             self.pending_sends.wait()
             self._release_sent(self.pending_sends)
@@ -512,6 +588,8 @@ class _PipelineRun:
                 break
             if step.op == plan_lib.FORWARD:
                 self.forward(step)
+            elif step.op in plan_lib.HANDOFF_OPS:
+                self.handoff(step)
             elif step.op == plan_lib.BACKWARD_INPUT:
                 self.backward_input(step)
             else:
@@ -536,7 +614,10 @@ def _run_pipelined(*, forward_step_func, data_iterators, models, num_microbatche
     comm = P2PCommunicator(config, pp_group=pp_group, timeout=p2p_timeout)
     num_chunks = len(models)
     # Validate everything before the first message, identically on every rank.
-    plan_lib.validate_schedule_args(comm.pp_size, num_microbatches, num_chunks,
+    schedule = plan_lib.validate_pipeline_schedule(config.pipeline_schedule, comm.pp_size,
+                                                   num_chunks)
+    plan_lib.validate_schedule_args(comm.pp_size, num_microbatches,
+                                    None if schedule == "zbv" else num_chunks,
                                     config.microbatch_group_size_per_vp_stage)
     if len(data_iterators) != num_chunks:
         raise ValueError(f"got {len(data_iterators)} data iterators for {num_chunks} model "
@@ -545,20 +626,22 @@ def _run_pipelined(*, forward_step_func, data_iterators, models, num_microbatche
     if not config.variable_seq_lengths:
         tensor_shape = get_tensor_shape(seq_length=seq_length,
                                         micro_batch_size=micro_batch_size, config=config)
-    schedule = plan_lib.validate_pipeline_schedule(config.pipeline_schedule, comm.pp_size,
-                                                   num_chunks)
     zero_bubble = schedule == "zb-h1" and not forward_only
-    if zero_bubble and config.variable_seq_lengths:
-        raise ValueError("--pipeline-schedule zb-h1 needs fixed sequence lengths "
+    if schedule in ("zb-h1", "zbv") and config.variable_seq_lengths:
+        raise ValueError(f"--pipeline-schedule {schedule} needs fixed sequence lengths "
                          "(config.variable_seq_lengths=False)")
-    # Forward-only runs (evaluation) use 1F1B's forward order whatever the schedule.
+    if schedule == "zbv":
+        _check_tag_matched_p2p(comm)
+    # Forward-only runs (evaluation) use 1F1B's forward order whatever the schedule (ZBV:
+    # its own, on its V of stages).
     steps = plan_lib.build_plan(comm.pp_rank, comm.pp_size, num_microbatches, num_chunks,
                                 forward_only=forward_only,
-                                schedule=schedule if zero_bubble else None)
+                                schedule=schedule if zero_bubble or schedule == "zbv" else None)
     run = _PipelineRun(forward_step_func=forward_step_func, data_iterators=data_iterators,
                        models=models, num_microbatches=num_microbatches, config=config,
                        hooks=hooks, comm=comm, tensor_shape=tensor_shape, forward_only=forward_only,
-                       collect_non_loss_data=collect_non_loss_data, interleaved=interleaved)
+                       collect_non_loss_data=collect_non_loss_data, interleaved=interleaved,
+                       layout=plan_lib.stage_layout(schedule, comm.pp_size, num_chunks))
     run.eager_sends = zero_bubble
     grad_sync = _GradSync(hooks, models, steps)
     saved_chunk = parallel_state.get_virtual_pipeline_model_parallel_rank()
@@ -578,6 +661,17 @@ def _run_pipelined(*, forward_step_func, data_iterators, models, num_microbatche
     if not forward_only:
         _finalize(hooks, list(models), run.total_tokens)
     return run.store
+
+
+def _check_tag_matched_p2p(comm: P2PCommunicator) -> None:
+    """ZBV sends chunk 0's activations and chunk 1's gradients over the same link in
+    orders the receiver does not follow; only tag-matched p2p (gloo) pairs them right.
+    On NCCL, which pairs a link's messages in posting order, it would swap tensors."""
+    backend = dist.get_backend(comm.group)
+    if backend != "gloo":
+        raise ValueError(f"--pipeline-schedule zbv needs gloo p2p (tag-matched messages); "
+                         f"the pipeline group uses {backend}: use --pipeline-schedule zb-h1 "
+                         "or interleaved-1f1b")
 
 
 def forward_backward_pipelining_without_interleaving(

@@ -147,11 +147,42 @@ def _check_pipeline(run: RunConfig, sizes: DerivedSizes) -> None:
         _fail(f"--pipeline-schedule {m.pipeline_schedule} needs "
               "--pipeline-model-parallel-size > 1",
               "--pipeline-schedule", "--pipeline-model-parallel-size")
+    if m.pipeline_schedule == "zbv":
+        _check_zbv(run)
     try:
         pipeline_layer_counts(m.num_layers, pp, m.virtual_pipeline_model_parallel_size,
                               first, last)
         validate_pipeline_schedule(m.pipeline_schedule, pp,
                                    m.virtual_pipeline_model_parallel_size)
+    except ValueError as e:
+        raise FlagError(str(e), *_PIPELINE_FLAGS) from e
+
+
+def _check_zbv(run: RunConfig) -> None:
+    """ZBV runs exactly two chunks per rank (the default :mod:`flag_values` derives),
+    evenly split, with the output layer untied (its two ends are different chunks of
+    rank 0)."""
+    from megacore.pipeline_parallel.layer_split import get_layer_offset_and_count
+
+    m, c = run.model, run.checkpoint
+    if not run.gpt.untie_embeddings_and_output_weights:
+        _fail("--pipeline-schedule zbv needs --untie-embeddings-and-output-weights: the word "
+              "embedding (rank 0, chunk 0) and the output layer (rank 0, chunk 1) are "
+              "different chunks, and tying them across chunks is not implemented",
+              "--pipeline-schedule", "--untie-embeddings-and-output-weights")
+    if run.ddp.use_torch_fsdp2:
+        _fail("--use-torch-fsdp2 cannot be combined with --pipeline-schedule zbv (its split "
+              "backward bypasses FSDP2's backward hooks)",
+              "--use-torch-fsdp2", "--pipeline-schedule")
+    if c.ckpt_format == "torch" and bool(c.save or c.load):
+        _fail("--pipeline-schedule zbv cannot save or load --ckpt-format torch (its files "
+              "key chunks by position, which hold other layers in the V); use --ckpt-format "
+              "torch_dist", "--pipeline-schedule", "--ckpt-format")
+    try:
+        get_layer_offset_and_count(m.num_layers, m.pipeline_model_parallel_size, 0,
+                                   m.virtual_pipeline_model_parallel_size, 0,
+                                   m.num_layers_in_first_pipeline_stage,
+                                   m.num_layers_in_last_pipeline_stage, v_shape=True)
     except ValueError as e:
         raise FlagError(str(e), *_PIPELINE_FLAGS) from e
 
@@ -167,7 +198,8 @@ def _check_batch(run: RunConfig, sizes: DerivedSizes) -> None:
               "--global-batch-size", "--micro-batch-size")
     vpp = run.model.virtual_pipeline_model_parallel_size
     pp = run.model.pipeline_model_parallel_size
-    if vpp is not None and sizes.num_microbatches % pp:
+    # ZBV runs any number of micro-batches (schedule_plan.zbv_compute_order).
+    if vpp is not None and run.model.pipeline_schedule != "zbv" and sizes.num_microbatches % pp:
         _fail(f"the interleaved schedule needs the number of micro-batches "
               f"(--global-batch-size / (--micro-batch-size x dp) = {sizes.num_microbatches}) "
               f"to be divisible by --pipeline-model-parallel-size {pp}",

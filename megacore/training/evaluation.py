@@ -221,8 +221,11 @@ def _reduce_totals(losses: Sequence[Dict[str, torch.Tensor]]) -> torch.Tensor:
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(
             with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
+        # The loss stage: the last rank, or the first under ZBV's V.
+        src = (parallel_state.get_pipeline_model_parallel_first_rank()
+               if parallel_state.is_virtual_pipeline_v_shape()
+               else parallel_state.get_pipeline_model_parallel_last_rank())
+        dist.broadcast(totals, src=src, group=parallel_state.get_pipeline_model_parallel_group())
     return totals
 
 

@@ -159,9 +159,12 @@ def _derive_precision(values: Dict[str, Any], kw: Dict[str, Dict[str, Any]]) -> 
 
 
 def _derive_virtual_stages(values: Dict[str, Any], model: Dict[str, Any]) -> None:
-    """--num-layers-per-virtual-pipeline-stage -> virtual stages per pipeline rank."""
+    """--num-layers-per-virtual-pipeline-stage -> virtual stages per pipeline rank;
+    --pipeline-schedule zbv runs two (the V), so that is its default."""
     per_stage = values.get("num_layers_per_virtual_pipeline_stage")
     if per_stage is None:
+        if model.get("pipeline_schedule") == "zbv":
+            model.setdefault("virtual_pipeline_model_parallel_size", 2)
         return
     if "virtual_pipeline_model_parallel_size" in model:
         raise FlagError(

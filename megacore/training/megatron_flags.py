@@ -149,7 +149,7 @@ FLAGS: List[Flag] = [
     _f("--num-virtual-stages-per-pipeline-rank", "model", "virtual_pipeline_model_parallel_size"),
     _f("--decoder-first-pipeline-num-layers", "model", "num_layers_in_first_pipeline_stage"),
     _f("--decoder-last-pipeline-num-layers", "model", "num_layers_in_last_pipeline_stage"),
-    _f("--pipeline-schedule", "model", choices=["1f1b", "interleaved-1f1b", "zb-h1"]),
+    _f("--pipeline-schedule", "model", choices=["1f1b", "interleaved-1f1b", "zb-h1", "zbv"]),
     _f("--context-parallel-size", "model"), _f("--expert-model-parallel-size", "model"),
     _f("--expert-tensor-parallel-size", "model"),
     _f("--sequence-parallel", "model"),

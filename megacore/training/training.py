@@ -141,6 +141,7 @@ def initialize_model_parallel_from_run(run: RunConfig) -> None:
         expert_model_parallel_size=m.expert_model_parallel_size,
         expert_tensor_parallel_size=m.expert_tensor_parallel_size,
         distributed_timeout_minutes=run.training.distributed_timeout_minutes)
+    parallel_state.set_virtual_pipeline_v_shape(m.pipeline_schedule == "zbv")
     # One seed everywhere: megacore initializes weights independently of the layout, and
     # the tracker derives the per-tp-rank streams itself.
     model_parallel_manual_seed(run.training.seed)
@@ -655,7 +656,13 @@ def _iters_for_samples(calculator: NumMicroBatchesCalculator, train_samples: int
 
 def _is_logging_rank() -> bool:
     # Losses live on the last pipeline stage; its last rank prints (Megatron's choice).
-    return dist.get_rank() == dist.get_world_size() - 1
+    # Under ZBV's V the last stage is pipeline rank 0: the first rank of the last rank's
+    # pipeline group prints.
+    last = dist.get_world_size() - 1
+    if not parallel_state.is_virtual_pipeline_v_shape():
+        return dist.get_rank() == last
+    pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    return pp_ranks[-1] == last and dist.get_rank() == pp_ranks[0]
 
 
 def _run_eval(run, state, forward_step_func, valid_iter, model, logger, calculator, name):

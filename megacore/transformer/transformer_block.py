@@ -57,7 +57,8 @@ def _offset_and_count(config: TransformerConfig, pp_rank: int, vp_stage: Optiona
     return get_layer_offset_and_count(
         config.num_layers, config.pipeline_model_parallel_size, pp_rank,
         config.virtual_pipeline_model_parallel_size, vp_stage,
-        config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage)
+        config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage,
+        v_shape=config.pipeline_schedule == "zbv")
 
 
 # -- the block ----------------------------------------------------------------------------

@@ -96,3 +96,28 @@ def test_missing_and_corrupt_checkpoint_errors(tmp_path):
     (bad / "model_optim_rng.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="model_optim_rng.pt is unreadable"):
         read_checkpoint_info(str(tmp_path))
+
+
+def _legacy_under_zbv(path):
+    from megacore import parallel_state
+    toy.setup(1, 1)
+    parallel_state.set_virtual_pipeline_v_shape(True)   # as --pipeline-schedule zbv does
+    chunks = toy.build_chunks(5)
+    errors = []
+    for call in (lambda: save_checkpoint(1, chunks, None, None, save_dir=path,
+                                         ckpt_format="torch", consumed_train_samples=0),
+                 lambda: load_checkpoint(chunks, None, None, load_dir=path)):
+        try:
+            call()
+        except CheckpointError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def test_legacy_format_is_refused_under_zbv(tmp_path):
+    # ZBV's chunks hold other layers at the same positions: never through the legacy files.
+    run_distributed(_save_and_round_trip, 1, args=(str(tmp_path), "torch", 1, 1, None))
+    (errors,) = run_distributed(_legacy_under_zbv, 1, args=(str(tmp_path),))
+    assert len(errors) == 2
+    assert "cannot save a legacy" in errors[0] and "cannot load a legacy" in errors[1]
+    assert all("--ckpt-format torch_dist" in e for e in errors)

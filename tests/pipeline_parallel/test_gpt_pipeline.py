@@ -14,7 +14,8 @@ copies must hold the reference embedding gradient.
 
 Zero bubble (``schedule="zb-h1"``): backwards split into B and W through the graph (the
 tensor-parallel linear computes only its half in each), at pp 2 and 4, with tp 2 with
-and without sequence parallelism.
+and without sequence parallelism. ZBV (``schedule="zbv"``, two chunks per rank in a V,
+untied output layer): the loss and the output layer are on pipeline rank 0.
 
 Tolerance (fp32): losses rtol 1e-5 / atol 1e-5, gradients rtol 1e-5 / atol 1e-6, as in
 tests/models/test_gpt_model.py: tp splits sum matmuls in a different order; the pipeline
@@ -29,6 +30,7 @@ from megacore import parallel_state as ps
 from megacore.models.gpt import GPTModel, get_gpt_layer_local_spec
 from megacore.pipeline_parallel import (
     TrainingHooks, get_forward_backward_func, get_layer_offset_and_count)
+from megacore.pipeline_parallel.schedule_plan import stage_layout
 from megacore.tensor_parallel import model_parallel_manual_seed
 from megacore.transformer import TransformerConfig
 from tests.models.test_gpt_model import _logical, _unshard
@@ -93,17 +95,18 @@ def _global_name(name, offset):
 def _build_chunks(case, tp, pp):
     rank, vpp = ps.get_pipeline_model_parallel_rank(), case["vpp"]
     config = _config(case, tp, pp)
+    layout = stage_layout(case.get("schedule"), pp, vpp)
     chunks, offsets = [], []
     for c in range(vpp):
         model_parallel_manual_seed(1234)
         chunks.append(GPTModel(
             config, get_gpt_layer_local_spec(), VOCAB, max_sequence_length=SEQ,
-            pre_process=(rank == 0 and c == 0), post_process=(rank == pp - 1 and c == vpp - 1),
+            pre_process=layout.is_first(rank, c), post_process=layout.is_last(rank, c),
             share_embeddings_and_output_weights=case.get("tied", False),
             vp_stage=c if vpp > 1 else None))
         offsets.append(get_layer_offset_and_count(
             case["layers"], pp, rank, vpp if vpp > 1 else None, c, case.get("first"),
-            case.get("last"))[0])
+            case.get("last"), v_shape=layout.v_shape)[0])
     return chunks, offsets
 
 
@@ -137,7 +140,7 @@ def _reference(cases):
     ps.initialize_model_parallel()
     out = []
     for case in cases:
-        config = _config(dict(case, vpp=1, first=None, last=None), 1, 1)
+        config = _config(dict(case, vpp=1, first=None, last=None, schedule=None), 1, 1)
         model_parallel_manual_seed(1234)
         model = GPTModel(config, get_gpt_layer_local_spec(), VOCAB, max_sequence_length=SEQ,
                          share_embeddings_and_output_weights=case.get("tied", False))
@@ -155,12 +158,15 @@ LAYOUTS = {  # (tp, pp) -> cases
     (1, 2): [dict(vpp=1, m=3, layers=4), dict(vpp=1, m=2, layers=4, tied=True),
              dict(vpp=2, m=4, layers=4, tied=True),
              dict(vpp=1, m=2, layers=4, first=1, last=3),
-             dict(vpp=1, m=3, layers=4, tied=True, schedule="zb-h1")],
+             dict(vpp=1, m=3, layers=4, tied=True, schedule="zb-h1"),
+             dict(vpp=2, m=3, layers=4, schedule="zbv")],
     (2, 2): [dict(vpp=1, m=2, layers=2, tied=True, sp=True), dict(vpp=2, m=2, layers=4),
-             dict(vpp=1, m=3, layers=2, tied=True, sp=True, schedule="zb-h1")],
+             dict(vpp=1, m=3, layers=2, tied=True, sp=True, schedule="zb-h1"),
+             dict(vpp=2, m=4, layers=4, sp=True, schedule="zbv")],
     (1, 4): [dict(vpp=1, m=5, layers=4, tied=True), dict(vpp=2, m=4, layers=8),
              dict(vpp=1, m=2, layers=4, first=2, last=0, tied=True),
-             dict(vpp=1, m=6, layers=4, tied=True, schedule="zb-h1")],
+             dict(vpp=1, m=6, layers=4, tied=True, schedule="zb-h1"),
+             dict(vpp=2, m=9, layers=8, schedule="zbv")],
     (2, 4): [dict(vpp=2, m=4, layers=8, tied=True, sp=True),
              dict(vpp=1, m=5, layers=4, schedule="zb-h1")],
 }
@@ -170,7 +176,9 @@ def _compare(cases, ref, per_rank, pp):
     for i, case in enumerate(cases):
         results = [r[i] for r in per_rank if r[i] is not None]
         assert len(results) == pp, "one tp/dp rank-0 result per stage"
-        torch.testing.assert_close(results[-1]["losses"], ref[i]["losses"], **LOSS_TOL)
+        # The loss stage: the last, or pipeline rank 0 under ZBV's V.
+        losses = results[0 if case.get("schedule") == "zbv" else -1]["losses"]
+        torch.testing.assert_close(losses, ref[i]["losses"], **LOSS_TOL)
         grads = {}
         for r in results:
             grads.update(r["grads"])
@@ -189,3 +197,11 @@ def test_gpt_pipeline_matches_single_process(tp, pp):
     ref = run_distributed(_reference, 1, args=(cases,))[0]
     per_rank = run_distributed(_run_cases, tp * pp, args=(tp, pp, cases), timeout=240)
     _compare(cases, ref, per_rank, pp)
+
+
+def test_zbv_refuses_tied_embeddings():
+    # The tie would join chunks of pipeline rank 0, not the first and last rank.
+    config = _config(dict(vpp=2, layers=4, schedule="zbv"), 1, 2)
+    with pytest.raises(ValueError, match="--untie-embeddings-and-output-weights"):
+        GPTModel(config, get_gpt_layer_local_spec(), VOCAB, max_sequence_length=SEQ,
+                 share_embeddings_and_output_weights=True, vp_stage=0)

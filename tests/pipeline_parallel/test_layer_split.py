@@ -60,3 +60,31 @@ def test_invalid_splits_name_the_flags(args, flags):
 def test_layers_per_virtual_stage_must_divide():
     with pytest.raises(ValueError, match="--num-layers-per-virtual-pipeline-stage=3"):
         virtual_stages_from_layers_per_stage(16, 2, 3)
+
+
+def test_zbv_places_virtual_stages_in_a_v():
+    # Module docstring's example: 8 layers, pp=2 -> rank 0 holds 0-1 and 6-7.
+    assert {(r, c): get_layer_offset_and_count(8, 2, r, 2, c, v_shape=True)
+            for r in range(2) for c in range(2)} == {
+        (0, 0): (0, 2), (1, 0): (2, 2), (1, 1): (4, 2), (0, 1): (6, 2)}
+    for pp in range(1, 9):
+        # Chunk 0 of rank r is virtual stage r, chunk 1 is 2 pp - 1 - r; they tile the model.
+        ranges = {get_layer_offset_and_count(4 * pp, pp, r, 2, c, v_shape=True)
+                  for r in range(pp) for c in range(2)}
+        assert sorted(ranges) == [(2 * v, 2) for v in range(2 * pp)]
+        assert get_layer_offset_and_count(4 * pp, pp, 0, 2, 1, v_shape=True) == (4 * pp - 2, 2)
+
+
+@pytest.mark.parametrize("args, flags", [
+    ((8, 2, 0, None, 0), ["--pipeline-schedule zbv places exactly 2 model chunks",
+                          "--num-virtual-stages-per-pipeline-rank"]),
+    ((12, 2, 0, 3, 0), ["--num-virtual-stages-per-pipeline-rank"]),
+    ((8, 2, 0, 2, 0, 1, 3), ["--decoder-first-pipeline-num-layers",
+                             "--decoder-last-pipeline-num-layers"]),
+    ((6, 2, 0, 2, 0), ["pipeline rank 0 holds 3 layers"]),
+])
+def test_zbv_invalid_splits_name_the_flags(args, flags):
+    with pytest.raises(ValueError) as info:
+        get_layer_offset_and_count(*args, v_shape=True)
+    for flag in flags:
+        assert flag in str(info.value)

@@ -135,6 +135,16 @@ def test_batches_group_consecutive_communication():
 UNIT_COSTS = {"forward": 1, "backward": 2, "backward_input": 1, "backward_weight": 1}
 
 
+def _assert_each_once(plans, expected, forward_only):
+    """Every rank runs F (and, training, B and W) once for each expected (mb, chunk)."""
+    for rank, plan in enumerate(plans):
+        steps = _compute_steps(plan)
+        for op in (sp.FORWARD, sp.BACKWARD_INPUT, sp.BACKWARD_WEIGHT):
+            got = sorted((s.microbatch, s.chunk) for s in steps if s.op == op)
+            assert got == (expected if op == sp.FORWARD or not forward_only else []), \
+                (len(plans), rank, op)
+
+
 def test_zero_bubble_every_combination_completes_in_order():
     # pp <= 8, m <= 16, training and forward-only, with the runtime's eager sends and with
     # the strict model: no deadlock, right tensors, F before B before W, each exactly once.
@@ -145,13 +155,7 @@ def test_zero_bubble_every_combination_completes_in_order():
                          for r in range(pp)]
                 simulate(plans, eager_sends=True)
                 simulate(plans)
-                expected = sorted((mb, 0) for mb in range(m))
-                for plan in plans:
-                    steps = _compute_steps(plan)
-                    for op in (sp.FORWARD, sp.BACKWARD_INPUT, sp.BACKWARD_WEIGHT):
-                        got = sorted((s.microbatch, s.chunk) for s in steps if s.op == op)
-                        assert got == (expected if op == sp.FORWARD or not forward_only
-                                       else []), (pp, m, op)
+                _assert_each_once(plans, sorted((mb, 0) for mb in range(m)), forward_only)
 
 
 def test_zero_bubble_keeps_one_f_one_b_memory():
@@ -216,7 +220,10 @@ def test_eager_sends_are_waited_for_at_the_end():
 
 
 @pytest.mark.parametrize("schedule, pp, chunks, flags", [
-    ("zbv", 2, 1, ["--pipeline-schedule must be one of 1f1b, interleaved-1f1b, zb-h1"]),
+    ("zbx", 2, 1, ["--pipeline-schedule must be one of 1f1b, interleaved-1f1b, zb-h1, zbv"]),
+    ("zbv", 2, 1, ["--pipeline-schedule zbv runs exactly 2 model chunks",
+                   "--num-virtual-stages-per-pipeline-rank 2"]),
+    ("zbv", 4, 3, ["--num-virtual-stages-per-pipeline-rank 2 (got 3)"]),
     ("zb-h1", 2, 2, ["--pipeline-schedule zb-h1 runs one model chunk",
                      "--num-virtual-stages-per-pipeline-rank=2"]),
     ("1f1b", 2, 2, ["--pipeline-schedule interleaved-1f1b"]),
@@ -227,3 +234,92 @@ def test_invalid_schedule_choices_name_the_flags(schedule, pp, chunks, flags):
         sp.validate_pipeline_schedule(schedule, pp, chunks)
     for flag in flags:
         assert flag in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# ZBV
+# --------------------------------------------------------------------------------------
+def _zbv_plans(pp, m, forward_only=False):
+    return [build_plan(r, pp, m, 2, schedule="zbv", forward_only=forward_only)
+            for r in range(pp)]
+
+
+def _simulate_zbv(plans, **kwargs):
+    return simulate(plans, 2, v_shape=True, match_by_kind=True, **kwargs)
+
+
+def test_zbv_layout_is_a_v():
+    layout = sp.stage_layout("zbv", 4, 2)
+    assert [layout.stage(r, c) for c in (0, 1) for r in range(4)] == [0, 1, 2, 3, 7, 6, 5, 4]
+    assert all(layout.place(layout.stage(r, c)) == (r, c) for r in range(4) for c in (0, 1))
+    assert layout.is_first(0, 0) and layout.is_last(0, 1) and not layout.is_last(3, 1)
+    # Chunk 1 sends activations to the previous rank, gradients to the next.
+    assert layout.neighbour(2, 1, 1) == (1, 1) and layout.neighbour(2, 1, -1) == (3, 1)
+    assert layout.neighbour(3, 0, 1) == (3, 1)   # the turn of the V: same rank
+
+
+def test_zbv_every_combination_completes_in_order():
+    # pp <= 8, m <= 16 (every m: ZBV needs no minimum), training with the runtime's
+    # deferred sends, forward-only under the strict model: no deadlock, right tensors,
+    # hand-offs before use, F before B before W, each exactly once per chunk.
+    for pp in range(1, 9):
+        for m in range(1, 17):
+            for forward_only in (False, True):
+                plans = _zbv_plans(pp, m, forward_only)
+                _simulate_zbv(plans, deferred_sends=not forward_only)
+                _assert_each_once(plans, sorted((mb, c) for mb in range(m) for c in (0, 1)),
+                                  forward_only)
+                handoffs = [s for s in plans[-1] if s.op in sp.HANDOFF_OPS]
+                assert len(handoffs) == m * (1 if forward_only else 2)
+                assert all(s.op not in sp.HANDOFF_OPS for plan in plans[:-1] for s in plan)
+
+
+def test_zbv_needs_deferred_sends_and_tag_matching():
+    # Why the runtime waits for sends only at the end and needs gloo's tags: with eager
+    # sends (waited for at the next exchange) pp=3 deadlocks, and on link r -> r+1 chunk
+    # 0's activations and chunk 1's gradients are received in another order than sent.
+    with pytest.raises(ScheduleError, match="deadlock"):
+        _simulate_zbv(_zbv_plans(3, 6), eager_sends=True)
+    with pytest.raises(ScheduleError, match="sender sends"):
+        simulate(_zbv_plans(2, 4), 2, v_shape=True, deferred_sends=True)
+
+
+def test_zbv_keeps_one_f_one_b_memory():
+    # At most 2 pp chunk-activations (pp micro-batches of a whole stage, 1F1B's peak on
+    # rank 0) between a chunk's F and its W on any rank.
+    for pp in range(1, 9):
+        for rank in range(pp):
+            alive = peak = 0
+            for step in _compute_steps(build_plan(rank, pp, 16, 2, schedule="zbv")):
+                alive += {sp.FORWARD: 1, sp.BACKWARD_WEIGHT: -1}.get(step.op, 0)
+                peak = max(peak, alive)
+            assert peak <= 2 * pp, (pp, rank, peak)
+
+
+def test_zbv_bubble_against_zb_h1_and_published():
+    for pp in range(2, 9):
+        for m in range(2 * pp, 17):
+            zbv = _simulate_zbv(_zbv_plans(pp, m), deferred_sends=True, costs=UNIT_COSTS)
+            zb = simulate([build_plan(r, pp, m, schedule="zb-h1") for r in range(pp)],
+                          eager_sends=True, costs=UNIT_COSTS)
+            # Published: 0 as m grows; the plans keep only (p - 1) chunk-forwards of
+            # start-up per rank, about half of ZB-H1's bubble.
+            assert sp.published_bubble_fraction("zbv", pp, m) == 0.0
+            assert zbv["bubble_fraction"] == pytest.approx((pp - 1) / (6 * m + pp - 1),
+                                                           abs=1e-12)
+            assert zbv["bubble_fraction"] < zb["bubble_fraction"]
+
+
+def test_zbv_order_matches_the_documented_example():
+    names = {"forward": "F", "backward_input": "B", "backward_weight": "W"}
+    steps = _compute_steps(build_plan(1, 2, 4, 2, schedule="zbv"))
+    assert " ".join(f"{names[s.op]}{s.chunk}.{s.microbatch}" for s in steps) == (
+        "F0.0 F1.0 F0.1 F1.1 B1.0 W1.0 F0.2 B0.0 W0.0 F1.2 B1.1 W1.1 "
+        "F0.3 B0.1 W0.1 F1.3 B1.2 W1.2 B0.2 B1.3 B0.3 W0.2 W1.3 W0.3")
+
+
+def test_simulator_detects_missing_handoff():
+    plan = build_plan(0, 1, 1, 2, schedule="zbv")
+    assert [s.op for s in plan][:3] == ["forward", "handoff_forward", "forward"]
+    with pytest.raises(ScheduleError, match="before chunk 0 handed its input over"):
+        _simulate_zbv([[s for s in plan if s.op != sp.HANDOFF_FORWARD]])

@@ -24,6 +24,7 @@ from megacore import parallel_state
 from megacore.deprecation import MegacoreDeprecationWarning
 from megacore.pipeline_parallel import (
     TrainingHooks, build_plan, get_forward_backward_func, get_layer_offset_and_count)
+from megacore.pipeline_parallel.schedule_plan import stage_layout
 from megacore.pipeline_parallel.schedules import forward_backward_no_pipelining
 from tests.multirank import run_distributed
 from tests.pipeline_parallel.toy_model import (
@@ -82,14 +83,21 @@ class _Hooks:
         self.finalize_calls.append(len(models))
 
 
-def _stages(full, pp, rank, vpp, layers, first, last):
+def _stages(full, pp, rank, vpp, layers, first, last, schedule=None):
     vpp_world = vpp if vpp > 1 else None
+    layout = stage_layout(schedule, pp, vpp)
     chunks = []
     for c in range(vpp):
-        offset, count = get_layer_offset_and_count(layers, pp, rank, vpp_world, c, first, last)
-        chunks.append(ToyStage(full, offset, count, pre_process=(rank == 0 and c == 0),
-                               post_process=(rank == pp - 1 and c == vpp - 1)))
+        offset, count = get_layer_offset_and_count(layers, pp, rank, vpp_world, c, first, last,
+                                                   v_shape=layout.v_shape)
+        chunks.append(ToyStage(full, offset, count, pre_process=layout.is_first(rank, c),
+                               post_process=layout.is_last(rank, c)))
     return chunks
+
+
+def _loss_rank(case, pp):
+    """The pipeline rank that computes the loss: the last, or 0 for ZBV's V."""
+    return 0 if case.get("config", {}).get("pipeline_schedule") == "zbv" else pp - 1
 
 
 def _run_case(case):
@@ -101,7 +109,7 @@ def _run_case(case):
     hooks = _Hooks()
     config = ToyConfig(pipeline_model_parallel_size=pp, **case.get("config", {}))
     chunks = _stages(ToyModel(config, layers), pp, rank, vpp, layers,
-                     case.get("first"), case.get("last"))
+                     case.get("first"), case.get("last"), config.pipeline_schedule)
     for chunk in chunks:
         # Count backward passes through any chunk of this rank (a parameter hook fires
         # once per backward and, unlike module hooks, leaves the outputs alone).
@@ -157,11 +165,13 @@ def _check(cases, per_rank):
         results = [r[i] for r in per_rank]
         expect = "with_interleaving" if case["vpp"] > 1 else "without_interleaving"
         assert all(expect in r["schedule"] for r in results), case
-        for r in results[:-1]:
-            assert r["train"] == [] and r["eval"] == [], "loss dicts only on the last stage"
-        torch.testing.assert_close(results[-1]["train"], ref_losses, **TOL)
+        losses = results[_loss_rank(case, pp)]
+        for r in results:
+            if r is not losses:
+                assert r["train"] == [] and r["eval"] == [], "loss dicts only on the last stage"
+        torch.testing.assert_close(losses["train"], ref_losses, **TOL)
         # forward_only sees the same weights (no optimizer step): same losses.
-        torch.testing.assert_close(results[-1]["eval"], ref_losses, **TOL)
+        torch.testing.assert_close(losses["eval"], ref_losses, **TOL)
         grads = {}
         for r in results:
             assert not set(grads) & set(r["grads"]), "a parameter lives on two stages"
@@ -179,13 +189,13 @@ def _check(cases, per_rank):
 
 def _check_param_sync_and_timers(case, results):
     m, vpp = case["m"], case["vpp"]
-    zero_bubble = case.get("config", {}).get("pipeline_schedule") == "zb-h1"
+    zero_bubble = case.get("config", {}).get("pipeline_schedule") in ("zb-h1", "zbv")
     for r in results:
         # Chunk 0 and, one chunk ahead, chunk 1 before the first forward; chunk c + 1 at
         # chunk c's first forward (m >= pp per chunk: chunk c starts after c * pp forwards).
         assert [c for c, _ in r["param_sync_at"]] == list(range(vpp)), "once per chunk"
         assert r["param_sync_at"][0] == (0, 0)
-        # Training: m * vpp forwards and backwards (B and W halves timed apart in zb-h1).
+        # Training: m * vpp forwards and backwards (B and W timed apart in zb-h1, zbv).
         assert r["timed"]["forward-compute"] == m * vpp
         assert r["timed"]["backward-compute"] == m * vpp * (2 if zero_bubble else 1)
         assert r["timed"]["pipeline-p2p"] > 0
@@ -226,6 +236,11 @@ PP2_CASES = [
      "config": {"variable_seq_lengths": True}},
     # Zero bubble (B/W split, eager sends): hooks follow the W steps.
     {"vpp": 1, "m": 5, "layers": 4, "hooks": "grad_sync", "config": {"pipeline_schedule": "zb-h1"}},
+    # ZBV (two chunks in a V, local hand-off on rank 1, loss on rank 0), m < 2 pp and >.
+    {"vpp": 2, "m": 3, "layers": 4, "hooks": "grad_sync", "config": {"pipeline_schedule": "zbv"}},
+    {"vpp": 2, "m": 6, "layers": 8, "hooks": "no_sync", "scale": 2.0,
+     "config": {"pipeline_schedule": "zbv", "deallocate_pipeline_outputs": True,
+                "batch_p2p_comm": False}},
 ]
 
 PP4_CASES = [
@@ -238,6 +253,9 @@ PP4_CASES = [
     {"vpp": 1, "m": 3, "layers": 6, "first": 1, "last": 1, "scale": 2.0,
      "config": {"pipeline_schedule": "zb-h1", "deallocate_pipeline_outputs": True,
                 "batch_p2p_comm": False}},
+    {"vpp": 2, "m": 8, "layers": 8, "hooks": "grad_sync", "config": {"pipeline_schedule": "zbv"}},
+    {"vpp": 2, "m": 5, "layers": 16, "config": {"pipeline_schedule": "zbv",
+                                                "deallocate_pipeline_outputs": True}},
 ]
 
 
@@ -343,6 +361,14 @@ def test_collect_non_loss_data_only_in_forward_only():
         forward_backward_no_pipelining(
             forward_step_func=forward_step_func, data_iterator=iter([]), model=stage,
             num_microbatches=1, collect_non_loss_data=True)
+
+
+def test_zbv_refuses_p2p_without_tags(monkeypatch):
+    # NCCL pairs a link's messages in posting order; ZBV's orders need gloo's tags.
+    from megacore.pipeline_parallel import schedules
+    monkeypatch.setattr(schedules.dist, "get_backend", lambda group: "nccl")
+    with pytest.raises(ValueError, match="--pipeline-schedule zbv needs gloo p2p"):
+        schedules._check_tag_matched_p2p(type("Comm", (), {"group": None})())
 
 
 # ---- hooks: TrainingHooks and the deprecated config fields -----------------------------

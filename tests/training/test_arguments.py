@@ -47,6 +47,15 @@ def test_virtual_stages_from_layers_per_stage():
     assert run.model.virtual_pipeline_model_parallel_size == 2
 
 
+def test_zbv_sets_two_virtual_stages():
+    # --pipeline-schedule zbv fixes vpp at 2: unset, it is set; 2 is accepted.
+    for extra in ("", "--num-virtual-stages-per-pipeline-rank 2"):
+        run = _parse("--pipeline-model-parallel-size 2 --pipeline-schedule zbv "
+                     f"--untie-embeddings-and-output-weights {extra}", world_size=2)
+        assert run.model.virtual_pipeline_model_parallel_size == 2
+        assert run.model.pipeline_schedule == "zbv"
+
+
 def test_global_batch_defaults_to_micro_times_dp():
     run = _parse(world_size=4)
     assert run.training.global_batch_size == 8 and run.num_microbatches == 1
@@ -117,6 +126,22 @@ BAD = [
     ("--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 "
      "--global-batch-size 4 --pipeline-schedule zb-h1", 2,
      "--pipeline-schedule zb-h1 runs one model chunk per rank"),
+    ("--pipeline-schedule zbv", 1, "--pipeline-schedule zbv needs --pipeline-model-parallel-size > 1"),
+    ("--pipeline-model-parallel-size 2 --pipeline-schedule zbv", 2,
+     "--pipeline-schedule zbv needs --untie-embeddings-and-output-weights"),
+    ("--pipeline-model-parallel-size 2 --pipeline-schedule zbv --untie-embeddings-and-output-weights "
+     "--num-virtual-stages-per-pipeline-rank 4 --num-layers 8 --global-batch-size 4", 2,
+     "--pipeline-schedule zbv places exactly 2 model chunks per rank"),
+    ("--pipeline-model-parallel-size 2 --pipeline-schedule zbv --untie-embeddings-and-output-weights "
+     "--decoder-first-pipeline-num-layers 1 --decoder-last-pipeline-num-layers 3", 2,
+     "drop --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers"),
+    ("--pipeline-model-parallel-size 2 --pipeline-schedule zbv --untie-embeddings-and-output-weights "
+     "--num-layers 6", 2, "pipeline rank 0 holds 3 layers"),
+    ("--use-torch-fsdp2 --pipeline-model-parallel-size 2 --pipeline-schedule zbv "
+     "--untie-embeddings-and-output-weights", 2,
+     "--use-torch-fsdp2 cannot be combined with --pipeline-schedule zbv"),
+    ("--pipeline-model-parallel-size 2 --pipeline-schedule zbv --untie-embeddings-and-output-weights "
+     "--save x --ckpt-format torch", 2, "--pipeline-schedule zbv cannot save or load --ckpt-format torch"),
     ("--recompute-method uniform", 1, "apply only to recompute_granularity='full'"),
     ("--recompute-granularity full", 1,
      "needs recompute_method 'uniform' or 'block' [flags: --recompute-granularity, --recompute-method]"),

@@ -155,3 +155,26 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert saved >= 3
     assert f"saved checkpoint at iteration {saved}" in output
+
+
+ZBV = "--pipeline-model-parallel-size 2 --pipeline-schedule zbv"
+UNTIED = f"{NO_DROPOUT} --untie-embeddings-and-output-weights"
+
+
+@pytest.mark.parametrize("load_layout, load_world", [
+    (ZBV, 2),
+    # Interleaved: rank 0's chunk 1 holds layer 2 there, layer 3 under ZBV.
+    ("--pipeline-model-parallel-size 2 --num-virtual-stages-per-pipeline-rank 2", 2),
+    ("", 1),
+], ids=["zbv", "interleaved", "single"])
+def test_zbv_checkpoint_resumes_by_global_layer(tmp_path, load_layout, load_world):
+    """ZBV saves torch_dist under global layer numbers: it resumes under ZBV and in
+    layouts whose chunks hold other layers, continuing the single-rank run's losses."""
+    straight = _train(tmp_path, "straight", 1, UNTIED)
+    ckpt = tmp_path / "ckpt"
+    first = _train(tmp_path, "first", 2, f"{UNTIED} {ZBV} --save {ckpt} --save-interval 3 "
+                                         "--exit-interval 3")
+    second = _train(tmp_path, "second", load_world, f"{UNTIED} {load_layout} --load {ckpt}")
+    assert [r["iteration"] for r in second] == [4, 5, 6]
+    torch.testing.assert_close(torch.tensor([r["lm_loss"] for r in first + second]),
+                               torch.tensor([r["lm_loss"] for r in straight]), rtol=1e-5, atol=0)

@@ -220,3 +220,38 @@ def test_context_parallel_dropout_matches_single_rank(reference_with_dropout, tm
         losses, _ = _train(tmp_path, name, world, f"{DROPOUT} {extra}")
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_with_dropout),
                                    rtol=1e-5, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+# ZBV (two chunks per rank in a V, loss on rank 0): the word embedding and the output
+# layer are different chunks of rank 0, so ZBV runs untied; compared with an untied
+# single-rank run of the same model.
+ZBV_LAYOUTS = [
+    ("pp2_zbv", 2, 4, "--pipeline-model-parallel-size 2 --pipeline-schedule zbv"),
+    ("pp4_zbv", 4, 8, "--pipeline-model-parallel-size 4 --pipeline-schedule zbv "
+                      "--num-virtual-stages-per-pipeline-rank 2"),
+    ("tp2_pp2_zbv", 4, 4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
+                          "--sequence-parallel --pipeline-schedule zbv "
+                          "--use-distributed-optimizer"),
+]
+
+
+@pytest.mark.parametrize("name, world, layers, extra", ZBV_LAYOUTS,
+                         ids=[l[0] for l in ZBV_LAYOUTS])
+def test_zbv_losses_and_grad_norms_equal_single_rank(tmp_path, name, world, layers, extra):
+    # Validation at iteration 5 runs ZBV's forward-only plan; its loss reaches the logger.
+    untied = (f"--untie-embeddings-and-output-weights --num-layers {layers} --eval-iters 1 "
+              "--eval-interval 5")
+    ref_losses, ref_norms = _train(tmp_path, "ref", 1, untied)
+    losses, norms = _train(tmp_path, name, world, f"{untied} {extra}")
+    assert len(losses) == len(ref_losses) == 5
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4, atol=0)
+    validation = [_validation(tmp_path / f"{run}.jsonl") for run in ("ref", name)]
+    assert len(validation[0]) == 1
+    torch.testing.assert_close(torch.tensor(validation[1]), torch.tensor(validation[0]),
+                               rtol=1e-5, atol=0)
+
+
+def _validation(path):
+    with open(path) as f:
+        return [r["validation_lm_loss"] for r in map(json.loads, f) if "validation_lm_loss" in r]

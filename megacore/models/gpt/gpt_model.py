@@ -86,6 +86,12 @@ class GPTModel(MegatronModule):
                  rope_scaling_original_max_position_embeddings: int = 8192,
                  pg_collection: Optional[ProcessGroupCollection] = None,
                  vp_stage: Optional[int] = None):
+        if (share_embeddings_and_output_weights and config.pipeline_schedule == "zbv"
+                and config.pipeline_model_parallel_size > 1):
+            # Both ends are chunks of pipeline rank 0; the embedding group's tie assumes
+            # the first and the last pipeline rank.
+            raise ValueError("--pipeline-schedule zbv needs --untie-embeddings-and-output-"
+                             "weights (share_embeddings_and_output_weights=False)")
         super().__init__(config, pg_collection)
         if position_embedding_type not in _POSITION_EMBEDDING_TYPES:
             raise ValueError(f"position_embedding_type must be one of "
