@@ -163,7 +163,8 @@ def _derive_virtual_stages(values: Dict[str, Any], model: Dict[str, Any]) -> Non
     --pipeline-schedule zbv runs two (the V), so that is its default."""
     per_stage = values.get("num_layers_per_virtual_pipeline_stage")
     if per_stage is None:
-        if model.get("pipeline_schedule") == "zbv":
+        if model.get("pipeline_schedule") == "zbv" and \
+                model.get("pipeline_model_parallel_size", 1) > 1:
             model.setdefault("virtual_pipeline_model_parallel_size", 2)
         return
     if "virtual_pipeline_model_parallel_size" in model:
