@@ -9,7 +9,12 @@ under its global name (``sharded_state``'s naming, also the torch_dist keys with
   or for stacked (grouped-GEMM) experts one tensor per expert:
   ``...mlp.experts.weight1/expert<E>`` (``[h, F1]``, the expert's slice of ``[El, h, F1]``);
 * the fused QKV in the logical row layout (``transformer.qkv_layout``);
-* vocabulary rows unpadded (``V``); a tied output layer is not a tensor of its own.
+* vocabulary rows unpadded (``V``); a tied output layer is not a tensor of its own;
+* multi-token prediction depth ``i`` (0-based): ``mtp.layers.<i>.{enorm, hnorm, eh_proj,
+  final_layernorm}.*`` and its transformer layer ``mtp.layers.<i>.transformer_layer.<suffix>``
+  (suffixes and splits as a decoder layer's), on the last pipeline stage; with pp > 1 that
+  stage also holds a copy of the word embedding (``GPTModel.mtp_process``), which is the
+  same canonical tensor.
 
 Optimizer state is canonical too: ``optimizer/<field>/<name>``, shaped and split like the
 param (0-dim ``step`` replicated).
@@ -53,6 +58,8 @@ _SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 _STACKED_EXPERT = re.compile(r"^mlp\.experts\.(weight1|weight2|bias1|bias2)/expert(\d+)$")
 _STACKED_LOCAL = re.compile(
     r"^(decoder\.layers\.\d+\.mlp\.experts\.)(weight1|weight2|bias1|bias2)$")
+_MTP = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
+_MTP_LAYER = "transformer_layer."
 
 
 def model_key(name: str) -> str:
@@ -148,15 +155,38 @@ _TOP_RULES = {
 }
 
 
+_MTP_TOP_RULES = {  # inside mtp.layers.<i>., in module order (transformer_layer between)
+    "enorm.weight": ShardRule(order=0), "enorm.bias": ShardRule(order=1),
+    "hnorm.weight": ShardRule(order=2), "hnorm.bias": ShardRule(order=3),
+    "eh_proj.weight": ShardRule(tp_dim=0, order=4),  # column-parallel [h, 2h]
+    "final_layernorm.weight": ShardRule(order=1000),
+    "final_layernorm.bias": ShardRule(order=1001),
+}
+_MTP_LAYER_ORDER = 100  # transformer_layer suffixes sort between eh_proj and the final norm
+
+
+def _layer_parts(name: str) -> Optional[Tuple[str, int, str]]:
+    """``(kind, index, layer suffix)`` of a transformer layer's tensor: kind ``decoder``
+    (global layer index) or ``mtp`` (depth index); None for other names."""
+    match = _LAYER.match(name)
+    if match:
+        return "decoder", int(match.group(1)), match.group(2)
+    match = _MTP.match(name)
+    if match and match.group(2).startswith(_MTP_LAYER):
+        return "mtp", int(match.group(1)), match.group(2)[len(_MTP_LAYER):]
+    return None
+
+
 def shard_rule(name: str) -> Optional[ShardRule]:
     """The rule of a canonical model tensor name, or None for a name megacore's GPT does
     not have (the manifest reports those)."""
     if name in _TOP_RULES:
         return _TOP_RULES[name]
-    match = _LAYER.match(name)
-    if not match:
-        return None
-    suffix = match.group(2)
+    parts = _layer_parts(name)
+    if parts is None:
+        match = _MTP.match(name)
+        return _MTP_TOP_RULES.get(match.group(2)) if match else None
+    suffix = parts[2]
     expert = _SEQ_EXPERT.match(suffix)
     if expert:
         return _EXPERT_RULES.get(expert.group(2))
@@ -168,11 +198,11 @@ def shard_rule(name: str) -> Optional[ShardRule]:
 
 def expert_index(name: str) -> Optional[int]:
     """Global expert index of a canonical routed-expert tensor name."""
-    match = _LAYER.match(name)
-    if not match:
+    parts = _layer_parts(name)
+    if parts is None:
         return None
     for pattern, group in ((_SEQ_EXPERT, 1), (_STACKED_EXPERT, 2)):
-        found = pattern.match(match.group(2))
+        found = pattern.match(parts[2])
         if found:
             return int(found.group(group))
     return None
@@ -185,9 +215,18 @@ def layer_index(name: str) -> Optional[int]:
 
 def canonical_sort_key(name: str) -> Tuple:
     """Module order: embedding, layers (in layer order, each in module order, experts by
-    index), final norm, output layer."""
+    index), final norm, output layer, multi-token prediction depths."""
     rule = shard_rule(name)
     order = rule.order if rule is not None else 99
+    mtp = _MTP.match(name)
+    if mtp:
+        depth, parts = int(mtp.group(1)), _layer_parts(name)
+        if parts is None:
+            return (3, depth, order, 0, 0, name)
+        expert = expert_index(name)
+        if expert is not None:
+            return (3, depth, _MTP_LAYER_ORDER + _EXPERT_ORDER, expert, order, name)
+        return (3, depth, _MTP_LAYER_ORDER + order, 0, 0, name)
     layer = layer_index(name)
     if layer is None:
         section = 0 if name.startswith("embedding.") else 2
@@ -336,45 +375,54 @@ class MegacoreLayout:
         all_ep = tuple(range(self.ep))
         if name.startswith("embedding."):
             return Location(0, 0, all_ep, name)
+        last = (self.pp - 1, self.num_chunks - 1)
         if name.startswith("decoder.final_layernorm") or name == OUTPUT_LAYER:
-            return Location(self.pp - 1, self.num_chunks - 1, all_ep, name)
-        layer = layer_index(name)
-        if layer is None:
+            return Location(*last, all_ep, name)
+        parts = _layer_parts(name)
+        if parts is None and _MTP.match(name):
+            return Location(*last, all_ep, name)  # an MTP depth's norms and eh_proj
+        if parts is None:
             raise ValueError(f"{name!r} is not a GPT tensor name")
-        pp_rank, chunk, local_layer = self.stage_of_layer(desc, layer)
-        suffix = name.split(".", 3)[3]
+        kind, index, suffix = parts
+        if kind == "mtp":  # the depths live on the last stage under their own names
+            pp_rank, chunk, prefix = *last, name[:len(name) - len(suffix)]
+        else:
+            pp_rank, chunk, local_layer = self.stage_of_layer(desc, index)
+            prefix = f"decoder.layers.{local_layer}."
         expert = expert_index(name)
         if expert is None:
-            return Location(pp_rank, chunk, all_ep, f"decoder.layers.{local_layer}.{suffix}")
+            return Location(pp_rank, chunk, all_ep, prefix + suffix)
         n_local = desc.num_moe_experts // self.ep
         ep_rank, slot = divmod(expert, n_local)
         seq = _SEQ_EXPERT.match(suffix)
         if seq:
-            local = f"decoder.layers.{local_layer}.mlp.experts.local_experts.{slot}.{seq.group(2)}"
+            local = f"{prefix}mlp.experts.local_experts.{slot}.{seq.group(2)}"
             return Location(pp_rank, chunk, (ep_rank,), local)
         stacked = _STACKED_EXPERT.match(suffix)
         return Location(pp_rank, chunk, (ep_rank,),
-                        f"decoder.layers.{local_layer}.mlp.experts.{stacked.group(1)}", slot)
+                        f"{prefix}mlp.experts.{stacked.group(1)}", slot)
 
     def globalize(self, local_name: str, desc: GPTDescription, pp_rank: int, chunk: int,
                   ep_rank: int) -> List[Tuple[str, Optional[int]]]:
         """Canonical names of a rank file's entry: ``[(name, stack slot or None)]`` (one per
         expert for a stacked-experts param). A tied output copy keeps its own name."""
-        match = _LAYER.match(local_name)
-        if not match:
+        parts = _layer_parts(local_name)
+        if parts is None:
             return [(local_name, None)]
-        offset, _ = self.layer_range(desc, pp_rank, chunk)
-        layer, suffix = int(match.group(1)) + offset, match.group(2)
+        kind, index, suffix = parts
+        if kind == "mtp":
+            prefix = local_name[:len(local_name) - len(suffix)]
+        else:
+            prefix = f"decoder.layers.{index + self.layer_range(desc, pp_rank, chunk)[0]}."
         seq = _SEQ_EXPERT.match(suffix)
         n_local = (desc.num_moe_experts or self.ep) // self.ep
         if seq:
             index = ep_rank * n_local + int(seq.group(1))
-            return [(f"decoder.layers.{layer}.mlp.experts.local_experts.{index}."
-                     f"{seq.group(2)}", None)]
-        if _STACKED_LOCAL.match(f"decoder.layers.{layer}.{suffix}"):
-            return [(f"decoder.layers.{layer}.{suffix}/expert{ep_rank * n_local + slot}", slot)
+            return [(f"{prefix}mlp.experts.local_experts.{index}.{seq.group(2)}", None)]
+        if _STACKED_LOCAL.match(f"decoder.layers.0.{suffix}"):
+            return [(f"{prefix}{suffix}/expert{ep_rank * n_local + slot}", slot)
                     for slot in range(n_local)]
-        return [(f"decoder.layers.{layer}.{suffix}", None)]
+        return [(prefix + suffix, None)]
 
     def degrees(self) -> Dict[str, object]:
         """``parallel_layout`` entry of a converted checkpoint (dp unknown: None, so RNG
@@ -440,24 +488,36 @@ def expected_model_names(desc: GPTDescription) -> List[str]:
     if desc.position_embedding_type == "learned_absolute":
         names.append("embedding.position_embeddings.weight")
     for layer in range(desc.num_layers):
-        p = f"decoder.layers.{layer}"
-        names += _norm(f"{p}.input_layernorm", desc)
-        if desc.multi_latent_attention:
-            names += _mla_names(f"{p}.self_attention", desc)
-        else:
-            names += _linear(f"{p}.self_attention.linear_qkv",
-                             desc.add_bias_linear or desc.add_qkv_bias)
-        names += _linear(f"{p}.self_attention.linear_proj", desc.add_bias_linear)
-        if desc.qk_layernorm and not desc.multi_latent_attention:
-            names += _norm(f"{p}.self_attention.q_layernorm", desc)
-            names += _norm(f"{p}.self_attention.k_layernorm", desc)
-        names += _norm(f"{p}.pre_mlp_layernorm", desc)
-        if desc.is_moe_layer(layer):
-            names += _moe_names(p, desc)
-        else:
-            names += _linear(f"{p}.mlp.linear_fc1", desc.add_bias_linear)
-            names += _linear(f"{p}.mlp.linear_fc2", desc.add_bias_linear)
+        names += _layer_names(f"decoder.layers.{layer}", desc, desc.is_moe_layer(layer))
     names += _norm("decoder.final_layernorm", desc)
     if not desc.share_embeddings_and_output_weights:
         names.append(OUTPUT_LAYER)
+    for depth in range(desc.mtp_num_layers or 0):
+        p = f"mtp.layers.{depth}"
+        names += _norm(f"{p}.enorm", desc) + _norm(f"{p}.hnorm", desc) + [f"{p}.eh_proj.weight"]
+        # Each depth's layer is built from the last decoder layer's spec (GPTModel).
+        names += _layer_names(f"{p}.transformer_layer", desc,
+                              desc.is_moe_layer(desc.num_layers - 1))
+        names += _norm(f"{p}.final_layernorm", desc)
+    return names
+
+
+def _layer_names(p: str, desc: GPTDescription, moe: bool) -> List[str]:
+    """The canonical names of one transformer layer under prefix ``p``, in module order."""
+    names = _norm(f"{p}.input_layernorm", desc)
+    if desc.multi_latent_attention:
+        names += _mla_names(f"{p}.self_attention", desc)
+    else:
+        names += _linear(f"{p}.self_attention.linear_qkv",
+                         desc.add_bias_linear or desc.add_qkv_bias)
+    names += _linear(f"{p}.self_attention.linear_proj", desc.add_bias_linear)
+    if desc.qk_layernorm and not desc.multi_latent_attention:
+        names += _norm(f"{p}.self_attention.q_layernorm", desc)
+        names += _norm(f"{p}.self_attention.k_layernorm", desc)
+    names += _norm(f"{p}.pre_mlp_layernorm", desc)
+    if moe:
+        names += _moe_names(p, desc)
+    else:
+        names += _linear(f"{p}.mlp.linear_fc1", desc.add_bias_linear)
+        names += _linear(f"{p}.mlp.linear_fc2", desc.add_bias_linear)
     return names
