@@ -430,14 +430,17 @@ def _all_tensors(save_dir):
     return _tensors(save_dir)
 
 
-def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tmp_path):
+@pytest.mark.parametrize("kind", ["deepseek", "deepseek_mtp"])
+def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tmp_path, kind):
     """A stepped DeepSeek-style model saved at tp 2 x ep 2 goes to pp 2 x ep 2 and tp 4
     and back bitwise (model and optimizer state: MLA's replicated and column-parallel
-    projections, the expert bias, shared experts); the pp 2 x ep 2 copy gives the
-    source's logits."""
+    projections, the expert bias, shared experts; with ``deepseek_mtp`` the MTP depth,
+    and at pp 2 the last stage's copy of the embedding with its optimizer state); the
+    pp 2 x ep 2 copy gives the source's logits."""
     src = tmp_path / "src"
-    run_distributed(fx.save_stepped, 4, args=(str(src), "deepseek", 2, 1, 2, ("torch",)))
+    run_distributed(fx.save_stepped, 4, args=(str(src), kind, 2, 1, 2, ("torch",)))
     original = _all_tensors(src / "torch")
+    assert any(".eh_proj." in k for k in original) == (kind == "deepseek_mtp")
     assert any(k.endswith("self_attention.linear_kv_down_proj.weight") for k in original)
     assert any(k.endswith("mlp.router.expert_bias") for k in original)
     dirs = {}
@@ -447,6 +450,10 @@ def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tm
                            ckpt_format=fmt, target_tensor_parallel_size=tp,
                            target_pipeline_parallel_size=pp, target_expert_parallel_size=ep,
                            progress=False)
+        if pp == 2:  # the last stage holds an embedding exactly when it runs MTP
+            last = [k for k in _all_tensors(dirs[(tp, pp, ep)]) if k.startswith("mp_rank_00_001")]
+            assert any(k.endswith("model/embedding.word_embeddings.weight") for k in last) == \
+                (kind == "deepseek_mtp"), last[:3]
         back = tmp_path / f"back_{tp}_{pp}_{ep}"
         convert_checkpoint(load_dir=dirs[(tp, pp, ep)], save_dir=str(back), ckpt_format="torch",
                            target_tensor_parallel_size=2, target_pipeline_parallel_size=1,
@@ -455,7 +462,7 @@ def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tm
         assert sorted(restored) == sorted(original)
         assert all(torch.equal(original[k], restored[k]) for k in original)
     layouts = {(2, 1, 2): str(src / "torch"), (1, 2, 2): dirs[(1, 2, 2)]}
-    per_rank = run_distributed(fx.load_and_logits, 4, args=(layouts, "deepseek", list(layouts)))
+    per_rank = run_distributed(fx.load_and_logits, 4, args=(layouts, kind, list(layouts)))
     found = [[r[i] for r in per_rank if r[i] is not None] for i in range(2)]
     assert found[0] and found[1]
     for logits in found[1]:
