@@ -123,8 +123,33 @@ def test_a_bad_flag_under_torchrun_is_one_error_line(tmp_path):
             (["--global-batch-size", "7"], "error: --global-batch-size 7 must be divisible")):
         proc = _run(run + model + extra, timeout=180)[0]
         assert proc.returncode != 0
-        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
-        # No traceback from the ranks: at most torchrun's own failure report.
+        # No traceback from the ranks: at most torchrun's own failure report, whose root
+        # cause is the same line (written to torchrun's error file), not a pointer to docs.
         assert proc.stderr.count("Traceback (most recent call last)") <= 1
         assert "ArgumentValidationError" not in proc.stderr
+        assert "To enable traceback see" not in proc.stderr, proc.stderr[-3000:]
+        assert f"traceback : {expected}" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_user_error_is_torchruns_reported_root_cause(tmp_path, monkeypatch, capsys):
+    """The error file is read by torch's own elastic agent class, not by our reading of it."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from megacore.training.arguments import ArgumentValidationError
+    from megacore.training.cli import run_program
+
+    def main():
+        raise ArgumentValidationError("--foo 3 needs --bar")
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", "1")
+    assert run_program(main) == 2
+    assert capsys.readouterr().err == ""  # only rank 0 prints
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message == "error: --foo 3 needs --bar"
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    error_file.unlink()
+    assert run_program(main) == 2 and not error_file.exists()

@@ -18,7 +18,6 @@ import functools
 import inspect
 import json
 import math
-import os
 import re
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from megacore.deprecation import DeprecatedFlag, rename_deprecated_flags, warn_d
 from megacore.distributed import DistributedDataParallelConfig
 from megacore.optimizer import OptimizerConfig
 from megacore.parallel_state import ParallelLayout
+from megacore.training.launch_env import is_launch_rank_zero, record_for_launcher
 from megacore.training.training_config import (
     CheckpointArgs,
     CompatArgs,
@@ -125,6 +125,13 @@ FLAGS: List[Flag] = [
     _f("--mtp-num-layers", "model"), _f("--mtp-loss-scaling-factor", "model"),
     _f("--kv-lora-rank", "model"), _f("--qk-head-dim", "model"),
     _f("--qk-pos-emb-head-dim", "model"), _f("--v-head-dim", "model"),
+    # YaRN for multi-latent attention (Megatron-LM's --rope-type and MLA flags; the ramp's
+    # flags are Megatron's --yarn-* ones, setting MLATransformerConfig's field names)
+    _f("--rope-type", "model", choices=["rope", "yarn"]),
+    _f("--rotary-scaling-factor", "model"), _f("--mscale", "model"),
+    _f("--mscale-all-dim", "model"),
+    _f("--yarn-original-max-position-embeddings", "model", "original_max_position_embeddings"),
+    _f("--yarn-beta-fast", "model", "beta_fast"), _f("--yarn-beta-slow", "model", "beta_slow"),
     _f("--openai-gelu", "model", "openai_gelu", derived=True, type=bool,
        help="GPT-2's tanh approximation of GeLU as the MLP activation (Megatron's flag; "
             "Hugging Face's gelu_new)"),
@@ -415,9 +422,10 @@ class _ArgumentParser(argparse.ArgumentParser):
     the user should read one ``error:`` line, not one per rank."""
 
     def error(self, message: str):
-        if os.environ.get("RANK", "0") == "0":
-            super().error(message)  # prints usage and "prog: error: message", exits 2
-        self.exit(2)
+        record_for_launcher(f"error: {message}")
+        if is_launch_rank_zero():
+            self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n" if is_launch_rank_zero() else None)
 
 
 def build_parser(extra_args_provider=None, *, only: Optional[Sequence[str]] = None,
@@ -561,6 +569,8 @@ CHECKPOINT_MODEL_FLAGS = (
     "--qk-pos-emb-head-dim", "--v-head-dim", "--mtp-num-layers", "--moe-router-num-groups",
     "--moe-router-group-topk", "--moe-router-score-function", "--moe-router-topk-scaling-factor",
     "--moe-router-enable-expert-bias", "--moe-router-pre-softmax", "--rotary-interleaved",
+    "--rope-type", "--rotary-scaling-factor", "--mscale", "--mscale-all-dim",
+    "--yarn-original-max-position-embeddings", "--yarn-beta-fast", "--yarn-beta-slow",
 )
 """Flags that define a checkpoint's weights and vocabulary: read from its saved config."""
 
@@ -927,6 +937,21 @@ def _check_model_shape(run: RunConfig, world_size: int) -> None:
               f"2 x {cp}")
 
 
+def _check_rope_type(run: RunConfig, world_size: int) -> None:
+    """YaRN replaces the other RoPE position scalings (they would compound)."""
+    m, g = run.model, run.gpt
+    if m.rope_type != "yarn":
+        return
+    if g.position_embedding_type != "rope":
+        _fail(f"--rope-type yarn needs --position-embedding-type rope, got "
+              f"{g.position_embedding_type}")
+    if g.use_rope_scaling:
+        _fail("--rope-type yarn and --use-rope-scaling are alternatives: give one")
+    if g.rotary_percent != 1.0:
+        _fail(f"--rope-type yarn rotates the whole --qk-pos-emb-head-dim: drop "
+              f"--rotary-percent {g.rotary_percent}")
+
+
 def _check_pipeline(run: RunConfig, world_size: int) -> None:
     m = run.model
     pp = m.pipeline_model_parallel_size
@@ -1176,7 +1201,7 @@ def _check_transformer_impl(run: RunConfig, world_size: int) -> None:
 
 
 _CHECKS = [_check_requirements, _check_transformer_impl, _check_layout, _check_model_shape,
-           _check_pipeline, _check_batch,
+           _check_rope_type, _check_pipeline, _check_batch,
            _check_duration, _check_optimizer, _check_recompute, _check_data,
            _check_checkpointing, _check_moe, _check_fsdp2]
 _TRAINING_ONLY_CHECKS = (_check_duration, _check_optimizer, _check_data)

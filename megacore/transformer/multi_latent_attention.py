@@ -19,9 +19,27 @@ Generation caches the compressed latent ``c_kv`` and the rotated ``k_pe`` per po
 (``kv_lora_rank + qk_pos_emb_head_dim`` values per token instead of
 ``2 * heads * head_dim``), re-expanding keys and values at each step.
 
-Context parallelism is not supported yet (the ring would pass either the expanded keys
-and values, simple, or the latent, ``heads * (qk + v) / (kv_lora + rope)`` times less
-traffic but an up-projection per ring step); a config with both is refused.
+Context parallelism (``context_parallel_size > 1``): each rank holds its load-balanced
+share ``[s/cp, b, h]`` of the sequence (chunks ``r`` and ``2cp-1-r``), computes its tokens'
+queries, latents and expanded keys/values locally, and the ring of
+:mod:`megacore.transformer.context_parallel.ring_attention` passes the *expanded* per-head
+keys ``[s/cp, b, nq, qk + r]`` and values ``[s/cp, b, nq, vd]``, as Megatron-Core does.
+Passing the latent ``[s/cp, b, L + r]`` instead would move ``nq * (qk + r + vd) / (L + r)``
+times less data (DeepSeek-V3 at tp 1: 128 * 320 / 576, ~71x), but every rank would then
+run the up-projection of every visiting block, forward and again in backward, with the
+up-projection's weight gradient accumulated on the rank that computed it rather than the
+block's owner: more flops than the attention block itself at DeepSeek widths, and a ring
+that knows about MLA. The expanded keys and values go through the attention ring; since
+values are narrower than keys (``vd`` vs ``qk + r``), it zero-pads values to the key
+width inside the ring and slices the output back (exact; see the ring's docstring).
+The decoupled rotary part uses each token's global position: ``GPTModel`` gives this
+rank's angles for its zigzag positions (or the angles of the ``position_ids`` passed).
+Padding masks and the generation cache are refused under cp by the ring's core attention.
+
+YaRN (``config.rope_type == "yarn"``, DeepSeek-V3): ``GPTModel`` gives the YaRN angles
+(:mod:`megacore.transformer.yarn_rotary_pos_embedding`); here the rotated query and key
+parts are multiplied by the cos/sin factor and the softmax scale by
+``m(factor, mscale_all_dim)^2``, as ``transformers``' DeepSeek-V3 does.
 
 Shapes: ``s`` sequence, ``b`` batch, ``h`` hidden, ``nq = heads / tp`` local heads,
 ``qk`` = ``qk_head_dim``, ``r`` = ``qk_pos_emb_head_dim``, ``vd`` = ``v_head_dim``,
@@ -48,6 +66,10 @@ from megacore.transformer.module import MegatronModule
 from megacore.transformer.rotary_pos_embedding import apply_rotary_pos_emb
 from megacore.transformer.spec_utils import ModuleSpec, build_module
 from megacore.transformer.transformer_config import TransformerConfig
+from megacore.transformer.yarn_rotary_pos_embedding import (
+    yarn_concentration_factor,
+    yarn_softmax_scale_factor,
+)
 
 __all__ = ["MLASelfAttention", "MLASelfAttentionSubmodules", "ReplicatedLinear"]
 
@@ -94,8 +116,9 @@ class ReplicatedLinear(MegatronModule):
 class MLASelfAttention(MegatronModule):
     """Multi-latent self-attention (see the module docstring).
 
-    forward(hidden_states ``[s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism),
-    attention_mask, rotary_pos_emb ``[s, b or 1, 1, r]``) returns ``(output, bias)`` like
+    forward(hidden_states ``[s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism;
+    ``s`` is this rank's ``s/cp`` under context parallelism), attention_mask,
+    rotary_pos_emb ``[s, b or 1, 1, r]``) returns ``(output, bias)`` like
     :class:`~megacore.transformer.attention.SelfAttention`.
     """
 
@@ -103,14 +126,14 @@ class MLASelfAttention(MegatronModule):
                  layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal,
                  pg_collection: Optional[ProcessGroupCollection] = None):
         super().__init__(config, pg_collection)
-        if config.context_parallel_size > 1:
-            raise ValueError("multi_latent_attention does not support context parallelism "
-                             "yet (--multi-latent-attention with --context-parallel-size > 1)")
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.nq = config.num_attention_heads // self.tp_size
         self.qk, self.rope, self.vd = (config.qk_head_dim, config.qk_pos_emb_head_dim,
                                        config.v_head_dim)
+        # YaRN's factor on cos/sin, i.e. on the rotated query and key parts (1: none).
+        self.rope_mscale = 1.0 if config.rope_type != "yarn" else yarn_concentration_factor(
+            config.rotary_scaling_factor, config.mscale, config.mscale_all_dim)
         # The up-projections read the latent, already whole on every rank: they must not
         # all-gather it again under sequence parallelism.
         self._latent_config = dataclasses.replace(config, sequence_parallel=False)
@@ -128,9 +151,15 @@ class MLASelfAttention(MegatronModule):
 
     @staticmethod
     def softmax_scale(config: TransformerConfig) -> float:
+        """``config.softmax_scale``, else ``1/sqrt(qk + r)`` (times YaRN's
+        ``m(factor, mscale_all_dim)^2`` under ``rope_type="yarn"``)."""
         if config.softmax_scale is not None:
             return config.softmax_scale
-        return 1.0 / math.sqrt(config.qk_head_dim + config.qk_pos_emb_head_dim)
+        scale = 1.0 / math.sqrt(config.qk_head_dim + config.qk_pos_emb_head_dim)
+        if config.rope_type == "yarn":
+            scale *= yarn_softmax_scale_factor(config.rotary_scaling_factor,
+                                               config.mscale_all_dim)
+        return scale
 
     # -- construction -------------------------------------------------------------------
     def _column(self, spec, input_size: int, output_size: int):
@@ -194,8 +223,12 @@ class MLASelfAttention(MegatronModule):
         s, b = q.shape[:2]
         q_nope, q_pe = q.view(s, b, self.nq, self.qk + self.rope).split([self.qk, self.rope], -1)
         if rotary_pos_emb is not None:
-            q_pe = apply_rotary_pos_emb(q_pe, rotary_pos_emb, self.config.rotary_interleaved)
+            q_pe = self._rotate(q_pe, rotary_pos_emb)
         return torch.cat([q_nope, q_pe], dim=-1)
+
+    def _rotate(self, x, rotary_pos_emb):
+        x = apply_rotary_pos_emb(x, rotary_pos_emb, self.config.rotary_interleaved)
+        return x if self.rope_mscale == 1.0 else x * self.rope_mscale
 
     def _latent(self, hidden_states, rotary_pos_emb):
         # [s, b, h] -> [s, b, L + r] -> c_kv [s, b, 1, L], k_pe [s, b, 1, r]
@@ -206,7 +239,7 @@ class MLASelfAttention(MegatronModule):
         # through the column-parallel up-projection).
         k_pe = copy_to_tensor_model_parallel_region(k_pe, self.tp_group)
         if rotary_pos_emb is not None:
-            k_pe = apply_rotary_pos_emb(k_pe, rotary_pos_emb, self.config.rotary_interleaved)
+            k_pe = self._rotate(k_pe, rotary_pos_emb)
         return self.kv_layernorm(c_kv), k_pe
 
     def _expand(self, latent, k_pe):

@@ -19,6 +19,7 @@ DEEPSEEK = (
 
 LAYOUTS = [
     ("tp2_sp", 2, "--tensor-model-parallel-size 2 --sequence-parallel"),
+    ("tp4_sp", 4, "--tensor-model-parallel-size 4 --sequence-parallel"),
     ("pp2", 2, "--pipeline-model-parallel-size 2"),
     ("ep2", 2, "--expert-model-parallel-size 2"),
 ]

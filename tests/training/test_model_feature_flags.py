@@ -71,3 +71,31 @@ def test_a_converted_tanh_gelu_checkpoint_restores_openai_gelu():
     saved["model"].pop("activation_func")
     saved["conversion"] = {"vocab_size": 61, "activation": "gelu_tanh"}
     assert _parse([], checkpoint_config=saved).model.activation_func is openai_gelu
+
+
+YARN = ["--multi-latent-attention", "--q-lora-rank", "16", "--kv-lora-rank", "16",
+        "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "4", "--v-head-dim", "8",
+        "--rope-type", "yarn", "--rotary-scaling-factor", "40", "--mscale", "0.5",
+        "--mscale-all-dim", "0.7", "--yarn-original-max-position-embeddings", "4096",
+        "--yarn-beta-fast", "16", "--yarn-beta-slow", "2"]
+
+
+def test_yarn_flags_set_the_mla_config_and_come_back_from_a_checkpoint():
+    m = _parse(BASE + YARN).model
+    assert (m.rope_type, m.rotary_scaling_factor, m.mscale, m.mscale_all_dim,
+            m.original_max_position_embeddings, m.beta_fast, m.beta_slow) == \
+        ("yarn", 40.0, 0.5, 0.7, 4096, 16.0, 2.0)
+    saved = run_config_to_dict(_parse(BASE + YARN))
+    assert run_config_to_dict(_parse([], checkpoint_config=saved))["model"] == saved["model"]
+    assert _parse(model_flags_from_config(saved)).model.beta_slow == 2.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rope-type", "yarn"], r"needs --multi-latent-attention.*\[flags: .*--rope-type"),
+    (YARN + ["--use-rope-scaling"], "--rope-type yarn and --use-rope-scaling are alternatives"),
+    (YARN + ["--rotary-percent", "0.5"], "drop --rotary-percent 0.5"),
+    (YARN + ["--yarn-beta-fast", "0"], r"needs beta_fast > 0.*--yarn-beta-fast"),
+])
+def test_bad_yarn_flags_are_rejected_naming_them(argv, message):
+    with pytest.raises(ArgumentValidationError, match=message):
+        parse_args(BASE + argv, world_size=1, for_inference=True)

@@ -18,7 +18,12 @@ and back (exact inverses, so HF -> megacore -> HF is bitwise). Layout facts:
   laid out like the weight rows). Qwen3: per-head RMSNorms ``q_norm``/``k_norm`` over
   ``hn`` channels, before RoPE (megacore's ``qk_layernorm``).
 * Config facts: ``rope_parameters`` / ``rope_scaling`` of type ``llama3`` are megacore's
-  Llama 3.1+ RoPE scaling (factor, low/high frequency factors, original context);
+  Llama 3.1+ RoPE scaling (factor, low/high frequency factors, original context); type
+  ``yarn`` (DeepSeek-V3 only) is ``rope_type="yarn"`` with ``factor`` ->
+  ``rotary_scaling_factor`` and ``original_max_position_embeddings``, ``beta_fast``,
+  ``beta_slow``, ``mscale``, ``mscale_all_dim`` under their own names (a missing
+  ``mscale`` is 0, which like transformers' None selects the plain ``m(factor)`` cos/sin
+  factor; ``attention_factor`` and ``truncate: false`` are refused);
   Mistral's ``sliding_window = w`` lets a query see ``w`` keys including its own, i.e.
   ``window_size = (w - 1, 0)``.
 * Qwen3-MoE: Qwen3's attention; MoE layers ``mlp.gate`` (router) and
@@ -475,18 +480,22 @@ def choose_architecture(d: GPTDescription) -> str:
 
 
 # -- config.json ---------------------------------------------------------------------------
-def _rope_fields(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def _rope_fields(cfg: Dict[str, Any], arch: str) -> Dict[str, Any]:
     """Description fields of ``rope_theta`` and ``rope_parameters`` (transformers 5) or
-    ``rope_scaling`` (older files): the ``default`` and ``llama3`` types."""
+    ``rope_scaling`` (older files): the ``default`` and ``llama3`` types, and ``yarn``
+    for DeepSeek-V3."""
     field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
     params = cfg.get(field) or {}
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
     if kind in (None, "default"):
         return dict(rotary_base=theta)
+    if kind == "yarn" and arch == DEEPSEEK:
+        return dict(rotary_base=theta, **_yarn_fields(cfg, params, field))
     if kind != "llama3":
-        raise ConversionError(f"config.json {field}.rope_type {kind!r} is not supported "
-                              "(supported: 'default', and 'llama3' = --use-rope-scaling)")
+        raise ConversionError(f"config.json {field}.rope_type {kind!r} is not supported for "
+                              f"{arch} (supported: 'default', 'llama3' = --use-rope-scaling, "
+                              f"and 'yarn' = --rope-type yarn for {DEEPSEEK})")
     try:
         return dict(rotary_base=theta, rope_scaling=True,
                     rope_scaling_factor=float(params["factor"]),
@@ -498,8 +507,36 @@ def _rope_fields(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConversionError(f"config.json {field} of type 'llama3' lacks {e}") from None
 
 
+def _yarn_fields(cfg: Dict[str, Any], params: Dict[str, Any], field: str) -> Dict[str, Any]:
+    """MLA config fields of a ``yarn`` rope type, as transformers reads it (a missing
+    ``factor`` is ``max_position_embeddings / original_max_position_embeddings``)."""
+    if params.get("attention_factor") is not None:
+        raise ConversionError(f"config.json {field}.attention_factor: an explicit YaRN cos/sin "
+                              "factor is not supported (megacore derives it from mscale and "
+                              "mscale_all_dim)")
+    if params.get("truncate", True) is not True:
+        raise ConversionError(f"config.json {field}.truncate false: megacore's YaRN rounds "
+                              "the ramp ends (--yarn-correction-range-round-to-int)")
+    if "original_max_position_embeddings" not in params:
+        raise ConversionError(f"config.json {field} of type 'yarn' lacks "
+                              "'original_max_position_embeddings'")
+    original = int(params["original_max_position_embeddings"])
+    factor = params.get("factor") or cfg.get("max_position_embeddings", 2048) / original
+    return dict(rope_type="yarn", rotary_scaling_factor=float(factor),
+                original_max_position_embeddings=original,
+                beta_fast=float(params.get("beta_fast") or 32),
+                beta_slow=float(params.get("beta_slow") or 1),
+                mscale=float(params.get("mscale") or 0.0),
+                mscale_all_dim=float(params.get("mscale_all_dim") or 0.0))
+
+
 def _rope_parameters(d: GPTDescription) -> Dict[str, Any]:
     params = {"rope_type": "default", "rope_theta": float(d.rotary_base)}
+    if d.rope_type == "yarn":
+        params.update(rope_type="yarn", factor=float(d.rotary_scaling_factor),
+                      original_max_position_embeddings=int(d.original_max_position_embeddings),
+                      beta_fast=float(d.beta_fast), beta_slow=float(d.beta_slow),
+                      mscale=float(d.mscale), mscale_all_dim=float(d.mscale_all_dim))
     if d.rope_scaling:
         params.update(rope_type="llama3", factor=float(d.rope_scaling_factor),
                       low_freq_factor=float(d.rope_scaling_low_freq_factor),
@@ -567,7 +604,7 @@ def description_from_hf_config(cfg: Dict[str, Any]) -> GPTDescription:
         share_embeddings_and_output_weights=cfg.get("tie_word_embeddings", False),
         add_qkv_bias=arch == "Qwen2ForCausalLM",
         qk_layernorm=arch in ("Qwen3ForCausalLM", QWEN3_MOE),
-        **_rope_fields(cfg), **_window_fields(cfg, arch), params_dtype=_dtype_name(cfg))
+        **_rope_fields(cfg, arch), **_window_fields(cfg, arch), params_dtype=_dtype_name(cfg))
     if arch == "MixtralForCausalLM":
         kw.update(num_moe_experts=cfg["num_local_experts"],
                   moe_ffn_hidden_size=cfg["intermediate_size"],

@@ -84,7 +84,10 @@ class GPTDescription:
         multi_latent_attention: DeepSeek's multi-latent attention instead of (G)QA, with
             ``q_lora_rank`` (None: queries projected directly), ``kv_lora_rank``,
             ``qk_head_dim`` (per-head part without position), ``qk_pos_emb_head_dim``
-            (rotary part) and ``v_head_dim``.
+            (rotary part) and ``v_head_dim``; ``rope_type`` ``yarn`` adds YaRN with
+            ``rotary_scaling_factor``, ``original_max_position_embeddings``,
+            ``beta_fast``, ``beta_slow``, ``mscale`` and ``mscale_all_dim``
+            (:class:`~megacore.transformer.mla_config.MLAConfig`).
         mtp_num_layers: multi-token prediction depths (None: none), on the last stage.
         params_dtype: dtype name of the weights (``float32``, ``bfloat16``, ``float16``).
         config_dict: the full saved configuration this came from (carried to the target).
@@ -135,6 +138,13 @@ class GPTDescription:
     qk_head_dim: int = 128
     qk_pos_emb_head_dim: int = 64
     v_head_dim: int = 128
+    rope_type: str = "rope"
+    rotary_scaling_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
     mtp_num_layers: Optional[int] = None
     params_dtype: str = "float32"
     config_dict: Optional[Dict[str, Any]] = dataclasses.field(default=None, repr=False)
@@ -196,7 +206,11 @@ class GPTDescription:
         if self.multi_latent_attention:
             kw.update(multi_latent_attention=True, q_lora_rank=self.q_lora_rank,
                       kv_lora_rank=self.kv_lora_rank, qk_head_dim=self.qk_head_dim,
-                      qk_pos_emb_head_dim=self.qk_pos_emb_head_dim, v_head_dim=self.v_head_dim)
+                      qk_pos_emb_head_dim=self.qk_pos_emb_head_dim, v_head_dim=self.v_head_dim,
+                      rope_type=self.rope_type, rotary_scaling_factor=self.rotary_scaling_factor,
+                      original_max_position_embeddings=self.original_max_position_embeddings,
+                      beta_fast=self.beta_fast, beta_slow=self.beta_slow, mscale=self.mscale,
+                      mscale_all_dim=self.mscale_all_dim)
         if self.is_moe:
             kw.update(num_moe_experts=self.num_moe_experts,
                       moe_ffn_hidden_size=self.moe_ffn_hidden_size,

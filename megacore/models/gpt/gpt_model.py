@@ -49,6 +49,7 @@ from megacore.transformer.module import MegatronModule
 from megacore.transformer.rotary_pos_embedding import RotaryEmbedding
 from megacore.transformer.transformer_block import TransformerBlock
 from megacore.transformer.transformer_config import TransformerConfig
+from megacore.transformer.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 from megacore.vocab_padding import pad_vocab_size
 
 __all__ = ["GPTModel"]
@@ -76,6 +77,7 @@ class GPTModel(MegatronModule):
         rope_scaling: Llama 3.1+ RoPE frequency scaling (``RotaryEmbedding``).
         rope_scaling_factor, rope_scaling_low_freq_factor, rope_scaling_high_freq_factor,
         rope_scaling_original_max_position_embeddings: its parameters.
+            (YaRN, ``config.rope_type == "yarn"``, takes its parameters from the config.)
         pg_collection: process groups (default: ``parallel_state``'s grid).
         vp_stage: virtual pipeline stage of this model chunk.
     """
@@ -116,7 +118,13 @@ class GPTModel(MegatronModule):
                 config, vocab_size, max_sequence_length, position_embedding_type,
                 pg_collection=self.pg_collection)
         self.rotary_pos_emb = None
-        if position_embedding_type == "rope":
+        if config.rope_type == "yarn" and position_embedding_type != "rope":
+            raise ValueError(f"--rope-type yarn needs --position-embedding-type rope, got "
+                             f"{position_embedding_type!r}")
+        if position_embedding_type == "rope" and config.rope_type == "yarn":
+            self.rotary_pos_emb = _yarn_rotary_embedding(
+                config, rotary_percent, rotary_base, seq_len_interpolation_factor, rope_scaling)
+        elif position_embedding_type == "rope":
             # MLA rotates only each head's decoupled rotary part.
             rotary_dim = config.qk_pos_emb_head_dim if config.multi_latent_attention \
                 else config.kv_channels
@@ -309,3 +317,21 @@ class GPTModel(MegatronModule):
         per_rank = self.padded_vocab_size // self.tp_size
         columns = torch.arange(per_rank, device=logits.device) + self.tp_rank * per_rank
         return logits.masked_fill(columns >= self.vocab_size, float("-inf"))
+
+
+def _yarn_rotary_embedding(config: TransformerConfig, rotary_percent: float, rotary_base: int,
+                           seq_len_interpolation_factor: Optional[float],
+                           rope_scaling: bool) -> YarnRotaryEmbedding:
+    """YaRN angles of the decoupled rotary part (``config.rope_type == "yarn"``); the
+    other position scalings would compound with it, so they are refused by flag."""
+    for given, flag in ((rope_scaling, "--use-rope-scaling"),
+                        (seq_len_interpolation_factor is not None,
+                         "--rotary-seq-len-interpolation-factor"),
+                        (rotary_percent != 1.0, "--rotary-percent < 1")):
+        if given:
+            raise ValueError(f"--rope-type yarn (rope_type='yarn') cannot be combined with "
+                             f"{flag}")
+    return YarnRotaryEmbedding(
+        config.qk_pos_emb_head_dim, config.rotary_interleaved, rotary_base,
+        config.rotary_scaling_factor, config.original_max_position_embeddings,
+        config.beta_fast, config.beta_slow)

@@ -50,9 +50,19 @@ and the explicit block math run in float32. Grouped-query attention: the CPU ker
 explicit path stacks the ``g = np/ng`` query heads of a group along the row dim of one
 matmul against their key/value head.
 
+Value head dim different from the query/key head dim (multi-latent attention: keys are
+``qk_head_dim + qk_pos_emb_head_dim`` wide, values ``v_head_dim``): key and value travel
+as one packed unit and the fused kernels take one head size, so :func:`ring_attention`
+zero-pads the narrower of (query and key) or value to the wider width on entry and slices
+the output back to the value width. Zero key channels add nothing to the scores and zero
+value channels give zero output channels, so the result and the gradients (the pad's
+backward drops the padded channels) are exact; the cost is the padded channels' traffic
+and flops (DeepSeek-V3: values 128 -> 192 wide, the key/value unit 20% larger).
+
 Shapes: query ``[s/cp, b, np, hn]``, key/value ``[s/cp, b, ng, hn]``, output
-``[s/cp, b, np, hn]``; inside: ``[b, ng, g, s/cp, hn]`` queries, ``[2, b, ng, s/cp, hn]``
-packed key/value (the unit sent around the ring).
+``[s/cp, b, np, hn]`` (value and output ``hv`` wide where it differs from ``hn``);
+inside: ``[b, ng, g, s/cp, hn]`` queries, ``[2, b, ng, s/cp, hn]`` packed key/value (the
+unit sent around the ring).
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megacore.transformer.context_parallel.keyed_dropout import (
     attention_dropout_keep_mask,
@@ -539,7 +550,8 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         query: ``[s/cp, b, np, hn]`` this rank's tokens (chunks ``r`` and ``2cp-1-r``).
         key: ``[s/cp, b, ng, hn]`` with ``ng`` dividing ``np`` (grouped-query attention:
             query head ``j`` uses key/value head ``j // (np/ng)``).
-        value: like ``key``.
+        value: like ``key``, or ``[s/cp, b, ng, hv]`` with its own head dim (padded to
+            a common width inside, see the module docstring).
         cp_group: the context-parallel group; None or a group of one rank computes plain
             attention on the local tokens.
         causal: causal mask over global positions; False: every query sees every key.
@@ -555,7 +567,8 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             scores); False, or ``dropout_p > 0``, runs the explicit float32 block math.
 
     Returns:
-        ``[s/cp, b, np, hn]`` in ``query``'s dtype; differentiable in query, key, value.
+        ``[s/cp, b, np, hv]`` (``hv`` = value head dim) in ``query``'s dtype;
+        differentiable in query, key, value.
     """
     cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
     _check_shapes(query, key, value, causal and cp_size > 1)
@@ -565,17 +578,33 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0 and dropout_seed is None:
         raise ValueError("dropout_p > 0 needs a dropout_seed equal on all cp ranks")
+    value_dim = value.size(-1)
+    query, key, value = _pad_to_common_head_dim(query, key, value)
     if fused and dropout_p == 0.0:
-        return FusedRingAttentionFunction.apply(query, key, value, cp_group, causal,
-                                                softmax_scale)
-    return RingAttentionFunction.apply(query, key, value, cp_group, causal, softmax_scale,
-                                       dropout_p, dropout_seed, head_offset)
+        out = FusedRingAttentionFunction.apply(query, key, value, cp_group, causal,
+                                               softmax_scale)
+    else:
+        out = RingAttentionFunction.apply(query, key, value, cp_group, causal, softmax_scale,
+                                          dropout_p, dropout_seed, head_offset)
+    # [s/cp, b, np, max(hn, hv)] -> [s/cp, b, np, hv]: the padded channels are zero.
+    return out if out.size(-1) == value_dim else out[..., :value_dim]
+
+
+def _pad_to_common_head_dim(query, key, value):
+    """Zero-pad query/key or value on the head dim to one width (module docstring):
+    ``[s, b, n, hn]``, ``[s, b, ng, hn]``, ``[s, b, ng, hv]`` -> all ``max(hn, hv)``."""
+    hn, hv = key.size(-1), value.size(-1)
+    if hn < hv:  # zero query/key channels leave every score unchanged
+        query, key = F.pad(query, (0, hv - hn)), F.pad(key, (0, hv - hn))
+    elif hv < hn:  # zero value channels give zero output channels, sliced off
+        value = F.pad(value, (0, hn - hv))
+    return query, key, value
 
 
 def _check_shapes(query, key, value, two_chunks: bool) -> None:
-    if query.dim() != 4 or key.shape != value.shape or key.dim() != 4:
-        raise ValueError(f"ring_attention expects query [s, b, np, hn] and key/value "
-                         f"[s, b, ng, hn]; got {tuple(query.shape)}, {tuple(key.shape)}, "
+    if (query.dim(), key.dim(), value.dim()) != (4, 4, 4) or key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"ring_attention expects query [s, b, np, hn], key [s, b, ng, hn] "
+                         f"and value [s, b, ng, hv]; got {tuple(query.shape)}, {tuple(key.shape)}, "
                          f"{tuple(value.shape)}")
     s, b, np_, hn = query.shape
     if key.shape[0] != s or key.shape[1] != b or key.shape[3] != hn:

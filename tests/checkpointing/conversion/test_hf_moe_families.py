@@ -16,7 +16,8 @@ tokenizer are saved with ``save_pretrained``, then:
 * exported back (``--saver hf``) from the tp 2 x ep 2 checkpoint: safetensors bitwise
   equal to the source and ``from_pretrained`` gives exactly the source's logits.
 
-Also: DeepSeek without a query latent, with RoPE over halves and one expert group; a
+Also: DeepSeek without a query latent, with RoPE over halves and one expert group;
+DeepSeek with YaRN rope scaling (tp 1 and tp 2 x ep 2 logits, bitwise export); a
 stepped DeepSeek-style megacore checkpoint changing layout with its optimizer state;
 ``pretrain_gpt.py --load`` of a converted DeepSeek-V3 at ep 2 (first loss =
 ``transformers``'); configs and weights that cannot be reproduced refused by name.
@@ -154,6 +155,11 @@ def test_moe_family_imports_serves_and_exports_like_transformers(tmp_path, kind)
                        max_shard_size=16384, progress=False)
     assert json.load(open(back / "config.json"))["architectures"] == \
         json.load(open(os.path.join(hf_dir, "config.json")))["architectures"]
+    _assert_exported_bitwise(model, hf_dir, back, reference)
+
+
+def _assert_exported_bitwise(model, hf_dir, back, reference):
+    """The export's safetensors equal the source's, and reload to the same logits."""
     original = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
     exported = _safetensors(back)
     assert sorted(original) == sorted(exported)
@@ -421,6 +427,64 @@ def test_deepseek_without_query_latent_nor_interleave_nor_groups(tmp_path):
     exported = _safetensors(back)
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
+# YaRN as DeepSeek-V3 configures it, shrunk: the 8 test tokens are twice the original
+# context (4), base 100 with beta_fast 1 / beta_slow 0.05 ramps over the rotary pairs
+# (pair 0 kept, 3 interpolated, 1-2 blended), and mscale != mscale_all_dim gives a cos/sin
+# factor != 1 next to the softmax factor.
+YARN = dict(rope_type="yarn", rope_theta=100.0, factor=4.0, original_max_position_embeddings=4,
+            beta_fast=1.0, beta_slow=0.05, mscale=0.8, mscale_all_dim=0.6)
+
+
+def test_deepseek_with_yarn_rope_scaling_imports_and_exports_like_transformers(tmp_path):
+    """``rope_parameters`` of type ``yarn``: logits at tp 1 and tp 2 x ep 2 equal
+    transformers', the export is bitwise with the same rope parameters."""
+    torch.manual_seed(2)
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, n_group=1,
+        topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, rope_interleave=True,
+        rope_parameters=YARN, **dict(COMMON, max_position_embeddings=16))).eval()
+    hf_dir, back = str(tmp_path / "hf"), str(tmp_path / "back")
+    model.save_pretrained(hf_dir)
+    desc = _desc_dict(hf_dir)
+    assert (desc["rope_type"], desc["rotary_scaling_factor"], desc["beta_slow"],
+            desc["mscale_all_dim"]) == ("yarn", 4.0, 0.05, 0.6)
+    ckpts = [((1, 1, 1), str(tmp_path / "tp1")), ((2, 1, 2), str(tmp_path / "tp2ep2"))]
+    for (tp, _, ep), directory in ckpts:
+        convert_checkpoint(load_dir=hf_dir, save_dir=directory, saver="megacore",
+                           target_tensor_parallel_size=tp, target_expert_parallel_size=ep,
+                           progress=False)
+    reference = _hf_logits(model, fx.tokens())
+    for per_layout in run_distributed(_layout_logits, 4, args=(ckpts, desc)):
+        for logits in per_layout:
+            torch.testing.assert_close(logits, reference, **TOL)
+    convert_checkpoint(load_dir=ckpts[1][1], save_dir=back, saver="hf", progress=False)
+    params = json.load(open(os.path.join(back, "config.json")))["rope_parameters"]
+    assert params == json.load(open(os.path.join(hf_dir, "config.json")))["rope_parameters"]
+    _assert_exported_bitwise(model, hf_dir, back, reference)
+
+
+def test_yarn_configs_are_read_as_transformers_reads_them_or_refused():
+    legacy = _deepseek_config(rope_scaling=dict(type="yarn", factor=40, mscale_all_dim=1.0,
+                                                original_max_position_embeddings=4096),
+                              max_position_embeddings=163840)
+    desc = description_from_hf_config(legacy)
+    # No mscale: transformers' plain m(factor) cos/sin factor, which mscale 0 selects.
+    assert (desc.rope_type, desc.rotary_scaling_factor, desc.beta_fast, desc.mscale) == \
+        ("yarn", 40.0, 32.0, 0.0)
+    no_factor = dict(YARN, factor=None)
+    assert description_from_hf_config(_deepseek_config(
+        rope_parameters=no_factor, max_position_embeddings=32)).rotary_scaling_factor == 8.0
+    for params, message in ((dict(YARN, attention_factor=1.5), "attention_factor"),
+                            (dict(YARN, truncate=False), "truncate false")):
+        with pytest.raises(ConversionError, match=message):
+            description_from_hf_config(_deepseek_config(rope_parameters=params))
+    with pytest.raises(ConversionError, match=r"'yarn' is not supported for "
+                                              r"Qwen3MoeForCausalLM"):
+        description_from_hf_config(dict(_deepseek_config(rope_parameters=YARN), architectures=[
+            "Qwen3MoeForCausalLM"], num_experts=4, num_key_value_heads=2))
 
 
 def _all_tensors(save_dir):

@@ -32,14 +32,19 @@ TOL = dict(atol=2e-6, rtol=1e-5)
 CASES = [(4, 4, True, 0.0), (4, 2, True, 0.0), (4, 1, True, 0.0), (4, 2, False, 0.0),
          (4, 2, True, 0.3), (4, 2, False, 0.3)]
 SEED = 1234
+# Value head dims other than the query/key head dim 8 (multi-latent attention): narrower
+# (values padded inside the ring) and wider (queries and keys padded), causal GQA with and
+# without dropout.
+VALUE_DIM_CASES = [(6, 0.0), (12, 0.0), (6, 0.3)]
 
 
-def _inputs(seq, np_, ng, seed, b=2, hn=8):
+def _inputs(seq, np_, ng, seed, b=2, hn=8, hv=None):
     gen = torch.Generator().manual_seed(seed)
+    hv = hn if hv is None else hv
     q = torch.randn(seq, b, np_, hn, generator=gen)
     k = torch.randn(seq, b, ng, hn, generator=gen)
-    v = torch.randn(seq, b, ng, hn, generator=gen)
-    dout = torch.randn(seq, b, np_, hn, generator=gen)
+    v = torch.randn(seq, b, ng, hv, generator=gen)
+    dout = torch.randn(seq, b, np_, hv, generator=gen)
     return q, k, v, dout
 
 
@@ -112,6 +117,17 @@ def test_single_process_matches_reference():
             for got, want in zip(_ring(q, k, v, dout, causal, None, dropout_p, fused=fused),
                                  _reference(q, k, v, dout, causal, dropout_p)):
                 torch.testing.assert_close(got, want, **TOL)
+
+
+def test_value_head_dim_differs_from_key_head_dim():
+    for hv, dropout_p in VALUE_DIM_CASES:
+        q, k, v, dout = _inputs(12, 4, 2, seed=hv, hv=hv)
+        want = _reference(q, k, v, dout, True, dropout_p)
+        for fused in (True, False):
+            got = _ring(q, k, v, dout, True, None, dropout_p, fused=fused)
+            assert got[0].shape == (12, 2, 4, hv) and got[3].shape == v.shape
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, **TOL)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -191,6 +207,14 @@ def _ring_matches_reference(cp):
                 torch.testing.assert_close(g, split_for_cp_rank(w, 0, cp, rank), **TOL,
                                            msg=lambda m: f"{name} case {case} fused={fused}: {m}")
                 errors.append(float((g - split_for_cp_rank(w, 0, cp, rank)).abs().max()))
+    for case, (hv, dropout_p) in enumerate(VALUE_DIM_CASES):
+        full = _inputs(8 * cp, 4, 2, seed=200 + case, hv=hv)
+        want = _reference(*full, True, dropout_p)
+        local = [split_for_cp_rank(t, 0, cp, rank) for t in full]
+        for fused in ((True, False) if dropout_p == 0.0 else (False,)):
+            for g, w in zip(_ring(*local, True, group, dropout_p, fused=fused), want):
+                torch.testing.assert_close(g, split_for_cp_rank(w, 0, cp, rank), **TOL,
+                                           msg=lambda m: f"hv {hv} fused={fused}: {m}")
     return max(errors)
 
 
@@ -221,3 +245,5 @@ def test_rejects_mismatched_heads():
     k = torch.zeros(4, 1, 2, 8)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         ring_attention(q, k, k, cp_group=None)
+    with pytest.raises(ValueError, match=r"value \[s, b, ng, hv\]"):
+        ring_attention(k, k, torch.zeros(4, 1, 1, 8), cp_group=None)
