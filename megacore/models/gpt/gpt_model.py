@@ -179,7 +179,8 @@ class GPTModel(MegatronModule):
 
     def fully_shard_units(self) -> List[torch.nn.Module]:
         """Modules FSDP2 gathers one at a time (``megacore.distributed.fully_shard_model``):
-        the embedding, each transformer layer, the output layer. With tied embeddings the
+        the embedding, each transformer layer, the output layer, each multi-token
+        prediction depth. With tied embeddings the
         output layer gets its weight as an argument from :meth:`forward` (the root), so it
         stays in the root unit, and so does an embedding whose table it uses on this
         same stage."""
@@ -189,6 +190,8 @@ class GPTModel(MegatronModule):
             units.insert(0, self.embedding)
         if self.post_process and not tied:
             units.append(self.output_layer)
+        if self.mtp is not None:  # each multi-token prediction depth (its MoE experts too)
+            units += list(self.mtp.layers)
         return units
 
     # -- tied embeddings ----------------------------------------------------------------
