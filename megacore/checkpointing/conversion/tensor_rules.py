@@ -56,8 +56,7 @@ OUTPUT_LAYER = "output_layer.weight"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 _STACKED_EXPERT = re.compile(r"^mlp\.experts\.(weight1|weight2|bias1|bias2)/expert(\d+)$")
-_STACKED_LOCAL = re.compile(
-    r"^(decoder\.layers\.\d+\.mlp\.experts\.)(weight1|weight2|bias1|bias2)$")
+_STACKED_LOCAL = re.compile(r"^mlp\.experts\.(weight1|weight2|bias1|bias2)$")  # layer suffix
 _MTP = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
 _MTP_LAYER = "transformer_layer."
 
@@ -419,7 +418,7 @@ class MegacoreLayout:
         if seq:
             index = ep_rank * n_local + int(seq.group(1))
             return [(f"{prefix}mlp.experts.local_experts.{index}.{seq.group(2)}", None)]
-        if _STACKED_LOCAL.match(f"decoder.layers.0.{suffix}"):
+        if _STACKED_LOCAL.match(suffix):
             return [(f"{prefix}{suffix}/expert{ep_rank * n_local + slot}", slot)
                     for slot in range(n_local)]
         return [(prefix + suffix, None)]
