@@ -16,9 +16,10 @@ model's own, and each ``loss_k`` is kept in :attr:`MultiTokenPrediction.last_los
 for logging.
 
 Shapes: ``s`` sequence (``s/tp`` under sequence parallelism), ``b`` batch, ``h`` hidden.
-Supported: tensor and sequence parallelism, data and expert parallelism. Not yet:
-pipeline parallelism (the last stage would need the word embedding) and context
-parallelism (shifted labels cross cp ranks); the model refuses both.
+Supported: tensor and sequence parallelism, data and expert parallelism, and pipeline
+parallelism (the depths run on the last stage, which keeps its own copy of the word
+embedding: see ``GPTModel``). Not supported: context parallelism (shifted labels cross cp
+ranks); the model refuses it.
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ def test_deepseek_style_model_layouts_equal_single_rank(reference, tmp_path, nam
 MTP_LAYOUTS = [
     ("tp2_sp", 2, "--tensor-model-parallel-size 2 --sequence-parallel"),
     ("ep2_dp2", 2, "--expert-model-parallel-size 2"),
+    ("pp2", 2, "--pipeline-model-parallel-size 2"),
+    # FSDP2 gathers each MTP depth (with its experts) as a unit of its own.
+    ("pp2_fsdp2_dp2", 4, "--pipeline-model-parallel-size 2 --use-torch-fsdp2"),
 ]
 
 

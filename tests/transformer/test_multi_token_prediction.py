@@ -94,14 +94,19 @@ def test_mtp_config_error():
         TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, mtp_num_layers=0)
 
 
-def test_mtp_refuses_a_last_stage_without_the_embedding():
+def test_a_last_stage_with_mtp_holds_its_own_embedding():
+    """Without the first stage's layers the MTP stage still embeds the shifted tokens; tied,
+    its output layer reads that table (no weight of its own), as in Megatron-Core."""
     init_single_process()
     try:
         config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2,
                                    mtp_num_layers=1)
-        with pytest.raises(ValueError, match="--mtp-num-layers with "
-                                             "--pipeline-model-parallel-size > 1"):
-            GPTModel(config, get_gpt_decoder_block_spec(config), vocab_size=VOCAB,
-                     max_sequence_length=SEQ, pre_process=False)
+        model = GPTModel(config, get_gpt_decoder_block_spec(config), vocab_size=VOCAB,
+                         max_sequence_length=SEQ, pre_process=False,
+                         share_embeddings_and_output_weights=True,
+                         position_embedding_type="rope")
+        assert model.mtp_process and model.output_layer.weight is None
+        assert model.shared_embedding_or_output_weight() is \
+            model.embedding.word_embeddings.weight
     finally:
         destroy_single_process()

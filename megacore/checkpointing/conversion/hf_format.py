@@ -64,6 +64,7 @@ class HFSource(CanonicalSource):
         self._handles: Dict[str, object] = {}
         self.weight_map = self._weight_map()
         self._fix_vocab()
+        self._drop_mtp_without_weights()
         # The tokenizer beside the weights travels with the conversion (tokenizer_files).
         self.tokenizer_files = hf_tokenizer_files(hf_dir)
         self.description.config_dict = tokenizer_config(hf_dir, self.description.vocab_size)
@@ -95,16 +96,31 @@ class HFSource(CanonicalSource):
                 shape = self._handle(self.weight_map[name]).get_slice(name).get_shape()
                 self.description.vocab_size = int(shape[0])
 
+    def _drop_mtp_without_weights(self) -> None:
+        """transformers' ``DeepseekV3Config`` says ``num_nextn_predict_layers`` 1 by default
+        and ``save_pretrained`` writes no such layer: with no weight of the first one, the
+        model converts without multi-token prediction (noted). Some but not all depths
+        present is refused later (missing weights)."""
+        d = self.description
+        prefix = f"model.layers.{d.num_layers}."
+        if not d.mtp_num_layers or any(n.startswith(prefix) for n in self.weight_map):
+            return
+        self.notes.append(f"config.json num_nextn_predict_layers {d.mtp_num_layers}: the "
+                          "checkpoint holds no weights of those layers; converted without "
+                          "multi-token prediction")
+        d.mtp_num_layers = None
+
     def _index(self) -> None:
         refuse_extra_layers(self.weight_map, self.description, self.architecture, self.hf_dir)
         known = set()
         for group in self.groups:
-            missing = [n for n in group.hf if n not in self.weight_map]
+            missing = [n for n in group.hf + group.copies if n not in self.weight_map]
             if missing:
                 raise ConversionError(f"{self.hf_dir}: {self.architecture} needs {missing}, "
                                       "which the checkpoint lacks")
             known.update(group.hf)
             known.update(group.duplicates)
+            known.update(group.copies)
             for name in group.canonical:
                 self.by_canonical[name] = group
                 self._register(model_key(name))
@@ -118,6 +134,11 @@ class HFSource(CanonicalSource):
             if dup in self.weight_map and not torch.equal(self._get(dup), hf[group.hf[0]]):
                 raise ConversionError(f"{self.hf_dir}: {dup} differs from {group.hf[0]} although "
                                       "the config ties them (tie_word_embeddings)")
+        for copy in group.copies:
+            if not torch.equal(self._get(copy), hf[group.hf[0]]):
+                raise ConversionError(f"{self.hf_dir}: {copy} differs from {group.hf[0]}: "
+                                      "megacore's multi-token prediction shares the model's "
+                                      "embedding and output head, so they must be equal")
         return group.from_hf(hf)
 
     def _read(self, keys: List[str]) -> Dict[str, torch.Tensor]:
@@ -216,7 +237,7 @@ class HFSaver:
         groups = mapping_groups(desc, arch)
         config = hf_config_from_description(desc, arch)
         for group in groups:
-            for name in group.hf:
+            for name in group.hf + group.copies:
                 source.manifest.plan(name)
         writer = ShardWriter(self.save_dir, self.max_shard_size, source.manifest)
         bar = Progress(len(groups), "writing Hugging Face shards", self.progress)
@@ -225,6 +246,8 @@ class HFSaver:
             tensors = group.to_hf({parse_key(k)[1]: v for k, v in canonical.items()})
             for name in group.hf:
                 writer.add(name, tensors[name])
+            for name in group.copies:  # DeepSeek's MTP embedding/head: the same tensor again
+                writer.add(name, tensors[group.hf[0]].clone())
             bar.update()
         bar.close()
         writer.finish()

@@ -41,10 +41,16 @@ and back (exact inverses, so HF -> megacore -> HF is bitwise). Layout facts:
   ``routed_scaling_factor`` and ``n_shared_experts`` shared experts
   (``mlp.shared_experts``, width ``n_shared_experts * moe_intermediate_size``).
   transformers scores a group by its best 2 experts, megacore by its best
-  ``topk // group_topk``: only configs where those agree convert. DeepSeek's
-  multi-token-prediction layers (``num_nextn_predict_layers``) are not implemented by
-  transformers: the config field is skipped on import, and weights of such layers
-  (``model.layers.<N>`` with ``N >= num_hidden_layers``) are refused by name.
+  ``topk // group_topk``: only configs where those agree convert.
+* DeepSeek-V3 multi-token prediction (``num_nextn_predict_layers`` = megacore's
+  ``mtp_num_layers``): depth ``i`` is stored as the extra layer ``model.layers.<N>``,
+  ``N = num_hidden_layers + i``: ``enorm``, ``hnorm``, ``eh_proj`` (``[h, 2h]``, input
+  ``[enorm(embedding); hnorm(hidden)]``, megacore's order), ``shared_head.norm`` (the
+  depth's ``final_layernorm``) and a decoder layer under the same prefix
+  (``mtp.layers.<i>.transformer_layer``, built like the last decoder layer), plus
+  ``embed_tokens`` and ``shared_head.head``: copies of the model's embedding and output
+  head, which megacore shares, so they must equal them on import and are written as
+  copies on export. transformers does not run these layers (it ignores their weights).
 * Tied embeddings: GPT-2 saves no ``lm_head.weight``; if a checkpoint has one it must
   equal the word embedding (checked, then consumed).
 
@@ -93,6 +99,9 @@ class MappingGroup:
         from_hf: the inverse.
         duplicates: optional HF names that, when present, must equal ``hf[0]`` (a tied
             ``lm_head.weight``).
+        copies: HF names that hold copies of ``hf[0]`` (DeepSeek's multi-token-prediction
+            ``embed_tokens`` and ``shared_head.head``): required and equal on import,
+            written on export.
     """
 
     canonical: List[str]
@@ -100,6 +109,7 @@ class MappingGroup:
     to_hf: Callable[[Tensors], Tensors]
     from_hf: Callable[[Tensors], Tensors]
     duplicates: List[str] = dataclasses.field(default_factory=list)
+    copies: List[str] = dataclasses.field(default_factory=list)
 
 
 def _same(c: str, h: str) -> MappingGroup:
@@ -279,41 +289,67 @@ def _moe_groups(p: str, h: str, d: GPTDescription, mixtral: bool) -> List[Mappin
 
 def _llama_groups(d: GPTDescription, architecture: str) -> List[MappingGroup]:
     tied = d.share_embeddings_and_output_weights
-    groups = [MappingGroup([WORD_EMBEDDING], ["model.embed_tokens.weight"],
-                           lambda t: {"model.embed_tokens.weight": t[WORD_EMBEDDING]},
-                           lambda t: {WORD_EMBEDDING: t["model.embed_tokens.weight"]},
-                           duplicates=["lm_head.weight"] if tied else [])]
+    mtp = [f"model.layers.{d.num_layers + i}" for i in range(d.mtp_num_layers or 0)]
+    embedding = MappingGroup([WORD_EMBEDDING], ["model.embed_tokens.weight"],
+                             lambda t: {"model.embed_tokens.weight": t[WORD_EMBEDDING]},
+                             lambda t: {WORD_EMBEDDING: t["model.embed_tokens.weight"]},
+                             duplicates=["lm_head.weight"] if tied else [],
+                             copies=[f"{h}.embed_tokens.weight" for h in mtp])
+    groups = [embedding]
     for layer in range(d.num_layers):
-        p, h = f"decoder.layers.{layer}", f"model.layers.{layer}"
-        groups.append(_same(f"{p}.input_layernorm.weight", f"{h}.input_layernorm.weight"))
-        groups += _attention_groups(p, h, d)
-        groups += [
-                   _same(f"{p}.self_attention.linear_proj.weight", f"{h}.self_attn.o_proj.weight"),
-                   _same(f"{p}.pre_mlp_layernorm.weight", f"{h}.post_attention_layernorm.weight")]
-        if d.is_moe_layer(layer):
-            groups += _moe_groups(p, h, d, mixtral=architecture == "MixtralForCausalLM")
-        else:
-            groups += [_gated(f"{p}.mlp.linear_fc1.weight", f"{h}.mlp.gate_proj.weight",
-                              f"{h}.mlp.up_proj.weight"),
-                       _same(f"{p}.mlp.linear_fc2.weight", f"{h}.mlp.down_proj.weight")]
+        groups += _layer_groups(f"decoder.layers.{layer}", f"model.layers.{layer}", d,
+                                d.is_moe_layer(layer), architecture)
     groups.append(_same("decoder.final_layernorm.weight", "model.norm.weight"))
-    if not tied:
+    heads = [f"{h}.shared_head.head.weight" for h in mtp]
+    if tied:
+        embedding.copies += heads
+    else:
         groups.append(_same(OUTPUT_LAYER, "lm_head.weight"))
+        groups[-1].copies = heads
+    for i, h in enumerate(mtp):
+        groups += _mtp_groups(f"mtp.layers.{i}", h, d, architecture)
     return groups
 
 
+def _layer_groups(p: str, h: str, d: GPTDescription, moe: bool,
+                  architecture: str) -> List[MappingGroup]:
+    """One transformer layer: megacore prefix ``p``, HF prefix ``h``."""
+    groups = [_same(f"{p}.input_layernorm.weight", f"{h}.input_layernorm.weight")]
+    groups += _attention_groups(p, h, d)
+    groups += [_same(f"{p}.self_attention.linear_proj.weight", f"{h}.self_attn.o_proj.weight"),
+               _same(f"{p}.pre_mlp_layernorm.weight", f"{h}.post_attention_layernorm.weight")]
+    if moe:
+        return groups + _moe_groups(p, h, d, mixtral=architecture == "MixtralForCausalLM")
+    return groups + [_gated(f"{p}.mlp.linear_fc1.weight", f"{h}.mlp.gate_proj.weight",
+                            f"{h}.mlp.up_proj.weight"),
+                     _same(f"{p}.mlp.linear_fc2.weight", f"{h}.mlp.down_proj.weight")]
+
+
+def _mtp_groups(p: str, h: str, d: GPTDescription, architecture: str) -> List[MappingGroup]:
+    """One DeepSeek multi-token-prediction depth (its embedding and head are copies)."""
+    groups = [_same(f"{p}.{x}.weight", f"{h}.{x}.weight") for x in ("enorm", "hnorm", "eh_proj")]
+    groups += _layer_groups(f"{p}.transformer_layer", h, d,
+                            d.is_moe_layer(d.num_layers - 1), architecture)
+    return groups + [_same(f"{p}.final_layernorm.weight", f"{h}.shared_head.norm.weight")]
+
+
 def refuse_extra_layers(names, d: GPTDescription, architecture: str, where: str) -> None:
-    """Refuse weights of layers past ``num_hidden_layers``: DeepSeek's released
-    checkpoints keep their multi-token-prediction modules there, which transformers does
-    not implement and this converter does not map."""
+    """Refuse weights of layers past ``num_hidden_layers`` (+ DeepSeek's
+    ``num_nextn_predict_layers`` multi-token-prediction layers, which are converted): the
+    config does not say what they are."""
+    known = d.num_layers + (d.mtp_num_layers or 0)
     extra = sorted({int(n.split(".")[2]) for n in names if n.startswith("model.layers.")
-                    and int(n.split(".")[2]) >= d.num_layers})
-    if extra:
-        field = " (num_nextn_predict_layers)" if architecture == DEEPSEEK else ""
+                    and int(n.split(".")[2]) >= known})
+    if not extra:
+        return
+    if architecture == DEEPSEEK:
         raise ConversionError(f"{where}: weights of layers {extra} beyond num_hidden_layers "
-                              f"{d.num_layers}: multi-token-prediction layers{field} are not "
-                              "converted (transformers does not implement them); remove them "
-                              "from the checkpoint to convert the main model")
+                              f"{d.num_layers} + num_nextn_predict_layers "
+                              f"{d.mtp_num_layers or 0}: set num_nextn_predict_layers in "
+                              "config.json to convert multi-token-prediction layers, or "
+                              "remove them from the checkpoint")
+    raise ConversionError(f"{where}: weights of layers {extra} beyond num_hidden_layers "
+                          f"{d.num_layers}, which {architecture} does not have")
 
 
 def _require(ok: bool, arch: str, what: str) -> None:
@@ -325,6 +361,9 @@ def _check_fits(d: GPTDescription, arch: str) -> None:
     _require(d.multi_latent_attention == (arch == DEEPSEEK), arch,
              "needs multi-latent attention" if arch == DEEPSEEK
              else "has no multi-latent attention (DeepseekV3ForCausalLM has)")
+    _require(not d.mtp_num_layers or arch == DEEPSEEK, arch, f"mtp_num_layers "
+             f"{d.mtp_num_layers}: it stores no multi-token-prediction layers "
+             "(DeepseekV3ForCausalLM does: num_nextn_predict_layers)")
     if arch == "GPT2LMHeadModel":
         _require(d.normalization == "LayerNorm", arch, "needs LayerNorm")
         _require(d.position_embedding_type == "learned_absolute", arch,
@@ -619,8 +658,9 @@ def _deepseek_fields(cfg: Dict[str, Any]) -> Dict[str, Any]:
     moe_width = _field(cfg, "moe_intermediate_size", arch)
     shared = int(cfg.get("n_shared_experts") or 0)
     q_lora = cfg.get("q_lora_rank")
+    mtp = int(cfg.get("num_nextn_predict_layers") or 0)
     return dict(
-        num_query_groups=heads, multi_latent_attention=True,
+        mtp_num_layers=mtp or None, num_query_groups=heads, multi_latent_attention=True,
         q_lora_rank=int(q_lora) if q_lora else None,
         kv_lora_rank=int(_field(cfg, "kv_lora_rank", arch)),
         qk_head_dim=int(_field(cfg, "qk_nope_head_dim", arch)),
@@ -696,6 +736,7 @@ def _deepseek_config(d: GPTDescription) -> Dict[str, Any]:
         n_group=d.moe_router_num_groups if grouped else 1,
         topk_group=d.moe_router_group_topk if grouped else 1,
         routed_scaling_factor=float(d.moe_router_topk_scaling_factor or 1.0),
-        first_k_dense_replace=_first_dense_layers(d), num_nextn_predict_layers=0,
+        first_k_dense_replace=_first_dense_layers(d),
+        num_nextn_predict_layers=d.mtp_num_layers or 0,
         output_router_logits=False)
 

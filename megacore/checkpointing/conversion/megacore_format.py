@@ -519,16 +519,21 @@ def write_rank_file(iter_dir: str, layout: MegacoreLayout, t: int, p: int, e: in
 def rank_file_placements(layout: MegacoreLayout, names: List[str], desc: GPTDescription,
                          p: int, e: int) -> List[Tuple[int, str, str, Optional[int]]]:
     """``[(chunk, canonical name, local name, slot)]`` of the rank files at pipeline rank
-    ``p``, ep rank ``e``, in module order; with tied embeddings and pp > 1 the last stage
-    also holds the word embedding as ``output_layer.weight``."""
+    ``p``, ep rank ``e``, in module order. With pp > 1 the last stage also holds the word
+    embedding: under its own name first when multi-token prediction runs there (its copy,
+    which a tied output layer reads), else as ``output_layer.weight`` when tied."""
     out = []
     for name in names:
         loc = layout.locate(name, desc)
         if loc.pp_rank == p and e in loc.ep_ranks:
             out.append((loc.chunk, name, loc.local_name, loc.stack_slot))
-    tied_copy = desc.share_embeddings_and_output_weights and layout.pp > 1
-    if tied_copy and p == layout.pp - 1 and WORD_EMBEDDING in names:
-        out.append((layout.num_chunks - 1, WORD_EMBEDDING, OUTPUT_LAYER, None))
+    if layout.pp == 1 or p != layout.pp - 1 or WORD_EMBEDDING not in names:
+        return out
+    last = layout.num_chunks - 1
+    if desc.mtp_num_layers:
+        out.insert(0, (last, WORD_EMBEDDING, WORD_EMBEDDING, None))
+    elif desc.share_embeddings_and_output_weights:
+        out.append((last, WORD_EMBEDDING, OUTPUT_LAYER, None))
     return out
 
 

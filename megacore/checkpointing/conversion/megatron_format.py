@@ -364,6 +364,9 @@ class _MegatronSaver:
         if desc.moe_grouped_gemm:
             raise ConversionError("the Megatron saver writes SequentialMLP experts; the model "
                                   "has grouped (stacked) experts")
+        if desc.mtp_num_layers:
+            raise ConversionError(f"the Megatron saver does not write multi-token-prediction "
+                                  f"layers; the model has mtp_num_layers {desc.mtp_num_layers}")
         base = getattr(source, "megatron_args", None)
         gpt = (desc.config_dict or {}).get("gpt") or {}
         divisible = int(getattr(base, "make_vocab_size_divisible_by", None)

@@ -90,6 +90,7 @@ class GPTDescription:
             ``rotary_scaling_factor``, ``original_max_position_embeddings``,
             ``beta_fast``, ``beta_slow``, ``mscale`` and ``mscale_all_dim``
             (:class:`~megacore.transformer.mla_config.MLAConfig`).
+        mtp_num_layers: multi-token prediction depths (None: none), on the last stage.
         params_dtype: dtype name of the weights (``float32``, ``bfloat16``, ``float16``).
         config_dict: the full saved configuration this came from (carried to the target).
         block_spec: the decoder block spec the model was built with (None: megacore's
@@ -149,6 +150,7 @@ class GPTDescription:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    mtp_num_layers: Optional[int] = None
     params_dtype: str = "float32"
     config_dict: Optional[Dict[str, Any]] = dataclasses.field(default=None, repr=False)
     block_spec: Any = dataclasses.field(default=None, repr=False, compare=False)
@@ -218,7 +220,7 @@ class GPTDescription:
                   add_qkv_bias=self.add_qkv_bias, gated_linear_unit=self.gated_linear_unit,
                   activation_func=ACTIVATIONS[self.activation], qk_layernorm=self.qk_layernorm,
                   rotary_interleaved=self.rotary_interleaved, params_dtype=self.torch_dtype,
-                  window_size=self.window_size)
+                  window_size=self.window_size, mtp_num_layers=self.mtp_num_layers)
         if self.multi_latent_attention:
             kw.update(multi_latent_attention=True, q_lora_rank=self.q_lora_rank,
                       kv_lora_rank=self.kv_lora_rank, qk_head_dim=self.qk_head_dim,
@@ -303,9 +305,6 @@ class GPTDescription:
                                   "with a 'model' section): it was not saved by pretrain or "
                                   "by this converter, so its shapes cannot be known")
         model, gpt = config_dict["model"], config_dict.get("gpt") or {}
-        if model.get("mtp_num_layers"):
-            raise CheckpointError(f"mtp_num_layers {model['mtp_num_layers']}: the converter "
-                                  "does not carry multi-token-prediction layers yet")
         extra = config_dict.get(CONVERSION_SECTION) or {}
         vocab = true_vocab_size or extra.get("vocab_size")
         if vocab is None:

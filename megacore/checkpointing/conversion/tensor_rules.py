@@ -9,7 +9,12 @@ under its global name (``sharded_state``'s naming, also the torch_dist keys with
   or for stacked (grouped-GEMM) experts one tensor per expert:
   ``...mlp.experts.weight1/expert<E>`` (``[h, F1]``, the expert's slice of ``[El, h, F1]``);
 * the fused QKV in the logical row layout (``transformer.qkv_layout``);
-* vocabulary rows unpadded (``V``); a tied output layer is not a tensor of its own.
+* vocabulary rows unpadded (``V``); a tied output layer is not a tensor of its own;
+* multi-token prediction depth ``i`` (0-based): ``mtp.layers.<i>.{enorm, hnorm, eh_proj,
+  final_layernorm}.*`` and its transformer layer ``mtp.layers.<i>.transformer_layer.<suffix>``
+  (suffixes and splits as a decoder layer's), on the last pipeline stage; with pp > 1 that
+  stage also holds a copy of the word embedding (``GPTModel.mtp_process``), which is the
+  same canonical tensor.
 
 Optimizer state is canonical too: ``optimizer/<field>/<name>``, shaped and split like the
 param (0-dim ``step`` replicated). Keys are ``sharded_state``'s (:func:`model_key`,
@@ -59,8 +64,9 @@ OUTPUT_LAYER = "output_layer.weight"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 _STACKED_EXPERT = re.compile(r"^mlp\.experts\.(weight1|weight2|bias1|bias2)/expert(\d+)$")
-_STACKED_LOCAL = re.compile(
-    r"^(decoder\.layers\.\d+\.mlp\.experts\.)(weight1|weight2|bias1|bias2)$")
+_STACKED_LOCAL = re.compile(r"^mlp\.experts\.(weight1|weight2|bias1|bias2)$")  # layer suffix
+_MTP = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
+_MTP_LAYER = "transformer_layer."
 _MODEL_PREFIX = model_key("")
 
 
@@ -111,13 +117,27 @@ def expected_model_names(desc: GPTDescription) -> List[str]:
     return list(desc.model_tensors().names)
 
 
+def _layer_parts(name: str) -> Optional[Tuple[str, int, str]]:
+    """``(kind, index, layer suffix)`` of a transformer layer's tensor: kind ``decoder``
+    (global layer index) or ``mtp`` (depth index); None for other names."""
+    match = _LAYER.match(name)
+    if match:
+        return "decoder", int(match.group(1)), match.group(2)
+    match = _MTP.match(name)
+    if match and match.group(2).startswith(_MTP_LAYER):
+        return "mtp", int(match.group(1)), match.group(2)[len(_MTP_LAYER):]
+    return None
+
+
+
+
 def expert_index(name: str) -> Optional[int]:
     """Global expert index of a canonical routed-expert tensor name."""
-    match = _LAYER.match(name)
-    if not match:
+    parts = _layer_parts(name)
+    if parts is None:
         return None
     for pattern, group in ((_SEQ_EXPERT, 1), (_STACKED_EXPERT, 2)):
-        found = pattern.match(match.group(2))
+        found = pattern.match(parts[2])
         if found:
             return int(found.group(group))
     return None
@@ -129,7 +149,11 @@ def layer_index(name: str) -> Optional[int]:
 
 
 def layer_group(name: str) -> Tuple[int, int]:
-    """``(section, layer)``: embedding (0), a layer (1, its index), the rest (2, 0)."""
+    """``(section, index)``: embedding (0), a decoder layer (1, its index), final norm
+    and output layer (2, 0), a multi-token prediction depth (3, its depth)."""
+    mtp = _MTP.match(name)
+    if mtp:
+        return (3, int(mtp.group(1)))
     layer = layer_index(name)
     if layer is None:
         return (0 if name.startswith("embedding.") else 2, 0)
@@ -278,45 +302,54 @@ class MegacoreLayout:
         all_ep = tuple(range(self.ep))
         if name.startswith("embedding."):
             return Location(0, 0, all_ep, name)
+        last = (self.pp - 1, self.num_chunks - 1)
         if name.startswith("decoder.final_layernorm") or name == OUTPUT_LAYER:
-            return Location(self.pp - 1, self.num_chunks - 1, all_ep, name)
-        layer = layer_index(name)
-        if layer is None:
+            return Location(*last, all_ep, name)
+        parts = _layer_parts(name)
+        if parts is None and _MTP.match(name):
+            return Location(*last, all_ep, name)  # an MTP depth's norms and eh_proj
+        if parts is None:
             raise ValueError(f"{name!r} is not a GPT tensor name")
-        pp_rank, chunk, local_layer = self.stage_of_layer(desc, layer)
-        suffix = name.split(".", 3)[3]
+        kind, index, suffix = parts
+        if kind == "mtp":  # the depths live on the last stage under their own names
+            pp_rank, chunk, prefix = *last, name[:len(name) - len(suffix)]
+        else:
+            pp_rank, chunk, local_layer = self.stage_of_layer(desc, index)
+            prefix = f"decoder.layers.{local_layer}."
         expert = expert_index(name)
         if expert is None:
-            return Location(pp_rank, chunk, all_ep, f"decoder.layers.{local_layer}.{suffix}")
+            return Location(pp_rank, chunk, all_ep, prefix + suffix)
         n_local = desc.num_moe_experts // self.ep
         ep_rank, slot = divmod(expert, n_local)
         seq = _SEQ_EXPERT.match(suffix)
         if seq:
-            local = f"decoder.layers.{local_layer}.mlp.experts.local_experts.{slot}.{seq.group(2)}"
+            local = f"{prefix}mlp.experts.local_experts.{slot}.{seq.group(2)}"
             return Location(pp_rank, chunk, (ep_rank,), local)
         stacked = _STACKED_EXPERT.match(suffix)
         return Location(pp_rank, chunk, (ep_rank,),
-                        f"decoder.layers.{local_layer}.mlp.experts.{stacked.group(1)}", slot)
+                        f"{prefix}mlp.experts.{stacked.group(1)}", slot)
 
     def globalize(self, local_name: str, desc: GPTDescription, pp_rank: int, chunk: int,
                   ep_rank: int) -> List[Tuple[str, Optional[int]]]:
         """Canonical names of a rank file's entry: ``[(name, stack slot or None)]`` (one per
         expert for a stacked-experts param). A tied output copy keeps its own name."""
-        match = _LAYER.match(local_name)
-        if not match:
+        parts = _layer_parts(local_name)
+        if parts is None:
             return [(local_name, None)]
-        offset, _ = self.layer_range(desc, pp_rank, chunk)
-        layer, suffix = int(match.group(1)) + offset, match.group(2)
+        kind, index, suffix = parts
+        if kind == "mtp":
+            prefix = local_name[:len(local_name) - len(suffix)]
+        else:
+            prefix = f"decoder.layers.{index + self.layer_range(desc, pp_rank, chunk)[0]}."
         seq = _SEQ_EXPERT.match(suffix)
         n_local = (desc.num_moe_experts or self.ep) // self.ep
         if seq:
             index = ep_rank * n_local + int(seq.group(1))
-            return [(f"decoder.layers.{layer}.mlp.experts.local_experts.{index}."
-                     f"{seq.group(2)}", None)]
-        if _STACKED_LOCAL.match(f"decoder.layers.{layer}.{suffix}"):
-            return [(f"decoder.layers.{layer}.{suffix}/expert{ep_rank * n_local + slot}", slot)
+            return [(f"{prefix}mlp.experts.local_experts.{index}.{seq.group(2)}", None)]
+        if _STACKED_LOCAL.match(suffix):
+            return [(f"{prefix}{suffix}/expert{ep_rank * n_local + slot}", slot)
                     for slot in range(n_local)]
-        return [(f"decoder.layers.{layer}.{suffix}", None)]
+        return [(prefix + suffix, None)]
 
     def degrees(self) -> Dict[str, object]:
         """``parallel_layout`` entry of a converted checkpoint (dp unknown: None, so RNG

@@ -17,6 +17,14 @@ output layer reuses the embedding table. With pipeline stages the last stage own
 marked ``shared_embedding=True``; :meth:`GPTModel.setup_embeddings_and_output_layer`
 makes it equal to the first stage's table (zeros it and all-reduces over the embedding
 group, as Megatron-Core does), and ``finalize_model_grads`` keeps their gradients summed.
+
+Multi-token prediction (``config.mtp_num_layers``) runs on the last stage and embeds the
+shifted tokens there. With pipeline stages that stage (``mtp_process``) holds its own
+``embedding`` (the word table only: rope or no position embedding), kept equal to the
+first stage's exactly like a tied output weight (``shared_embedding=True``, zeroed and
+all-reduced at set-up, gradients summed over the embedding group), tied or not. When tied,
+the last stage's output layer reads that table and allocates no weight, as in
+Megatron-Core. Checkpoints save the table once (``megacore.checkpointing.sharded_state``).
 """
 
 from __future__ import annotations
@@ -105,7 +113,13 @@ class GPTModel(MegatronModule):
         self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
         self.position_embedding_type = position_embedding_type
         self.vp_stage = vp_stage
-        if pre_process:
+        self.mtp_process = post_process and bool(config.mtp_num_layers)
+        """This stage runs multi-token prediction (the last one) and so holds an embedding."""
+        if config.mtp_num_layers:
+            self._check_mtp_supported()
+        # Registered before the decoder: finalize_model_grads flattens the shared_embedding
+        # params of the first and the last stage in registration order.
+        if pre_process or self.mtp_process:
             self.embedding = LanguageModelEmbedding(
                 config, vocab_size, max_sequence_length, position_embedding_type,
                 pg_collection=self.pg_collection)
@@ -131,7 +145,7 @@ class GPTModel(MegatronModule):
         self.mtp = None
         if post_process:
             self.output_layer = self._build_output_layer()
-            if config.mtp_num_layers:
+            if self.mtp_process:
                 self.mtp = self._build_mtp(transformer_layer_spec)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
@@ -144,14 +158,17 @@ class GPTModel(MegatronModule):
                 self.config.hidden_size, self.padded_vocab_size, config=self.config,
                 init_method=padded_vocab_init_method(self.config.init_method, self.vocab_size),
                 bias=False, gather_output=not self.parallel_output,
-                skip_weight_param_allocation=self.pre_process and tied,
+                skip_weight_param_allocation=(self.pre_process or self.mtp_process) and tied,
                 tp_group=self.tp_group)
 
-    def _build_mtp(self, spec) -> MultiTokenPrediction:
-        if not self.pre_process:
-            raise ValueError("multi-token prediction needs the word embedding on the last "
-                             "pipeline stage: --mtp-num-layers with "
-                             "--pipeline-model-parallel-size > 1 is not supported yet")
+    def _check_mtp_supported(self) -> None:
+        """Refuse, on every stage alike, the layouts multi-token prediction cannot run."""
+        pp_size = dist.get_world_size(self.pg_collection.pp)
+        if pp_size > 1 and self.position_embedding_type == "learned_absolute":
+            raise ValueError("multi-token prediction on the last pipeline stage keeps a copy "
+                             "of the word embedding only: --mtp-num-layers with "
+                             "--pipeline-model-parallel-size > 1 needs "
+                             "--position-embedding-type rope or none, not learned_absolute")
         if self.config.calculate_per_token_loss:
             raise ValueError("multi-token prediction normalizes its loss per micro-batch: "
                              "--mtp-num-layers with --calculate-per-token-loss is not "
@@ -160,12 +177,16 @@ class GPTModel(MegatronModule):
             raise ValueError("multi-token prediction shifts labels across the sequence: "
                              "--mtp-num-layers with --context-parallel-size > 1 is not "
                              "supported")
+
+    def _build_mtp(self, spec) -> MultiTokenPrediction:
         submodules = block_submodules(self.config, spec)
         return MultiTokenPrediction(self.config, submodules.layer_specs[-1],
                                     submodules.layer_norm, pg_collection=self.pg_collection)
+
     def fully_shard_units(self) -> List[torch.nn.Module]:
         """Modules FSDP2 gathers one at a time (``megacore.distributed.fully_shard_model``):
-        the embedding, each transformer layer, the output layer. With tied embeddings the
+        the embedding, each transformer layer, the output layer, each multi-token
+        prediction depth. With tied embeddings the
         output layer gets its weight as an argument from :meth:`forward` (the root), so it
         stays in the root unit, and so does an embedding whose table it uses on this
         same stage."""
@@ -175,12 +196,15 @@ class GPTModel(MegatronModule):
             units.insert(0, self.embedding)
         if self.post_process and not tied:
             units.append(self.output_layer)
+        if self.mtp is not None:  # each multi-token prediction depth (its MoE experts too)
+            units += list(self.mtp.layers)
         return units
 
     # -- tied embeddings ----------------------------------------------------------------
     def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
-        """The word-embedding table (first stage) or the output weight (last stage)."""
-        if self.pre_process:
+        """The word-embedding table (first stage, or a multi-token prediction stage) or the
+        output weight (last stage)."""
+        if self.pre_process or self.mtp_process:
             return self.embedding.word_embeddings.weight
         if self.post_process:
             return self.output_layer.weight
@@ -191,11 +215,12 @@ class GPTModel(MegatronModule):
 
         Must be called on every rank of the embedding group (it is, from ``__init__``).
         """
-        if self.pre_process:
+        if self.pre_process or self.mtp_process:
             self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
         if self.post_process and self.output_layer.weight is not None:
             self.output_layer.weight.is_embedding_or_output_parameter = True
-        if not self.share_embeddings_and_output_weights:
+        # Untied, the last stage still keeps a copy of the table for multi-token prediction.
+        if not (self.share_embeddings_and_output_weights or self.config.mtp_num_layers):
             return
         pp_size = dist.get_world_size(self.pg_collection.pp)
         if pp_size == 1:

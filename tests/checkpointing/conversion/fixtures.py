@@ -6,11 +6,14 @@ Kinds: ``gpt`` (LayerNorm, learned positions, biases, tied embeddings, multi-hea
 ``llama`` (RMSNorm, RoPE, SwiGLU, GQA with one key/value group, so tp > 1 replicates k/v
 rows; untied), ``moe`` (Llama-style attention with two groups, 4 routed experts, tied),
 ``deepseek`` (multi-latent attention, first layer dense, sigmoid routing with expert bias,
-2 expert groups, a scaling factor and a shared expert; untied).
+2 expert groups, a scaling factor and a shared expert; untied), ``deepseek_mtp`` (the same
+with one multi-token-prediction depth).
 Vocabulary 61 is padded differently at tp = 1, 2, 4.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -38,6 +41,8 @@ def description(kind: str) -> GPTDescription:
     if kind == "llama":
         return GPTDescription(num_query_groups=1, share_embeddings_and_output_weights=False,
                               **llama)
+    if kind == "deepseek_mtp":
+        return dataclasses.replace(description("deepseek"), mtp_num_layers=1)
     if kind == "deepseek":
         return GPTDescription(
             share_embeddings_and_output_weights=False, multi_latent_attention=True,

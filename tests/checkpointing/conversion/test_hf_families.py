@@ -33,6 +33,7 @@ import torch
 from megacore.checkpointing.conversion import (
     ConversionError,
     GPTDescription,
+    HFSource,
     convert_checkpoint,
     description_from_hf_config,
 )
@@ -131,7 +132,11 @@ def _hf_chat(model, tokenizer):
 
 
 def _desc_dict(hf_dir):
-    desc = description_from_hf_config(json.load(open(os.path.join(hf_dir, "config.json"))))
+    """The description the converter imports (config.json read against the weights: e.g.
+    DeepSeek's ``num_nextn_predict_layers`` without MTP weights is dropped)."""
+    source = HFSource(hf_dir)
+    source.close()
+    desc = source.description
     return {k: getattr(desc, k) for k in desc.__dataclass_fields__ if k != "config_dict"}
 
 

@@ -65,14 +65,16 @@ COMMON = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, interm
               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 
 
-def _hf_model(kind):
+def _hf_model(kind, mtp=0):
+    """``mtp``: ``num_nextn_predict_layers`` in the config (transformers' default is 1, but
+    ``save_pretrained`` writes no such layer: :func:`_add_mtp_weights` does)."""
     torch.manual_seed(0)
     if kind == "deepseek_v3":
         model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
             num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, n_group=2,
             topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=16,
             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-            rope_interleave=True, **COMMON))
+            rope_interleave=True, num_nextn_predict_layers=mtp, **COMMON))
     else:
         model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
             num_key_value_heads=2, head_dim=16, num_experts=4, mlp_only_layers=[0],
@@ -101,6 +103,19 @@ def _layout_logits(ckpts, desc_dict):
     return out
 
 
+def _import_in_three_layouts(hf_dir, tmp_path):
+    """``[((tp, pp, ep), directory)]``: tp 1 (torch), tp 2 x ep 2 (torch_dist), pp 2 x ep 2
+    (torch), each converted from ``hf_dir``."""
+    ckpts = [((1, 1, 1), str(tmp_path / "tp1")), ((2, 1, 2), str(tmp_path / "tp2ep2")),
+             ((1, 2, 2), str(tmp_path / "pp2ep2"))]
+    for ((tp, pp, ep), directory), fmt in zip(ckpts, ("torch", "torch_dist", "torch")):
+        convert_checkpoint(load_dir=hf_dir, save_dir=directory, saver="megacore",
+                           ckpt_format=fmt, target_tensor_parallel_size=tp,
+                           target_pipeline_parallel_size=pp, target_expert_parallel_size=ep,
+                           progress=False)
+    return ckpts
+
+
 KINDS = ["deepseek_v3", "qwen3_moe", "qwen3_moe_unnormalized"]
 
 
@@ -121,13 +136,7 @@ def test_moe_family_imports_serves_and_exports_like_transformers(tmp_path, kind)
     else:
         assert desc["moe_router_pre_softmax"] == (kind != "qwen3_moe")
 
-    ckpts = [((1, 1, 1), str(tmp_path / "tp1")), ((2, 1, 2), str(tmp_path / "tp2ep2")),
-             ((1, 2, 2), str(tmp_path / "pp2ep2"))]
-    for ((tp, pp, ep), directory), fmt in zip(ckpts, ("torch", "torch_dist", "torch")):
-        convert_checkpoint(load_dir=hf_dir, save_dir=directory, saver="megacore",
-                           ckpt_format=fmt, target_tensor_parallel_size=tp,
-                           target_pipeline_parallel_size=pp, target_expert_parallel_size=ep,
-                           progress=False)
+    ckpts = _import_in_three_layouts(hf_dir, tmp_path)
     per_rank = run_distributed(_layout_logits, 4, args=(ckpts, desc), timeout=240)
     for index, ((_, pp, _), _) in enumerate(ckpts):
         logits = [r[index] for r in per_rank if r[index] is not None]
@@ -214,9 +223,176 @@ def test_deepseek_multi_token_prediction_weights_are_refused(tmp_path):
     safetensors_torch.save_file(weights, os.path.join(hf_dir, "model.safetensors"),
                                 metadata={"format": "pt"})
     with pytest.raises(ConversionError, match=r"weights of layers \[2\] beyond "
-                                              r"num_hidden_layers 2: multi-token-prediction "
-                                              r"layers \(num_nextn_predict_layers\)"):
+                                              r"num_hidden_layers 2 \+ num_nextn_predict_"
+                                              r"layers 0: set num_nextn_predict_layers"):
         convert_checkpoint(load_dir=hf_dir, save_dir=str(tmp_path / "mc"), saver="megacore",
+                           progress=False)
+
+
+def _add_mtp_weights(hf_dir):
+    """Append one multi-token-prediction depth as DeepSeek-V3 stores it: layer
+    ``num_hidden_layers`` with ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``, a
+    decoder layer (a perturbed copy of the MoE layer 1) and copies of the embedding and
+    ``lm_head`` (``embed_tokens``, ``shared_head.head``)."""
+    path = os.path.join(hf_dir, "model.safetensors")
+    weights = safetensors_torch.load_file(path)
+    gen = torch.Generator().manual_seed(3)
+    mtp, h = f"model.layers.{COMMON['num_hidden_layers']}.", COMMON["hidden_size"]
+    for name in [k for k in weights if k.startswith("model.layers.1.")]:
+        tensor = weights[name]
+        weights[name.replace("model.layers.1.", mtp)] = \
+            tensor + 0.1 * torch.randn(tensor.shape, generator=gen)
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        weights[f"{mtp}{norm}.weight"] = 1 + 0.1 * torch.randn(h, generator=gen)
+    weights[f"{mtp}eh_proj.weight"] = 0.3 * torch.randn(h, 2 * h, generator=gen)
+    weights[f"{mtp}embed_tokens.weight"] = weights["model.embed_tokens.weight"].clone()
+    weights[f"{mtp}shared_head.head.weight"] = weights["lm_head.weight"].clone()
+    safetensors_torch.save_file(weights, path, metadata={"format": "pt"})
+    return weights
+
+
+def _hf_mtp_loss(model, hf_dir, weights, tokens, labels):
+    """Depth 1's loss from transformers' own modules (``DeepseekV3DecoderLayer``, its
+    RMSNorm and rotary embedding) wired as DeepSeek-V3 / vLLM's ``deepseek_mtp``:
+    ``eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])`` -> layer -> ``shared_head``; the
+    last position (no shifted label) is masked. The decoder layer is loaded by
+    transformers itself (a copy of the checkpoint read with one more hidden layer)."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+
+    cfg, n = model.config, COMMON["num_hidden_layers"]
+    prefix = f"model.layers.{n}."
+    mine = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    longer = os.path.join(os.path.dirname(hf_dir), "hf_with_mtp_layer")
+    transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        **dict(cfg.to_dict(), num_hidden_layers=n + 1))).save_pretrained(longer)
+    safetensors_torch.save_file(weights, os.path.join(longer, "model.safetensors"),
+                                metadata={"format": "pt"})
+    layer = transformers.DeepseekV3ForCausalLM.from_pretrained(longer).model.layers[n].eval()
+    norms = {}
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        norms[name] = ds.DeepseekV3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norms[name].weight.data.copy_(mine[f"{name}.weight"])
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    shifted = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
+    with torch.no_grad():
+        hidden = model.model(tokens).last_hidden_state  # after the final norm
+        x = torch.cat([norms["enorm"](model.model.embed_tokens(shifted)),
+                       norms["hnorm"](hidden)], dim=-1) @ mine["eh_proj.weight"].t()
+        x = layer(x, attention_mask=None, position_ids=positions,
+                  position_embeddings=model.model.rotary_emb(x, positions))
+        x = x[0] if isinstance(x, tuple) else x
+        logits = norms["shared_head.norm"](x) @ mine["shared_head.head.weight"].t()
+    target = torch.cat([labels[:, 1:], torch.zeros_like(labels[:, :1])], dim=1)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target,
+                                                  reduction="none")
+    return per_token[:, :-1].mean()
+
+
+def _layout_mtp_losses(ckpts, desc_dict, labels):
+    """Rank body (world 4): each layout's logits and MTP depth losses (last stage)."""
+    from megacore import parallel_state as ps
+    from megacore.checkpointing import load_checkpoint
+
+    desc, out = GPTDescription(**desc_dict), []
+    for (tp, pp, ep), load_dir in ckpts:
+        model = fx.build_model(desc, tp, pp, ep, seed=5)
+        assert (model.mtp is not None) == ps.is_pipeline_last_stage()
+        load_checkpoint([model], None, None, load_dir=load_dir, no_load_rng=True,
+                        no_load_optim=True)
+        logits = fx.pipeline_logits(model, fx.tokens())
+        if pp > 1:  # the MTP stage's embedding copy was loaded from the one checkpoint table
+            table = model.embedding.word_embeddings.weight
+            whole = torch.empty((table.shape[0] * tp,) + tuple(table.shape[1:]))
+            torch.distributed.all_gather_into_tensor(whole, table.detach().contiguous(),
+                                                     group=ps.get_tensor_model_parallel_group())
+            out.append(("table", whole[:desc.vocab_size]))
+        out.append((logits, _mtp_losses(model, labels, pp)))
+    return out
+
+
+def _mtp_losses(model, labels, pp):
+    """The MTP depths' losses of one pipelined forward with labels (None off the last stage)."""
+    from megacore import parallel_state as ps
+
+    rank, positions = ps.get_pipeline_model_parallel_rank(), None
+    with torch.no_grad():
+        if rank > 0:
+            hidden = torch.empty(fx.SEQ, fx.BATCH, model.config.hidden_size)
+            torch.distributed.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        out = model(fx.tokens(), positions, None, labels=labels if rank == pp - 1 else None)
+        if rank < pp - 1:
+            torch.distributed.send(out.contiguous(),
+                                   dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
+    return [float(v) for v in model.mtp.last_losses]
+
+
+def test_deepseek_multi_token_prediction_round_trips_and_matches_transformers(tmp_path):
+    """A DeepSeek-V3 checkpoint with one MTP depth (``num_nextn_predict_layers`` 1):
+    imported at tp 1, tp 2 x ep 2 (torch_dist) and pp 2 x ep 2 (the depth and a copy of
+    the embedding on the last stage), the main logits equal transformers' (which ignores
+    the MTP weights) and the depth's loss equals the one computed from transformers'
+    modules; exported back from each, the safetensors (MTP tensors included) are bitwise
+    the source's."""
+    hf_dir = str(tmp_path / "hf")
+    _hf_model("deepseek_v3", mtp=1).save_pretrained(hf_dir)
+    weights = _add_mtp_weights(hf_dir)
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir).eval()
+    reference = _hf_logits(model, fx.tokens())
+    labels = torch.randint(0, fx.VOCAB, fx.tokens().shape, generator=torch.Generator()
+                           .manual_seed(11))
+    want_mtp = float(_hf_mtp_loss(model, hf_dir, weights, fx.tokens(), labels))
+    desc = _desc_dict(hf_dir)
+    assert desc["mtp_num_layers"] == 1
+
+    ckpts = _import_in_three_layouts(hf_dir, tmp_path)
+    per_rank = run_distributed(_layout_mtp_losses, 4, args=(ckpts, desc, labels), timeout=240)
+    results = [item for r in per_rank for item in r if item[0] is not None]
+    tables = [t for kind, t in results if isinstance(kind, str)]
+    assert len(tables) == 4  # every rank of the pp 2 x ep 2 layout
+    for table in tables:
+        assert torch.equal(table, weights["model.embed_tokens.weight"])
+    found = [(logits, mtp) for logits, mtp in results if not isinstance(logits, str)]
+    assert len(found) == 4 + 4 + 2  # the last stage's ranks of each layout
+    for logits, mtp in found:
+        torch.testing.assert_close(logits, reference, **TOL)
+        assert len(mtp) == 1
+        # fp32, other op orders (MoE permutation, MLA): as the logits' tolerance.
+        torch.testing.assert_close(torch.tensor(mtp[0]), torch.tensor(want_mtp), **TOL)
+
+    original = safetensors_torch.load_file(os.path.join(hf_dir, "model.safetensors"))
+    assert any(k.startswith("model.layers.2.shared_head") for k in original)
+    for _, directory in ckpts:
+        back = tmp_path / f"back_{os.path.basename(directory)}"
+        convert_checkpoint(load_dir=directory, save_dir=str(back), saver="hf", progress=False)
+        assert json.load(open(back / "config.json"))["num_nextn_predict_layers"] == 1
+        exported = _safetensors(back)
+        assert sorted(original) == sorted(exported)
+        assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
+def test_deepseek_multi_token_prediction_inconsistent_checkpoints(tmp_path):
+    """transformers' default config (num_nextn_predict_layers 1) without MTP weights
+    converts without MTP (noted); an MTP embedding copy that differs from the model's, or
+    a depth missing a tensor, is refused by name."""
+    hf_dir = str(tmp_path / "hf")
+    _hf_model("deepseek_v3", mtp=1).save_pretrained(hf_dir)
+    report = convert_checkpoint(load_dir=hf_dir, save_dir=str(tmp_path / "plain"),
+                                saver="megacore", progress=False)
+    assert any("num_nextn_predict_layers 1" in note for note in report.notes)
+    weights = _add_mtp_weights(hf_dir)
+    path = os.path.join(hf_dir, "model.safetensors")
+    weights["model.layers.2.embed_tokens.weight"] += 1.0
+    safetensors_torch.save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"model\.layers\.2\.embed_tokens\.weight "
+                                              r"differs from model\.embed_tokens\.weight"):
+        convert_checkpoint(load_dir=hf_dir, save_dir=str(tmp_path / "a"), saver="megacore",
+                           progress=False)
+    del weights["model.layers.2.eh_proj.weight"]
+    safetensors_torch.save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"needs \['model\.layers\.2\.eh_proj"):
+        convert_checkpoint(load_dir=hf_dir, save_dir=str(tmp_path / "b"), saver="megacore",
                            progress=False)
 
 
@@ -229,7 +405,7 @@ def test_deepseek_without_query_latent_nor_interleave_nor_groups(tmp_path):
         num_key_value_heads=4, n_routed_experts=4, n_shared_experts=2, n_group=1,
         topk_group=1, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, rope_interleave=False,
-        **COMMON)).eval()
+        num_nextn_predict_layers=0, **COMMON)).eval()
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
@@ -318,14 +494,17 @@ def _all_tensors(save_dir):
     return _tensors(save_dir)
 
 
-def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tmp_path):
+@pytest.mark.parametrize("kind", ["deepseek", "deepseek_mtp"])
+def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tmp_path, kind):
     """A stepped DeepSeek-style model saved at tp 2 x ep 2 goes to pp 2 x ep 2 and tp 4
     and back bitwise (model and optimizer state: MLA's replicated and column-parallel
-    projections, the expert bias, shared experts); the pp 2 x ep 2 copy gives the
-    source's logits."""
+    projections, the expert bias, shared experts; with ``deepseek_mtp`` the MTP depth,
+    and at pp 2 the last stage's copy of the embedding with its optimizer state); the
+    pp 2 x ep 2 copy gives the source's logits."""
     src = tmp_path / "src"
-    run_distributed(fx.save_stepped, 4, args=(str(src), "deepseek", 2, 1, 2, ("torch",)))
+    run_distributed(fx.save_stepped, 4, args=(str(src), kind, 2, 1, 2, ("torch",)))
     original = _all_tensors(src / "torch")
+    assert any(".eh_proj." in k for k in original) == (kind == "deepseek_mtp")
     assert any(k.endswith("self_attention.linear_kv_down_proj.weight") for k in original)
     assert any(k.endswith("mlp.router.expert_bias") for k in original)
     dirs = {}
@@ -335,6 +514,10 @@ def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tm
                            ckpt_format=fmt, target_tensor_parallel_size=tp,
                            target_pipeline_parallel_size=pp, target_expert_parallel_size=ep,
                            progress=False)
+        if pp == 2:  # the last stage holds an embedding exactly when it runs MTP
+            last = [k for k in _all_tensors(dirs[(tp, pp, ep)]) if k.startswith("mp_rank_00_001")]
+            assert any(k.endswith("model/embedding.word_embeddings.weight") for k in last) == \
+                (kind == "deepseek_mtp"), last[:3]
         back = tmp_path / f"back_{tp}_{pp}_{ep}"
         convert_checkpoint(load_dir=dirs[(tp, pp, ep)], save_dir=str(back), ckpt_format="torch",
                            target_tensor_parallel_size=2, target_pipeline_parallel_size=1,
@@ -343,7 +526,7 @@ def test_deepseek_style_megacore_checkpoint_changes_layout_with_its_optimizer(tm
         assert sorted(restored) == sorted(original)
         assert all(torch.equal(original[k], restored[k]) for k in original)
     layouts = {(2, 1, 2): str(src / "torch"), (1, 2, 2): dirs[(1, 2, 2)]}
-    per_rank = run_distributed(fx.load_and_logits, 4, args=(layouts, "deepseek", list(layouts)))
+    per_rank = run_distributed(fx.load_and_logits, 4, args=(layouts, kind, list(layouts)))
     found = [[r[i] for r in per_rank if r[i] is not None] for i in range(2)]
     assert found[0] and found[1]
     for logits in found[1]:
