@@ -104,7 +104,8 @@ def open_source(loader: str, load_dir: str, manifest: Optional[Manifest] = None,
     if loader == "hf":
         return HFSource(load_dir, manifest)
     if loader == "megatron":
-        return open_megatron_source(load_dir, manifest, true_vocab_size=true_vocab_size)
+        return open_megatron_source(load_dir, manifest, true_vocab_size=true_vocab_size,
+                                    load_optimizer=load_optimizer)
     return open_megacore_source(load_dir, manifest, true_vocab_size=true_vocab_size,
                                 load_optimizer=load_optimizer)
 
@@ -144,6 +145,15 @@ def _carry_tokenizer(source: CanonicalSource, load_dir: str, save_dir: str, save
         carry_checkpoint_tokenizer(source.description.config_dict, load_dir, save_dir)
 
 
+def _carries_optimizer(saver: str, ckpt_format: str, save_optimizer: bool) -> bool:
+    """Whether the target gets optimizer state: megacore targets, and Megatron-LM's
+    legacy layout (megatron-core's non-distributed optimizer state dict). Hugging Face
+    has none; a Megatron torch_dist target gets the model only."""
+    if not save_optimizer or saver == "hf":
+        return False
+    return saver == "megacore" or ckpt_format == "torch"
+
+
 def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                        saver: str = "megacore", ckpt_format: str = "torch_dist",
                        target_tensor_parallel_size: Optional[int] = None,
@@ -170,7 +180,9 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
         true_vocab_size: vocabulary rows without padding (when the source cannot tell).
         hf_architecture: HF class to write (default from the model).
         max_shard_size: bytes per HF shard.
-        save_optimizer: carry optimizer state (megacore -> megacore).
+        save_optimizer: carry optimizer state (megacore and Megatron-LM legacy sources and
+            targets; Megatron's distributed-optimizer and torch_dist optimizer state are
+            reported in the notes, not carried).
         progress: progress bars on stderr.
         transformer_impl: Megatron legacy saver: ``local`` or ``transformer_engine``
             parameter names.
@@ -191,7 +203,8 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
     used_loader = detect_loader(load_dir) if loader == "auto" else _plugin(loader)
     with MemoryMonitor() as monitor:
         source = open_source(used_loader, load_dir, manifest, true_vocab_size,
-                             load_optimizer=save_optimizer and saver == "megacore")
+                             load_optimizer=_carries_optimizer(saver, ckpt_format,
+                                                               save_optimizer))
         try:
             _check_names(source)
             os.makedirs(save_dir, exist_ok=True)
@@ -203,7 +216,7 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
             elif saver == "megatron":
                 cls = MegatronLegacySaver if ckpt_format == "torch" else MegatronDistSaver
                 writer = cls(save_dir, layout, progress=progress,
-                             transformer_impl=transformer_impl)
+                             transformer_impl=transformer_impl, save_optimizer=save_optimizer)
             else:
                 cls = LegacySaver if ckpt_format == "torch" else DistSaver
                 writer = cls(save_dir, layout, progress=progress, save_optimizer=save_optimizer)

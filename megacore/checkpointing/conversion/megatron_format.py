@@ -34,9 +34,14 @@ Vocabulary: Megatron pads the embedding to ``args.padded_vocab_size`` rows (a mu
 ``make_vocab_size_divisible_by * tp``); its logits cover them all, so all rows are kept
 unless ``--true-vocab-size`` is given. The savers pad to that multiple again.
 
-Not converted: Megatron's optimizer state (its parameter order and distributed-optimizer
-buffers are Megatron-internal) and RNG states. Both are reported in the conversion notes;
-resume with ``--no-load-optim --no-load-rng`` (Megatron-LM) or megacore's equivalents.
+Optimizer state (``megatron_optimizer``): the legacy layout's non-distributed optimizer
+(``FP32Optimizer``, or ``Float16OptimizerWithFloat16Params`` with its fp32 main params and
+grad scaler) is read as canonical ``optimizer/<field>/<name>`` tensors (``main_param``,
+``exp_avg``, ``exp_avg_sq``, ``step``), its params matched by name through megatron-core's
+group order; the scheduler state is carried as is. The distributed optimizer's
+``distrib_optim.pt`` and torch_dist optimizer entries are not read (a conversion note;
+loading them asks for ``--no-load-optim``). RNG states are per rank and are restored by
+``megatron_load`` when loading directly, not converted.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from megacore.checkpointing.conversion.canonical import CanonicalSource, CommonS
 from megacore.checkpointing.conversion.manifest import ConversionError, Manifest
 from megacore.checkpointing.conversion.megacore_format import (
     LegacySource,
+    _merge_optimizer_common,
     chunk_keys,
     rank_file_placements,
     write_rank_file,
@@ -68,6 +74,12 @@ from megacore.checkpointing.conversion.megatron_args import (
     layout_from_args,
     load_megatron_file,
 )
+from megacore.checkpointing.conversion.megatron_optimizer import (
+    UnsupportedOptimizerState,
+    megacore_optimizer_from_megatron,
+    megatron_optimizer_from_megacore,
+    megatron_params,
+)
 from megacore.checkpointing.conversion.model_description import GPTDescription
 from megacore.checkpointing.conversion.streaming import Progress
 from megacore.checkpointing.conversion.tensor_rules import (
@@ -75,6 +87,7 @@ from megacore.checkpointing.conversion.tensor_rules import (
     MegacoreLayout,
     layer_index,
     model_key,
+    optimizer_key,
     parse_key,
     shard_rule,
     split_for_tp,
@@ -104,6 +117,12 @@ _TE_TO_LOCAL = {
 _LOCAL_TO_TE = {v: k for k, v in _TE_TO_LOCAL.items()}
 _LAYER_PREFIX = re.compile(r"^(decoder\.layers\.\d+\.)(.+)$")
 _EXTRA_STATE = "._extra_state"
+# Submodules of a megatron-core TransformerLayer in registration (= named_parameters)
+# order; SelfAttention creates linear_proj (in Attention.__init__) before linear_qkv.
+_MEGATRON_LAYER_ORDER = ("input_layernorm.", "self_attention.linear_proj.",
+                         "self_attention.linear_qkv.", "self_attention.q_layernorm.",
+                         "self_attention.k_layernorm.", "pre_cross_attn_layernorm.",
+                         "cross_attention.", "pre_mlp_layernorm.", "mlp.")
 _DIST_EXPERTS = "mlp.experts.experts."
 _LOCAL_EXPERTS = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
@@ -125,6 +144,29 @@ def megacore_to_megatron_name(name: str, transformer_impl: str, moe_layer: bool)
     if moe_layer and match.group(2).startswith("pre_mlp_layernorm"):
         return name
     return match.group(1) + _LOCAL_TO_TE[match.group(2)]
+
+
+def megatron_module_order(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` in megatron-core's module order: within each transformer layer the
+    entries follow ``_MEGATRON_LAYER_ORDER`` (stable otherwise). Megatron's optimizer
+    state is positional in this order (``megatron_optimizer``)."""
+    def key(item):
+        position, (name, _) = item
+        match = _LAYER_PREFIX.match(name)
+        if not match:
+            return (position, 0)
+        rank = next((i for i, p in enumerate(_MEGATRON_LAYER_ORDER)
+                     if match.group(2).startswith(p)), len(_MEGATRON_LAYER_ORDER))
+        first = layer_starts[match.group(1)]
+        return (first, rank, position)
+
+    layer_starts: Dict[str, int] = {}
+    for position, name in enumerate(state_dict):
+        match = _LAYER_PREFIX.match(name)
+        if match:
+            layer_starts.setdefault(match.group(1), position)
+    ordered = sorted(enumerate(state_dict.items()), key=key)
+    return {name: value for _, (name, value) in ordered}
 
 
 def _is_empty_extra_state(value: Any) -> bool:
@@ -160,12 +202,22 @@ def is_megatron_checkpoint(load_dir: str) -> bool:
 
 
 def open_megatron_source(load_dir: str, manifest: Optional[Manifest] = None,
-                         true_vocab_size: Optional[int] = None) -> CanonicalSource:
-    """The latest Megatron checkpoint under ``load_dir`` (or an iteration directory)."""
+                         true_vocab_size: Optional[int] = None, load_optimizer: bool = False,
+                         optimizer_required: bool = False) -> CanonicalSource:
+    """The latest Megatron checkpoint under ``load_dir`` (or an iteration directory).
+
+    ``load_optimizer``: also read the optimizer state; one megacore cannot read becomes a
+    note, or (``optimizer_required``) an error naming the file."""
     iter_dir, _ = resolve_checkpoint_dir(load_dir)
     if _first_rank_file(iter_dir):
-        return MegatronLegacySource(iter_dir, manifest, true_vocab_size)
-    return MegatronDistSource(iter_dir, manifest, true_vocab_size)
+        return MegatronLegacySource(iter_dir, manifest, true_vocab_size, load_optimizer,
+                                    optimizer_required)
+    source = MegatronDistSource(iter_dir, manifest, true_vocab_size)
+    if load_optimizer and optimizer_required and source.optimizer_tensors:
+        raise UnsupportedOptimizerState(
+            f"{iter_dir}: Megatron torch_dist optimizer state ({source.optimizer_tensors} "
+            "tensors) is not read by megacore; resume with --no-load-optim")
+    return source
 
 
 def _common(state: Dict[str, Any]) -> CommonState:
@@ -177,14 +229,11 @@ def _common(state: Dict[str, Any]) -> CommonState:
         consumed_valid_samples=int(getattr(args, "consumed_valid_samples", 0) or 0))
 
 
-def _optimizer_notes(state: Dict[str, Any], has_optimizer: bool) -> List[str]:
-    notes = []
-    if has_optimizer:
-        notes.append("Megatron's optimizer state was not converted (resume with "
-                     "--no-load-optim)")
-    if state.get("rng_state") is not None:
-        notes.append("Megatron's RNG states were not converted (resume with --no-load-rng)")
-    return notes
+def _rng_notes(state: Dict[str, Any]) -> List[str]:
+    if state.get("rng_state") is None:
+        return []
+    return ["Megatron's RNG states (per rank of its layout) were not converted; loading "
+            "the Megatron checkpoint directly restores them"]
 
 
 # -- legacy source ------------------------------------------------------------------------
@@ -193,7 +242,8 @@ class MegatronLegacySource(LegacySource):
     tensors; layout and model from ``args``, local or Transformer Engine names."""
 
     def __init__(self, iter_dir: str, manifest: Optional[Manifest] = None,
-                 true_vocab_size: Optional[int] = None):
+                 true_vocab_size: Optional[int] = None, load_optimizer: bool = False,
+                 optimizer_required: bool = False):
         CanonicalSource.__init__(self, manifest)
         self.iter_dir = iter_dir
         first_path = _first_rank_file(iter_dir)
@@ -219,14 +269,48 @@ class MegatronLegacySource(LegacySource):
         self.common = _common(first)
         self.refs: Dict[str, Dict[int, List[tuple]]] = {}
         self._dropped_extra: List[str] = []
-        self._index(chunks, load_optimizer=False)
-        self.notes += _optimizer_notes(first, any(
-            s.get("optimizer") is not None for s in self.states.values()))
+        has_optimizer = any(s.get("optimizer") is not None for s in self.states.values())
+        converted = has_optimizer and load_optimizer and self._convert_optimizer(
+            chunks, optimizer_required)
+        self._index(chunks, load_optimizer=converted)
+        if has_optimizer and not load_optimizer:
+            self.notes.append("Megatron's optimizer state was not read (this saver does not "
+                              "carry optimizer state)")
+        self.notes += _rng_notes(first)
         if self._dropped_extra:
             self.notes.append(f"{len(self._dropped_extra)} non-empty _extra_state entries "
                               f"(Transformer Engine FP8 metadata) were not converted, e.g. "
                               f"{self._dropped_extra[0]}")
         self.manifest.check_source()
+
+    def _convert_optimizer(self, chunks: int, required: bool) -> bool:
+        """Replace each rank file's Megatron optimizer state by megacore's form (so the
+        base class indexes it) and fill ``common``; False (and a note) when it is of a
+        kind megacore cannot read and not ``required``."""
+        lay, converted = self.layout, {}
+        for (t, p, e), state in self.states.items():
+            path = legacy_file_path(self.iter_dir, t, p, lay.pp, e, lay.ep)
+            if state.get("optimizer") is None:
+                raise ConversionError(f"{path} holds no optimizer state while other rank "
+                                      "files do; resume with --no-load-optim")
+            try:
+                converted[(t, p, e)] = megacore_optimizer_from_megatron(
+                    state["optimizer"], [state[k] for k in chunk_keys(chunks)],
+                    megatron_to_megacore_name, lay.ep > 1, path)
+            except UnsupportedOptimizerState as exc:
+                if required:
+                    raise
+                self.notes.append(f"Megatron's optimizer state was not converted: {exc}")
+                return False
+        opt_common: Dict[str, Dict[str, Any]] = {}
+        for key, opt in converted.items():
+            self.states[key] = dict(self.states[key], optimizer=opt)
+            for member in opt.get("optimizers", [opt]):
+                _merge_optimizer_common(opt_common, member)
+        self.common.optimizer_common = opt_common
+        first = self.states[min(self.states)]
+        self.common.opt_param_scheduler = first.get("opt_param_scheduler")
+        return True
 
     def _megacore_local(self, local: str, value: Any) -> Optional[str]:
         if local.endswith(_EXTRA_STATE):
@@ -287,9 +371,10 @@ class MegatronDistSource(CanonicalSource):
                     continue
                 self.refs[model_key(name)] = (key, index)
                 self._register(model_key(name))
+        self.optimizer_tensors = optimizer_keys
         if optimizer_keys:
-            self.notes.append(f"Megatron's optimizer state ({optimizer_keys} tensors) was not "
-                              "converted (resume with --no-load-optim)")
+            self.notes.append(f"Megatron's torch_dist optimizer state ({optimizer_keys} "
+                              "tensors) was not converted (resume with --no-load-optim)")
 
     def _canonical(self, key: str, size: Tuple[int, ...]):
         """``[(canonical name, index into the stacked tensor)]`` of a sharded key."""
@@ -344,12 +429,13 @@ class _MegatronSaver:
     fmt = ""
 
     def __init__(self, save_dir: str, layout: MegacoreLayout, *, progress: bool = True,
-                 transformer_impl: str = "local"):
+                 transformer_impl: str = "local", save_optimizer: bool = True):
         if transformer_impl not in TRANSFORMER_IMPLS:
             raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got "
                              f"{transformer_impl!r}")
         self.save_dir, self.layout, self.progress = save_dir, layout, progress
         self.transformer_impl = transformer_impl
+        self.save_optimizer = save_optimizer
 
     def _prepare(self, source: CanonicalSource) -> Tuple[str, GPTDescription, Any]:
         desc = source.description
@@ -397,7 +483,10 @@ class _MegatronSaver:
 
 class MegatronLegacySaver(_MegatronSaver):
     """Writes Megatron-LM's legacy rank files (``mp_rank_*``) for ``layout``, one file at
-    a time, with local or Transformer Engine names (``transformer_impl``)."""
+    a time, with local or Transformer Engine names (``transformer_impl``); with the
+    source's optimizer state, megatron-core's non-distributed optimizer state dict
+    (``megatron_optimizer``: ``FP32Optimizer``'s, or ``Float16OptimizerWithFloat16Params``'s
+    for half-precision weights) and the scheduler state."""
 
     fmt = "torch"
 
@@ -410,7 +499,9 @@ class MegatronLegacySaver(_MegatronSaver):
         for p in range(lay.pp):
             for e in range(lay.ep):
                 placements = rank_file_placements(lay, names, desc, p, e)
-                tensors = source.read(list(dict.fromkeys(model_key(pl[1]) for pl in placements)))
+                keys = [model_key(pl[1]) for pl in placements]
+                keys += [k for pl in placements for k in self._optimizer_keys(source, pl[1])]
+                tensors = source.read(list(dict.fromkeys(keys)))
                 for t in range(lay.tp):
                     tag = os.path.basename(os.path.dirname(
                         legacy_file_path("", t, p, lay.pp, e, lay.ep)))
@@ -419,11 +510,49 @@ class MegatronLegacySaver(_MegatronSaver):
                                                source.manifest)
                     for key, sd in zip(chunk_keys(lay.num_chunks), chunks):
                         state[key] = sd
+                    if self._with_optimizer(source):
+                        state["optimizer"] = self._optimizer(source, tensors, placements,
+                                                             padded_desc, chunks, t)
+                        state["opt_param_scheduler"] = source.common.opt_param_scheduler
                     write_rank_file(iter_dir, lay, t, p, e, state)
                     bar.update()
         bar.close()
         write_tracker(self.save_dir, source.common.iteration)
         return iter_dir
+
+    def _with_optimizer(self, source: CanonicalSource) -> bool:
+        return self.save_optimizer and source.has_optimizer
+
+    def _optimizer_keys(self, source: CanonicalSource, name: str) -> List[str]:
+        if not self._with_optimizer(source):
+            return []
+        return [optimizer_key(f, name) for f in source.optimizer_fields(name)]
+
+    def _optimizer(self, source: CanonicalSource, tensors, placements, desc: GPTDescription,
+                   chunks: List[Dict[str, Any]], t: int) -> Any:
+        """megatron-core's optimizer state dict of one rank file: each param's fields
+        padded and split like its weight, in Megatron's param order."""
+        fields: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
+        for chunk, name, local, _ in placements:
+            layer = layer_index(local)
+            moe = layer is not None and desc.is_moe_layer(layer_index(name))
+            target = megacore_to_megatron_name(local, self.transformer_impl, moe)
+            rule = shard_rule(name)
+            fields[(chunk, target)] = {
+                f: v if v.dim() == 0 else split_for_tp(self._padded(name, v), rule, desc,
+                                                       self.layout.tp)[t].clone()
+                for f in source.optimizer_fields(name)
+                for v in [tensors[optimizer_key(f, name)]]}
+        params = megatron_params(chunks)
+        half = any(w.dtype in (torch.float16, torch.bfloat16) for _, _, w in params)
+        groups, scaler = {}, None
+        for kind, saved in source.common.optimizer_common.items():
+            scaler = scaler if scaler is not None else saved.get("grad_scaler")
+            for group in saved["param_groups"].values():
+                no_wd = float(group.get("wd_mult", 1.0)) == 0.0
+                groups[(no_wd, bool(group.get("is_expert_parallel", kind == "expert")))] = group
+        return megatron_optimizer_from_megacore(params, fields, groups, half, scaler,
+                                                self.layout.ep > 1)
 
     def _rank_chunks(self, tensors, placements, desc: GPTDescription, t: int, p: int,
                      tag: str, manifest: Manifest) -> List[Dict[str, Any]]:
@@ -438,6 +567,7 @@ class MegatronLegacySaver(_MegatronSaver):
             chunks[chunk][target] = split_for_tp(full, rule, desc, self.layout.tp)[t]
             manifest.write(f"{tag}/{chunk}/{target}")
         last = self.layout.num_chunks - 1
+        chunks = [megatron_module_order(sd) for sd in chunks]
         for chunk, sd in enumerate(chunks):
             for module in self._extra_state_modules(sd, p == self.layout.pp - 1 and
                                                     chunk == last):

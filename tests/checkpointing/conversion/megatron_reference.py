@@ -10,6 +10,14 @@ manager process); the rank process is marked non-daemonic so that it may fork th
 writer's helper processes. Forward passes get an
 explicit causal mask (the default one is built on ``cuda``).
 
+Optimizer: megatron-core's own ``get_megatron_optimizer`` (torch AdamW inside
+``FP32Optimizer`` wrappers, chained; apex and Transformer Engine are absent) and
+``OptimizerParamScheduler``. The bare model carries the ``ddp_config`` a DDP-wrapped chunk
+would, and the few scratch tensors the optimizer allocates with ``device="cuda"`` (the
+fp32 loss scale, the grad-norm overflow buffer) are made on the CPU (:func:`cpu_tensors`);
+gradient clipping is off (its check asserts CUDA tensors), the grad norm is still
+computed and returned by ``step``.
+
 Checkpoints are written as Megatron-LM's ``save_checkpoint`` writes them
 (``megatron/training/checkpointing.py``: ``generate_state_dict``): legacy rank files
 ``{args, checkpoint_version: 3.0, iteration, model | model0.., optimizer,
@@ -187,21 +195,95 @@ def megatron_args(kind: str, tp: int = 1, pp: int = 1, ep: int = 1,
 
 
 def _rng_state() -> list:
+    """Megatron-LM's ``get_rng_state`` on a CPU build (no CUDA generator, empty tracker)."""
     return [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
              "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.zeros(0),
              "rng_tracker_states": {}}]
 
 
-def _optimizer_state(model) -> dict:
-    """An FP32Optimizer's state (Megatron's non-distributed fp32 Adam is torch's Adam
-    state dict): one step on copies of the params, so exp_avg is not zero."""
-    params = [p.detach().clone().requires_grad_() for p in model.parameters()
-              if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-3)
-    for p in params:
-        p.grad = torch.full_like(p, 1e-3)
-    opt.step()
-    return opt.state_dict()
+@contextlib.contextmanager
+def cpu_tensors():
+    """Factory calls with ``device="cuda"`` make CPU tensors (megatron-core's optimizer
+    scratch tensors; see the module docstring)."""
+    saved = {name: getattr(torch, name) for name in ("tensor", "zeros", "empty", "ones")}
+
+    def on_cpu(factory):
+        def make(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return factory(*args, **kwargs)
+        return make
+
+    for name, factory in saved.items():
+        setattr(torch, name, on_cpu(factory))
+    try:
+        yield
+    finally:
+        for name, factory in saved.items():
+            setattr(torch, name, factory)
+
+
+LR, MIN_LR, WEIGHT_DECAY = 1e-2, 1e-3, 0.1
+SCHEDULE = dict(init_lr=0.0, max_lr=LR, min_lr=MIN_LR, lr_warmup_steps=2, lr_decay_steps=10,
+                lr_decay_style="linear", start_wd=WEIGHT_DECAY, end_wd=WEIGHT_DECAY,
+                wd_incr_steps=10, wd_incr_style="constant")
+"""The schedule of the training tests: warm-up and linear decay, so resuming needs the
+scheduler's step count (one scheduler step per iteration)."""
+
+
+def megatron_optimizer(model):
+    """megatron-core's optimizer (AdamW, weight decay 0.1, no clipping) and scheduler."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    model.ddp_config = DistributedDataParallelConfig()
+    config = OptimizerConfig(optimizer="adam", lr=LR, min_lr=MIN_LR,
+                             weight_decay=WEIGHT_DECAY, clip_grad=0.0)
+    with cpu_tensors():
+        optimizer = get_megatron_optimizer(config, [model])
+    return optimizer, OptimizerParamScheduler(optimizer, **SCHEDULE)
+
+
+def batch(step: int):
+    """Tokens and next-token labels ``[b, s]`` of training iteration ``step``."""
+    ids = tokens(seed=100 + step)
+    return ids, torch.roll(ids, -1, dims=1)
+
+
+def causal_inputs():
+    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    return positions, torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1)[None, None]
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of ``[b, s, V]`` logits (the same formula for both libraries)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def train_step(model, optimizer, scheduler, step: int):
+    """One iteration (pp 1): mean token cross entropy of the full logits, backward,
+    optimizer and scheduler step. Returns ``(loss, grad norm)``."""
+    ids, labels = batch(step)
+    loss = token_loss(model(ids, *causal_inputs()), labels)
+    loss.backward()
+    with cpu_tensors():
+        ok, grad_norm, _ = optimizer.step()
+    assert ok
+    optimizer.zero_grad()
+    scheduler.step(increment=1)
+    return loss.item(), float(grad_norm)
+
+
+def adam_state_by_name(model, optimizer) -> dict:
+    """``{param name: {exp_avg, exp_avg_sq, step}}`` of megatron-core's optimizer (this
+    rank's shards), read through the param objects: independent of any order rule."""
+    names = {param: name for name, param in model.named_parameters()}
+    out = {}
+    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for param, state in member.optimizer.state.items():
+            out[names[param]] = {k: v.clone() for k, v in state.items()}
+    return out
 
 
 def te_names(state_dict: dict) -> dict:
@@ -223,7 +305,7 @@ def te_names(state_dict: dict) -> dict:
 
 
 def save_legacy(save_dir: str, kind: str, model_state_dicts, tp_rank: int, pp_rank: int,
-                ep_rank: int, tp: int, pp: int, ep: int, *, optimizer=None,
+                ep_rank: int, tp: int, pp: int, ep: int, *, optimizer=None, scheduler=None,
                 transformer_impl: str = "local", release: bool = False) -> None:
     """One rank's ``model_optim_rng.pt`` as Megatron-LM's ``save_checkpoint`` writes it
     (``model_state_dicts``: one per virtual stage) and the tracker file."""
@@ -239,7 +321,7 @@ def save_legacy(save_dir: str, kind: str, model_state_dicts, tp_rank: int, pp_ra
         sd = te_names(sd) if transformer_impl == "transformer_engine" else sd
         state["model" if len(model_state_dicts) == 1 else f"model{i}"] = sd
     state["optimizer"] = optimizer
-    state["opt_param_scheduler"] = {"max_lr": 1e-3, "num_steps": ITERATION * 4}
+    state["opt_param_scheduler"] = scheduler
     state["rng_state"] = _rng_state()
     torch.save(state, path)
     with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
