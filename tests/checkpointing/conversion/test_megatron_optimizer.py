@@ -21,7 +21,10 @@ layouts (tp 1 sums the tp partial products in one matmul): rtol 1e-5 as in the l
 tests; grad norms rtol 1e-5.
 """
 
+import os
 import random
+import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -57,7 +60,12 @@ def _megatron_train(root):
                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
     draws = _draws()
     losses += [mr.train_step(model, optimizer, scheduler, step) for step in (2, 3)]
-    return {"losses": losses, "moments": moments, "draws": draws}
+    # A different model's optimizer state (GPT-2 style, same layout), for the errors.
+    other = mr.build_model("gpt2", tp=2).train()
+    other_optimizer, other_scheduler = mr.megatron_optimizer(other)
+    mr.train_step(other, other_optimizer, other_scheduler, 0)
+    return {"losses": losses, "moments": moments, "draws": draws,
+            "other_optimizer": other_optimizer.state_dict()}
 
 
 def _megacore_resume(load_dir, tp, no_load_optim=False):
@@ -158,3 +166,81 @@ def test_megatron_optimizer_and_rng_state_resume_exactly(tmp_path):
     for rank in (0, 1):
         _assert_same_moments(back[rank]["moments"], ref[rank]["moments"])
         torch.testing.assert_close(back[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
+
+
+def _pretrain_losses(tmp_path, name, load_dir, extra=""):
+    """``pretrain_gpt.py --load load_dir`` at tp 1 x dp 2 for iterations 8-9."""
+    import json
+
+    from tests.training.test_pretrain_gpt import _run_pretrain
+
+    log = tmp_path / f"{name}.jsonl"
+    argv = shlex.split(f"--load {load_dir} --no-load-rng --mock-data --micro-batch-size 1 "
+                       "--global-batch-size 4 --lr 1e-2 --min-lr 1e-3 --weight-decay 0.1 "
+                       "--use-checkpoint-opt_param-scheduler --train-iters 9 --log-interval 1 "
+                       "--eval-iters 0 --hidden-dropout 0 --attention-dropout 0 "
+                       f"--log-jsonl {log} {extra}")
+    run_distributed(_run_pretrain, world_size=2, args=(argv,), timeout=240)
+    with open(log) as f:
+        return [(r["iteration"], r["lm_loss"]) for r in map(json.loads, f) if "lm_loss" in r]
+
+
+def _rank_file(root, rank):
+    return f"{root}/iter_{mr.ITERATION:07d}/mp_rank_{rank:02d}/model_optim_rng.pt"
+
+
+def _rewrite_optimizer(src, dst, change):
+    """A copy of checkpoint ``src`` whose rank files' ``optimizer`` is ``change(rank,
+    optimizer)``."""
+    shutil.copytree(src, dst)
+    for rank in (0, 1):
+        state = torch.load(_rank_file(dst, rank), map_location="cpu", weights_only=False)
+        state["optimizer"] = change(rank, state["optimizer"])
+        torch.save(state, _rank_file(dst, rank))
+
+
+def _as_distributed_optimizer(rank, optimizer):
+    """What megatron-core's DistributedOptimizer.state_dict keeps in the rank file: the
+    param groups without params and no per-param state (that goes to distrib_optim.pt)."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]]
+    return {"optimizer": {"param_groups": groups}}
+
+
+def test_pretrain_resumes_megatron_optimizer_and_errors_name_the_file(tmp_path):
+    """``pretrain_gpt.py --load <Megatron checkpoint>`` (no --no-load-optim) continues
+    exactly as from the checkpoint's megacore conversion (optimizer state carried);
+    without the optimizer state it does not. Optimizer state for another model, from the
+    distributed optimizer, absent, or a missing rank file: errors naming the file."""
+    root = str(tmp_path)
+    ref = run_distributed(_megatron_train, world_size=2, args=(root,), timeout=240)
+    meg = f"{root}/meg"
+    convert_checkpoint(load_dir=meg, save_dir=f"{root}/mc", ckpt_format="torch_dist",
+                       target_tensor_parallel_size=1, progress=False)
+    direct = _pretrain_losses(tmp_path, "direct", meg)
+    assert [i for i, _ in direct] == [8, 9]
+    assert direct == _pretrain_losses(tmp_path, "converted", f"{root}/mc")
+    fresh = _pretrain_losses(tmp_path, "fresh", meg, "--no-load-optim")
+    assert fresh[0] == direct[0] and fresh[1][1] != pytest.approx(direct[1][1], rel=1e-4)
+    # Another model's optimizer state.
+    other = ref[0]["other_optimizer"], ref[1]["other_optimizer"]
+    _rewrite_optimizer(meg, f"{root}/other", lambda rank, _: other[rank])
+    with pytest.raises(CheckpointError, match=r"mp_rank_00/model_optim_rng.pt: .* the "
+                                              "optimizer state is for a different model"):
+        convert_checkpoint(load_dir=f"{root}/other", save_dir=f"{root}/x", progress=False)
+    # The distributed optimizer: a note when converting, an error when training.
+    _rewrite_optimizer(meg, f"{root}/dist", _as_distributed_optimizer)
+    report = convert_checkpoint(load_dir=f"{root}/dist", save_dir=f"{root}/y",
+                                progress=False)
+    assert any("distrib_optim.pt" in note for note in report.notes)
+    with pytest.raises(AssertionError, match=r"mp_rank_00/model_optim_rng.pt: saved by "
+                                             "Megatron's distributed optimizer"):
+        _pretrain_losses(tmp_path, "dist", f"{root}/dist")
+    # No optimizer state saved, but asked for.
+    _rewrite_optimizer(meg, f"{root}/none", lambda rank, _: None)
+    with pytest.raises(AssertionError, match="holds no optimizer state; pass --no-load-optim"):
+        _pretrain_losses(tmp_path, "none", f"{root}/none")
+    # A missing rank file.
+    shutil.copytree(meg, f"{root}/missing")
+    os.remove(_rank_file(f"{root}/missing", 1))
+    with pytest.raises(CheckpointError, match="mp_rank_01/model_optim_rng.pt is missing"):
+        convert_checkpoint(load_dir=f"{root}/missing", save_dir=f"{root}/z", progress=False)
