@@ -154,6 +154,13 @@ def _carries_optimizer(saver: str, ckpt_format: str, save_optimizer: bool) -> bo
     return saver == "megacore" or ckpt_format == "torch"
 
 
+def _target_notes(saver: str, ckpt_format: str, save_optimizer: bool) -> List[str]:
+    if save_optimizer and saver == "megatron" and ckpt_format == "torch_dist":
+        return ["a Megatron torch_dist target gets model weights only: no optimizer state is "
+                "written (use --ckpt-format torch to carry it)"]
+    return []
+
+
 def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                        saver: str = "megacore", ckpt_format: str = "torch_dist",
                        target_tensor_parallel_size: Optional[int] = None,
@@ -230,4 +237,5 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                             seconds=time.time() - start, peak_anon_mb=monitor.peak_anon_mb,
                             peak_rss_mb=peak_rss_mb(),
                             largest_shard_mb=getattr(writer, "largest_shard_bytes", 0) / 2 ** 20,
-                            notes=list(source.notes))
+                            notes=list(source.notes) + _target_notes(saver, ckpt_format,
+                                                                     save_optimizer))
