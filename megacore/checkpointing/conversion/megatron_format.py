@@ -76,6 +76,8 @@ from megacore.checkpointing.conversion.megatron_args import (
 )
 from megacore.checkpointing.conversion.megatron_optimizer import (
     UnsupportedOptimizerState,
+    dist_optimizer_common,
+    dist_optimizer_entries,
     megacore_optimizer_from_megatron,
     megatron_optimizer_from_megacore,
     megatron_params,
@@ -212,12 +214,8 @@ def open_megatron_source(load_dir: str, manifest: Optional[Manifest] = None,
     if _first_rank_file(iter_dir):
         return MegatronLegacySource(iter_dir, manifest, true_vocab_size, load_optimizer,
                                     optimizer_required)
-    source = MegatronDistSource(iter_dir, manifest, true_vocab_size)
-    if load_optimizer and optimizer_required and source.optimizer_tensors:
-        raise UnsupportedOptimizerState(
-            f"{iter_dir}: Megatron torch_dist optimizer state ({source.optimizer_tensors} "
-            "tensors) is not read by megacore; resume with --no-load-optim")
-    return source
+    return MegatronDistSource(iter_dir, manifest, true_vocab_size, load_optimizer,
+                              optimizer_required)
 
 
 def _common(state: Dict[str, Any]) -> CommonState:
@@ -330,11 +328,14 @@ class MegatronDistSource(CanonicalSource):
     """
 
     def __init__(self, iter_dir: str, manifest: Optional[Manifest] = None,
-                 true_vocab_size: Optional[int] = None):
+                 true_vocab_size: Optional[int] = None, load_optimizer: bool = False,
+                 optimizer_required: bool = False):
         super().__init__(manifest)
         self.iter_dir = iter_dir
         common_path = os.path.join(iter_dir, COMMON_FILENAME)
         common = load_megatron_file(common_path)
+        self._optimizer = (common.get("optimizer") if load_optimizer else None,
+                           optimizer_required)
         if "args" not in common:
             raise ConversionError(f"{common_path}: no 'args' entry; not a Megatron-LM "
                                   "checkpoint")
@@ -354,27 +355,61 @@ class MegatronDistSource(CanonicalSource):
         self.common = _common(common)
         self.refs: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
         self._cache: Dict[str, torch.Tensor] = {}
+        self._steps: Dict[str, torch.Tensor] = {}
         self._index()
+        if self._optimizer[0] is not None:
+            self.common.opt_param_scheduler = common.get("opt_param_scheduler")
         self.manifest.check_source()
 
     def _index(self) -> None:
-        optimizer_keys = 0
+        optimizer_keys = []
         for key, meta in self.meta.items():
             if not hasattr(meta, "size"):
                 continue  # byte items: _extra_state, rng_state, rerun state
             if key.startswith("optimizer."):
-                optimizer_keys += 1
+                optimizer_keys.append(key)
                 continue
-            for name, index in self._canonical(key, tuple(meta.size)):
-                if shard_rule(name) is None:
-                    self.manifest.add_unknown(key)
-                    continue
-                self.refs[model_key(name)] = (key, index)
-                self._register(model_key(name))
-        self.optimizer_tensors = optimizer_keys
+            self._add_refs(key, model_key)
+        if optimizer_keys and self._optimizer[0] is not None:
+            try:
+                self._index_optimizer(optimizer_keys)
+                return
+            except UnsupportedOptimizerState as exc:
+                if self._optimizer[1]:
+                    raise
+                self.notes.append(f"Megatron's optimizer state was not converted: {exc}")
+                return
         if optimizer_keys:
-            self.notes.append(f"Megatron's torch_dist optimizer state ({optimizer_keys} "
-                              "tensors) was not converted (resume with --no-load-optim)")
+            self.notes.append(f"Megatron's torch_dist optimizer state ({len(optimizer_keys)} "
+                              "tensors) was not read (this saver does not carry optimizer "
+                              "state)")
+
+    def _add_refs(self, key: str, canonical_key, dcp_key: Optional[str] = None) -> None:
+        """Refs of the canonical tensors of one stacked checkpoint tensor ``key`` (a
+        model key; ``dcp_key``: where it is stored, default ``key``)."""
+        dcp_key = dcp_key or key
+        for name, index in self._canonical(key, tuple(self.meta[dcp_key].size)):
+            if shard_rule(name) is None:
+                self.manifest.add_unknown(dcp_key)
+                continue
+            self.refs[canonical_key(name)] = (dcp_key, index)
+            self._register(canonical_key(name))
+
+    def _index_optimizer(self, keys: List[str]) -> None:
+        """Megatron's non-distributed optimizer state (``megatron_optimizer``): moments
+        and fp32 main params by sharded key; the weights are the main params of fp32
+        runs; one common step for every param."""
+        where = self.iter_dir
+        step, member = dist_optimizer_common(self._optimizer[0], where)
+        for field, key, dcp_key in dist_optimizer_entries(keys, where):
+            self._add_refs(key, lambda name, f=field: optimizer_key(f, name), dcp_key)
+        for name in list(self._names):
+            if optimizer_key("main_param", name) not in self.refs:
+                self.refs[optimizer_key("main_param", name)] = self.refs[model_key(name)]
+                self._register(optimizer_key("main_param", name))
+            self._steps[optimizer_key("step", name)] = step
+            self._register(optimizer_key("step", name))
+        _merge_optimizer_common(self.common.optimizer_common, member)
 
     def _canonical(self, key: str, size: Tuple[int, ...]):
         """``[(canonical name, index into the stacked tensor)]`` of a sharded key."""
@@ -404,6 +439,9 @@ class MegatronDistSource(CanonicalSource):
     def _read(self, keys: List[str]) -> Dict[str, torch.Tensor]:
         out = {}
         for key in keys:
+            if key in self._steps:
+                out[key] = self._steps[key].clone()
+                continue
             if key not in self.refs:
                 raise ConversionError(f"{self.iter_dir}: no tensor {key}")
             dcp_key, index = self.refs[key]

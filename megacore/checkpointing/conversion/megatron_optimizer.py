@@ -28,6 +28,14 @@ Member forms: ``FP32Optimizer`` saves ``{"state", "param_groups"}``;
 half-precision params in order]}``; the distributed optimizer saves only hyper-parameters
 here and its moments in ``distrib_optim.pt`` (Megatron's flattened DDP buffers): refused.
 
+torch_dist (``dist_checkpointing``): the non-distributed optimizer's
+``sharded_state_dict`` names each param's state after the param's sharded key,
+``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>`` (stacked and sharded like
+the weight), and keeps the rest in ``common.pt``: ``optimizer`` (or, mixed precision,
+``optimizer.optimizer``) ``{"state": {"common_step": step}, "param_groups": [...]}`` and
+the grad scaler. Other optimizer keys (the distributed optimizer's buffers, chained
+prefixes) are refused.
+
 megacore's form (``megacore.optimizer.optimizer``) is keyed by ``"<chunk>/<name>"`` with
 ``main_param`` (the fp32 master copy; the weight itself for fp32 params) and Adam's
 ``exp_avg``, ``exp_avg_sq``, ``step`` per param, so each converts to the other exactly.
@@ -35,6 +43,7 @@ megacore's form (``megacore.optimizer.optimizer``) is keyed by ``"<chunk>/<name>
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -42,7 +51,8 @@ import torch
 from megacore.checkpointing.conversion.manifest import ConversionError
 
 __all__ = ["megatron_params", "megacore_optimizer_from_megatron",
-           "megatron_optimizer_from_megacore", "UnsupportedOptimizerState"]
+           "megatron_optimizer_from_megacore", "UnsupportedOptimizerState",
+           "dist_optimizer_entries", "dist_optimizer_common"]
 
 
 class UnsupportedOptimizerState(ConversionError):
@@ -57,6 +67,8 @@ _GROUP_KEYS = ("lr", "weight_decay", "betas", "eps", "wd_mult", "lr_mult",
                "is_expert_parallel", "max_lr", "min_lr")
 
 Param = Tuple[int, str, torch.Tensor]  # (chunk, Megatron name, weight)
+_DIST_KEY = re.compile(r"^optimizer\.state\.(exp_avg_sq|exp_avg|fp32_param)\.(.+)$")
+_DIST_FIELDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "fp32_param": "main_param"}
 
 
 def megatron_params(model_state_dicts: List[Dict[str, Any]]) -> List[Param]:
@@ -224,3 +236,43 @@ def megatron_optimizer_from_megacore(params: List[Param],
         members.append(member)
     return members[0] if len(members) == 1 else members
 
+
+
+# -- torch_dist ----------------------------------------------------------------------------
+def dist_optimizer_entries(keys: List[str], where: str) -> List[Tuple[str, str, str]]:
+    """``(megacore field, model sharded key, checkpoint key)`` of Megatron torch_dist
+    optimizer keys; raises UnsupportedOptimizerState for keys of another kind."""
+    out, unknown = [], []
+    for key in keys:
+        match = _DIST_KEY.match(key)
+        if match is None:
+            unknown.append(key)
+        else:
+            out.append((_DIST_FIELDS[match.group(1)], match.group(2), key))
+    if unknown:
+        raise UnsupportedOptimizerState(
+            f"{where}: Megatron torch_dist optimizer entries megacore does not read "
+            f"(distributed optimizer or chained optimizers), e.g. {sorted(unknown)[:3]}; "
+            "resume with --no-load-optim")
+    return out
+
+
+def dist_optimizer_common(common_optimizer: Any, where: str) -> Tuple[torch.Tensor, dict]:
+    """``(step, megacore optimizer member without params)`` from ``common.pt``'s
+    ``optimizer`` entry of a torch_dist checkpoint."""
+    if not isinstance(common_optimizer, dict):
+        raise UnsupportedOptimizerState(f"{where}: common.pt's optimizer entry is a "
+                                        f"{type(common_optimizer).__name__}; resume with "
+                                        "--no-load-optim")
+    inner = common_optimizer.get("optimizer", common_optimizer)
+    state, groups = inner.get("state") or {}, inner.get("param_groups") or []
+    if "common_step" not in state or not groups:
+        raise UnsupportedOptimizerState(f"{where}: common.pt's optimizer entry has no "
+                                        "common_step or param groups (keys "
+                                        f"{sorted(common_optimizer)[:6]}); resume with "
+                                        "--no-load-optim")
+    for group in groups:
+        _check_group(group, where)
+    step = torch.as_tensor(state["common_step"], dtype=torch.float32).reshape(())
+    return step, {"param_groups": [{k: g[k] for k in _GROUP_KEYS if k in g} for g in groups],
+                  "grad_scaler": common_optimizer.get("grad_scaler")}

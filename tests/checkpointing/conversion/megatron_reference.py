@@ -328,9 +328,12 @@ def save_legacy(save_dir: str, kind: str, model_state_dicts, tp_rank: int, pp_ra
         f.write("release" if release else str(ITERATION))
 
 
-def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int) -> None:
+def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int, *,
+                    optimizer=None, scheduler=None) -> None:
     """A ``torch_dist`` checkpoint through megatron-core's ``dist_checkpointing.save``
-    (collective over the ranks that hold the model)."""
+    (collective over the ranks that hold the model); with ``optimizer``, its
+    ``sharded_state_dict`` of the model's and the scheduler state, as Megatron-LM's
+    ``generate_state_dict`` adds them."""
     from megatron.core import dist_checkpointing
 
     iter_dir = os.path.join(save_dir, f"iter_{ITERATION:07d}")
@@ -341,6 +344,9 @@ def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int) 
              "args": megatron_args(kind, tp, pp, ep, "torch_dist"),
              "checkpoint_version": 3.0, "iteration": ITERATION,
              "num_floating_point_operations_so_far": 123.0}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+        state["opt_param_scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, iter_dir)
     if dist.get_rank() == 0:
         with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:

@@ -58,6 +58,8 @@ def _megatron_train(root):
     torch.manual_seed(40 + rank)
     mr.save_legacy(f"{root}/meg", "llama", [model.state_dict()], rank, 0, 0, 2, 1, 1,
                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+    mr.save_torch_dist(f"{root}/meg_dist", "llama", model, 2, 1, 1, optimizer=optimizer,
+                       scheduler=scheduler)
     draws = _draws()
     losses += [mr.train_step(model, optimizer, scheduler, step) for step in (2, 3)]
     # A different model's optimizer state (GPT-2 style, same layout), for the errors.
@@ -86,7 +88,8 @@ def _megacore_resume(load_dir, tp, no_load_optim=False):
                         weight_decay=mr.WEIGHT_DECAY, clip_grad=0.0), [model])
     scheduler = OptimizerParamScheduler(optimizer, **mr.SCHEDULE)
     iteration, *_ = load_megatron_checkpoint([model], optimizer, scheduler, load_dir=load_dir,
-                                             no_load_optim=no_load_optim, no_load_rng=tp != 2)
+                                             no_load_optim=no_load_optim,
+                                             no_load_rng=tp != 2 or "dist" in load_dir)
     out = {"iteration": iteration, "draws": _draws(), "num_steps": scheduler.num_steps,
            "params": optimizer.state_dict()["params"] if not no_load_optim else None}
     losses = []
@@ -149,6 +152,12 @@ def test_megatron_optimizer_and_rng_state_resume_exactly(tmp_path):
         _assert_moments_equal(ref[rank]["moments"], same[rank]["params"])
         assert same[rank]["draws"] == ref[rank]["draws"]
         torch.testing.assert_close(same[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
+    # The torch_dist form of the same state (no RNG states in this one).
+    dist_form = run_distributed(_megacore_resume, world_size=2, args=(f"{root}/meg_dist", 2),
+                                timeout=240)
+    for rank in (0, 1):
+        _assert_moments_equal(ref[rank]["moments"], dist_form[rank]["params"])
+        torch.testing.assert_close(dist_form[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
     # tp 1 x dp 2: the moments resharded; the same continuation.
     other = run_distributed(_megacore_resume, world_size=2, args=(meg, 1), timeout=240)
     torch.testing.assert_close(other[0]["losses"], ref[0]["losses"][2:], **RTOL)
