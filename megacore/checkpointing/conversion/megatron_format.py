@@ -126,6 +126,7 @@ _MEGATRON_LAYER_ORDER = ("input_layernorm.", "self_attention.linear_proj.",
                          "self_attention.k_layernorm.", "pre_cross_attn_layernorm.",
                          "cross_attention.", "pre_mlp_layernorm.", "mlp.")
 _DIST_EXPERTS = "mlp.experts.experts."
+_RNG_SHARD = re.compile(r"^rng_state/shard_([\d.]+)_[\d.]+$")
 _LOCAL_EXPERTS = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
@@ -383,6 +384,35 @@ class MegatronDistSource(CanonicalSource):
             self.notes.append(f"Megatron's torch_dist optimizer state ({len(optimizer_keys)} "
                               "tensors) was not read (this saver does not carry optimizer "
                               "state)")
+
+    def rng_state(self, pp_rank: int, tp_rank: int) -> Optional[List[Dict[str, Any]]]:
+        """Megatron-LM's RNG state list of the (pp, tp) position: the ``rng_state``
+        ShardedObject (``shard_<pp>.<tp>_<PP>.<TP>``; with ``<dp>`` as a third offset, one
+        shard per dp rank), unpickled with ``weights_only``; None when not saved."""
+        import torch.distributed.checkpoint as dcp
+
+        from megacore.checkpointing.conversion.megatron_args import megatron_safe_globals
+        from megacore.checkpointing.safe_dcp import SafeLoadPlanner
+
+        shards = {}
+        for key in self.meta:
+            match = _RNG_SHARD.match(key)
+            offset = tuple(int(x) for x in match.group(1).split(".")) if match else ()
+            if offset[:2] == (pp_rank, tp_rank):
+                shards[offset] = key
+        keys = [shards[o] for o in sorted(shards)]
+        if not keys:
+            return None
+        request: Dict[str, Any] = {k: io.BytesIO() for k in keys}
+        # Metadata as for the tensors (_stacked); the byte items with weights_only.
+        with torch.serialization.safe_globals(megatron_safe_globals()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(request, checkpoint_id=self.iter_dir, planner=SafeLoadPlanner(),
+                     no_dist=True)
+        # megatron-core saves a byte item as the list of its ShardedObjects' data
+        # (strategies/torch.py: _mcore_to_torch_sharded_object): one object per key here.
+        return [entry for k in keys for entry in request[k][0]]
 
     def _add_refs(self, key: str, canonical_key, dcp_key: Optional[str] = None) -> None:
         """Refs of the canonical tensors of one stacked checkpoint tensor ``key`` (a

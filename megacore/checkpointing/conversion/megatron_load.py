@@ -132,16 +132,19 @@ def _load_optimizer(source, optimizer, by_local, where: str) -> None:
 
 
 def _restore_rng(source, layout: RankLayout, where: str) -> None:
-    """This rank's Megatron RNG states, when the run has the checkpoint's layout."""
-    saved = getattr(source, "states", None)
+    """This rank's Megatron RNG states, when the run has the checkpoint's layout: from
+    its rank file (legacy) or its (pp, tp) shard of ``rng_state`` (torch_dist)."""
     lay = source.layout
-    same = (lay.tp, lay.pp, lay.ep) == (layout.tp, layout.pp, layout.ep)
-    if saved is None or not same:
+    if (lay.tp, lay.pp, lay.ep) != (layout.tp, layout.pp, layout.ep):
         if layout.global_rank == 0:
             logger.warning("%s: Megatron RNG states are per rank of its layout (tp=%d, pp=%d, "
-                           "ep=%d%s); this run differs or the format keeps them elsewhere: "
-                           "not restored", where, lay.tp, lay.pp, lay.ep,
-                           "" if saved is not None else ", torch_dist")
+                           "ep=%d), this run's differs: not restored", where, lay.tp, lay.pp,
+                           lay.ep)
+        return
+    saved = getattr(source, "states", None)
+    if saved is None:  # torch_dist
+        rng = source.rng_state(layout.pp_rank, layout.tp_rank)
+        restore_megatron_rng(rng, layout.dp_rank, f"{source.iter_dir} (rng_state)")
         return
     key = (layout.tp_rank, layout.pp_rank, layout.ep_rank)
     path = legacy_file_path(source.iter_dir, *key[:2], lay.pp, key[2], lay.ep)

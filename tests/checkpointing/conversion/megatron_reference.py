@@ -201,6 +201,20 @@ def _rng_state() -> list:
              "rng_tracker_states": {}}]
 
 
+def _sharded_rng_state():
+    """Megatron-LM's ``get_rng_state`` for torch_dist: the list as a ShardedObject over
+    the (pp, tp) grid, data-parallel copies as replicas."""
+    from megatron.core import parallel_state as mps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", _rng_state(),
+                         (mps.get_pipeline_model_parallel_world_size(),
+                          mps.get_tensor_model_parallel_world_size()),
+                         (mps.get_pipeline_model_parallel_rank(),
+                          mps.get_tensor_model_parallel_rank()),
+                         replica_id=mps.get_data_parallel_rank(with_context_parallel=True))
+
+
 @contextlib.contextmanager
 def cpu_tensors():
     """Factory calls with ``device="cuda"`` make CPU tensors (megatron-core's optimizer
@@ -347,6 +361,7 @@ def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int, 
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"])
         state["opt_param_scheduler"] = scheduler.state_dict()
+        state["rng_state"] = _sharded_rng_state()
     dist_checkpointing.save(state, iter_dir)
     if dist.get_rank() == 0:
         with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:

@@ -58,6 +58,7 @@ def _megatron_train(root):
     torch.manual_seed(40 + rank)
     mr.save_legacy(f"{root}/meg", "llama", [model.state_dict()], rank, 0, 0, 2, 1, 1,
                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+    torch.manual_seed(40 + rank)  # the same RNG states in both checkpoints
     mr.save_torch_dist(f"{root}/meg_dist", "llama", model, 2, 1, 1, optimizer=optimizer,
                        scheduler=scheduler)
     draws = _draws()
@@ -89,7 +90,7 @@ def _megacore_resume(load_dir, tp, no_load_optim=False):
     scheduler = OptimizerParamScheduler(optimizer, **mr.SCHEDULE)
     iteration, *_ = load_megatron_checkpoint([model], optimizer, scheduler, load_dir=load_dir,
                                              no_load_optim=no_load_optim,
-                                             no_load_rng=tp != 2 or "dist" in load_dir)
+                                             no_load_rng=tp != 2)
     out = {"iteration": iteration, "draws": _draws(), "num_steps": scheduler.num_steps,
            "params": optimizer.state_dict()["params"] if not no_load_optim else None}
     losses = []
@@ -152,11 +153,12 @@ def test_megatron_optimizer_and_rng_state_resume_exactly(tmp_path):
         _assert_moments_equal(ref[rank]["moments"], same[rank]["params"])
         assert same[rank]["draws"] == ref[rank]["draws"]
         torch.testing.assert_close(same[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
-    # The torch_dist form of the same state (no RNG states in this one).
+    # The torch_dist form of the same state.
     dist_form = run_distributed(_megacore_resume, world_size=2, args=(f"{root}/meg_dist", 2),
                                 timeout=240)
     for rank in (0, 1):
         _assert_moments_equal(ref[rank]["moments"], dist_form[rank]["params"])
+        assert dist_form[rank]["draws"] == ref[rank]["draws"]
         torch.testing.assert_close(dist_form[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
     # tp 1 x dp 2: the moments resharded; the same continuation.
     other = run_distributed(_megacore_resume, world_size=2, args=(meg, 1), timeout=240)
