@@ -34,14 +34,15 @@ Vocabulary: Megatron pads the embedding to ``args.padded_vocab_size`` rows (a mu
 ``make_vocab_size_divisible_by * tp``); its logits cover them all, so all rows are kept
 unless ``--true-vocab-size`` is given. The savers pad to that multiple again.
 
-Optimizer state (``megatron_optimizer``): the legacy layout's non-distributed optimizer
+Optimizer state (``megatron_optimizer``): megatron-core's non-distributed optimizer
 (``FP32Optimizer``, or ``Float16OptimizerWithFloat16Params`` with its fp32 main params and
 grad scaler) is read as canonical ``optimizer/<field>/<name>`` tensors (``main_param``,
-``exp_avg``, ``exp_avg_sq``, ``step``), its params matched by name through megatron-core's
-group order; the scheduler state is carried as is. The distributed optimizer's
-``distrib_optim.pt`` and torch_dist optimizer entries are not read (a conversion note;
-loading them asks for ``--no-load-optim``). RNG states are per rank and are restored by
-``megatron_load`` when loading directly, not converted.
+``exp_avg``, ``exp_avg_sq``, ``step``): legacy rank files matched by name through
+megatron-core's group order, torch_dist ``optimizer.state.<field>.<key>`` entries by
+their sharded key; the scheduler state is carried as is. The legacy saver writes it
+back. The distributed optimizer's state is not read (a conversion note; loading it asks
+for ``--no-load-optim``). RNG states are per rank: ``megatron_load`` restores them when
+loading directly (:meth:`MegatronDistSource.rng_state` for torch_dist); not converted.
 """
 
 from __future__ import annotations

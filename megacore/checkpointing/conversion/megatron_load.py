@@ -12,12 +12,13 @@ needs whole (memory: up to one model copy per rank, as for torch_dist loads).
 :func:`megatron_run_config` gives the run configuration (``model``, ``gpt`` and ``data``
 sections) read from the stored ``args``, so ``--load`` alone rebuilds the model.
 
-Unless ``no_load_optim`` or ``finetune``: Megatron's optimizer state (legacy layout,
-non-distributed optimizer; ``megatron_optimizer`` maps it by name) fills the optimizer
+Unless ``no_load_optim`` or ``finetune``: Megatron's optimizer state (non-distributed
+optimizer, either layout; ``megatron_optimizer`` maps it by name) fills the optimizer
 exactly as a megacore torch_dist load does (moments and fp32 main params cut to this
 rank's shards, param-group hyper-parameters matched by signature), and the scheduler
 takes Megatron's ``opt_param_scheduler`` (the same fields). Unless ``no_load_rng``: the
-RNG states of this rank's (tp, pp, ep) file and dp rank are restored (``megatron_rng``)
+RNG states of this rank's (tp, pp, ep) file, or its (pp, tp) shard of torch_dist's
+``rng_state``, and dp rank are restored (``megatron_rng``)
 when the run has Megatron's layout; in another layout they belong to other ranks and are
 skipped with a warning, as for megacore's own torch_dist checkpoints.
 """
@@ -162,7 +163,7 @@ def load_megatron_checkpoint(model_chunks, optimizer, opt_param_scheduler, *, lo
 
     Raises:
         CheckpointError: optimizer state asked for that the checkpoint lacks or megacore
-            does not read (Megatron's distributed optimizer, torch_dist optimizer entries),
+            does not read (Megatron's distributed optimizer),
             state for another model, or tensors the model needs are missing; the message
             names the file, flag or tensors.
     """

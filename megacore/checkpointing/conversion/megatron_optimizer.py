@@ -148,7 +148,7 @@ def _member_to_megacore(member: Any, params: List[Param], rename: Callable[[str]
     torch_sd, fp32_groups, scaler = _member_parts(member, where)
     out_params, groups = {}, []
     for g, group in enumerate(torch_sd["param_groups"]):
-        mains = iter((fp32_groups or [[]] * (g + 1))[g])
+        mains = iter(fp32_groups[g] if fp32_groups else [])
         for index, (chunk, name, weight) in zip(group["params"],
                                                 _group_params(group, params,
                                                               expert_parallel, where)):
@@ -166,8 +166,12 @@ def megacore_optimizer_from_megatron(opt_state: Any, model_state_dicts: List[Dic
                                      rename: Callable[[str], str], expert_parallel: bool,
                                      where: str) -> dict:
     """megacore's optimizer state dict for one Megatron rank file (``rename``: Megatron
-    param name -> megacore's; ``expert_parallel``: the checkpoint's ep > 1). Raises ConversionError naming ``where`` when the state
-    does not fit the file's model or comes from an unsupported optimizer."""
+    param name -> megacore's; ``expert_parallel``: the checkpoint's ep > 1).
+
+    Raises:
+        ConversionError: naming ``where``, when the state does not fit the file's model;
+            UnsupportedOptimizerState for optimizers megacore does not read.
+    """
     members = list(opt_state) if isinstance(opt_state, (list, tuple)) else [opt_state]
     params = megatron_params(model_state_dicts)
     out = [_member_to_megacore(m, params, rename, expert_parallel, where) for m in members]
