@@ -16,7 +16,8 @@ Optimizer: megatron-core's own ``get_megatron_optimizer`` (torch AdamW inside
 would, and the few scratch tensors the optimizer allocates with ``device="cuda"`` (the
 fp32 loss scale, the grad-norm overflow buffer) are made on the CPU (:func:`cpu_tensors`);
 gradient clipping is off (its check asserts CUDA tensors), the grad norm is still
-computed and returned by ``step``.
+computed and returned by ``step``. ``Float16OptimizerWithFloat16Params`` (bf16 models)
+accepts params whose ``type()`` names a CUDA tensor: :func:`cuda_type_names`.
 
 Checkpoints are written as Megatron-LM's ``save_checkpoint`` writes them
 (``megatron/training/checkpointing.py``: ``generate_state_dict``): legacy rank files
@@ -160,7 +161,8 @@ def logits(model, ids: torch.Tensor):
 
 
 def megatron_args(kind: str, tp: int = 1, pp: int = 1, ep: int = 1,
-                  ckpt_format: str = "torch", transformer_impl: str = "local"):
+                  ckpt_format: str = "torch", transformer_impl: str = "local",
+                  bf16: bool = False):
     """The ``args`` Megatron-LM's parser produces for this model (its arg names)."""
     from megatron.core.transformer.enums import AttnBackend
 
@@ -187,7 +189,8 @@ def megatron_args(kind: str, tp: int = 1, pp: int = 1, ep: int = 1,
         else None, moe_layer_freq=1, moe_grouped_gemm=False,
         moe_router_load_balancing_type="aux_loss", moe_router_score_function="softmax",
         moe_router_pre_softmax=False, moe_token_dispatcher_type="allgather",
-        params_dtype=torch.float32, fp16=False, bf16=False, ckpt_format=ckpt_format,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, fp16=False, bf16=bf16,
+        ckpt_format=ckpt_format,
         transformer_impl=transformer_impl, attention_backend=AttnBackend.auto,
         micro_batch_size=2, global_batch_size=4, lr=1e-3, train_iters=10,
         iteration=ITERATION, consumed_train_samples=ITERATION * 4)
@@ -237,6 +240,27 @@ def cpu_tensors():
             setattr(torch, name, factory)
 
 
+@contextlib.contextmanager
+def cuda_type_names():
+    """``Tensor.type()`` names CPU tensors as CUDA ones: megatron-core's
+    ``Float16OptimizerWithFloat16Params`` accepts params whose ``type()`` is
+    ``torch.cuda.BFloat16Tensor`` (or Half, Float) only."""
+    original = torch.Tensor.type
+    names = {torch.bfloat16: "torch.cuda.BFloat16Tensor", torch.float16: "torch.cuda.HalfTensor",
+             torch.float32: "torch.cuda.FloatTensor"}
+
+    def type_name(self, *args, **kwargs):
+        if args or kwargs or self.dtype not in names:
+            return original(self, *args, **kwargs)
+        return names[self.dtype]
+
+    torch.Tensor.type = type_name
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
 LR, MIN_LR, WEIGHT_DECAY = 1e-2, 1e-3, 0.1
 SCHEDULE = dict(init_lr=0.0, max_lr=LR, min_lr=MIN_LR, lr_warmup_steps=2, lr_decay_steps=10,
                 lr_decay_style="linear", start_wd=WEIGHT_DECAY, end_wd=WEIGHT_DECAY,
@@ -245,16 +269,17 @@ SCHEDULE = dict(init_lr=0.0, max_lr=LR, min_lr=MIN_LR, lr_warmup_steps=2, lr_dec
 scheduler's step count (one scheduler step per iteration)."""
 
 
-def megatron_optimizer(model):
-    """megatron-core's optimizer (AdamW, weight decay 0.1, no clipping) and scheduler."""
+def megatron_optimizer(model, bf16: bool = False):
+    """megatron-core's optimizer (AdamW, weight decay 0.1, no clipping) and scheduler;
+    ``bf16``: the model's params are bf16, so ``Float16OptimizerWithFloat16Params``."""
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     model.ddp_config = DistributedDataParallelConfig()
     config = OptimizerConfig(optimizer="adam", lr=LR, min_lr=MIN_LR,
-                             weight_decay=WEIGHT_DECAY, clip_grad=0.0)
-    with cpu_tensors():
+                             weight_decay=WEIGHT_DECAY, clip_grad=0.0, bf16=bf16)
+    with cpu_tensors(), cuda_type_names():
         optimizer = get_megatron_optimizer(config, [model])
     return optimizer, OptimizerParamScheduler(optimizer, **SCHEDULE)
 
@@ -281,7 +306,7 @@ def train_step(model, optimizer, scheduler, step: int):
     ids, labels = batch(step)
     loss = token_loss(model(ids, *causal_inputs()), labels)
     loss.backward()
-    with cpu_tensors():
+    with cpu_tensors(), cuda_type_names():
         ok, grad_norm, _ = optimizer.step()
     assert ok
     optimizer.zero_grad()
@@ -290,13 +315,18 @@ def train_step(model, optimizer, scheduler, step: int):
 
 
 def adam_state_by_name(model, optimizer) -> dict:
-    """``{param name: {exp_avg, exp_avg_sq, step}}`` of megatron-core's optimizer (this
-    rank's shards), read through the param objects: independent of any order rule."""
-    names = {param: name for name, param in model.named_parameters()}
+    """``{param name: {exp_avg, exp_avg_sq, step[, main_param]}}`` of megatron-core's
+    optimizer (this rank's shards), read through the param objects (a half-precision
+    param's ``main_param`` attribute is its fp32 copy): independent of any order rule."""
+    by_main = {getattr(param, "main_param", param): (name, param)
+               for name, param in model.named_parameters()}
     out = {}
     for member in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for param, state in member.optimizer.state.items():
-            out[names[param]] = {k: v.clone() for k, v in state.items()}
+        for main, state in member.optimizer.state.items():
+            name, param = by_main[main]
+            out[name] = {k: v.clone() for k, v in state.items()}
+            if main is not param:
+                out[name]["main_param"] = main.detach().clone()
     return out
 
 
@@ -320,7 +350,8 @@ def te_names(state_dict: dict) -> dict:
 
 def save_legacy(save_dir: str, kind: str, model_state_dicts, tp_rank: int, pp_rank: int,
                 ep_rank: int, tp: int, pp: int, ep: int, *, optimizer=None, scheduler=None,
-                transformer_impl: str = "local", release: bool = False) -> None:
+                transformer_impl: str = "local", release: bool = False,
+                bf16: bool = False) -> None:
     """One rank's ``model_optim_rng.pt`` as Megatron-LM's ``save_checkpoint`` writes it
     (``model_state_dicts``: one per virtual stage) and the tracker file."""
     name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + \
@@ -328,7 +359,7 @@ def save_legacy(save_dir: str, kind: str, model_state_dicts, tp_rank: int, pp_ra
     sub = "release" if release else f"iter_{ITERATION:07d}"
     path = os.path.join(save_dir, sub, name, "model_optim_rng.pt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    state = {"args": megatron_args(kind, tp, pp, ep, "torch", transformer_impl),
+    state = {"args": megatron_args(kind, tp, pp, ep, "torch", transformer_impl, bf16),
              "checkpoint_version": 3.0, "iteration": ITERATION,
              "num_floating_point_operations_so_far": 123.0}
     for i, sd in enumerate(model_state_dicts):

@@ -12,9 +12,15 @@ goes on for two more iterations: the uninterrupted run.
   equal megatron's after its save; iterations 3-4 give megatron's losses and grad norms.
   At tp 1 x dp 2 (moments resharded) the losses and grad norms are the same. Without
   the optimizer state (``no_load_optim``) the fourth loss differs: the check can fail.
+* The same from megatron-core's torch_dist save (the optimizer's ``sharded_state_dict``
+  and the RNG ``ShardedObject``).
 * megatron -> megacore (torch_dist, tp 1) -> megatron (legacy, tp 2): megatron-core
   loads the written optimizer and scheduler state (``optimizer.load_state_dict``) to the
   same moments bitwise and continues with the uninterrupted run's losses.
+* bf16 weights with ``Float16OptimizerWithFloat16Params``: fp32 main params and moments
+  load bitwise into megacore's mixed-precision optimizer and round-trip back.
+* ``pretrain_gpt.py --load`` resumes with the optimizer state; the error paths name the
+  file.
 
 Tolerances: same ops in the same order within a layout (tp 2), fp32 rounding across
 layouts (tp 1 sums the tp partial products in one matmul): rtol 1e-5 as in the layout
@@ -255,3 +261,72 @@ def test_pretrain_resumes_megatron_optimizer_and_errors_name_the_file(tmp_path):
     os.remove(_rank_file(f"{root}/missing", 1))
     with pytest.raises(CheckpointError, match="mp_rank_01/model_optim_rng.pt is missing"):
         convert_checkpoint(load_dir=f"{root}/missing", save_dir=f"{root}/z", progress=False)
+
+
+def _megatron_bf16_train(root):
+    """Rank body (1 rank): a bf16 model, megatron-core's
+    ``Float16OptimizerWithFloat16Params``, two iterations, a legacy save."""
+    mr.stub_for_cpu()
+    mr.init_parallel()
+    model = mr.build_model("llama").train().bfloat16()  # what Float16Module does
+    optimizer, scheduler = mr.megatron_optimizer(model, bf16=True)
+    for step in (0, 1):
+        mr.train_step(model, optimizer, scheduler, step)
+    mr.save_legacy(f"{root}/meg", "llama", [model.state_dict()], 0, 0, 0, 1, 1, 1,
+                   optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                   bf16=True)
+    return mr.adam_state_by_name(model, optimizer)
+
+
+def _megacore_bf16_load(load_dir):
+    """Rank body: megacore's bf16 model and mixed-precision optimizer load it."""
+    from megacore.checkpointing.conversion.megatron_format import open_megatron_source
+    from megacore.checkpointing.conversion.megatron_load import load_megatron_checkpoint
+    from megacore.optimizer import OptimizerConfig, get_megatron_optimizer
+    from tests.checkpointing.conversion import fixtures as fx
+
+    source = open_megatron_source(load_dir)
+    desc = source.description
+    source.close()
+    model = fx.build_model(desc, 1, 1, 1, seed=5)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=mr.LR, min_lr=mr.MIN_LR,
+                        weight_decay=mr.WEIGHT_DECAY, clip_grad=0.0, bf16=True), [model])
+    load_megatron_checkpoint([model], optimizer, None, load_dir=load_dir)
+    return optimizer.state_dict()["params"]
+
+
+def _megatron_bf16_load(load_dir):
+    """Rank body: megatron-core's Float16 optimizer loads a legacy rank file."""
+    mr.stub_for_cpu()
+    mr.init_parallel()
+    model = mr.build_model("llama", seed=78).train().bfloat16()
+    optimizer, _ = mr.megatron_optimizer(model, bf16=True)
+    state = torch.load(_rank_file(load_dir, 0), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"], strict=True)
+    with mr.cuda_type_names():
+        optimizer.load_state_dict(state["optimizer"])
+    return mr.adam_state_by_name(model, optimizer)
+
+
+def test_megatron_mixed_precision_optimizer_state(tmp_path):
+    """bf16 weights with fp32 main params (``fp32_from_fp16_params``): megacore's
+    mixed-precision optimizer loads megatron-core's moments and main params bitwise by
+    name; megatron -> megacore -> megatron gives a state megatron-core loads to the same
+    moments and main params."""
+    root = str(tmp_path)
+    ref = run_distributed(_megatron_bf16_train, world_size=1, args=(root,), timeout=240)[0]
+    assert all("main_param" in s for s in ref.values())
+    loaded = run_distributed(_megacore_bf16_load, world_size=1, args=(f"{root}/meg",),
+                             timeout=240)[0]
+    for name, state in ref.items():
+        for field, value in state.items():
+            assert torch.equal(value, loaded[f"0/{name}"][field].to(value.dtype)), (name, field)
+    convert_checkpoint(load_dir=f"{root}/meg", save_dir=f"{root}/mc", ckpt_format="torch",
+                       progress=False)
+    convert_checkpoint(load_dir=f"{root}/mc", save_dir=f"{root}/back", saver="megatron",
+                       ckpt_format="torch", progress=False)
+    back = run_distributed(_megatron_bf16_load, world_size=1, args=(f"{root}/back",),
+                           timeout=240)[0]
+    _assert_same_moments(back, ref)
