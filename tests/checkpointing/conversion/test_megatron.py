@@ -4,13 +4,15 @@ One 2-rank gloo run of megatron-core (``megatron_reference``) builds, on CPU, a 
 model at tp 1, a Llama-style model (GQA, SwiGLU, RoPE, untied) at tp 2, the GPT-2 model
 at pp 2 (tied embeddings: the last stage holds the output copy) and a Mixtral-style MoE
 (4 experts, top-2) at ep 2, runs their forward passes (the references) and saves them as
-Megatron-LM does: legacy rank files with local-spec names (GPT-2, with Adam state and
-RNG states), with Transformer Engine's fused-norm names (Llama), and torch_dist
+Megatron-LM does: legacy rank files with local-spec names (GPT-2 and the MoE, with the
+state of megatron-core's own optimizer after one step, for the MoE a dense and an expert
+optimizer, and RNG states), with Transformer Engine's fused-norm names (Llama), and torch_dist
 directories written by ``dist_checkpointing.save`` (GPT-2 tp 1, Llama tp 2).
 
 Each converts to megacore (both formats) and to Hugging Face; megacore's ``GPTModel``
 and ``transformers`` give megatron-core's logits. Converting back (megatron -> megacore
--> megatron, same layout and format) gives the original tensors bitwise, and a second
+-> megatron, same layout and format) gives the original tensors bitwise, optimizer
+state included (same param order, groups and moments), and a second
 megatron-core run loads the written checkpoints (strict ``load_state_dict`` for legacy,
 ``dist_checkpointing.load`` for torch_dist) to the same logits. ``pretrain_gpt.py --load``
 and the generation server take the Megatron checkpoints directly and agree with the
@@ -82,12 +84,15 @@ def _write_megatron_checkpoints(root):
     if out is not None:
         refs["gpt2_pp2"] = out
     mr.save_legacy(f"{root}/gpt2_pp2", "gpt2", [model.state_dict()], 0, rank, 0, 1, 2, 1)
-    # Mixtral style, ep 2 (same tokens on both ranks).
+    # Mixtral style, ep 2 (same tokens on both ranks, so the dense params' grads and
+    # Adam state agree between the ranks), with a dense and an expert optimizer.
     mr.init_parallel(ep=2)
     model = mr.build_model("mixtral", ep=2)
+    optimizer, scheduler = mr.megatron_optimizer(model)
+    mr.train_step(model, optimizer, scheduler, 0)
     refs["mixtral"] = mr.logits(model, ids)
     mr.save_legacy(f"{root}/mixtral_ep2", "mixtral", [model.state_dict()], 0, 0, rank, 1, 1,
-                   2)
+                   2, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
     mps.destroy_model_parallel()
     return refs
 
@@ -168,12 +173,14 @@ def _assert_same_optimizer(path, twin):
     assert (a.get("optimizer") is None) == (b.get("optimizer") is None), twin
     if a.get("optimizer") is None:
         return
-    groups = [[g["params"] for g in o["param_groups"]] for o in (a["optimizer"],
-                                                                b["optimizer"])]
-    assert groups[0] == groups[1], twin
-    for index, state in a["optimizer"]["state"].items():
-        for field, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][index][field]), (index, field)
+    members = [o if isinstance(o, list) else [o] for o in (a["optimizer"], b["optimizer"])]
+    assert len(members[0]) == len(members[1]), twin  # [dense, expert] with ep > 1
+    for mine, theirs in zip(*members):
+        assert [g["params"] for g in mine["param_groups"]] == \
+            [g["params"] for g in theirs["param_groups"]], twin
+        for index, state in mine["state"].items():
+            for field, value in state.items():
+                assert torch.equal(value, theirs["state"][index][field]), (twin, index, field)
     assert a["opt_param_scheduler"] == b["opt_param_scheduler"]
 
 
