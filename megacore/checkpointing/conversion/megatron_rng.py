@@ -57,7 +57,11 @@ def megacore_rng_state(entry: Dict[str, Any], on_cuda: bool, where: str) -> Dict
                               "(saved on CPU?); pass --no-load-rng")
     if on_cuda:
         state["device"] = cuda
-        state["tracker"] = dict(entry.get("rng_tracker_states") or {})
+        # Only the streams this process tracks, and only plain generator states (not the
+        # cudagraph-safe tracker's objects): the rest keep their current values.
+        saved = entry.get("rng_tracker_states") or {}
+        state["tracker"] = {name: (saved[name] if torch.is_tensor(saved.get(name)) else value)
+                            for name, value in current["tracker"].items()}
     return state
 
 

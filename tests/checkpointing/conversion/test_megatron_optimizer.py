@@ -330,3 +330,38 @@ def test_megatron_mixed_precision_optimizer_state(tmp_path):
     back = run_distributed(_megatron_bf16_load, world_size=1, args=(f"{root}/back",),
                            timeout=240)[0]
     _assert_same_moments(back, ref)
+
+
+def test_megatron_rng_entry_mapping():
+    """The pure mapping of one Megatron RNG entry (CUDA parts taken only on CUDA, and
+    only for the streams megacore tracks); a CPU-saved entry on CUDA is refused."""
+    from megacore.checkpointing.conversion.megatron_rng import megacore_rng_state
+    from megacore.checkpointing.rng_state import capture_rng_state
+    from megacore.tensor_parallel.random import get_rng_tracker
+
+    tracker = get_rng_tracker()
+    tracker.reset()
+    tracker.add("model-parallel-rng", 1234)
+    try:
+        _check_rng_entry_mapping(megacore_rng_state, capture_rng_state())
+    finally:
+        tracker.reset()
+
+
+def _check_rng_entry_mapping(megacore_rng_state, current):
+    entry = dict(mr._rng_state()[0])
+    on_cpu = megacore_rng_state(entry, False, "x.pt")
+    assert torch.equal(on_cpu["torch"], entry["torch_rng_state"])
+    assert torch.equal(on_cpu["device"], entry["torch_rng_state"])  # CPU: the same generator
+    assert on_cpu["random"] == entry["random_rng_state"]
+    assert on_cpu["numpy"][1].tolist() == entry["np_rng_state"][1].tolist()
+    assert sorted(on_cpu["tracker"]) == sorted(current["tracker"])
+    with pytest.raises(CheckpointError, match="x.pt: the Megatron RNG state has no CUDA"):
+        megacore_rng_state(entry, True, "x.pt")
+    cuda = torch.arange(16, dtype=torch.uint8)
+    entry.update(cuda_rng_state=cuda,
+                 rng_tracker_states={"model-parallel-rng": cuda + 1, "other": cuda})
+    on_cuda = megacore_rng_state(entry, True, "x.pt")
+    assert torch.equal(on_cuda["device"], cuda)
+    assert sorted(on_cuda["tracker"]) == ["model-parallel-rng"]
+    assert torch.equal(on_cuda["tracker"]["model-parallel-rng"], cuda + 1)
