@@ -145,20 +145,10 @@ def _carry_tokenizer(source: CanonicalSource, load_dir: str, save_dir: str, save
         carry_checkpoint_tokenizer(source.description.config_dict, load_dir, save_dir)
 
 
-def _carries_optimizer(saver: str, ckpt_format: str, save_optimizer: bool) -> bool:
-    """Whether the target gets optimizer state: megacore targets, and Megatron-LM's
-    legacy layout (megatron-core's non-distributed optimizer state dict). Hugging Face
-    has none; a Megatron torch_dist target gets the model only."""
-    if not save_optimizer or saver == "hf":
-        return False
-    return saver == "megacore" or ckpt_format == "torch"
-
-
-def _target_notes(saver: str, ckpt_format: str, save_optimizer: bool) -> List[str]:
-    if save_optimizer and saver == "megatron" and ckpt_format == "torch_dist":
-        return ["a Megatron torch_dist target gets model weights only: no optimizer state is "
-                "written (use --ckpt-format torch to carry it)"]
-    return []
+def _carries_optimizer(saver: str, save_optimizer: bool) -> bool:
+    """Whether the target gets optimizer state: megacore and Megatron-LM targets
+    (megatron-core's non-distributed optimizer state); Hugging Face has none."""
+    return save_optimizer and saver != "hf"
 
 
 def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
@@ -187,10 +177,10 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
         true_vocab_size: vocabulary rows without padding (when the source cannot tell).
         hf_architecture: HF class to write (default from the model).
         max_shard_size: bytes per HF shard.
-        save_optimizer: carry optimizer state (megacore sources and targets, Megatron-LM
-            sources of either layout and legacy targets; Megatron's distributed-optimizer
-            state, and optimizer state for a Megatron torch_dist target, are reported in
-            the notes, not carried).
+        save_optimizer: carry optimizer state (megacore and Megatron-LM sources and
+            targets of either format; Megatron's distributed-optimizer state, and MoE
+            optimizer state for a Megatron torch_dist target, are reported in the notes,
+            not carried).
         progress: progress bars on stderr.
         transformer_impl: Megatron legacy saver: ``local`` or ``transformer_engine``
             parameter names.
@@ -211,8 +201,7 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
     used_loader = detect_loader(load_dir) if loader == "auto" else _plugin(loader)
     with MemoryMonitor() as monitor:
         source = open_source(used_loader, load_dir, manifest, true_vocab_size,
-                             load_optimizer=_carries_optimizer(saver, ckpt_format,
-                                                               save_optimizer))
+                             load_optimizer=_carries_optimizer(saver, save_optimizer))
         try:
             _check_names(source)
             os.makedirs(save_dir, exist_ok=True)
@@ -238,5 +227,4 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                             seconds=time.time() - start, peak_anon_mb=monitor.peak_anon_mb,
                             peak_rss_mb=peak_rss_mb(),
                             largest_shard_mb=getattr(writer, "largest_shard_bytes", 0) / 2 ** 20,
-                            notes=list(source.notes) + _target_notes(saver, ckpt_format,
-                                                                     save_optimizer))
+                            notes=list(source.notes) + list(getattr(writer, "notes", [])))

@@ -79,6 +79,7 @@ from megacore.checkpointing.conversion.megatron_optimizer import (
     UnsupportedOptimizerState,
     dist_optimizer_common,
     dist_optimizer_entries,
+    megatron_dist_optimizer_common,
     megacore_optimizer_from_megatron,
     megatron_optimizer_from_megacore,
     megatron_params,
@@ -505,6 +506,8 @@ class _MegatronSaver:
         self.save_dir, self.layout, self.progress = save_dir, layout, progress
         self.transformer_impl = transformer_impl
         self.save_optimizer = save_optimizer
+        self.notes: List[str] = []
+        """What the target did not get (added to the conversion notes)."""
 
     def _prepare(self, source: CanonicalSource) -> Tuple[str, GPTDescription, Any]:
         desc = source.description
@@ -682,16 +685,50 @@ class MegatronDistSaver(_MegatronSaver):
             source.manifest.write(model_key(name))
         state = self._stack(desc, {parse_key(k)[1]: v for k, v in tensors.items()})
         state.update(self._extra_states(state, desc))
+        header = self._header(args, source)
+        if self.save_optimizer and source.has_optimizer and desc.is_moe:
+            self.notes.append("no optimizer state written: the torch_dist Megatron saver "
+                              "does not write megatron-core's chained dense and expert "
+                              "optimizers (MoE); use --ckpt-format torch to carry it")
+        elif self.save_optimizer and source.has_optimizer:
+            optimizer_state, header["optimizer"] = self._optimizer(source, desc, names, state)
+            state.update(optimizer_state)
+            header["opt_param_scheduler"] = source.common.opt_param_scheduler
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(state, checkpoint_id=iter_dir, no_dist=True, planner=_raw_bytes_planner())
-        atomic_torch_save(self._header(args, source), os.path.join(iter_dir, COMMON_FILENAME))
+        atomic_torch_save(header, os.path.join(iter_dir, COMMON_FILENAME))
         metadata = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                     "common_backend": "torch", "common_backend_version": 1}
         atomic_write_bytes(os.path.join(iter_dir, "metadata.json"),
                            json.dumps(metadata).encode())
         write_tracker(self.save_dir, source.common.iteration)
         return iter_dir
+
+    def _optimizer(self, source: CanonicalSource, desc: GPTDescription, names: List[str],
+                   model: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], dict]:
+        """megatron-core's non-distributed optimizer ``sharded_state_dict`` for the model:
+        ``optimizer.state.<field>.<sharded key>`` tensors stacked like the weights (fp32
+        main params as ``fp32_param`` for half-precision weights), and the common part
+        (step, param groups) for ``common.pt``."""
+        half = any(torch.is_tensor(t) and t.dtype in (torch.float16, torch.bfloat16)
+                   for t in model.values())
+        fields = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+        if half:
+            fields["main_param"] = "fp32_param"
+        out = {}
+        for field, megatron_field in fields.items():
+            tensors = source.read([optimizer_key(field, n) for n in names])
+            stacked = self._stack(desc, {parse_key(k)[1]: v for k, v in tensors.items()})
+            out.update({f"optimizer.state.{megatron_field}.{k}": v for k, v in stacked.items()})
+        if not half:  # fp32: the weights are the main params
+            source.manifest.consume([optimizer_key("main_param", n) for n in names])
+        steps = source.read([optimizer_key("step", n) for n in names])
+        step = next(iter(steps.values()))
+        if any(not torch.equal(v, step) for v in steps.values()):
+            raise ConversionError("the params' optimizer steps differ; megatron-core's "
+                                  "torch_dist optimizer state keeps one common step")
+        return out, megatron_dist_optimizer_common(source.common.optimizer_common, step, half)
 
     def _sharded_key(self, suffix: str, moe: bool) -> str:
         """megatron-core's sharded key of a layer suffix (norms under TE names, as its

@@ -52,7 +52,8 @@ from megacore.checkpointing.conversion.manifest import ConversionError
 
 __all__ = ["megatron_params", "megacore_optimizer_from_megatron",
            "megatron_optimizer_from_megacore", "UnsupportedOptimizerState",
-           "dist_optimizer_entries", "dist_optimizer_common"]
+           "dist_optimizer_entries", "dist_optimizer_common",
+           "megatron_dist_optimizer_common"]
 
 
 class UnsupportedOptimizerState(ConversionError):
@@ -280,3 +281,25 @@ def dist_optimizer_common(common_optimizer: Any, where: str) -> Tuple[torch.Tens
     step = torch.as_tensor(state["common_step"], dtype=torch.float32).reshape(())
     return step, {"param_groups": [{k: g[k] for k in _GROUP_KEYS if k in g} for g in groups],
                   "grad_scaler": common_optimizer.get("grad_scaler")}
+
+
+def megatron_dist_optimizer_common(optimizer_common: Dict[str, Dict[str, Any]],
+                                   step: torch.Tensor, half: bool) -> dict:
+    """``common.pt``'s ``optimizer`` entry of a dense model's torch_dist checkpoint (what
+    megatron-core's ``sharded_state_dict`` leaves outside the tensors): the common step
+    and the decay and no-decay param groups (their ``params`` are filled at load)."""
+    saved = {}
+    for member in optimizer_common.values():
+        for group in member["param_groups"].values():
+            saved[float(group.get("wd_mult", 1.0)) == 0.0] = group
+    inner = {"state": {"common_step": step.clone()},
+             "param_groups": [_megatron_group(saved.get(no_wd), no_wd, False)
+                              for no_wd in (False, True)]}
+    if not half:
+        return inner
+    scaler = next((m.get("grad_scaler") for m in optimizer_common.values()
+                   if m.get("grad_scaler") is not None), None)
+    out = {"optimizer": inner, "fp32_from_fp16_params": [[], []]}
+    if scaler is not None:
+        out["grad_scaler"] = scaler
+    return out

@@ -132,6 +132,33 @@ def _megatron_resume(load_dir):
     return {"moments": moments, "losses": losses}
 
 
+def _megatron_resume_dist(load_dir):
+    """Rank body (tp 2): megatron-core loads a torch_dist checkpoint with its optimizer
+    (``dist_checkpointing.load`` of the optimizer's ``sharded_state_dict``, then
+    ``load_state_dict``) and scheduler state, then iterations 2-3."""
+    import argparse
+
+    from megatron.core import dist_checkpointing
+
+    mr.stub_for_cpu()
+    mr.init_parallel(tp=2)
+    model = mr.build_model("llama", tp=2, seed=76).train()
+    optimizer, scheduler = mr.megatron_optimizer(model)
+    model_sd = model.sharded_state_dict()
+    request = {"model": model_sd,
+               "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        loaded = dist_checkpointing.load(request, f"{load_dir}/iter_{mr.ITERATION:07d}")
+        common = dist_checkpointing.load_common_state_dict(
+            f"{load_dir}/iter_{mr.ITERATION:07d}")
+    model.load_state_dict(loaded["model"], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(common["opt_param_scheduler"])
+    moments = mr.adam_state_by_name(model, optimizer)
+    losses = [mr.train_step(model, optimizer, scheduler, step) for step in (2, 3)]
+    return {"moments": moments, "losses": losses}
+
+
 def _assert_moments_equal(megatron, megacore_params):
     """megatron-core's moments (by its param names) equal megacore's (``0/<name>``)."""
     assert megatron
@@ -179,6 +206,16 @@ def test_megatron_optimizer_and_rng_state_resume_exactly(tmp_path):
     convert_checkpoint(load_dir=f"{root}/mc", save_dir=f"{root}/back", saver="megatron",
                        ckpt_format="torch", target_tensor_parallel_size=2, progress=False)
     back = run_distributed(_megatron_resume, world_size=2, args=(f"{root}/back",),
+                           timeout=240)
+    for rank in (0, 1):
+        _assert_same_moments(back[rank]["moments"], ref[rank]["moments"])
+        torch.testing.assert_close(back[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
+    # ... -> megatron torch_dist: megatron-core's dist_checkpointing loads it.
+    report = convert_checkpoint(load_dir=f"{root}/mc", save_dir=f"{root}/back_dist",
+                                saver="megatron", ckpt_format="torch_dist",
+                                target_tensor_parallel_size=2, progress=False)
+    assert not report.notes
+    back = run_distributed(_megatron_resume_dist, world_size=2, args=(f"{root}/back_dist",),
                            timeout=240)
     for rank in (0, 1):
         _assert_same_moments(back[rank]["moments"], ref[rank]["moments"])
