@@ -27,12 +27,12 @@ Loaders: megacore (legacy torch or torch_dist, detected), hf
 legacy, core, mcore); --loader may be omitted (detected). Savers:
 megacore (--ckpt-format torch|torch_dist, optimizer state carried), hf,
 megatron (same aliases and formats). Optimizer state: megatron-core's
-non-distributed optimizer state is read from both Megatron layouts and written to
-the legacy one, matched by parameter name; the distributed optimizer's state is not
-read, and a torch_dist Megatron target gets no optimizer state (both reported as
-notes). RNG states are per rank and are not converted:
-resume a converted checkpoint with --no-load-rng (Megatron-LM too); pretrain_gpt.py
---load <Megatron checkpoint> restores Megatron's RNG states itself.
+non-distributed optimizer state is read from and written to both Megatron layouts,
+matched by parameter name; the distributed optimizer's state is not read, and a MoE
+torch_dist Megatron target gets no optimizer state (both reported as notes). RNG
+states are per rank and are not converted: resume a converted checkpoint with
+--no-load-rng (Megatron-LM too); pretrain_gpt.py --load <Megatron checkpoint>
+restores Megatron's RNG states itself.
 Exit status: 0 done, 2 the conversion stopped (unknown/missing tensors, listed).
 """
 

@@ -177,10 +177,10 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
         true_vocab_size: vocabulary rows without padding (when the source cannot tell).
         hf_architecture: HF class to write (default from the model).
         max_shard_size: bytes per HF shard.
-        save_optimizer: carry optimizer state (megacore and Megatron-LM sources and
-            targets of either format; Megatron's distributed-optimizer state, and MoE
-            optimizer state for a Megatron torch_dist target, are reported in the notes,
-            not carried).
+        save_optimizer: carry optimizer state (megacore and Megatron-LM sources
+            and targets of either format; Megatron's distributed-optimizer state, and
+            MoE optimizer state for a Megatron torch_dist target, are reported in the
+            notes, not carried).
         progress: progress bars on stderr.
         transformer_impl: Megatron legacy saver: ``local`` or ``transformer_engine``
             parameter names.

@@ -38,11 +38,12 @@ Optimizer state (``megatron_optimizer``): megatron-core's non-distributed optimi
 (``FP32Optimizer``, or ``Float16OptimizerWithFloat16Params`` with its fp32 main params and
 grad scaler) is read as canonical ``optimizer/<field>/<name>`` tensors (``main_param``,
 ``exp_avg``, ``exp_avg_sq``, ``step``): legacy rank files matched by name through
-megatron-core's group order, torch_dist ``optimizer.state.<field>.<key>`` entries by
-their sharded key; the scheduler state is carried as is. The legacy saver writes it
-back. The distributed optimizer's state is not read (a conversion note; loading it asks
-for ``--no-load-optim``). RNG states are per rank: ``megatron_load`` restores them when
-loading directly (:meth:`MegatronDistSource.rng_state` for torch_dist); not converted.
+megatron-core's group order, torch_dist ``optimizer.state.<field>.<key>`` entries by their
+sharded key; the scheduler state is carried as is. The savers write it back in the same
+forms (torch_dist: dense models). The distributed optimizer's state is not read (a
+conversion note; loading it asks for ``--no-load-optim``). RNG states are per rank:
+``megatron_load`` restores them when loading directly
+(:meth:`MegatronDistSource.rng_state` for torch_dist); not converted.
 """
 
 from __future__ import annotations

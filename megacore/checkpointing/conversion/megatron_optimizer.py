@@ -299,7 +299,7 @@ def megatron_dist_optimizer_common(optimizer_common: Dict[str, Dict[str, Any]],
         return inner
     scaler = next((m.get("grad_scaler") for m in optimizer_common.values()
                    if m.get("grad_scaler") is not None), None)
-    out = {"optimizer": inner, "fp32_from_fp16_params": [[], []]}
+    out = {"optimizer": inner}  # fp32_from_fp16_params: all sharded (fp32_param keys)
     if scaler is not None:
         out["grad_scaler"] = scaler
     return out

@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from megacore.checkpointing import CheckpointError
-from megacore.checkpointing.conversion import convert_checkpoint
+from megacore.checkpointing.conversion import convert_checkpoint, open_source
 from tests.multirank import run_distributed
 
 pytest.importorskip("megatron.core")
@@ -114,46 +114,40 @@ def _megacore_resume(load_dir, tp, no_load_optim=False):
     return out
 
 
-def _megatron_resume(load_dir):
-    """Rank body (tp 2): megatron-core loads a legacy checkpoint with its optimizer and
-    scheduler state as Megatron-LM's ``load_checkpoint`` does, then iterations 2-3."""
-    mr.stub_for_cpu()
-    mr.init_parallel(tp=2)
-    rank = torch.distributed.get_rank()
-    model = mr.build_model("llama", tp=2, seed=77).train()
-    optimizer, scheduler = mr.megatron_optimizer(model)
-    path = f"{load_dir}/iter_{mr.ITERATION:07d}/mp_rank_{rank:02d}/model_optim_rng.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["opt_param_scheduler"])
-    moments = mr.adam_state_by_name(model, optimizer)
-    losses = [mr.train_step(model, optimizer, scheduler, step) for step in (2, 3)]
-    return {"moments": moments, "losses": losses}
-
-
-def _megatron_resume_dist(load_dir):
-    """Rank body (tp 2): megatron-core loads a torch_dist checkpoint with its optimizer
-    (``dist_checkpointing.load`` of the optimizer's ``sharded_state_dict``, then
-    ``load_state_dict``) and scheduler state, then iterations 2-3."""
+def _megatron_states(load_dir, fmt, model, optimizer):
+    """``(model, optimizer, scheduler)`` state dicts of this rank as Megatron-LM's
+    ``load_checkpoint`` reads them: the rank file (legacy), or ``dist_checkpointing.load``
+    of the model's and the optimizer's ``sharded_state_dict`` (torch_dist)."""
     import argparse
 
     from megatron.core import dist_checkpointing
 
-    mr.stub_for_cpu()
-    mr.init_parallel(tp=2)
-    model = mr.build_model("llama", tp=2, seed=76).train()
-    optimizer, scheduler = mr.megatron_optimizer(model)
+    iter_dir = f"{load_dir}/iter_{mr.ITERATION:07d}"
+    if fmt == "torch":
+        rank = torch.distributed.get_rank()
+        state = torch.load(f"{iter_dir}/mp_rank_{rank:02d}/model_optim_rng.pt",
+                           map_location="cpu", weights_only=False)
+        return state["model"], state["optimizer"], state["opt_param_scheduler"]
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd,
                "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
     with torch.serialization.safe_globals([argparse.Namespace]):
-        loaded = dist_checkpointing.load(request, f"{load_dir}/iter_{mr.ITERATION:07d}")
-        common = dist_checkpointing.load_common_state_dict(
-            f"{load_dir}/iter_{mr.ITERATION:07d}")
-    model.load_state_dict(loaded["model"], strict=True)
-    optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(common["opt_param_scheduler"])
+        loaded = dist_checkpointing.load(request, iter_dir)
+        common = dist_checkpointing.load_common_state_dict(iter_dir)
+    return loaded["model"], loaded["optimizer"], common["opt_param_scheduler"]
+
+
+def _megatron_resume(load_dir, fmt="torch"):
+    """Rank body (tp 2): megatron-core loads a checkpoint with its optimizer and
+    scheduler state as Megatron-LM's ``load_checkpoint`` does, then iterations 2-3."""
+    mr.stub_for_cpu()
+    mr.init_parallel(tp=2)
+    model = mr.build_model("llama", tp=2, seed=77).train()
+    optimizer, scheduler = mr.megatron_optimizer(model)
+    model_sd, optimizer_sd, scheduler_sd = _megatron_states(load_dir, fmt, model, optimizer)
+    model.load_state_dict(model_sd, strict=True)
+    optimizer.load_state_dict(optimizer_sd)
+    scheduler.load_state_dict(scheduler_sd)
     moments = mr.adam_state_by_name(model, optimizer)
     losses = [mr.train_step(model, optimizer, scheduler, step) for step in (2, 3)]
     return {"moments": moments, "losses": losses}
@@ -215,8 +209,8 @@ def test_megatron_optimizer_and_rng_state_resume_exactly(tmp_path):
                                 saver="megatron", ckpt_format="torch_dist",
                                 target_tensor_parallel_size=2, progress=False)
     assert not report.notes
-    back = run_distributed(_megatron_resume_dist, world_size=2, args=(f"{root}/back_dist",),
-                           timeout=240)
+    back = run_distributed(_megatron_resume, world_size=2,
+                           args=(f"{root}/back_dist", "torch_dist"), timeout=240)
     for rank in (0, 1):
         _assert_same_moments(back[rank]["moments"], ref[rank]["moments"])
         torch.testing.assert_close(back[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
@@ -334,24 +328,25 @@ def _megacore_bf16_load(load_dir):
     return optimizer.state_dict()["params"]
 
 
-def _megatron_bf16_load(load_dir):
-    """Rank body: megatron-core's Float16 optimizer loads a legacy rank file."""
+def _megatron_bf16_load(load_dir, fmt):
+    """Rank body: megatron-core's Float16 optimizer loads a checkpoint."""
     mr.stub_for_cpu()
     mr.init_parallel()
     model = mr.build_model("llama", seed=78).train().bfloat16()
     optimizer, _ = mr.megatron_optimizer(model, bf16=True)
-    state = torch.load(_rank_file(load_dir, 0), map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"], strict=True)
     with mr.cuda_type_names():
-        optimizer.load_state_dict(state["optimizer"])
+        model_sd, optimizer_sd, _ = _megatron_states(load_dir, fmt, model, optimizer)
+        model.load_state_dict(model_sd, strict=True)
+        optimizer.load_state_dict(optimizer_sd)
     return mr.adam_state_by_name(model, optimizer)
 
 
 def test_megatron_mixed_precision_optimizer_state(tmp_path):
     """bf16 weights with fp32 main params (``fp32_from_fp16_params``): megacore's
     mixed-precision optimizer loads megatron-core's moments and main params bitwise by
-    name; megatron -> megacore -> megatron gives a state megatron-core loads to the same
-    moments and main params."""
+    name; megatron -> megacore -> megatron (legacy and torch_dist, ``fp32_param`` keys)
+    gives a state megatron-core loads to the same moments and main params, and the
+    torch_dist one converts back to megacore to the same tensors."""
     root = str(tmp_path)
     ref = run_distributed(_megatron_bf16_train, world_size=1, args=(root,), timeout=240)[0]
     assert all("main_param" in s for s in ref.values())
@@ -364,9 +359,23 @@ def test_megatron_mixed_precision_optimizer_state(tmp_path):
                        progress=False)
     convert_checkpoint(load_dir=f"{root}/mc", save_dir=f"{root}/back", saver="megatron",
                        ckpt_format="torch", progress=False)
-    back = run_distributed(_megatron_bf16_load, world_size=1, args=(f"{root}/back",),
+    back = run_distributed(_megatron_bf16_load, world_size=1, args=(f"{root}/back", "torch"),
                            timeout=240)[0]
     _assert_same_moments(back, ref)
+    convert_checkpoint(load_dir=f"{root}/mc", save_dir=f"{root}/back_dist", saver="megatron",
+                       ckpt_format="torch_dist", progress=False)
+    back = run_distributed(_megatron_bf16_load, world_size=1,
+                           args=(f"{root}/back_dist", "torch_dist"), timeout=240)[0]
+    _assert_same_moments(back, ref)
+    convert_checkpoint(load_dir=f"{root}/back_dist", save_dir=f"{root}/mc2",
+                       ckpt_format="torch", progress=False)
+    first, second = (open_source("megacore", f"{root}/{d}") for d in ("mc", "mc2"))
+    names = first.model_names()
+    keys = [f"optimizer/{f}/{n}" for n in names for f in first.optimizer_fields(n)]
+    assert len(keys) == 4 * len(names) and names == second.model_names()
+    a, b = first.read(keys, consume=False), second.read(keys, consume=False)
+    for key in keys:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_megatron_rng_entry_mapping():
