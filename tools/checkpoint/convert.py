@@ -26,9 +26,13 @@ Loaders: megacore (legacy torch or torch_dist, detected), hf
 (architecture from config.json), megatron (Megatron-LM, either layout; aliases
 legacy, core, mcore); --loader may be omitted (detected). Savers:
 megacore (--ckpt-format torch|torch_dist, optimizer state carried), hf,
-megatron (same aliases and formats; model weights and args: Megatron's optimizer
-and RNG states are not converted, load with --no-load-optim --no-load-rng).
-Converted megacore checkpoints carry no RNG state: resume with --no-load-rng.
+megatron (same aliases and formats). Optimizer state: megatron-core's
+non-distributed optimizer state is read from and written to both Megatron layouts,
+matched by parameter name; the distributed optimizer's state is not read, and a MoE
+torch_dist Megatron target gets no optimizer state (both reported as notes). RNG
+states are per rank and are not converted: resume a converted checkpoint with
+--no-load-rng (Megatron-LM too); pretrain_gpt.py --load <Megatron checkpoint>
+restores Megatron's RNG states itself.
 Exit status: 0 done, 2 the conversion stopped (unknown/missing tensors, listed).
 """
 
@@ -99,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF saver: bytes per safetensors shard, e.g. 5GB or 512MiB "
                         "(default: 2GB)")
     p.add_argument("--no-optimizer", action="store_true",
-                   help="megacore saver: drop the optimizer state (weights only)")
+                   help="megacore and megatron savers: drop the optimizer state "
+                        "(weights only)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars on stderr")
     return p

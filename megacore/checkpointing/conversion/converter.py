@@ -109,7 +109,8 @@ def open_source(loader: str, load_dir: str, manifest: Optional[Manifest] = None,
     if loader == "hf":
         return HFSource(load_dir, manifest)
     if loader == "megatron":
-        return open_megatron_source(load_dir, manifest, true_vocab_size=true_vocab_size)
+        return open_megatron_source(load_dir, manifest, true_vocab_size=true_vocab_size,
+                                    load_optimizer=load_optimizer)
     return open_megacore_source(load_dir, manifest, true_vocab_size=true_vocab_size,
                                 load_optimizer=load_optimizer, block_spec=block_spec)
 
@@ -149,6 +150,12 @@ def _carry_tokenizer(source: CanonicalSource, load_dir: str, save_dir: str, save
         carry_checkpoint_tokenizer(source.description.config_dict, load_dir, save_dir)
 
 
+def _carries_optimizer(saver: str, save_optimizer: bool) -> bool:
+    """Whether the target gets optimizer state: megacore and Megatron-LM targets
+    (megatron-core's non-distributed optimizer state); Hugging Face has none."""
+    return save_optimizer and saver != "hf"
+
+
 def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                        saver: str = "megacore", ckpt_format: str = "torch_dist",
                        target_tensor_parallel_size: Optional[int] = None,
@@ -176,7 +183,10 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
         true_vocab_size: vocabulary rows without padding (when the source cannot tell).
         hf_architecture: HF class to write (default from the model).
         max_shard_size: bytes per HF shard.
-        save_optimizer: carry optimizer state (megacore -> megacore).
+        save_optimizer: carry optimizer state (megacore and Megatron-LM sources
+            and targets of either format; Megatron's distributed-optimizer state, and
+            MoE optimizer state for a Megatron torch_dist target, are reported in the
+            notes, not carried).
         progress: progress bars on stderr.
         transformer_impl: Megatron legacy saver: ``local`` or ``transformer_engine``
             parameter names.
@@ -200,7 +210,7 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
     used_loader = detect_loader(load_dir) if loader == "auto" else _plugin(loader)
     with MemoryMonitor() as monitor:
         source = open_source(used_loader, load_dir, manifest, true_vocab_size,
-                             load_optimizer=save_optimizer and saver == "megacore",
+                             load_optimizer=_carries_optimizer(saver, save_optimizer),
                              block_spec=block_spec)
         try:
             _check_names(source)
@@ -213,7 +223,7 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
             elif saver == "megatron":
                 cls = MegatronLegacySaver if ckpt_format == "torch" else MegatronDistSaver
                 writer = cls(save_dir, layout, progress=progress,
-                             transformer_impl=transformer_impl)
+                             transformer_impl=transformer_impl, save_optimizer=save_optimizer)
             else:
                 cls = LegacySaver if ckpt_format == "torch" else DistSaver
                 writer = cls(save_dir, layout, progress=progress, save_optimizer=save_optimizer)
@@ -227,4 +237,4 @@ def convert_checkpoint(*, load_dir: str, save_dir: str, loader: str = "auto",
                             seconds=time.time() - start, peak_anon_mb=monitor.peak_anon_mb,
                             peak_rss_mb=peak_rss_mb(),
                             largest_shard_mb=getattr(writer, "largest_shard_bytes", 0) / 2 ** 20,
-                            notes=list(source.notes))
+                            notes=list(source.notes) + list(getattr(writer, "notes", [])))

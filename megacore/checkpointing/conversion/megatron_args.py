@@ -79,6 +79,12 @@ def _enum_builder(name: str):
     return build
 
 
+def megatron_safe_globals() -> list:
+    """The classes a Megatron checkpoint may hold (for ``torch.serialization.safe_globals``
+    around a ``weights_only`` load)."""
+    return _safe_globals()
+
+
 def _safe_globals() -> list:
     import numpy as np
 

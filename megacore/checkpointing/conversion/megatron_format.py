@@ -34,9 +34,16 @@ Vocabulary: Megatron pads the embedding to ``args.padded_vocab_size`` rows (a mu
 ``make_vocab_size_divisible_by * tp``); its logits cover them all, so all rows are kept
 unless ``--true-vocab-size`` is given. The savers pad to that multiple again.
 
-Not converted: Megatron's optimizer state (its parameter order and distributed-optimizer
-buffers are Megatron-internal) and RNG states. Both are reported in the conversion notes;
-resume with ``--no-load-optim --no-load-rng`` (Megatron-LM) or megacore's equivalents.
+Optimizer state (``megatron_optimizer``): megatron-core's non-distributed optimizer
+(``FP32Optimizer``, or ``Float16OptimizerWithFloat16Params`` with its fp32 main params and
+grad scaler) is read as canonical ``optimizer/<field>/<name>`` tensors (``main_param``,
+``exp_avg``, ``exp_avg_sq``, ``step``): legacy rank files matched by name through
+megatron-core's group order, torch_dist ``optimizer.state.<field>.<key>`` entries by their
+sharded key; the scheduler state is carried as is. The savers write it back in the same
+forms (torch_dist: dense models). The distributed optimizer's state is not read (a
+conversion note; loading it asks for ``--no-load-optim``). RNG states are per rank:
+``megatron_load`` restores them when loading directly
+(:meth:`MegatronDistSource.rng_state` for torch_dist); not converted.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from megacore.checkpointing.conversion.canonical import CanonicalSource, CommonS
 from megacore.checkpointing.conversion.manifest import ConversionError, Manifest
 from megacore.checkpointing.conversion.megacore_format import (
     LegacySource,
+    _merge_optimizer_common,
     chunk_keys,
     rank_file_placements,
     write_rank_file,
@@ -68,6 +76,15 @@ from megacore.checkpointing.conversion.megatron_args import (
     layout_from_args,
     load_megatron_file,
 )
+from megacore.checkpointing.conversion.megatron_optimizer import (
+    UnsupportedOptimizerState,
+    dist_optimizer_common,
+    dist_optimizer_entries,
+    megatron_dist_optimizer_common,
+    megacore_optimizer_from_megatron,
+    megatron_optimizer_from_megacore,
+    megatron_params,
+)
 from megacore.checkpointing.conversion.model_description import GPTDescription
 from megacore.checkpointing.conversion.streaming import Progress
 from megacore.checkpointing.conversion.tensor_rules import (
@@ -75,6 +92,7 @@ from megacore.checkpointing.conversion.tensor_rules import (
     MegacoreLayout,
     layer_index,
     model_key,
+    optimizer_key,
     parse_key,
     shard_rule,
     split_for_tp,
@@ -104,7 +122,14 @@ _TE_TO_LOCAL = {
 _LOCAL_TO_TE = {v: k for k, v in _TE_TO_LOCAL.items()}
 _LAYER_PREFIX = re.compile(r"^(decoder\.layers\.\d+\.)(.+)$")
 _EXTRA_STATE = "._extra_state"
+# Submodules of a megatron-core TransformerLayer in registration (= named_parameters)
+# order; SelfAttention creates linear_proj (in Attention.__init__) before linear_qkv.
+_MEGATRON_LAYER_ORDER = ("input_layernorm.", "self_attention.linear_proj.",
+                         "self_attention.linear_qkv.", "self_attention.q_layernorm.",
+                         "self_attention.k_layernorm.", "pre_cross_attn_layernorm.",
+                         "cross_attention.", "pre_mlp_layernorm.", "mlp.")
 _DIST_EXPERTS = "mlp.experts.experts."
+_RNG_SHARD = re.compile(r"^rng_state/shard_([\d.]+)_[\d.]+$")
 _LOCAL_EXPERTS = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
@@ -125,6 +150,29 @@ def megacore_to_megatron_name(name: str, transformer_impl: str, moe_layer: bool)
     if moe_layer and match.group(2).startswith("pre_mlp_layernorm"):
         return name
     return match.group(1) + _LOCAL_TO_TE[match.group(2)]
+
+
+def megatron_module_order(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` in megatron-core's module order: within each transformer layer the
+    entries follow ``_MEGATRON_LAYER_ORDER`` (stable otherwise). Megatron's optimizer
+    state is positional in this order (``megatron_optimizer``)."""
+    def key(item):
+        position, (name, _) = item
+        match = _LAYER_PREFIX.match(name)
+        if not match:
+            return (position, 0)
+        rank = next((i for i, p in enumerate(_MEGATRON_LAYER_ORDER)
+                     if match.group(2).startswith(p)), len(_MEGATRON_LAYER_ORDER))
+        first = layer_starts[match.group(1)]
+        return (first, rank, position)
+
+    layer_starts: Dict[str, int] = {}
+    for position, name in enumerate(state_dict):
+        match = _LAYER_PREFIX.match(name)
+        if match:
+            layer_starts.setdefault(match.group(1), position)
+    ordered = sorted(enumerate(state_dict.items()), key=key)
+    return {name: value for _, (name, value) in ordered}
 
 
 def _is_empty_extra_state(value: Any) -> bool:
@@ -160,12 +208,18 @@ def is_megatron_checkpoint(load_dir: str) -> bool:
 
 
 def open_megatron_source(load_dir: str, manifest: Optional[Manifest] = None,
-                         true_vocab_size: Optional[int] = None) -> CanonicalSource:
-    """The latest Megatron checkpoint under ``load_dir`` (or an iteration directory)."""
+                         true_vocab_size: Optional[int] = None, load_optimizer: bool = False,
+                         optimizer_required: bool = False) -> CanonicalSource:
+    """The latest Megatron checkpoint under ``load_dir`` (or an iteration directory).
+
+    ``load_optimizer``: also read the optimizer state; one megacore cannot read becomes a
+    note, or (``optimizer_required``) an error naming the file."""
     iter_dir, _ = resolve_checkpoint_dir(load_dir)
     if _first_rank_file(iter_dir):
-        return MegatronLegacySource(iter_dir, manifest, true_vocab_size)
-    return MegatronDistSource(iter_dir, manifest, true_vocab_size)
+        return MegatronLegacySource(iter_dir, manifest, true_vocab_size, load_optimizer,
+                                    optimizer_required)
+    return MegatronDistSource(iter_dir, manifest, true_vocab_size, load_optimizer,
+                              optimizer_required)
 
 
 def _common(state: Dict[str, Any]) -> CommonState:
@@ -177,14 +231,11 @@ def _common(state: Dict[str, Any]) -> CommonState:
         consumed_valid_samples=int(getattr(args, "consumed_valid_samples", 0) or 0))
 
 
-def _optimizer_notes(state: Dict[str, Any], has_optimizer: bool) -> List[str]:
-    notes = []
-    if has_optimizer:
-        notes.append("Megatron's optimizer state was not converted (resume with "
-                     "--no-load-optim)")
-    if state.get("rng_state") is not None:
-        notes.append("Megatron's RNG states were not converted (resume with --no-load-rng)")
-    return notes
+def _rng_notes(state: Dict[str, Any]) -> List[str]:
+    if state.get("rng_state") is None:
+        return []
+    return ["Megatron's RNG states (per rank of its layout) were not converted; loading "
+            "the Megatron checkpoint directly restores them"]
 
 
 # -- legacy source ------------------------------------------------------------------------
@@ -193,7 +244,8 @@ class MegatronLegacySource(LegacySource):
     tensors; layout and model from ``args``, local or Transformer Engine names."""
 
     def __init__(self, iter_dir: str, manifest: Optional[Manifest] = None,
-                 true_vocab_size: Optional[int] = None):
+                 true_vocab_size: Optional[int] = None, load_optimizer: bool = False,
+                 optimizer_required: bool = False):
         CanonicalSource.__init__(self, manifest)
         self.iter_dir = iter_dir
         first_path = _first_rank_file(iter_dir)
@@ -219,14 +271,48 @@ class MegatronLegacySource(LegacySource):
         self.common = _common(first)
         self.refs: Dict[str, Dict[int, List[tuple]]] = {}
         self._dropped_extra: List[str] = []
-        self._index(chunks, load_optimizer=False)
-        self.notes += _optimizer_notes(first, any(
-            s.get("optimizer") is not None for s in self.states.values()))
+        has_optimizer = any(s.get("optimizer") is not None for s in self.states.values())
+        converted = has_optimizer and load_optimizer and self._convert_optimizer(
+            chunks, optimizer_required)
+        self._index(chunks, load_optimizer=converted)
+        if has_optimizer and not load_optimizer:
+            self.notes.append("Megatron's optimizer state was not read (this saver does not "
+                              "carry optimizer state)")
+        self.notes += _rng_notes(first)
         if self._dropped_extra:
             self.notes.append(f"{len(self._dropped_extra)} non-empty _extra_state entries "
                               f"(Transformer Engine FP8 metadata) were not converted, e.g. "
                               f"{self._dropped_extra[0]}")
         self.manifest.check_source()
+
+    def _convert_optimizer(self, chunks: int, required: bool) -> bool:
+        """Replace each rank file's Megatron optimizer state by megacore's form (so the
+        base class indexes it) and fill ``common``; False (and a note) when it is of a
+        kind megacore cannot read and not ``required``."""
+        lay, converted = self.layout, {}
+        for (t, p, e), state in self.states.items():
+            path = legacy_file_path(self.iter_dir, t, p, lay.pp, e, lay.ep)
+            if state.get("optimizer") is None:
+                raise ConversionError(f"{path} holds no optimizer state while other rank "
+                                      "files do; resume with --no-load-optim")
+            try:
+                converted[(t, p, e)] = megacore_optimizer_from_megatron(
+                    state["optimizer"], [state[k] for k in chunk_keys(chunks)],
+                    megatron_to_megacore_name, lay.ep > 1, path)
+            except UnsupportedOptimizerState as exc:
+                if required:
+                    raise
+                self.notes.append(f"Megatron's optimizer state was not converted: {exc}")
+                return False
+        opt_common: Dict[str, Dict[str, Any]] = {}
+        for key, opt in converted.items():
+            self.states[key] = dict(self.states[key], optimizer=opt)
+            for member in opt.get("optimizers", [opt]):
+                _merge_optimizer_common(opt_common, member)
+        self.common.optimizer_common = opt_common
+        first = self.states[min(self.states)]
+        self.common.opt_param_scheduler = first.get("opt_param_scheduler")
+        return True
 
     def _megacore_local(self, local: str, value: Any) -> Optional[str]:
         if local.endswith(_EXTRA_STATE):
@@ -246,11 +332,14 @@ class MegatronDistSource(CanonicalSource):
     """
 
     def __init__(self, iter_dir: str, manifest: Optional[Manifest] = None,
-                 true_vocab_size: Optional[int] = None):
+                 true_vocab_size: Optional[int] = None, load_optimizer: bool = False,
+                 optimizer_required: bool = False):
         super().__init__(manifest)
         self.iter_dir = iter_dir
         common_path = os.path.join(iter_dir, COMMON_FILENAME)
         common = load_megatron_file(common_path)
+        self._optimizer = (common.get("optimizer") if load_optimizer else None,
+                           optimizer_required)
         if "args" not in common:
             raise ConversionError(f"{common_path}: no 'args' entry; not a Megatron-LM "
                                   "checkpoint")
@@ -270,26 +359,90 @@ class MegatronDistSource(CanonicalSource):
         self.common = _common(common)
         self.refs: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
         self._cache: Dict[str, torch.Tensor] = {}
+        self._steps: Dict[str, torch.Tensor] = {}
         self._index()
+        if self._optimizer[0] is not None:
+            self.common.opt_param_scheduler = common.get("opt_param_scheduler")
         self.manifest.check_source()
 
     def _index(self) -> None:
-        optimizer_keys = 0
+        optimizer_keys = []
         for key, meta in self.meta.items():
             if not hasattr(meta, "size"):
                 continue  # byte items: _extra_state, rng_state, rerun state
             if key.startswith("optimizer."):
-                optimizer_keys += 1
+                optimizer_keys.append(key)
                 continue
-            for name, index in self._canonical(key, tuple(meta.size)):
-                if shard_rule(name, self.description) is None:
-                    self.manifest.add_unknown(key)
-                    continue
-                self.refs[model_key(name)] = (key, index)
-                self._register(model_key(name))
+            self._add_refs(key, model_key)
+        if optimizer_keys and self._optimizer[0] is not None:
+            try:
+                self._index_optimizer(optimizer_keys)
+                return
+            except UnsupportedOptimizerState as exc:
+                if self._optimizer[1]:
+                    raise
+                self.notes.append(f"Megatron's optimizer state was not converted: {exc}")
+                return
         if optimizer_keys:
-            self.notes.append(f"Megatron's optimizer state ({optimizer_keys} tensors) was not "
-                              "converted (resume with --no-load-optim)")
+            self.notes.append(f"Megatron's torch_dist optimizer state ({len(optimizer_keys)} "
+                              "tensors) was not read (this saver does not carry optimizer "
+                              "state)")
+
+    def rng_state(self, pp_rank: int, tp_rank: int) -> Optional[List[Dict[str, Any]]]:
+        """Megatron-LM's RNG state list of the (pp, tp) position: the ``rng_state``
+        ShardedObject (``shard_<pp>.<tp>_<PP>.<TP>``; with ``<dp>`` as a third offset, one
+        shard per dp rank), unpickled with ``weights_only``; None when not saved."""
+        import torch.distributed.checkpoint as dcp
+
+        from megacore.checkpointing.conversion.megatron_args import megatron_safe_globals
+        from megacore.checkpointing.safe_dcp import SafeLoadPlanner
+
+        shards = {}
+        for key in self.meta:
+            match = _RNG_SHARD.match(key)
+            offset = tuple(int(x) for x in match.group(1).split(".")) if match else ()
+            if offset[:2] == (pp_rank, tp_rank):
+                shards[offset] = key
+        keys = [shards[o] for o in sorted(shards)]
+        if not keys:
+            return None
+        request: Dict[str, Any] = {k: io.BytesIO() for k in keys}
+        # Metadata as for the tensors (_stacked); the byte items with weights_only.
+        with torch.serialization.safe_globals(megatron_safe_globals()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(request, checkpoint_id=self.iter_dir, planner=SafeLoadPlanner(),
+                     no_dist=True)
+        # megatron-core saves a byte item as the list of its ShardedObjects' data
+        # (strategies/torch.py: _mcore_to_torch_sharded_object): one object per key here.
+        return [entry for k in keys for entry in request[k][0]]
+
+    def _add_refs(self, key: str, canonical_key, dcp_key: Optional[str] = None) -> None:
+        """Refs of the canonical tensors of one stacked checkpoint tensor ``key`` (a
+        model key; ``dcp_key``: where it is stored, default ``key``)."""
+        dcp_key = dcp_key or key
+        for name, index in self._canonical(key, tuple(self.meta[dcp_key].size)):
+            if shard_rule(name, self.description) is None:
+                self.manifest.add_unknown(dcp_key)
+                continue
+            self.refs[canonical_key(name)] = (dcp_key, index)
+            self._register(canonical_key(name))
+
+    def _index_optimizer(self, keys: List[str]) -> None:
+        """Megatron's non-distributed optimizer state (``megatron_optimizer``): moments
+        and fp32 main params by sharded key; the weights are the main params of fp32
+        runs; one common step for every param."""
+        where = self.iter_dir
+        step, member = dist_optimizer_common(self._optimizer[0], where)
+        for field, key, dcp_key in dist_optimizer_entries(keys, where):
+            self._add_refs(key, lambda name, f=field: optimizer_key(f, name), dcp_key)
+        for name in list(self._names):
+            if optimizer_key("main_param", name) not in self.refs:
+                self.refs[optimizer_key("main_param", name)] = self.refs[model_key(name)]
+                self._register(optimizer_key("main_param", name))
+            self._steps[optimizer_key("step", name)] = step
+            self._register(optimizer_key("step", name))
+        _merge_optimizer_common(self.common.optimizer_common, member)
 
     def _canonical(self, key: str, size: Tuple[int, ...]):
         """``[(canonical name, index into the stacked tensor)]`` of a sharded key."""
@@ -319,6 +472,9 @@ class MegatronDistSource(CanonicalSource):
     def _read(self, keys: List[str]) -> Dict[str, torch.Tensor]:
         out = {}
         for key in keys:
+            if key in self._steps:
+                out[key] = self._steps[key].clone()
+                continue
             if key not in self.refs:
                 raise ConversionError(f"{self.iter_dir}: no tensor {key}")
             dcp_key, index = self.refs[key]
@@ -344,12 +500,15 @@ class _MegatronSaver:
     fmt = ""
 
     def __init__(self, save_dir: str, layout: MegacoreLayout, *, progress: bool = True,
-                 transformer_impl: str = "local"):
+                 transformer_impl: str = "local", save_optimizer: bool = True):
         if transformer_impl not in TRANSFORMER_IMPLS:
             raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got "
                              f"{transformer_impl!r}")
         self.save_dir, self.layout, self.progress = save_dir, layout, progress
         self.transformer_impl = transformer_impl
+        self.save_optimizer = save_optimizer
+        self.notes: List[str] = []
+        """What the target did not get (added to the conversion notes)."""
 
     def _prepare(self, source: CanonicalSource) -> Tuple[str, GPTDescription, Any]:
         desc = source.description
@@ -401,7 +560,10 @@ class _MegatronSaver:
 
 class MegatronLegacySaver(_MegatronSaver):
     """Writes Megatron-LM's legacy rank files (``mp_rank_*``) for ``layout``, one file at
-    a time, with local or Transformer Engine names (``transformer_impl``)."""
+    a time, with local or Transformer Engine names (``transformer_impl``); with the
+    source's optimizer state, megatron-core's non-distributed optimizer state dict
+    (``megatron_optimizer``: ``FP32Optimizer``'s, or ``Float16OptimizerWithFloat16Params``'s
+    for half-precision weights) and the scheduler state."""
 
     fmt = "torch"
 
@@ -414,7 +576,9 @@ class MegatronLegacySaver(_MegatronSaver):
         for p in range(lay.pp):
             for e in range(lay.ep):
                 placements = rank_file_placements(lay, names, desc, p, e)
-                tensors = source.read(list(dict.fromkeys(model_key(pl[1]) for pl in placements)))
+                keys = [model_key(pl[1]) for pl in placements]
+                keys += [k for pl in placements for k in self._optimizer_keys(source, pl[1])]
+                tensors = source.read(list(dict.fromkeys(keys)))
                 for t in range(lay.tp):
                     tag = os.path.basename(os.path.dirname(
                         legacy_file_path("", t, p, lay.pp, e, lay.ep)))
@@ -423,11 +587,49 @@ class MegatronLegacySaver(_MegatronSaver):
                                                source.manifest)
                     for key, sd in zip(chunk_keys(lay.num_chunks), chunks):
                         state[key] = sd
+                    if self._with_optimizer(source):
+                        state["optimizer"] = self._optimizer(source, tensors, placements,
+                                                             padded_desc, chunks, t)
+                        state["opt_param_scheduler"] = source.common.opt_param_scheduler
                     write_rank_file(iter_dir, lay, t, p, e, state)
                     bar.update()
         bar.close()
         write_tracker(self.save_dir, source.common.iteration)
         return iter_dir
+
+    def _with_optimizer(self, source: CanonicalSource) -> bool:
+        return self.save_optimizer and source.has_optimizer
+
+    def _optimizer_keys(self, source: CanonicalSource, name: str) -> List[str]:
+        if not self._with_optimizer(source):
+            return []
+        return [optimizer_key(f, name) for f in source.optimizer_fields(name)]
+
+    def _optimizer(self, source: CanonicalSource, tensors, placements, desc: GPTDescription,
+                   chunks: List[Dict[str, Any]], t: int) -> Any:
+        """megatron-core's optimizer state dict of one rank file: each param's fields
+        padded and split like its weight, in Megatron's param order."""
+        fields: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
+        for chunk, name, local, _ in placements:
+            layer = layer_index(local)
+            moe = layer is not None and desc.is_moe_layer(layer_index(name))
+            target = megacore_to_megatron_name(local, self.transformer_impl, moe)
+            rule = shard_rule(name, desc)
+            fields[(chunk, target)] = {
+                f: v if v.dim() == 0 else split_for_tp(self._padded(name, v), rule, desc,
+                                                       self.layout.tp)[t].clone()
+                for f in source.optimizer_fields(name)
+                for v in [tensors[optimizer_key(f, name)]]}
+        params = megatron_params(chunks)
+        half = any(w.dtype in (torch.float16, torch.bfloat16) for _, _, w in params)
+        groups, scaler = {}, None
+        for kind, saved in source.common.optimizer_common.items():
+            scaler = scaler if scaler is not None else saved.get("grad_scaler")
+            for group in saved["param_groups"].values():
+                no_wd = float(group.get("wd_mult", 1.0)) == 0.0
+                groups[(no_wd, bool(group.get("is_expert_parallel", kind == "expert")))] = group
+        return megatron_optimizer_from_megacore(params, fields, groups, half, scaler,
+                                                self.layout.ep > 1)
 
     def _rank_chunks(self, tensors, placements, desc: GPTDescription, t: int, p: int,
                      tag: str, manifest: Manifest) -> List[Dict[str, Any]]:
@@ -442,6 +644,7 @@ class MegatronLegacySaver(_MegatronSaver):
             chunks[chunk][target] = split_for_tp(full, rule, desc, self.layout.tp)[t]
             manifest.write(f"{tag}/{chunk}/{target}")
         last = self.layout.num_chunks - 1
+        chunks = [megatron_module_order(sd) for sd in chunks]
         for chunk, sd in enumerate(chunks):
             for module in self._extra_state_modules(sd, p == self.layout.pp - 1 and
                                                     chunk == last):
@@ -487,16 +690,50 @@ class MegatronDistSaver(_MegatronSaver):
             source.manifest.write(model_key(name))
         state = self._stack(desc, {parse_key(k)[1]: v for k, v in tensors.items()})
         state.update(self._extra_states(state, desc))
+        header = self._header(args, source)
+        if self.save_optimizer and source.has_optimizer and desc.is_moe:
+            self.notes.append("no optimizer state written: the torch_dist Megatron saver "
+                              "does not write megatron-core's chained dense and expert "
+                              "optimizers (MoE); use --ckpt-format torch to carry it")
+        elif self.save_optimizer and source.has_optimizer:
+            optimizer_state, header["optimizer"] = self._optimizer(source, desc, names, state)
+            state.update(optimizer_state)
+            header["opt_param_scheduler"] = source.common.opt_param_scheduler
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(state, checkpoint_id=iter_dir, no_dist=True, planner=_raw_bytes_planner())
-        atomic_torch_save(self._header(args, source), os.path.join(iter_dir, COMMON_FILENAME))
+        atomic_torch_save(header, os.path.join(iter_dir, COMMON_FILENAME))
         metadata = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                     "common_backend": "torch", "common_backend_version": 1}
         atomic_write_bytes(os.path.join(iter_dir, "metadata.json"),
                            json.dumps(metadata).encode())
         write_tracker(self.save_dir, source.common.iteration)
         return iter_dir
+
+    def _optimizer(self, source: CanonicalSource, desc: GPTDescription, names: List[str],
+                   model: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], dict]:
+        """megatron-core's non-distributed optimizer ``sharded_state_dict`` for the model:
+        ``optimizer.state.<field>.<sharded key>`` tensors stacked like the weights (fp32
+        main params as ``fp32_param`` for half-precision weights), and the common part
+        (step, param groups) for ``common.pt``."""
+        half = any(torch.is_tensor(t) and t.dtype in (torch.float16, torch.bfloat16)
+                   for t in model.values())
+        fields = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+        if half:
+            fields["main_param"] = "fp32_param"
+        out = {}
+        for field, megatron_field in fields.items():
+            tensors = source.read([optimizer_key(field, n) for n in names])
+            stacked = self._stack(desc, {parse_key(k)[1]: v for k, v in tensors.items()})
+            out.update({f"optimizer.state.{megatron_field}.{k}": v for k, v in stacked.items()})
+        if not half:  # fp32: the weights are the main params
+            source.manifest.consume([optimizer_key("main_param", n) for n in names])
+        steps = source.read([optimizer_key("step", n) for n in names])
+        step = next(iter(steps.values()))
+        if any(not torch.equal(v, step) for v in steps.values()):
+            raise ConversionError("the params' optimizer steps differ; megatron-core's "
+                                  "torch_dist optimizer state keeps one common step")
+        return out, megatron_dist_optimizer_common(source.common.optimizer_common, step, half)
 
     def _sharded_key(self, suffix: str, moe: bool) -> str:
         """megatron-core's sharded key of a layer suffix (norms under TE names, as its

@@ -10,6 +10,15 @@ manager process); the rank process is marked non-daemonic so that it may fork th
 writer's helper processes. Forward passes get an
 explicit causal mask (the default one is built on ``cuda``).
 
+Optimizer: megatron-core's own ``get_megatron_optimizer`` (torch AdamW inside
+``FP32Optimizer`` wrappers, chained; apex and Transformer Engine are absent) and
+``OptimizerParamScheduler``. The bare model carries the ``ddp_config`` a DDP-wrapped chunk
+would, and the few scratch tensors the optimizer allocates with ``device="cuda"`` (the
+fp32 loss scale, the grad-norm overflow buffer) are made on the CPU (:func:`cpu_tensors`);
+gradient clipping is off (its check asserts CUDA tensors), the grad norm is still
+computed and returned by ``step``. ``Float16OptimizerWithFloat16Params`` (bf16 models)
+accepts params whose ``type()`` names a CUDA tensor: :func:`cuda_type_names`.
+
 Checkpoints are written as Megatron-LM's ``save_checkpoint`` writes them
 (``megatron/training/checkpointing.py``: ``generate_state_dict``): legacy rank files
 ``{args, checkpoint_version: 3.0, iteration, model | model0.., optimizer,
@@ -152,7 +161,8 @@ def logits(model, ids: torch.Tensor):
 
 
 def megatron_args(kind: str, tp: int = 1, pp: int = 1, ep: int = 1,
-                  ckpt_format: str = "torch", transformer_impl: str = "local"):
+                  ckpt_format: str = "torch", transformer_impl: str = "local",
+                  bf16: bool = False):
     """The ``args`` Megatron-LM's parser produces for this model (its arg names)."""
     from megatron.core.transformer.enums import AttnBackend
 
@@ -179,7 +189,8 @@ def megatron_args(kind: str, tp: int = 1, pp: int = 1, ep: int = 1,
         else None, moe_layer_freq=1, moe_grouped_gemm=False,
         moe_router_load_balancing_type="aux_loss", moe_router_score_function="softmax",
         moe_router_pre_softmax=False, moe_token_dispatcher_type="allgather",
-        params_dtype=torch.float32, fp16=False, bf16=False, ckpt_format=ckpt_format,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, fp16=False, bf16=bf16,
+        ckpt_format=ckpt_format,
         transformer_impl=transformer_impl, attention_backend=AttnBackend.auto,
         micro_batch_size=2, global_batch_size=4, lr=1e-3, train_iters=10,
         iteration=ITERATION, consumed_train_samples=ITERATION * 4)
@@ -187,21 +198,136 @@ def megatron_args(kind: str, tp: int = 1, pp: int = 1, ep: int = 1,
 
 
 def _rng_state() -> list:
+    """Megatron-LM's ``get_rng_state`` on a CPU build (no CUDA generator, empty tracker)."""
     return [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
              "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.zeros(0),
              "rng_tracker_states": {}}]
 
 
-def _optimizer_state(model) -> dict:
-    """An FP32Optimizer's state (Megatron's non-distributed fp32 Adam is torch's Adam
-    state dict): one step on copies of the params, so exp_avg is not zero."""
-    params = [p.detach().clone().requires_grad_() for p in model.parameters()
-              if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-3)
-    for p in params:
-        p.grad = torch.full_like(p, 1e-3)
-    opt.step()
-    return opt.state_dict()
+def _sharded_rng_state():
+    """Megatron-LM's ``get_rng_state`` for torch_dist: the list as a ShardedObject over
+    the (pp, tp) grid, data-parallel copies as replicas."""
+    from megatron.core import parallel_state as mps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", _rng_state(),
+                         (mps.get_pipeline_model_parallel_world_size(),
+                          mps.get_tensor_model_parallel_world_size()),
+                         (mps.get_pipeline_model_parallel_rank(),
+                          mps.get_tensor_model_parallel_rank()),
+                         replica_id=mps.get_data_parallel_rank(with_context_parallel=True))
+
+
+@contextlib.contextmanager
+def cpu_tensors():
+    """Factory calls with ``device="cuda"`` make CPU tensors (megatron-core's optimizer
+    scratch tensors; see the module docstring)."""
+    saved = {name: getattr(torch, name) for name in ("tensor", "zeros", "empty", "ones")}
+
+    def on_cpu(factory):
+        def make(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return factory(*args, **kwargs)
+        return make
+
+    for name, factory in saved.items():
+        setattr(torch, name, on_cpu(factory))
+    try:
+        yield
+    finally:
+        for name, factory in saved.items():
+            setattr(torch, name, factory)
+
+
+@contextlib.contextmanager
+def cuda_type_names():
+    """``Tensor.type()`` names CPU tensors as CUDA ones: megatron-core's
+    ``Float16OptimizerWithFloat16Params`` accepts params whose ``type()`` is
+    ``torch.cuda.BFloat16Tensor`` (or Half, Float) only."""
+    original = torch.Tensor.type
+    names = {torch.bfloat16: "torch.cuda.BFloat16Tensor", torch.float16: "torch.cuda.HalfTensor",
+             torch.float32: "torch.cuda.FloatTensor"}
+
+    def type_name(self, *args, **kwargs):
+        if args or kwargs or self.dtype not in names:
+            return original(self, *args, **kwargs)
+        return names[self.dtype]
+
+    torch.Tensor.type = type_name
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+LR, MIN_LR, WEIGHT_DECAY = 1e-2, 1e-3, 0.1
+SCHEDULE = dict(init_lr=0.0, max_lr=LR, min_lr=MIN_LR, lr_warmup_steps=2, lr_decay_steps=10,
+                lr_decay_style="linear", start_wd=WEIGHT_DECAY, end_wd=WEIGHT_DECAY,
+                wd_incr_steps=10, wd_incr_style="constant")
+"""The schedule of the training tests: warm-up and linear decay, so resuming needs the
+scheduler's step count (one scheduler step per iteration)."""
+
+
+def megatron_optimizer(model, bf16: bool = False):
+    """megatron-core's optimizer (AdamW, weight decay 0.1, no clipping) and scheduler;
+    ``bf16``: the model's params are bf16, so ``Float16OptimizerWithFloat16Params``."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    model.ddp_config = DistributedDataParallelConfig()
+    config = OptimizerConfig(optimizer="adam", lr=LR, min_lr=MIN_LR,
+                             weight_decay=WEIGHT_DECAY, clip_grad=0.0, bf16=bf16)
+    with cpu_tensors(), cuda_type_names():
+        optimizer = get_megatron_optimizer(config, [model])
+    return optimizer, OptimizerParamScheduler(optimizer, **SCHEDULE)
+
+
+def batch(step: int):
+    """Tokens and next-token labels ``[b, s]`` of training iteration ``step``."""
+    ids = tokens(seed=100 + step)
+    return ids, torch.roll(ids, -1, dims=1)
+
+
+def causal_inputs():
+    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    return positions, torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1)[None, None]
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of ``[b, s, V]`` logits (the same formula for both libraries)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def train_step(model, optimizer, scheduler, step: int):
+    """One iteration (pp 1): mean token cross entropy of the full logits, backward,
+    optimizer and scheduler step. Returns ``(loss, grad norm)``."""
+    ids, labels = batch(step)
+    loss = token_loss(model(ids, *causal_inputs()), labels)
+    loss.backward()
+    with cpu_tensors(), cuda_type_names():
+        ok, grad_norm, _ = optimizer.step()
+    assert ok
+    optimizer.zero_grad()
+    scheduler.step(increment=1)
+    return loss.item(), float(grad_norm)
+
+
+def adam_state_by_name(model, optimizer) -> dict:
+    """``{param name: {exp_avg, exp_avg_sq, step[, main_param]}}`` of megatron-core's
+    optimizer (this rank's shards), read through the param objects (a half-precision
+    param's ``main_param`` attribute is its fp32 copy): independent of any order rule."""
+    by_main = {getattr(param, "main_param", param): (name, param)
+               for name, param in model.named_parameters()}
+    out = {}
+    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for main, state in member.optimizer.state.items():
+            name, param = by_main[main]
+            out[name] = {k: v.clone() for k, v in state.items()}
+            if main is not param:
+                out[name]["main_param"] = main.detach().clone()
+    return out
 
 
 def te_names(state_dict: dict) -> dict:
@@ -223,8 +349,9 @@ def te_names(state_dict: dict) -> dict:
 
 
 def save_legacy(save_dir: str, kind: str, model_state_dicts, tp_rank: int, pp_rank: int,
-                ep_rank: int, tp: int, pp: int, ep: int, *, optimizer=None,
-                transformer_impl: str = "local", release: bool = False) -> None:
+                ep_rank: int, tp: int, pp: int, ep: int, *, optimizer=None, scheduler=None,
+                transformer_impl: str = "local", release: bool = False,
+                bf16: bool = False) -> None:
     """One rank's ``model_optim_rng.pt`` as Megatron-LM's ``save_checkpoint`` writes it
     (``model_state_dicts``: one per virtual stage) and the tracker file."""
     name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + \
@@ -232,23 +359,26 @@ def save_legacy(save_dir: str, kind: str, model_state_dicts, tp_rank: int, pp_ra
     sub = "release" if release else f"iter_{ITERATION:07d}"
     path = os.path.join(save_dir, sub, name, "model_optim_rng.pt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    state = {"args": megatron_args(kind, tp, pp, ep, "torch", transformer_impl),
+    state = {"args": megatron_args(kind, tp, pp, ep, "torch", transformer_impl, bf16),
              "checkpoint_version": 3.0, "iteration": ITERATION,
              "num_floating_point_operations_so_far": 123.0}
     for i, sd in enumerate(model_state_dicts):
         sd = te_names(sd) if transformer_impl == "transformer_engine" else sd
         state["model" if len(model_state_dicts) == 1 else f"model{i}"] = sd
     state["optimizer"] = optimizer
-    state["opt_param_scheduler"] = {"max_lr": 1e-3, "num_steps": ITERATION * 4}
+    state["opt_param_scheduler"] = scheduler
     state["rng_state"] = _rng_state()
     torch.save(state, path)
     with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("release" if release else str(ITERATION))
 
 
-def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int) -> None:
+def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int, *,
+                    optimizer=None, scheduler=None) -> None:
     """A ``torch_dist`` checkpoint through megatron-core's ``dist_checkpointing.save``
-    (collective over the ranks that hold the model)."""
+    (collective over the ranks that hold the model); with ``optimizer``, its
+    ``sharded_state_dict`` of the model's and the scheduler state, as Megatron-LM's
+    ``generate_state_dict`` adds them."""
     from megatron.core import dist_checkpointing
 
     iter_dir = os.path.join(save_dir, f"iter_{ITERATION:07d}")
@@ -259,6 +389,10 @@ def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int) 
              "args": megatron_args(kind, tp, pp, ep, "torch_dist"),
              "checkpoint_version": 3.0, "iteration": ITERATION,
              "num_floating_point_operations_so_far": 123.0}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+        state["opt_param_scheduler"] = scheduler.state_dict()
+        state["rng_state"] = _sharded_rng_state()
     dist_checkpointing.save(state, iter_dir)
     if dist.get_rank() == 0:
         with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:

@@ -4,13 +4,15 @@ One 2-rank gloo run of megatron-core (``megatron_reference``) builds, on CPU, a 
 model at tp 1, a Llama-style model (GQA, SwiGLU, RoPE, untied) at tp 2, the GPT-2 model
 at pp 2 (tied embeddings: the last stage holds the output copy) and a Mixtral-style MoE
 (4 experts, top-2) at ep 2, runs their forward passes (the references) and saves them as
-Megatron-LM does: legacy rank files with local-spec names (GPT-2, with Adam state and
-RNG states), with Transformer Engine's fused-norm names (Llama), and torch_dist
+Megatron-LM does: legacy rank files with local-spec names (GPT-2 and the MoE, with the
+state of megatron-core's own optimizer after one step, for the MoE a dense and an expert
+optimizer, and RNG states), with Transformer Engine's fused-norm names (Llama), and torch_dist
 directories written by ``dist_checkpointing.save`` (GPT-2 tp 1, Llama tp 2).
 
 Each converts to megacore (both formats) and to Hugging Face; megacore's ``GPTModel``
 and ``transformers`` give megatron-core's logits. Converting back (megatron -> megacore
--> megatron, same layout and format) gives the original tensors bitwise, and a second
+-> megatron, same layout and format) gives the original tensors bitwise, optimizer
+state included (same param order, groups and moments), and a second
 megatron-core run loads the written checkpoints (strict ``load_state_dict`` for legacy,
 ``dist_checkpointing.load`` for torch_dist) to the same logits. ``pretrain_gpt.py --load``
 and the generation server take the Megatron checkpoints directly and agree with the
@@ -60,10 +62,13 @@ def _write_megatron_checkpoints(root):
     # GPT-2 style, tp 1 (dp 2: rank 0 writes), legacy with optimizer + torch_dist.
     mr.init_parallel()
     model = mr.build_model("gpt2")
+    optimizer, scheduler = mr.megatron_optimizer(model)  # one step: moments are not zero
+    mr.train_step(model, optimizer, scheduler, 0)
     refs["gpt2"] = mr.logits(model, ids)
     if rank == 0:
         mr.save_legacy(f"{root}/gpt2_tp1_legacy", "gpt2", [model.state_dict()], 0, 0, 0,
-                       1, 1, 1, optimizer=mr._optimizer_state(model))
+                       1, 1, 1, optimizer=optimizer.state_dict(),
+                       scheduler=scheduler.state_dict())
     mr.save_torch_dist(f"{root}/gpt2_tp1_dist", "gpt2", model, 1, 1, 1)
     # Llama style, tp 2: TE names (legacy) and torch_dist.
     mr.init_parallel(tp=2)
@@ -79,12 +84,15 @@ def _write_megatron_checkpoints(root):
     if out is not None:
         refs["gpt2_pp2"] = out
     mr.save_legacy(f"{root}/gpt2_pp2", "gpt2", [model.state_dict()], 0, rank, 0, 1, 2, 1)
-    # Mixtral style, ep 2 (same tokens on both ranks).
+    # Mixtral style, ep 2 (same tokens on both ranks, so the dense params' grads and
+    # Adam state agree between the ranks), with a dense and an expert optimizer.
     mr.init_parallel(ep=2)
     model = mr.build_model("mixtral", ep=2)
+    optimizer, scheduler = mr.megatron_optimizer(model)
+    mr.train_step(model, optimizer, scheduler, 0)
     refs["mixtral"] = mr.logits(model, ids)
     mr.save_legacy(f"{root}/mixtral_ep2", "mixtral", [model.state_dict()], 0, 0, rank, 1, 1,
-                   2)
+                   2, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
     mps.destroy_model_parallel()
     return refs
 
@@ -159,6 +167,23 @@ def _dcp_tensors(iter_dir):
     return request
 
 
+def _assert_same_optimizer(path, twin):
+    """megatron-core optimizer state dicts (with their param order) bitwise equal."""
+    a, b = (torch.load(p, map_location="cpu", weights_only=False) for p in (path, twin))
+    assert (a.get("optimizer") is None) == (b.get("optimizer") is None), twin
+    if a.get("optimizer") is None:
+        return
+    members = [o if isinstance(o, list) else [o] for o in (a["optimizer"], b["optimizer"])]
+    assert len(members[0]) == len(members[1]), twin  # [dense, expert] with ep > 1
+    for mine, theirs in zip(*members):
+        assert [g["params"] for g in mine["param_groups"]] == \
+            [g["params"] for g in theirs["param_groups"]], twin
+        for index, state in mine["state"].items():
+            for field, value in state.items():
+                assert torch.equal(value, theirs["state"][index][field]), (twin, index, field)
+    assert a["opt_param_scheduler"] == b["opt_param_scheduler"]
+
+
 def _assert_bitwise(original, back, fmt):
     if fmt == "torch":
         files = sorted(glob.glob(f"{original}/iter_*/mp_rank_*/model_optim_rng.pt"))
@@ -169,6 +194,7 @@ def _assert_bitwise(original, back, fmt):
             assert sorted(a) == sorted(b), path
             for key in a:
                 assert torch.equal(a[key], b[key]), f"{path}: {key}"
+            _assert_same_optimizer(path, twin)
     else:
         a = _dcp_tensors(f"{original}/iter_0000007")
         b = _dcp_tensors(f"{back}/iter_0000007")
@@ -193,9 +219,10 @@ def test_megatron_checkpoints_convert_with_megatron_core_logits(tmp_path):
                                     target_pipeline_parallel_size=1,
                                     target_expert_parallel_size=1, progress=False)
         assert report.loader == "megatron"
-        if name == "gpt2_tp1_legacy":
-            assert any("optimizer state was not converted" in n for n in report.notes)
-            assert any("RNG states were not converted" in n for n in report.notes)
+        if name == "gpt2_tp1_legacy":  # the optimizer state is carried, RNG states not
+            assert not any("optimizer" in n for n in report.notes)
+            assert any("RNG states" in n and "not converted" in n for n in report.notes)
+            assert open_source("megacore", f"{root}/mc/{name}").has_optimizer
         megacore_dirs[name] = (f"{root}/mc/{name}", _desc_dict(f"{root}/mc/{name}"))
         # megatron -> Hugging Face
         convert_checkpoint(load_dir=src, save_dir=f"{root}/hf/{name}", loader="mcore",
@@ -299,10 +326,9 @@ def _save_megacore_gpt(root):
 def test_virtual_pipeline_layout_round_trip_and_errors(tmp_path):
     """megacore -> Megatron legacy at tp 2, pp 2, vpp 2 (``model0``/``model1`` in each
     rank file, args recording the layout and the padded vocabulary) -> megacore gives the
-    same tensors bitwise; a missing rank file and a load asking for Megatron's optimizer
-    state fail with messages naming the file and the flags."""
+    same tensors, model and optimizer state, bitwise; a missing rank file fails with a
+    message naming the file."""
     from megacore.checkpointing.conversion.megatron_args import load_megatron_file
-    from megacore.checkpointing.conversion.megatron_load import load_megatron_checkpoint
 
     root = str(tmp_path)
     run_distributed(_save_megacore_gpt, world_size=1, args=(f"{root}/src",), timeout=120)
@@ -330,11 +356,11 @@ def test_virtual_pipeline_layout_round_trip_and_errors(tmp_path):
     names = original.model_names()
     assert names == back.model_names()
     keys = [f"model/{n}" for n in names]
+    keys += [f"optimizer/{f}/{n}" for n in names for f in original.optimizer_fields(n)]
+    assert len(keys) > 2 * len(names)  # the optimizer went through Megatron's format
     a, b = original.read(keys, consume=False), back.read(keys, consume=False)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    with pytest.raises(CheckpointError, match="pass --no-load-optim --no-load-rng"):
-        load_megatron_checkpoint([torch.nn.Linear(1, 1)], None, None, load_dir=f"{root}/meg")
     os.remove(files[-1])
     with pytest.raises(CheckpointError, match="mp_rank_01_001/model_optim_rng.pt is missing"):
         convert_checkpoint(load_dir=f"{root}/meg", save_dir=f"{root}/x", saver="hf",
