@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from megacore.distributed import DistributedDataParallelConfig
+from megacore.model_parallel_config import DEPRECATED_HOOK_FIELDS
 from megacore.optimizer import OptimizerConfig
 from megacore.training.megatron_flags import SECTIONS
 from megacore.training.training_config import (
@@ -73,13 +74,20 @@ def _jsonable(value):
     return value
 
 
+_RUNTIME_OBJECTS = frozenset(DEPRECATED_HOOK_FIELDS)
+"""Callable-valued fields (the deprecated hooks of ``ModelParallelConfig``, which
+``OptimizerConfig`` shares by name for ``timers``): runtime objects, never part of a run's
+configuration. The training loop passes hooks as ``TrainingHooks`` and sets none of them,
+so there is nothing to save."""
+
+
 def run_config_to_dict(run: RunConfig) -> Dict[str, Dict[str, Any]]:
     """The resolved configuration as plain JSON-able data (printed and checkpointed)."""
     out = {}
     for name in SECTIONS:
         config = getattr(run, name)
         out[name] = {f.name: _jsonable(getattr(config, f.name))
-                     for f in dataclasses.fields(config)}
+                     for f in dataclasses.fields(config) if f.name not in _RUNTIME_OBJECTS}
     out["derived"] = {"data_parallel_size": run.data_parallel_size,
                       "num_microbatches": run.num_microbatches}
     return json.loads(json.dumps(out, default=str))
