@@ -11,7 +11,8 @@ Rank layout
 Ranks are laid out by an order string, default ``"tp-cp-ep-dp-pp"``, the first axis
 varying fastest. Dense layers see the world as ``tp * cp * dp * pp``; expert layers
 re-slice the same ranks as ``expert_tp * ep * expert_dp * pp``. The layout is a pure
-function (:class:`ParallelLayout`), tested without processes.
+function (:class:`~megacore.parallel_layout.ParallelLayout`, re-exported here), tested
+without processes; this module turns one into process groups.
 
 Worked example: 8 ranks, tp=2, pp=2 (so dp=2), order ``tp-cp-ep-dp-pp``::
 
@@ -28,10 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import itertools
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
+
+from megacore.parallel_layout import ParallelLayout, orthogonal_rank_groups  # noqa: F401
 
 __all__ = [
     "ParallelLayout",
@@ -89,205 +91,6 @@ __all__ = [
     "set_virtual_pipeline_model_parallel_world_size",
 ]
 
-_AXES = ("tp", "cp", "ep", "dp", "pp")
-
-# Flag spelling of every degree, used in error messages so a user can find what to change.
-_FLAG = {
-    "tp": "--tensor-model-parallel-size",
-    "pp": "--pipeline-model-parallel-size",
-    "cp": "--context-parallel-size",
-    "ep": "--expert-model-parallel-size",
-    "etp": "--expert-tensor-parallel-size",
-    "vpp": "--num-virtual-stages-per-pipeline-rank",
-}
-
-
-def _divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def orthogonal_rank_groups(sizes: Dict[str, int], order: Sequence[str],
-                           axes: Sequence[str]) -> List[List[int]]:
-    """All groups of ranks that vary along ``axes`` and agree on every other axis.
-
-    ``order`` lists the axes fastest-first; the rank of coordinates ``c`` is
-    ``sum(c[a] * stride[a])`` with ``stride[order[0]] = 1``. Groups are listed with the
-    remaining axes' coordinates counting fastest-first, and ranks inside a group with the
-    chosen axes' coordinates counting fastest-first.
-
-    Example: sizes ``{tp: 2, dp: 2, pp: 2}``, order ``(tp, dp, pp)``, axes ``(dp,)`` gives
-    ``[[0, 2], [1, 3], [4, 6], [5, 7]]``.
-    """
-    unknown = [a for a in axes if a not in order]
-    if unknown:
-        raise ValueError(f"axes {unknown} are not in the order {list(order)}")
-    strides, stride = {}, 1
-    for axis in order:
-        strides[axis] = stride
-        stride *= sizes[axis]
-    chosen = [a for a in order if a in axes]
-    others = [a for a in order if a not in axes]
-
-    def coords(names: List[str]) -> List[Tuple[int, ...]]:
-        # itertools.product varies the last element fastest; reverse to make names[0] fastest.
-        ranges = [range(sizes[a]) for a in reversed(names)]
-        return [tuple(reversed(c)) for c in itertools.product(*ranges)]
-
-    groups = []
-    for outer in coords(others):
-        base = sum(c * strides[a] for a, c in zip(others, outer))
-        groups.append([base + sum(c * strides[a] for a, c in zip(chosen, inner))
-                       for inner in coords(chosen)])
-    return groups
-
-
-@dataclasses.dataclass(frozen=True)
-class ParallelLayout:
-    """The parallel degrees of one grid, validated as a whole.
-
-    Dense layers use ``tp * cp * dp * pp == world_size``; expert layers re-slice the same
-    ranks as ``expert_tp * ep * expert_dp * pp``. ``data_parallel_size`` and
-    ``expert_data_parallel_size`` are derived.
-    """
-
-    world_size: int
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    context_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: Optional[int] = None
-    order: str = "tp-cp-ep-dp-pp"
-
-    def __post_init__(self):
-        if self.expert_tensor_parallel_size is None:
-            object.__setattr__(self, "expert_tensor_parallel_size",
-                               self.tensor_model_parallel_size)
-        self._validate_degrees()
-        self._validate_order()
-
-    # -- validation -------------------------------------------------------------------
-    def _validate_degrees(self):
-        degrees = {"tp": self.tensor_model_parallel_size,
-                   "pp": self.pipeline_model_parallel_size,
-                   "cp": self.context_parallel_size,
-                   "ep": self.expert_model_parallel_size,
-                   "etp": self.expert_tensor_parallel_size}
-        if self.world_size < 1:
-            raise ValueError(f"world size must be >= 1, got {self.world_size}")
-        for axis, size in degrees.items():
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"{_FLAG[axis]} must be a positive integer, got {size!r}")
-        vpp = self.virtual_pipeline_model_parallel_size
-        if vpp is not None:
-            if vpp < 1:
-                raise ValueError(f"{_FLAG['vpp']} must be >= 1, got {vpp}")
-            if vpp > 1 and self.pipeline_model_parallel_size < 2:
-                raise ValueError(
-                    f"virtual pipeline stages ({_FLAG['vpp']}={vpp}) need "
-                    f"{_FLAG['pp']} >= 2, got {self.pipeline_model_parallel_size}")
-        model = (self.tensor_model_parallel_size * self.context_parallel_size
-                 * self.pipeline_model_parallel_size)
-        if self.world_size % model:
-            rest = self.pipeline_model_parallel_size * self.context_parallel_size
-            fits = [d for d in _divisors(self.world_size) if self.world_size % (d * rest) == 0]
-            raise ValueError(
-                f"world size {self.world_size} is not divisible by "
-                f"{_FLAG['tp']}={self.tensor_model_parallel_size} x "
-                f"{_FLAG['cp']}={self.context_parallel_size} x "
-                f"{_FLAG['pp']}={self.pipeline_model_parallel_size} (= {model}); "
-                f"choose degrees whose product divides {self.world_size}, e.g. "
-                f"{_FLAG['tp']} in {fits} with the other degrees unchanged, or run on a "
-                f"multiple of {model} ranks")
-        expert = self.expert_tensor_parallel_size * self.expert_model_parallel_size
-        dense_ranks_per_stage = self.world_size // self.pipeline_model_parallel_size
-        if dense_ranks_per_stage % expert:
-            etp = self.expert_tensor_parallel_size
-            fits = [d for d in _divisors(dense_ranks_per_stage)
-                    if dense_ranks_per_stage % (d * etp) == 0]
-            raise ValueError(
-                f"{_FLAG['etp']}={etp} x {_FLAG['ep']}={self.expert_model_parallel_size} "
-                f"(= {expert}) must divide the {dense_ranks_per_stage} ranks of each "
-                f"pipeline stage (world {self.world_size} / {_FLAG['pp']} "
-                f"{self.pipeline_model_parallel_size}); choose {_FLAG['ep']} in {fits}")
-
-    def _validate_order(self):
-        axes = self.order.split("-")
-        if sorted(axes) != sorted(_AXES):
-            raise ValueError(
-                f"order {self.order!r} must name each of {'-'.join(_AXES)} exactly once")
-        if self.expert_model_parallel_size > 1 and abs(axes.index("ep") - axes.index("dp")) != 1:
-            raise ValueError(
-                f"order {self.order!r}: 'ep' must be next to 'dp' when "
-                f"{_FLAG['ep']}={self.expert_model_parallel_size} > 1, because expert ranks "
-                "are carved out of the data-parallel ranks")
-
-    # -- derived sizes ------------------------------------------------------------------
-    @property
-    def data_parallel_size(self) -> int:
-        return self.world_size // (self.tensor_model_parallel_size * self.context_parallel_size
-                                   * self.pipeline_model_parallel_size)
-
-    @property
-    def expert_data_parallel_size(self) -> int:
-        return self.world_size // (self.expert_tensor_parallel_size
-                                   * self.expert_model_parallel_size
-                                   * self.pipeline_model_parallel_size)
-
-    def _sizes(self, expert: bool) -> Dict[str, int]:
-        if expert:
-            return {"tp": self.expert_tensor_parallel_size, "cp": 1,
-                    "ep": self.expert_model_parallel_size,
-                    "dp": self.expert_data_parallel_size,
-                    "pp": self.pipeline_model_parallel_size}
-        return {"tp": self.tensor_model_parallel_size, "cp": self.context_parallel_size,
-                "ep": 1, "dp": self.data_parallel_size,
-                "pp": self.pipeline_model_parallel_size}
-
-    def rank_groups(self, token: str, expert: bool = False) -> List[List[int]]:
-        """All rank groups for ``token`` (axes joined by ``-``, e.g. ``"tp-pp"``).
-
-        ``expert=True`` uses the expert re-slicing (tp means expert-tp, dp expert-dp).
-        """
-        return orthogonal_rank_groups(self._sizes(expert), self.order.split("-"),
-                                      token.split("-"))
-
-    def embedding_groups(self) -> List[List[int]]:
-        """First and last rank of each pipeline group (tied word embeddings)."""
-        return [sorted({g[0], g[-1]}) for g in self.rank_groups("pp")]
-
-    def position_embedding_groups(self) -> List[List[int]]:
-        """First rank of each pipeline group."""
-        return [[g[0]] for g in self.rank_groups("pp")]
-
-    def all_groups(self) -> Dict[str, List[List[int]]]:
-        """Every named group family of the grid: the contract of :class:`ProcessGroupCollection`."""
-        return {name: (fn() if callable(fn) else self.rank_groups(*fn))
-                for name, fn in _group_families(self).items()}
-
-
-def _group_families(layout: ParallelLayout):
-    # name in ProcessGroupCollection -> (token, expert) or a callable giving the groups
-    return {
-        "tp": ("tp", False),
-        "cp": ("cp", False),
-        "dp": ("dp", False),
-        "dp_cp": ("cp-dp", False),
-        "pp": ("pp", False),
-        "mp": ("tp-pp", False),
-        "tp_cp": ("tp-cp", False),
-        "tp_dp": ("tp-dp", False),
-        "tp_dp_cp": ("tp-cp-dp", False),
-        "ep": ("ep", True),
-        "expt_tp": ("tp", True),
-        "tp_ep": ("tp-ep", True),
-        "expt_dp": ("dp", True),
-        "tp_ep_pp": ("tp-ep-pp", True),
-        "embd": layout.embedding_groups,
-        "pos_embd": layout.position_embedding_groups,
-    }
-
-
 @dataclasses.dataclass
 class ProcessGroupCollection:
     """The process groups of one grid, as seen by this rank.
@@ -319,6 +122,22 @@ class ProcessGroupCollection:
     timeout: Optional[datetime.timedelta] = None
     """The timeout every group was created with (None: torch's default); groups created
     later for the same run (e.g. the background checkpoint group) use it too."""
+
+    def __post_init__(self):
+        # A collection assembled by hand must still describe its layout truthfully: code
+        # reads degrees from ``layout`` and sizes from the groups, and both must agree.
+        sizes = {"tp": self.layout.tensor_model_parallel_size,
+                 "pp": self.layout.pipeline_model_parallel_size,
+                 "cp": self.layout.context_parallel_size,
+                 "dp": self.layout.data_parallel_size,
+                 "ep": self.layout.expert_model_parallel_size,
+                 "expt_tp": self.layout.expert_tensor_parallel_size,
+                 "expt_dp": self.layout.expert_data_parallel_size}
+        wrong = [f"{name} has {len(self.ranks[name])} ranks, the layout says {size}"
+                 for name, size in sizes.items()
+                 if name in self.ranks and len(self.ranks[name]) != size]
+        if wrong:
+            raise ValueError("process groups do not match their layout: " + "; ".join(wrong))
 
     @classmethod
     def build(cls, layout: ParallelLayout,

@@ -132,6 +132,19 @@ def test_error_suggests_a_fit():
     assert "[1, 2, 3, 6]" in str(info.value)
 
 
+def test_a_collection_must_match_its_layout():
+    # A hand-assembled collection (as tests build for reference models) whose groups have a
+    # different size than its layout says is refused: code reads both.
+    names = ("tp", "cp", "dp", "dp_cp", "pp", "mp", "tp_cp", "tp_dp", "tp_dp_cp", "ep",
+             "expt_tp", "tp_ep", "expt_dp", "tp_ep_pp", "embd", "pos_embd")
+    ranks = {name: [0] for name in names}
+    ps.ProcessGroupCollection(layout=ps.ParallelLayout(1), ranks=ranks,
+                              **{name: None for name in names})
+    with pytest.raises(ValueError, match="tp has 1 ranks, the layout says 2"):
+        ps.ProcessGroupCollection(layout=ps.ParallelLayout(2, tensor_model_parallel_size=2),
+                                  ranks=ranks, **{name: None for name in names})
+
+
 def test_getters_before_initialization_explain():
     with pytest.raises(RuntimeError, match="initialize_model_parallel"):
         ps.get_tensor_model_parallel_world_size()

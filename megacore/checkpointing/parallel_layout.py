@@ -1,10 +1,14 @@
 """This process's place in the parallel grid, as checkpointing needs it.
 
-:class:`RankLayout` bundles the degrees (tp, pp, dp, cp, ep, expert tp, vpp), this rank's
-coordinates and the groups used for saving and loading. It comes from an explicit
-``ProcessGroupCollection``, else from :mod:`megacore.parallel_state`'s default grid, else
-(no grid, e.g. an offline converter or a single-process run) it is the trivial layout
-with every degree 1, in which case ``torch.distributed`` need not be initialized.
+:class:`RankLayout` is a view: the grid's :class:`~megacore.parallel_layout.ParallelLayout`
+(the one home of the degrees and their derivations), this process's rank in it, the
+number of model chunks it holds, and the groups used for saving and loading. Every
+degree and coordinate below is read from the layout, never stored twice.
+
+It comes from an explicit ``ProcessGroupCollection``, else from
+:mod:`megacore.parallel_state`'s default grid, else (no grid, e.g. an offline converter or
+a single-process run) it is the trivial layout with every degree 1, in which case
+``torch.distributed`` need not be initialized.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Dict, Optional
 import torch.distributed as dist
 
 from megacore import parallel_state
+from megacore.parallel_layout import ParallelLayout
 from megacore.parallel_state import ProcessGroupCollection
 
 __all__ = ["RankLayout", "current_rank_layout"]
@@ -22,38 +27,91 @@ __all__ = ["RankLayout", "current_rank_layout"]
 
 @dataclasses.dataclass(frozen=True)
 class RankLayout:
-    """Degrees, this rank's coordinates, and groups (None in the trivial layout).
+    """A :class:`ParallelLayout` seen from one rank, with its groups (None when trivial).
 
-    ``dp`` counts data-parallel replicas including context parallelism (ranks holding the
-    same dense params): ``dp_rank == 0`` ranks write legacy model files.
+    ``num_chunks`` is the number of model chunks this rank holds: it is the layout's vpp
+    when the grid was initialized with one, and otherwise counts the chunks actually
+    built (a run may build several chunks without declaring vpp to ``parallel_state``).
+
+    Example: 8 ranks, tp=2, pp=2 (dp=2), rank 6: ``tp_rank 0, dp_rank 1, pp_rank 1``.
     """
 
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    cp: int = 1
-    ep: int = 1
-    etp: int = 1
-    vpp: Optional[int] = None
-    tp_rank: int = 0
-    pp_rank: int = 0
-    dp_rank: int = 0
-    ep_rank: int = 0
-    etp_rank: int = 0
-    edp_rank: int = 0
+    layout: ParallelLayout = dataclasses.field(
+        default_factory=lambda: ParallelLayout(world_size=1))
     global_rank: int = 0
-    world_size: int = 1
+    num_chunks: int = 1
     groups: Optional[ProcessGroupCollection] = dataclasses.field(default=None, compare=False,
                                                                  repr=False)
 
+    # -- degrees, read from the layout -------------------------------------------------
+    @property
+    def tp(self) -> int:
+        return self.layout.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pipeline_model_parallel_size
+
+    @property
+    def cp(self) -> int:
+        return self.layout.context_parallel_size
+
+    @property
+    def ep(self) -> int:
+        return self.layout.expert_model_parallel_size
+
+    @property
+    def etp(self) -> int:
+        return self.layout.expert_tensor_parallel_size
+
+    @property
+    def dp_cp(self) -> int:
+        """Data-parallel replicas including context parallelism: the ranks holding the same
+        dense params (``dp * cp``)."""
+        return self.layout.data_parallel_size * self.cp
+
+    @property
+    def vpp(self) -> Optional[int]:
+        return self.layout.virtual_pipeline_model_parallel_size or (
+            self.num_chunks if self.num_chunks > 1 else None)
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    # -- this rank's coordinates -------------------------------------------------------
+    def _index(self, token: str, expert: bool = False) -> int:
+        return self.layout.group_rank(self.global_rank, token, expert)
+
+    @property
+    def tp_rank(self) -> int:
+        return self._index("tp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self._index("pp")
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """Index among the :attr:`dp_cp` replicas: ``dp_cp_rank == 0`` ranks write legacy
+        model files."""
+        return self._index("cp-dp")
+
+    @property
+    def ep_rank(self) -> int:
+        return self._index("ep", expert=True)
+
+    @property
+    def etp_rank(self) -> int:
+        return self._index("tp", expert=True)
+
+    @property
+    def edp_rank(self) -> int:
+        return self._index("dp", expert=True)
+
     def degrees(self) -> Dict[str, Any]:
-        """JSON-friendly degrees, as stored in checkpoints."""
-        return {"tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp,
-                "data_parallel_size": self.dp // self.cp, "context_parallel_size": self.cp,
-                "expert_model_parallel_size": self.ep,
-                "expert_tensor_parallel_size": self.etp,
-                "virtual_pipeline_model_parallel_size": self.vpp,
-                "world_size": self.world_size}
+        """JSON-friendly degrees, as stored in checkpoints (vpp counts built chunks)."""
+        return {**self.layout.degrees(), "virtual_pipeline_model_parallel_size": self.vpp}
 
     @property
     def is_distributed(self) -> bool:
@@ -82,14 +140,10 @@ def current_rank_layout(pg_collection: Optional[ProcessGroupCollection] = None,
             raise RuntimeError("checkpointing on several ranks needs the parallel grid: call "
                                "megacore.parallel_state.initialize_model_parallel first or "
                                "pass pg_collection")
-        return RankLayout(vpp=num_model_chunks if num_model_chunks > 1 else None)
-    lay = pgs.layout
-    vpp = lay.virtual_pipeline_model_parallel_size
-    if vpp is None and num_model_chunks > 1:
-        vpp = num_model_chunks
-    return RankLayout(
-        tp=pgs.size("tp"), pp=pgs.size("pp"), dp=pgs.size("dp_cp"), cp=pgs.size("cp"),
-        ep=pgs.size("ep"), etp=pgs.size("expt_tp"), vpp=vpp,
-        tp_rank=pgs.rank("tp"), pp_rank=pgs.rank("pp"), dp_rank=pgs.rank("dp_cp"),
-        ep_rank=pgs.rank("ep"), etp_rank=pgs.rank("expt_tp"), edp_rank=pgs.rank("expt_dp"),
-        global_rank=dist.get_rank(), world_size=dist.get_world_size(), groups=pgs)
+        return RankLayout(num_chunks=num_model_chunks)
+    if pgs.layout.world_size != dist.get_world_size():
+        raise RuntimeError(f"checkpointing needs the grid of the whole world: the process "
+                           f"groups describe {pgs.layout.world_size} ranks, the world has "
+                           f"{dist.get_world_size()}")
+    return RankLayout(layout=pgs.layout, global_rank=dist.get_rank(),
+                      num_chunks=num_model_chunks, groups=pgs)

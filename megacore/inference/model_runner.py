@@ -68,7 +68,7 @@ class ModelRunner:
             raise ValueError("generation needs sequence_parallel=False (a one-token decode "
                              "step cannot be split over tensor-parallel ranks); rebuild the "
                              "model with --sequence-parallel off for serving")
-        if self.config.context_parallel_size > 1:
+        if first.cp_size > 1:  # the model's cp group, the size its layers split by
             raise ValueError("generation does not support context_parallel_size > 1")
         pg = first.pg_collection
         self.tp_group, self.pp_group = pg.tp, pg.pp

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from megacore import device, parallel_state
 from megacore.model_parallel_config import ModelParallelConfig
+from megacore.parallel_layout import ParallelLayout
 
 __all__ = [
     "DEFAULT_P2P_TIMEOUT",
@@ -65,11 +66,14 @@ _TAG_ACTIVATION, _TAG_GRADIENT, _TAG_ACTIVATION_SHAPE, _TAG_GRADIENT_SHAPE = 0, 
 
 
 def get_tensor_shape(*, seq_length: int, micro_batch_size: int,
-                     config: ModelParallelConfig) -> Shape:
+                     config: ModelParallelConfig,
+                     layout: Optional[ParallelLayout] = None) -> Shape:
     """Shape of the tensors exchanged between stages: ``[s, b, h]``.
 
     ``s`` is ``seq_length / cp`` and, under sequence parallelism, further ``/ tp``.
-    ``h`` is ``config.hidden_size`` (a ``TransformerConfig`` field).
+    ``h`` is ``config.hidden_size`` (a ``TransformerConfig`` field). The degrees come from
+    ``layout`` (default: the layout of ``parallel_state``'s groups), the same source the
+    parallel layers split by, never from the config's degree fields.
 
     Raises:
         ValueError: when the sequence does not split or the config has no hidden size.
@@ -78,17 +82,16 @@ def get_tensor_shape(*, seq_length: int, micro_batch_size: int,
     if hidden is None:
         raise ValueError("pipeline tensor shapes need config.hidden_size (use a config "
                          "with a hidden_size field, e.g. TransformerConfig)")
-    seq = seq_length
-    divisor = config.context_parallel_size
-    if config.sequence_parallel:
-        divisor *= config.tensor_model_parallel_size
-    if seq % divisor:
+    if layout is None:
+        layout = parallel_state.get_process_group_collection().layout
+    cp, tp = layout.context_parallel_size, layout.tensor_model_parallel_size
+    divisor = cp * (tp if config.sequence_parallel else 1)
+    if seq_length % divisor:
         raise ValueError(
-            f"--seq-length {seq_length} must be divisible by --context-parallel-size "
-            f"({config.context_parallel_size})"
-            + (f" x --tensor-model-parallel-size ({config.tensor_model_parallel_size}) "
-               "under --sequence-parallel" if config.sequence_parallel else ""))
-    return (seq // divisor, micro_batch_size, hidden)
+            f"--seq-length {seq_length} must be divisible by --context-parallel-size ({cp})"
+            + (f" x --tensor-model-parallel-size ({tp}) under --sequence-parallel"
+               if config.sequence_parallel else ""))
+    return (seq_length // divisor, micro_batch_size, hidden)
 
 
 class P2PCommunicator:

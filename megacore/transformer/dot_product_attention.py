@@ -42,7 +42,6 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -167,11 +166,8 @@ class DotProductAttention(MegatronModule):
         self._dropout_stream = f"dropout/layer{self.layer_number}/attention"
         self._kernel_dropout_stream = f"{self._dropout_stream}/tp{self.tp_rank}"
         # Context parallelism (megacore.transformer.context_parallel): ring attention.
-        self.cp_group = self.pg_collection.cp if config.context_parallel_size > 1 else None
-        if self.cp_group is not None and \
-                dist.get_world_size(self.cp_group) != config.context_parallel_size:
-            raise ValueError(f"context_parallel_size {config.context_parallel_size} does not "
-                             f"match the cp group size {dist.get_world_size(self.cp_group)}")
+        # The cp group decides (TransformerBlock checked the config agrees with it).
+        self.cp_group = self.pg_collection.cp if self.cp_size > 1 else None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None,

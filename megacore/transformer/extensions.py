@@ -217,7 +217,9 @@ class TEDotProductAttention(torch.nn.Module):
                  softmax_scale: Optional[float] = None, pg_collection=None):
         super().__init__()
         require_transformer_engine()
-        if config.context_parallel_size > 1:
+        cp_group = pg_collection.cp if pg_collection is not None else (
+            ps.get_context_parallel_group())
+        if torch.distributed.get_world_size(cp_group) > 1:
             raise ValueError("--transformer-impl transformer_engine with "
                              "--context-parallel-size > 1 is not supported; use "
                              "--transformer-impl local (megacore's ring attention)")

@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from megacore.parallel_layout import check_config_matches_layout
 from megacore.parallel_state import ProcessGroupCollection
 from megacore.pipeline_parallel.layer_split import get_layer_offset_and_count
 from megacore.tensor_parallel import checkpoint
@@ -111,6 +112,10 @@ class TransformerBlock(MegatronModule):
                  pg_collection: Optional[ProcessGroupCollection] = None,
                  vp_stage: Optional[int] = None):
         super().__init__(config, pg_collection)
+        # The one comparison of the config's degrees with the groups': the layer split
+        # below reads the config, every layer splits by its groups.
+        check_config_matches_layout(config, self.pg_collection.layout,
+                                    where="building TransformerBlock")
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage
         self.input_tensor = None

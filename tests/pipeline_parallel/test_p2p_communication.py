@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megacore import parallel_state
+from megacore.parallel_layout import ParallelLayout
 from megacore.pipeline_parallel import p2p_communication as p2p
 from tests.multirank import run_distributed
 from tests.pipeline_parallel.toy_model import ToyConfig
@@ -155,16 +156,27 @@ def test_stuck_peer_raises_naming_rank_peer_and_operation(results):
 
 # ---- shapes: pure ------------------------------------------------------------------------
 def test_tensor_shape_divides_sequence_by_cp_and_by_tp_under_sequence_parallel():
-    def shape(**kw):
-        return p2p.get_tensor_shape(seq_length=16, micro_batch_size=2,
-                                    config=ToyConfig(hidden_size=8, **kw))
+    def shape(tp=1, cp=1, sp=False):
+        config = ToyConfig(hidden_size=8, tensor_model_parallel_size=tp, sequence_parallel=sp,
+                           context_parallel_size=cp)
+        return p2p.get_tensor_shape(seq_length=16, micro_batch_size=2, config=config,
+                                    layout=ParallelLayout.from_degrees(tp=tp, cp=cp))
 
     assert shape() == (16, 2, 8)
-    assert shape(context_parallel_size=2) == (8, 2, 8)
-    assert shape(tensor_model_parallel_size=4) == (16, 2, 8)   # activations replicated
-    assert shape(tensor_model_parallel_size=2, sequence_parallel=True,
-                 context_parallel_size=2) == (4, 2, 8)
+    assert shape(cp=2) == (8, 2, 8)
+    assert shape(tp=4) == (16, 2, 8)   # activations replicated
+    assert shape(tp=2, sp=True, cp=2) == (4, 2, 8)
     with pytest.raises(ValueError, match="--context-parallel-size"):
-        shape(context_parallel_size=3)
+        shape(cp=3)
     with pytest.raises(ValueError, match="hidden_size"):
-        p2p.get_tensor_shape(seq_length=16, micro_batch_size=2, config=ToyConfig(hidden_size=None))
+        p2p.get_tensor_shape(seq_length=16, micro_batch_size=2, config=ToyConfig(hidden_size=None),
+                             layout=ParallelLayout(world_size=1))
+
+
+def test_tensor_shape_takes_degrees_from_the_layout_not_the_config():
+    # The groups are the truth: a config claiming tp=2, cp=1 under a tp=4, cp=2 layout
+    # gets the layout's split (16 / (2 * 4) = 2), as the parallel layers do.
+    config = ToyConfig(hidden_size=8, tensor_model_parallel_size=2, sequence_parallel=True)
+    layout = ParallelLayout.from_degrees(tp=4, cp=2)
+    assert p2p.get_tensor_shape(seq_length=16, micro_batch_size=2, config=config,
+                                layout=layout) == (2, 2, 8)

@@ -127,3 +127,23 @@ def _recompute_cases():
 
 def test_recompute_is_bitwise_equal_with_dropout():
     assert run_distributed(_recompute_cases, 2, timeout=180) == [9, 9]
+
+
+# -- the config must describe the groups it is built on ------------------------------------
+def _build_with_mismatched_config():
+    """Groups with tp=1 (dp=2), a config claiming tp=2: building the model must refuse."""
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        GPTModel(_config(tensor_model_parallel_size=2), get_gpt_layer_local_spec(), VOCAB, SEQ)
+    except ValueError as e:
+        return str(e)
+    return "built"
+
+
+def test_config_disagreeing_with_the_groups_is_refused_naming_both_values():
+    messages = run_distributed(_build_with_mismatched_config, 2)
+    for message in messages:
+        assert message.startswith("building TransformerBlock: the config and the process "
+                                  "groups disagree"), message
+        assert ("--tensor-model-parallel-size (config.tensor_model_parallel_size) is 2 in "
+                "the model config but 1 in the process groups") in message

@@ -49,6 +49,7 @@ from megacore.checkpointing.conversion.model_description import GPTDescription
 from megacore.checkpointing.errors import CheckpointError
 from megacore.checkpointing.sharded_state import model_key, optimizer_key
 from megacore.checkpointing.tensor_split import QKVGroups
+from megacore.parallel_layout import ParallelLayout
 from megacore.pipeline_parallel.layer_split import get_layer_offset_and_count
 from megacore.tensor_parallel.layers import _shard_master_weight
 from megacore.transformer.qkv_layout import collapse_qkv_rows, expand_qkv_rows
@@ -241,12 +242,19 @@ class Location:
 
 @dataclasses.dataclass(frozen=True)
 class MegacoreLayout:
-    """A model-parallel layout of megacore rank files.
+    """Where tensors sit in megacore rank files: a view of a :class:`ParallelLayout`.
+
+    The degrees are those of :attr:`parallel`, the smallest world that holds one file per
+    (tp, pp, ep) position: ``tp * pp * ep`` ranks with dp = ep (experts carved out of the
+    data-parallel ranks), cp 1 and expert tp = tp (the legacy format needs it). This class
+    adds what only rank files need: the uneven pipeline split and the name of each tensor
+    in each file.
 
     Attributes:
         tp, pp, ep: degrees (the legacy format needs expert-tp == tp).
         vpp: model chunks per pipeline rank (None: 1).
         first_stage_layers, last_stage_layers: uneven pipeline split (None: even).
+        parallel: the :class:`ParallelLayout` of these degrees (derived, validated).
     """
 
     tp: int = 1
@@ -255,15 +263,20 @@ class MegacoreLayout:
     vpp: Optional[int] = None
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
+    parallel: ParallelLayout = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        for field in ("tp", "pp", "ep"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        try:
+            parallel = ParallelLayout.from_degrees(tp=self.tp, pp=self.pp, dp=self.ep,
+                                                   ep=self.ep, etp=self.tp, vpp=self.vpp)
+        except ValueError as e:
+            raise ValueError(f"rank-file layout tp={self.tp}, pp={self.pp}, ep={self.ep}, "
+                             f"vpp={self.vpp}: {e}") from e
+        object.__setattr__(self, "parallel", parallel)
 
     @property
     def num_chunks(self) -> int:
-        return self.vpp or 1
+        return self.parallel.num_model_chunks
 
     def check(self, desc: GPTDescription) -> None:
         """Raise ValueError when ``desc`` cannot be laid out like this."""
@@ -354,16 +367,15 @@ class MegacoreLayout:
     def degrees(self) -> Dict[str, object]:
         """``parallel_layout`` entry of a converted checkpoint (dp unknown: None, so RNG
         states are never restored from it)."""
-        return {"tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp,
-                "data_parallel_size": None, "context_parallel_size": 1,
-                "expert_model_parallel_size": self.ep, "expert_tensor_parallel_size": self.tp,
-                "virtual_pipeline_model_parallel_size": self.vpp,
-                "world_size": self.tp * self.pp * self.ep}
+        return {**self.parallel.degrees(), "data_parallel_size": None}
 
     def config_fields(self) -> Dict[str, object]:
         """The TransformerConfig layout fields of this layout."""
-        return {"tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp,
-                "expert_model_parallel_size": self.ep, "expert_tensor_parallel_size": self.tp,
-                "virtual_pipeline_model_parallel_size": self.vpp,
+        p = self.parallel
+        return {"tensor_model_parallel_size": p.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+                "expert_model_parallel_size": p.expert_model_parallel_size,
+                "expert_tensor_parallel_size": p.expert_tensor_parallel_size,
+                "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
                 "num_layers_in_first_pipeline_stage": self.first_stage_layers,
                 "num_layers_in_last_pipeline_stage": self.last_stage_layers}
