@@ -162,8 +162,9 @@ class ParallelLayout:
             fits = [d for d in _divisors(dense_ranks_per_stage)
                     if dense_ranks_per_stage % (d * etp) == 0]
             raise ValueError(
-                f"{DEGREE_FLAGS['etp']}={etp} x {DEGREE_FLAGS['ep']}={self.expert_model_parallel_size} "
-                f"(= {expert}) must divide the {dense_ranks_per_stage} ranks of each "
+                f"{DEGREE_FLAGS['etp']}={etp} x "
+                f"{DEGREE_FLAGS['ep']}={self.expert_model_parallel_size} (= {expert}) "
+                f"must divide the {dense_ranks_per_stage} ranks of each "
                 f"pipeline stage (world {self.world_size} / {DEGREE_FLAGS['pp']} "
                 f"{self.pipeline_model_parallel_size}); choose {DEGREE_FLAGS['ep']} in {fits}")
 

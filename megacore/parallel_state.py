@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from megacore.parallel_layout import ParallelLayout, orthogonal_rank_groups  # noqa: F401
+from megacore.parallel_layout import ParallelLayout
 
 __all__ = [
     "ParallelLayout",
