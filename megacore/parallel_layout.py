@@ -328,11 +328,17 @@ def _config_degree(config: Any, axis: str) -> Optional[int]:
 
 def config_layout_mismatches(config: Any, layout: ParallelLayout) -> List[str]:
     """One line per degree on which ``config`` (a ``ModelParallelConfig``) and ``layout``
-    disagree, naming the flag, the config field and both values; empty when they agree."""
+    disagree, naming the flag, the config field and both values; empty when they agree.
+
+    vpp is compared only when the layout declares it: a grid initialized without vpp
+    tracks no virtual stages, and the model's chunks are then the config's alone.
+    """
     lines = []
     for axis, field in DEGREE_FIELDS.items():
         wanted, actual = _config_degree(config, axis), getattr(layout, field)
-        if axis == "vpp" and actual == 1:
+        if axis == "vpp" and actual in (None, 1):
+            if actual is None:
+                continue
             actual = None
         if wanted != actual:
             lines.append(f"{DEGREE_FLAGS[axis]} (config.{field}) is {wanted} in the model "

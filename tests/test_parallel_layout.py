@@ -117,9 +117,23 @@ def test_config_matching_the_layout_passes_and_defaults_compare_equal():
     ("pipeline_model_parallel_size", 2, "--pipeline-model-parallel-size"),
     ("context_parallel_size", 2, "--context-parallel-size"),
     ("expert_model_parallel_size", 2, "--expert-model-parallel-size"),
-    ("virtual_pipeline_model_parallel_size", 2, "--num-virtual-stages-per-pipeline-rank"),
 ])
 def test_every_degree_is_compared(field, value, flag):
     config = ModelParallelConfig(**{field: value})
     problems = config_layout_mismatches(config, ParallelLayout(4))
     assert len(problems) == 1 and problems[0].startswith(f"{flag} (config.{field}) is {value}")
+
+
+def test_vpp_is_compared_when_the_groups_declare_it():
+    config = ModelParallelConfig(pipeline_model_parallel_size=2,
+                                 virtual_pipeline_model_parallel_size=2)
+    declared = ParallelLayout(2, pipeline_model_parallel_size=2,
+                              virtual_pipeline_model_parallel_size=4)
+    assert config_layout_mismatches(config, declared) == [
+        "--num-virtual-stages-per-pipeline-rank (config.virtual_pipeline_model_parallel_size) "
+        "is 2 in the model config but 4 in the process groups"]
+    # A grid initialized without vpp tracks no virtual stages: the chunks are the config's.
+    assert config_layout_mismatches(config, ParallelLayout(2, pipeline_model_parallel_size=2)) \
+        == []
+    plain = ModelParallelConfig(pipeline_model_parallel_size=2)
+    assert len(config_layout_mismatches(plain, declared)) == 1
