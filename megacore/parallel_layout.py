@@ -315,8 +315,6 @@ def _group_families(layout: ParallelLayout):
     }
 
 
-
-
 def _config_degree(config: Any, axis: str) -> Optional[int]:
     value = getattr(config, DEGREE_FIELDS[axis])
     if axis == "etp" and value is None:
@@ -336,10 +334,10 @@ def config_layout_mismatches(config: Any, layout: ParallelLayout) -> List[str]:
     lines = []
     for axis, field in DEGREE_FIELDS.items():
         wanted, actual = _config_degree(config, axis), getattr(layout, field)
-        if axis == "vpp" and actual in (None, 1):
+        if axis == "vpp":
             if actual is None:
-                continue
-            actual = None
+                continue  # the grid tracks no virtual stages
+            actual = actual if actual > 1 else None
         if wanted != actual:
             lines.append(f"{DEGREE_FLAGS[axis]} (config.{field}) is {wanted} in the model "
                          f"config but {actual} in the process groups")
