@@ -52,7 +52,7 @@ def legacy_rank_file(iter_dir: str, layout: RankLayout) -> str:
 
 def is_legacy_writer(layout: RankLayout) -> bool:
     """dp rank 0 (expert-dp rank 0 with expert parallelism) writes its position's file."""
-    return layout.edp_rank == 0 if layout.ep > 1 else layout.dp_cp_rank == 0
+    return layout.edp_rank == 0 if layout.ep > 1 else layout.dp_rank == 0
 
 
 def model_chunk_keys(num_chunks: int) -> List[str]:
@@ -82,9 +82,9 @@ def clone_to_cpu(obj: Any) -> Any:
 def _gather_rng(layout: RankLayout) -> List[Dict[str, Any]]:
     """Every data-parallel rank's RNG state, in dp-rank order (collective over dp)."""
     state = capture_rng_state()
-    if layout.groups is None or layout.dp_cp == 1:
+    if layout.groups is None or layout.dp == 1:
         return [state]
-    gathered: List[Any] = [None] * layout.dp_cp
+    gathered: List[Any] = [None] * layout.dp
     dist.all_gather_object(gathered, state, group=layout.groups.dp_cp)
     return gathered
 
@@ -188,7 +188,7 @@ def _load_model(path: str, state: Dict[str, Any], chunks, strict: bool) -> None:
 def _restore_rng(path: str, rng: Optional[List[Dict[str, Any]]], layout: RankLayout) -> None:
     if not rng:
         raise CheckpointError(f"{path} holds no RNG state; pass no_load_rng=True")
-    index = layout.dp_cp_rank
+    index = layout.dp_rank
     if index >= len(rng):
         logger.warning("%s: RNG states saved for %d data-parallel ranks, this is dp rank %d: "
                        "using dp rank 0's", path, len(rng), index)

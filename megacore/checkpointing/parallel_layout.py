@@ -65,9 +65,10 @@ class RankLayout:
         return self.layout.expert_tensor_parallel_size
 
     @property
-    def dp_cp(self) -> int:
-        """Data-parallel replicas including context parallelism: the ranks holding the same
-        dense params (``dp * cp``)."""
+    def dp(self) -> int:
+        """Data-parallel replicas *including* context parallelism (``dp * cp``): the ranks
+        holding the same dense params. The checkpoint entry's ``data_parallel_size`` is the
+        layout's dp without cp."""
         return self.layout.data_parallel_size * self.cp
 
     @property
@@ -92,9 +93,9 @@ class RankLayout:
         return self._index("pp")
 
     @property
-    def dp_cp_rank(self) -> int:
-        """Index among the :attr:`dp_cp` replicas: ``dp_cp_rank == 0`` ranks write legacy
-        model files."""
+    def dp_rank(self) -> int:
+        """Index among the :attr:`dp` replicas (the ``dp_cp`` group): ``dp_rank == 0`` ranks
+        write legacy model files."""
         return self._index("cp-dp")
 
     @property

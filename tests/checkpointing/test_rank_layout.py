@@ -14,8 +14,8 @@ def test_rank_coordinates_are_the_group_indices():
                             expert_model_parallel_size=4, expert_tensor_parallel_size=1)
     for rank in range(8):
         view = RankLayout(layout=layout, global_rank=rank)
-        assert (view.tp, view.cp, view.dp_cp, view.ep, view.etp) == (2, 2, 4, 4, 1)
-        for attr, token, expert in [("tp_rank", "tp", False), ("dp_cp_rank", "cp-dp", False),
+        assert (view.tp, view.cp, view.dp, view.ep, view.etp) == (2, 2, 4, 4, 1)
+        for attr, token, expert in [("tp_rank", "tp", False), ("dp_rank", "cp-dp", False),
                                     ("pp_rank", "pp", False), ("ep_rank", "ep", True),
                                     ("etp_rank", "tp", True), ("edp_rank", "dp", True)]:
             group = next(g for g in layout.rank_groups(token, expert) if rank in g)
