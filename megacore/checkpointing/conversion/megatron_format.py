@@ -429,11 +429,13 @@ class MegatronDistSource(CanonicalSource):
             self._register(canonical_key(name))
 
     def _index_optimizer(self, keys: List[str]) -> None:
-        """Megatron's non-distributed optimizer state (``megatron_optimizer``): moments
+        """Megatron's optimizer state (``megatron_optimizer``: the non-distributed
+        optimizer's, or the distributed optimizer's ``fully_reshardable`` form): moments
         and fp32 main params by sharded key; the weights are the main params of fp32
-        runs; one common step for every param."""
+        runs without them; one common step for every param."""
         where = self.iter_dir
-        step, member = dist_optimizer_common(self._optimizer[0], where)
+        step, member = dist_optimizer_common(self._optimizer[0],
+                                             os.path.join(where, COMMON_FILENAME))
         for field, key, dcp_key in dist_optimizer_entries(keys, where):
             self._add_refs(key, lambda name, f=field: optimizer_key(f, name), dcp_key)
         for name in list(self._names):

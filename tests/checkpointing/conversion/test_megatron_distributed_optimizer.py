@@ -1,0 +1,122 @@
+"""Megatron's distributed-optimizer state (torch_dist), against megatron-core 0.16.1 itself.
+
+megatron-core's own ``DistributedDataParallel`` and ``DistributedOptimizer``
+(``--use-distributed-optimizer``) train the Llama-style model at tp 1 x dp 2 on gloo for
+two iterations (each dp rank holds half of every bucket's main params and moments), save
+with ``dist_checkpointing.save`` in two of the distributed optimizer's sharding types,
+and go on for two more iterations: the uninterrupted run.
+
+* ``fully_reshardable`` (``--dist-ckpt-optim-fully-reshardable``): megacore loads it
+  directly (``load_megatron_checkpoint``, what ``pretrain_gpt.py --load`` calls): each
+  dp rank's shard of every main param and Adam moment, as megatron-core's optimizer
+  holds it (its ``_get_main_param_and_optimizer_states``), equals the same slice of
+  megacore's, bitwise; the step too; iterations 2-3 give megatron's losses and grad norms.
+  Converted to megacore (torch_dist) the state is carried: the same moments and losses.
+  ``pretrain_gpt.py --load`` continues from it exactly as from its conversion.
+* ``dp_reshardable`` (Megatron-LM's default: flat DDP buckets): a note naming the
+  sharding type when converting, an error naming it and ``common.pt`` when training.
+
+Tolerances: dp 2 with the same batch on both ranks averages two equal grads (exact in
+fp32), so megacore's single-optimizer continuation differs from megatron-core's only by
+op order: rtol 1e-5 as in the layout tests.
+"""
+
+import pytest
+import torch
+
+from megacore.checkpointing.conversion import convert_checkpoint
+from tests.multirank import run_distributed
+
+pytest.importorskip("megatron.core")
+
+from tests.checkpointing.conversion import megatron_reference as mr  # noqa: E402
+from tests.checkpointing.conversion.test_megatron_optimizer import (  # noqa: E402
+    _megacore_resume, _pretrain_losses)
+
+RTOL = dict(rtol=1e-5, atol=1e-6)
+SHARDING_TYPES = ("fully_reshardable", "dp_reshardable")
+
+
+def _megatron_distopt_train(root):
+    """Rank body (tp 1 x dp 2): iterations 0-1, a save per sharding type, 2-3."""
+    mr.stub_for_cpu()
+    mr.init_parallel(tp=1)
+    model = mr.build_model("llama", tp=1).train()
+    ddp, optimizer, scheduler = mr.megatron_distributed_optimizer(model)
+    losses = [mr.ddp_train_step(ddp, optimizer, scheduler, step) for step in (0, 1)]
+    shards = mr.distributed_adam_state_by_name(model, optimizer)
+    for sharding in SHARDING_TYPES:
+        # Megatron-LM saves the unwrapped model's sharded state dict (no DDP prefix).
+        mr.save_torch_dist(f"{root}/{sharding}", "llama", model, 1, 1, 1,
+                           optimizer=optimizer, scheduler=scheduler,
+                           metadata={"distrib_optim_sharding_type": sharding})
+    losses += [mr.ddp_train_step(ddp, optimizer, scheduler, step) for step in (2, 3)]
+    return {"losses": losses, "shards": shards}
+
+
+def _assert_shards_equal(shards, megacore_params):
+    """megatron-core's dp shards (by its param names) equal the same slices of megacore's
+    whole tensors (``0/<name>``)."""
+    assert shards
+    for name, shard in shards.items():
+        mine = megacore_params[f"0/{name}"]
+        start, end = shard["range"]
+        for field in ("main_param", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(mine[field].float().flatten()[start:end], shard[field]), \
+                (name, field)
+        assert torch.equal(mine["step"].float(), shard["step"].float()), name
+
+
+def _assert_dp_shards_partition(ref, megacore_params):
+    """The two dp ranks' shards together cover every param once, and each rank holds
+    only part of the params: the state really was sharded."""
+    covered = {}
+    for rank in (0, 1):
+        for name, shard in ref[rank]["shards"].items():
+            covered.setdefault(name, []).append(shard["range"][1] - shard["range"][0])
+    assert sorted(f"0/{n}" for n in covered) == sorted(megacore_params)
+    for name, sizes in covered.items():
+        assert sum(sizes) == megacore_params[f"0/{name}"]["exp_avg"].numel(), name
+    assert all(0 < len(ref[rank]["shards"]) < len(covered) for rank in (0, 1))
+
+
+def test_megatron_distributed_optimizer_state_resumes_exactly(tmp_path):
+    root = str(tmp_path)
+    ref = run_distributed(_megatron_distopt_train, world_size=2, args=(root,), timeout=300)
+    full = f"{root}/fully_reshardable"
+    direct = run_distributed(_megacore_resume, world_size=2, args=(full, 1), timeout=240)
+    _assert_dp_shards_partition(ref, direct[0]["params"])
+    converted_dir = f"{root}/mc"
+    report = convert_checkpoint(load_dir=full, save_dir=converted_dir,
+                                ckpt_format="torch_dist", target_tensor_parallel_size=1,
+                                progress=False)
+    assert not any("optimizer" in note for note in report.notes)
+    converted = run_distributed(_megacore_resume, world_size=2, args=(converted_dir, 1),
+                                timeout=240)
+    for run in (direct, converted):
+        assert run[0]["num_steps"] == 2
+        for rank in (0, 1):
+            _assert_shards_equal(ref[rank]["shards"], run[rank]["params"])
+            torch.testing.assert_close(run[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
+    fresh = run_distributed(_megacore_resume, world_size=2, args=(full, 1, True), timeout=240)
+    assert fresh[0]["losses"][1][0] != pytest.approx(ref[0]["losses"][3][0], rel=1e-3)
+
+
+def test_pretrain_resumes_megatron_distributed_optimizer(tmp_path):
+    """``pretrain_gpt.py --load`` of the ``fully_reshardable`` checkpoint continues as from
+    its megacore conversion; the ``dp_reshardable`` one is refused, naming the type."""
+    root = str(tmp_path)
+    run_distributed(_megatron_distopt_train, world_size=2, args=(root,), timeout=300)
+    full = f"{root}/fully_reshardable"
+    convert_checkpoint(load_dir=full, save_dir=f"{root}/mc", ckpt_format="torch_dist",
+                       target_tensor_parallel_size=1, progress=False)
+    direct = _pretrain_losses(tmp_path, "direct", full)
+    assert [i for i, _ in direct] == [8, 9]
+    assert direct == _pretrain_losses(tmp_path, "converted", f"{root}/mc")
+    # dp_reshardable: a note when converting, an error when training.
+    report = convert_checkpoint(load_dir=f"{root}/dp_reshardable", save_dir=f"{root}/y",
+                                progress=False)
+    assert any("sharding type 'dp_reshardable'" in note for note in report.notes)
+    with pytest.raises(AssertionError, match=r"common.pt: saved by Megatron's distributed "
+                                             r"optimizer with sharding type 'dp_reshardable'"):
+        _pretrain_losses(tmp_path, "dist", f"{root}/dp_reshardable")
