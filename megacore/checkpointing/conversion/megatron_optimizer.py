@@ -64,7 +64,8 @@ from megacore.checkpointing.conversion.manifest import ConversionError
 
 __all__ = ["megatron_params", "megacore_optimizer_from_megatron",
            "megatron_optimizer_from_megacore", "UnsupportedOptimizerState",
-           "dist_optimizer_entries", "dist_optimizer_common",
+           "dist_optimizer_entries", "dist_optimizer_common", "distributed_optimizer_common",
+           "DP_RESHARDABLE",
            "megatron_dist_optimizer_common"]
 
 
@@ -83,8 +84,10 @@ Param = Tuple[int, str, torch.Tensor]  # (chunk, Megatron name, weight)
 _DIST_KEY = re.compile(r"^optimizer\.state\.(exp_avg_sq|exp_avg|fp32_param|param)\.(.+)$")
 _DIST_FIELDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "fp32_param": "main_param",
                 "param": "main_param"}
-# DistributedOptimizer sharding types whose tensors are whole, named like the params.
-_READ_SHARDING_TYPES = ("fully_reshardable",)
+# DistributedOptimizer sharding types megacore reads: whole tensors named like the params
+# (here), and the flat buckets (megatron_dp_buckets, routed by the torch_dist source).
+DP_RESHARDABLE = "dp_reshardable"
+_READ_SHARDING_TYPES = ("fully_reshardable", DP_RESHARDABLE)
 
 
 def megatron_params(model_state_dicts: List[Dict[str, Any]]) -> List[Param]:
@@ -286,7 +289,7 @@ def dist_optimizer_common(common_optimizer: Any, where: str) -> Tuple[torch.Tens
                                         "--no-load-optim")
     inner = common_optimizer.get("optimizer", common_optimizer)
     if "param_state_sharding_type" in common_optimizer:
-        return _distributed_common(common_optimizer, inner, where)
+        return _distributed_common(common_optimizer, where)
     state, groups = inner.get("state") or {}, inner.get("param_groups") or []
     if "common_step" not in state or not groups:
         raise UnsupportedOptimizerState(f"{where}: common.pt's optimizer entry has no "
@@ -305,24 +308,32 @@ def _step_and_member(step: Any, groups: list, common_optimizer: dict,
                   "grad_scaler": common_optimizer.get("grad_scaler")}
 
 
-def _distributed_common(common_optimizer: dict, inner: Any,
-                        where: str) -> Tuple[torch.Tensor, dict]:
-    """:func:`dist_optimizer_common` for the distributed optimizer: only the
-    ``fully_reshardable`` sharding type is read; the step is every group's ``step``."""
+def _distributed_common(common_optimizer: dict, where: str) -> Tuple[torch.Tensor, dict]:
+    """:func:`dist_optimizer_common` for the distributed optimizer's
+    ``fully_reshardable`` type (``dp_reshardable`` keeps its groups in its own entries:
+    the torch_dist source reads them before calling here); other types are refused."""
     sharding = common_optimizer["param_state_sharding_type"]
-    if sharding not in _READ_SHARDING_TYPES:
+    if sharding not in _READ_SHARDING_TYPES or sharding == DP_RESHARDABLE:
         raise UnsupportedOptimizerState(
             f"{where}: saved by Megatron's distributed optimizer with sharding type "
-            f"{sharding!r}, which megacore does not read (it reads "
-            f"{', '.join(_READ_SHARDING_TYPES)}: Megatron-LM's "
-            "--dist-ckpt-optim-fully-reshardable); resume with --no-load-optim, or re-save "
-            "from Megatron-LM with --dist-ckpt-optim-fully-reshardable")
+            f"{sharding!r}, which megacore does not read here (it reads "
+            f"{', '.join(_READ_SHARDING_TYPES)} in torch_dist); resume with "
+            "--no-load-optim, or re-save from Megatron-LM with its default sharding or "
+            "--dist-ckpt-optim-fully-reshardable")
+    return distributed_optimizer_common(common_optimizer, where)
+
+
+def distributed_optimizer_common(state: dict, where: str) -> Tuple[torch.Tensor, dict]:
+    """``(step, megacore optimizer member without params)`` of megatron-core's
+    ``DistributedOptimizer.state_dict()`` (``{"optimizer": {"param_groups"},
+    ["grad_scaler"]}``): the step is every group's ``step``."""
+    inner = state.get("optimizer")
     groups = inner.get("param_groups") if isinstance(inner, dict) else None
     steps = {float(g["step"]) for g in groups or [] if g.get("step") is not None}
     if len(steps) != 1:
         raise ConversionError(f"{where}: the distributed optimizer's param groups hold "
                               f"steps {sorted(steps)}, expected one common step")
-    return _step_and_member(steps.pop(), groups, common_optimizer, where)
+    return _step_and_member(steps.pop(), groups, state, where)
 
 
 def megatron_dist_optimizer_common(optimizer_common: Dict[str, Dict[str, Any]],

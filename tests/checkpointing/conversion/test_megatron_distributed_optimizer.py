@@ -35,19 +35,20 @@ from tests.checkpointing.conversion.test_megatron_optimizer import (  # noqa: E4
 
 RTOL = dict(rtol=1e-5, atol=1e-6)
 SHARDING_TYPES = ("fully_reshardable", "dp_reshardable")
+REFUSED = "dp_zero_gather_scatter"  # deprecated; one pickled object per model-parallel rank
 
 
-def _megatron_distopt_train(root):
-    """Rank body (tp 1 x dp 2): iterations 0-1, a save per sharding type, 2-3."""
+def _megatron_distopt_train(root, tp):
+    """Rank body (tp x dp = 2): iterations 0-1, a save per sharding type, 2-3."""
     mr.stub_for_cpu()
-    mr.init_parallel(tp=1)
-    model = mr.build_model("llama", tp=1).train()
+    mr.init_parallel(tp=tp)
+    model = mr.build_model("llama", tp=tp).train()
     ddp, optimizer, scheduler = mr.megatron_distributed_optimizer(model)
     losses = [mr.ddp_train_step(ddp, optimizer, scheduler, step) for step in (0, 1)]
     shards = mr.distributed_adam_state_by_name(model, optimizer)
-    for sharding in SHARDING_TYPES:
+    for sharding in SHARDING_TYPES + (REFUSED,):
         # Megatron-LM saves the unwrapped model's sharded state dict (no DDP prefix).
-        mr.save_torch_dist(f"{root}/{sharding}", "llama", model, 1, 1, 1,
+        mr.save_torch_dist(f"{root}/{sharding}", "llama", model, tp, 1, 1,
                            optimizer=optimizer, scheduler=scheduler,
                            metadata={"distrib_optim_sharding_type": sharding})
     losses += [mr.ddp_train_step(ddp, optimizer, scheduler, step) for step in (2, 3)]
@@ -67,56 +68,67 @@ def _assert_shards_equal(shards, megacore_params):
         assert torch.equal(mine["step"].float(), shard["step"].float()), name
 
 
-def _assert_dp_shards_partition(ref, megacore_params):
-    """The two dp ranks' shards together cover every param once, and each rank holds
-    only part of the params: the state really was sharded."""
+def _assert_shards_cover(ref, megacore_params, tp):
+    """The ranks' shards together cover every param once; at dp 2 each rank holds only
+    part of the params: the state really was sharded."""
     covered = {}
     for rank in (0, 1):
         for name, shard in ref[rank]["shards"].items():
             covered.setdefault(name, []).append(shard["range"][1] - shard["range"][0])
     assert sorted(f"0/{n}" for n in covered) == sorted(megacore_params)
     for name, sizes in covered.items():
-        assert sum(sizes) == megacore_params[f"0/{name}"]["exp_avg"].numel(), name
-    assert all(0 < len(ref[rank]["shards"]) < len(covered) for rank in (0, 1))
+        assert sum(sizes) == megacore_params[f"0/{name}"]["exp_avg"].numel() * tp, name
+    if tp == 1:
+        assert all(0 < len(ref[rank]["shards"]) < len(covered) for rank in (0, 1))
 
 
-def test_megatron_distributed_optimizer_state_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_distributed_optimizer_state_resumes_exactly(tmp_path, tp):
+    """tp 1 x dp 2 (the state sharded over dp) and tp 2 x dp 1 (the buckets hold tp
+    shards: merged like the weights, fused QKV and SwiGLU included)."""
     root = str(tmp_path)
-    ref = run_distributed(_megatron_distopt_train, world_size=2, args=(root,), timeout=300)
-    full = f"{root}/fully_reshardable"
-    direct = run_distributed(_megacore_resume, world_size=2, args=(full, 1), timeout=240)
-    _assert_dp_shards_partition(ref, direct[0]["params"])
-    converted_dir = f"{root}/mc"
-    report = convert_checkpoint(load_dir=full, save_dir=converted_dir,
-                                ckpt_format="torch_dist", target_tensor_parallel_size=1,
-                                progress=False)
-    assert not any("optimizer" in note for note in report.notes)
-    converted = run_distributed(_megacore_resume, world_size=2, args=(converted_dir, 1),
-                                timeout=240)
-    for run in (direct, converted):
-        assert run[0]["num_steps"] == 2
-        for rank in (0, 1):
-            _assert_shards_equal(ref[rank]["shards"], run[rank]["params"])
-            torch.testing.assert_close(run[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
-    fresh = run_distributed(_megacore_resume, world_size=2, args=(full, 1, True), timeout=240)
+    ref = run_distributed(_megatron_distopt_train, world_size=2, args=(root, tp),
+                          timeout=300)
+    for sharding in SHARDING_TYPES:
+        saved = f"{root}/{sharding}"
+        direct = run_distributed(_megacore_resume, world_size=2, args=(saved, tp),
+                                 timeout=240)
+        _assert_shards_cover(ref, direct[0]["params"], tp)
+        converted_dir = f"{root}/mc_{sharding}"
+        report = convert_checkpoint(load_dir=saved, save_dir=converted_dir,
+                                    ckpt_format="torch_dist", target_tensor_parallel_size=1,
+                                    progress=False)
+        assert not any("optimizer" in note for note in report.notes)
+        runs = [direct]
+        if tp == 1:  # the converted checkpoint is at tp 1
+            runs.append(run_distributed(_megacore_resume, world_size=2,
+                                        args=(converted_dir, 1), timeout=240))
+        for run in runs:
+            assert run[0]["num_steps"] == 2
+            for rank in (0, 1):
+                _assert_shards_equal(ref[rank]["shards"], run[rank]["params"])
+                torch.testing.assert_close(run[rank]["losses"], ref[rank]["losses"][2:],
+                                           **RTOL)
+    fresh = run_distributed(_megacore_resume, world_size=2,
+                            args=(f"{root}/dp_reshardable", tp, True), timeout=240)
     assert fresh[0]["losses"][1][0] != pytest.approx(ref[0]["losses"][3][0], rel=1e-3)
 
 
 def test_pretrain_resumes_megatron_distributed_optimizer(tmp_path):
-    """``pretrain_gpt.py --load`` of the ``fully_reshardable`` checkpoint continues as from
-    its megacore conversion; the ``dp_reshardable`` one is refused, naming the type."""
+    """``pretrain_gpt.py --load`` of Megatron-LM's default (``dp_reshardable``)
+    checkpoint continues as from its megacore conversion; a sharding type megacore does
+    not read is a note when converting and an error when training, naming the type."""
     root = str(tmp_path)
-    run_distributed(_megatron_distopt_train, world_size=2, args=(root,), timeout=300)
-    full = f"{root}/fully_reshardable"
-    convert_checkpoint(load_dir=full, save_dir=f"{root}/mc", ckpt_format="torch_dist",
+    run_distributed(_megatron_distopt_train, world_size=2, args=(root, 1), timeout=300)
+    saved = f"{root}/dp_reshardable"
+    convert_checkpoint(load_dir=saved, save_dir=f"{root}/mc", ckpt_format="torch_dist",
                        target_tensor_parallel_size=1, progress=False)
-    direct = _pretrain_losses(tmp_path, "direct", full)
+    direct = _pretrain_losses(tmp_path, "direct", saved)
     assert [i for i, _ in direct] == [8, 9]
     assert direct == _pretrain_losses(tmp_path, "converted", f"{root}/mc")
-    # dp_reshardable: a note when converting, an error when training.
-    report = convert_checkpoint(load_dir=f"{root}/dp_reshardable", save_dir=f"{root}/y",
+    report = convert_checkpoint(load_dir=f"{root}/{REFUSED}", save_dir=f"{root}/y",
                                 progress=False)
-    assert any("sharding type 'dp_reshardable'" in note for note in report.notes)
+    assert any(f"sharding type '{REFUSED}'" in note for note in report.notes)
     with pytest.raises(AssertionError, match=r"common.pt: saved by Megatron's distributed "
-                                             r"optimizer with sharding type 'dp_reshardable'"):
-        _pretrain_losses(tmp_path, "dist", f"{root}/dp_reshardable")
+                                             rf"optimizer with sharding type '{REFUSED}'"):
+        _pretrain_losses(tmp_path, "refused", f"{root}/{REFUSED}")
