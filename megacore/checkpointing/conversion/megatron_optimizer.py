@@ -43,10 +43,11 @@ types, ``fully_reshardable`` (Megatron-LM's ``--dist-ckpt-optim-fully-reshardabl
 gathers the dp shards into whole tensors shaped like the param,
 ``optimizer.state.<param|exp_avg|exp_avg_sq>.<model key>`` (``param``: the fp32 main
 param), so it maps by name as above. ``dp_reshardable`` (Megatron-LM's default) stores
-the flat DDP buckets (``optimizer.distributed.dp_group_idx_<i>.gbuf_idx_<j>...``),
-``dp_zero_gather_scatter`` one pickled object per model-parallel rank,
-``fully_sharded_model_space`` flattened ranges (no longer saved by megatron-core 0.16.1)
-and ``fsdp_dtensor`` Megatron-FSDP's DTensors: refused, naming the type.
+the flat DDP buckets and its groups in ShardedObjects (``common.pt`` holds only the type):
+``megatron_dp_buckets``, routed by the torch_dist source. ``dp_zero_gather_scatter`` (one
+pickled object per model-parallel rank), ``fully_sharded_model_space`` (flattened ranges,
+no longer saved by megatron-core 0.16.1) and ``fsdp_dtensor`` (Megatron-FSDP's DTensors)
+are refused, naming the type.
 
 megacore's form (``megacore.optimizer.optimizer``) is keyed by ``"<chunk>/<name>"`` with
 ``main_param`` (the fp32 master copy; the weight itself for fp32 params) and Adam's
@@ -70,8 +71,9 @@ __all__ = ["megatron_params", "megacore_optimizer_from_megatron",
 
 
 class UnsupportedOptimizerState(ConversionError):
-    """Megatron optimizer state of a kind megacore does not read (distributed optimizer,
-    decoupled learning rates): the converter notes it, loading it for training fails."""
+    """Megatron optimizer state of a kind megacore does not read (the legacy distributed
+    optimizer's ``distrib_optim.pt``, some torch_dist sharding types, decoupled learning
+    rates): the converter notes it, loading it for training fails."""
 
 _HALF = (torch.float16, torch.bfloat16)
 _EXTRA_STATE = "_extra_state"

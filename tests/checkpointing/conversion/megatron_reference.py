@@ -286,17 +286,20 @@ def megatron_optimizer(model, bf16: bool = False):
     return optimizer, OptimizerParamScheduler(optimizer, **SCHEDULE)
 
 
-def megatron_distributed_optimizer(model):
+def megatron_distributed_optimizer(model, bucket_size=None):
     """``(ddp, optimizer, scheduler)``: ``model`` wrapped in megatron-core's DDP with the
     distributed optimizer (fp32 grad buffers, dp shards of the main params and moments),
-    as Megatron-LM builds them for ``--use-distributed-optimizer``."""
+    as Megatron-LM builds them for ``--use-distributed-optimizer``; ``bucket_size``
+    (elements): several buckets, as ``--overlap-grad-reduce --ddp-bucket-size`` give."""
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True,
-                                               grad_reduce_in_fp32=True)
+                                               grad_reduce_in_fp32=True,
+                                               overlap_grad_reduce=bucket_size is not None,
+                                               bucket_size=bucket_size)
     with cpu_tensors():
         ddp = DistributedDataParallel(model.config, ddp_config, model)
     config = OptimizerConfig(optimizer="adam", lr=LR, min_lr=MIN_LR,

@@ -25,6 +25,9 @@ import pytest
 import torch
 
 from megacore.checkpointing.conversion import convert_checkpoint
+from megacore.checkpointing.conversion.manifest import ConversionError
+from megacore.checkpointing.conversion.megatron_dp_buckets import bucket_ranges, dp_bucket_keys
+from megacore.checkpointing.conversion.megatron_optimizer import UnsupportedOptimizerState
 from tests.multirank import run_distributed
 
 pytest.importorskip("megatron.core")
@@ -35,15 +38,17 @@ from tests.checkpointing.conversion.test_megatron_optimizer import (  # noqa: E4
 
 RTOL = dict(rtol=1e-5, atol=1e-6)
 SHARDING_TYPES = ("fully_reshardable", "dp_reshardable")
+SEVERAL_BUCKETS = 4000  # elements (--overlap-grad-reduce --ddp-bucket-size): 5 buckets
 REFUSED = "dp_zero_gather_scatter"  # deprecated; one pickled object per model-parallel rank
 
 
-def _megatron_distopt_train(root, tp):
+def _megatron_distopt_train(root, tp, bucket_size):
     """Rank body (tp x dp = 2): iterations 0-1, a save per sharding type, 2-3."""
     mr.stub_for_cpu()
     mr.init_parallel(tp=tp)
     model = mr.build_model("llama", tp=tp).train()
-    ddp, optimizer, scheduler = mr.megatron_distributed_optimizer(model)
+    ddp, optimizer, scheduler = mr.megatron_distributed_optimizer(model, bucket_size)
+    buckets = [len(b.buckets) for b in ddp.buffers]
     losses = [mr.ddp_train_step(ddp, optimizer, scheduler, step) for step in (0, 1)]
     shards = mr.distributed_adam_state_by_name(model, optimizer)
     for sharding in SHARDING_TYPES + (REFUSED,):
@@ -52,7 +57,7 @@ def _megatron_distopt_train(root, tp):
                            optimizer=optimizer, scheduler=scheduler,
                            metadata={"distrib_optim_sharding_type": sharding})
     losses += [mr.ddp_train_step(ddp, optimizer, scheduler, step) for step in (2, 3)]
-    return {"losses": losses, "shards": shards}
+    return {"losses": losses, "shards": shards, "buckets": buckets}
 
 
 def _assert_shards_equal(shards, megacore_params):
@@ -82,14 +87,21 @@ def _assert_shards_cover(ref, megacore_params, tp):
         assert all(0 < len(ref[rank]["shards"]) < len(covered) for rank in (0, 1))
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_megatron_distributed_optimizer_state_resumes_exactly(tmp_path, tp):
-    """tp 1 x dp 2 (the state sharded over dp) and tp 2 x dp 1 (the buckets hold tp
-    shards: merged like the weights, fused QKV and SwiGLU included)."""
+@pytest.mark.parametrize("tp,bucket_size", [(1, None), (1, SEVERAL_BUCKETS), (2, None)])
+def test_megatron_distributed_optimizer_state_resumes_exactly(tmp_path, tp, bucket_size):
+    """tp 1 x dp 2 (the state sharded over dp), with one bucket and with several, and
+    tp 2 x dp 1 (the buckets hold tp shards: merged like the weights, fused QKV and
+    SwiGLU included).
+
+    ``fully_reshardable`` is checked with one bucket only: megatron-core 0.16.1 itself
+    mislabels it with several (``get_parameter_state_dp_zero`` drops the padding between
+    buckets from the gathered buffer, ``sharded_param_state_fully_reshardable`` slices it
+    with the padded offsets), so its tensors are not the params' state there."""
     root = str(tmp_path)
-    ref = run_distributed(_megatron_distopt_train, world_size=2, args=(root, tp),
-                          timeout=300)
-    for sharding in SHARDING_TYPES:
+    ref = run_distributed(_megatron_distopt_train, world_size=2,
+                          args=(root, tp, bucket_size), timeout=300)
+    assert (ref[0]["buckets"][0] > 2) == (bucket_size is not None)
+    for sharding in SHARDING_TYPES[bool(bucket_size):]:
         saved = f"{root}/{sharding}"
         direct = run_distributed(_megacore_resume, world_size=2, args=(saved, tp),
                                  timeout=240)
@@ -119,7 +131,8 @@ def test_pretrain_resumes_megatron_distributed_optimizer(tmp_path):
     checkpoint continues as from its megacore conversion; a sharding type megacore does
     not read is a note when converting and an error when training, naming the type."""
     root = str(tmp_path)
-    run_distributed(_megatron_distopt_train, world_size=2, args=(root, 1), timeout=300)
+    run_distributed(_megatron_distopt_train, world_size=2, args=(root, 1, None),
+                    timeout=300)
     saved = f"{root}/dp_reshardable"
     convert_checkpoint(load_dir=saved, save_dir=f"{root}/mc", ckpt_format="torch_dist",
                        target_tensor_parallel_size=1, progress=False)
@@ -132,3 +145,31 @@ def test_pretrain_resumes_megatron_distributed_optimizer(tmp_path):
     with pytest.raises(AssertionError, match=r"common.pt: saved by Megatron's distributed "
                                              rf"optimizer with sharding type '{REFUSED}'"):
         _pretrain_losses(tmp_path, "refused", f"{root}/{REFUSED}")
+
+
+def test_bucket_ranges_worked_example_and_errors():
+    """The module docstring's example; params that do not fill the buckets exactly."""
+    params = [("a", 100), ("b", 30), ("c", 64)]
+    assert bucket_ranges(params, [228], "ckpt") == {"c": (0, 0, 64), "b": (0, 64, 94),
+                                                    "a": (0, 128, 228)}
+    assert bucket_ranges(params, [94, 100], "ckpt") == {"c": (0, 0, 64), "b": (0, 64, 94),
+                                                        "a": (1, 0, 100)}
+    with pytest.raises(ConversionError, match="ckpt: param a overruns"):
+        bucket_ranges(params, [94, 99], "ckpt")
+    with pytest.raises(ConversionError, match="ckpt: the params fill 1 of the"):
+        bucket_ranges(params, [228, 64], "ckpt")
+    with pytest.raises(ConversionError, match="buckets end before param a"):
+        bucket_ranges(params, [94], "ckpt")
+
+
+def test_dp_bucket_keys_refuse_other_buffers():
+    prefix = "optimizer.distributed.dp_group_idx_0.gbuf_idx_{}.dtype_(torch.float32, " \
+        "torch.float32).bucket_idx_0"
+    keys = [f"{prefix.format(0)}.{f}" for f in ("param", "exp_avg", "exp_avg_sq")]
+    assert dp_bucket_keys(keys, 1, "ckpt") == {0: [prefix.format(0)]}
+    with pytest.raises(UnsupportedOptimizerState, match="gbuf_idx_1.* single grad buffer"):
+        dp_bucket_keys(keys + [f"{prefix.format(1)}.param"], 1, "ckpt")
+    with pytest.raises(ConversionError, match="missing: .*exp_avg_sq"):
+        dp_bucket_keys(keys[:2], 1, "ckpt")
+    with pytest.raises(ConversionError, match="model-parallel rank 1 are missing"):
+        dp_bucket_keys(keys, 2, "ckpt")
