@@ -16,6 +16,10 @@ padded to ``lcm(dp, 128)``, so offsets relative to the bucket start keep the 64-
 alignment. The bucket sizes are read from the checkpoint (they depend on
 ``--ddp-bucket-size`` and ``--overlap-grad-reduce``), which fixes where each bucket ends.
 
+Legacy checkpoints keep the same layout in ``distrib_optim.pt`` next to each rank file
+(``get_parameter_state_dp_zero``): per buffer, one tensor per field over all its buckets
+with the padding between buckets dropped, and only the total size.
+
 Worked example: params ``a`` (100 elements), ``b`` (30), ``c`` (64) in
 ``named_parameters()`` order, one bucket: reversed ``c``, ``b``, ``a``: ``c`` at [0, 64),
 ``b`` at [64, 94), ``a`` at [128, 228) (94 padded to 128); the bucket's unpadded size is
@@ -27,15 +31,19 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
 from megacore.checkpointing.conversion.manifest import ConversionError
-from megacore.checkpointing.conversion.megatron_optimizer import UnsupportedOptimizerState
+from megacore.checkpointing.conversion.megatron_optimizer import (
+    UnsupportedOptimizerState,
+    distributed_optimizer_common,
+)
 
 __all__ = ["bucket_ranges", "dp_bucket_keys", "DP_BUCKET_FIELDS", "dp_group_object_key",
-           "assemble_dp_field"]
+           "assemble_dp_field", "DISTRIB_OPTIM_FILENAME", "is_distributed_optimizer_state",
+           "megacore_optimizer_from_distrib_optim"]
 
 _BUCKET_KEY = re.compile(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)"
                          r"\.dtype_(.+)\.bucket_idx_(\d+)\.(param|exp_avg_sq|exp_avg)$")
@@ -144,3 +152,63 @@ def assemble_dp_field(suffix: str, order: List[Tuple[str, str]],
             flat = load(f"{prefixes[t][bucket]}.{suffix}")
             shards[name].append(flat[start:end].view(shapes[name]))
     return {name: merge(name, parts) for name, parts in shards.items()}
+
+
+# -- legacy distrib_optim.pt -----------------------------------------------------------------
+DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
+
+
+def is_distributed_optimizer_state(opt_state: Any) -> bool:
+    """Whether a legacy rank file's ``optimizer`` entry is megatron-core's
+    ``DistributedOptimizer.state_dict()`` (param groups only; the per-param state is in
+    ``distrib_optim.pt``)."""
+    inner = opt_state.get("optimizer") if isinstance(opt_state, dict) else None
+    return isinstance(inner, dict) and "state" not in inner and "param_groups" in inner
+
+
+def megacore_optimizer_from_distrib_optim(opt_state: dict, param_state: Any,
+                                          params: List[Tuple[int, str, torch.Tensor]],
+                                          rename: Callable[[str], str], where: str) -> dict:
+    """megacore's optimizer state dict of one legacy rank file of the distributed
+    optimizer: ``opt_state`` its ``optimizer`` entry, ``param_state`` its
+    ``distrib_optim.pt`` (``DistributedOptimizer.get_parameter_state_dp_zero``: per grad
+    buffer and dtype, ``param``/``exp_avg``/``exp_avg_sq`` over the whole buffer with the
+    padding between buckets dropped), ``params`` the rank's ``(chunk, Megatron name,
+    local weight)`` in Megatron's order.
+
+    The file records only the buffer's total unpadded size, not the bucket sizes, so the
+    layout is walked as one bucket; several buckets give the same offsets exactly when
+    every bucket ends on a 64-element boundary (a bucket ending elsewhere makes the walk
+    longer than the buffer): otherwise refused."""
+    world = _single_buffer(param_state, params, where)
+    step, member = distributed_optimizer_common(opt_state, where)
+    layout = [(name, weight.numel()) for _, name, weight in params]
+    try:
+        ranges = bucket_ranges(layout, [int(world["numel_unpadded"])], where)
+    except ConversionError as exc:
+        raise UnsupportedOptimizerState(
+            f"{where}: {DISTRIB_OPTIM_FILENAME} does not match the model as one bucket "
+            f"({exc}); it was saved with several DDP buckets (--overlap-grad-reduce), whose "
+            "sizes the file does not record; resume with --no-load-optim") from exc
+    out = {}
+    for chunk, name, weight in params:
+        _, start, end = ranges[name]
+        entry = {field: world[suffix][start:end].view(weight.shape).clone()
+                 for field, suffix in DP_BUCKET_FIELDS.items()}
+        entry["step"] = step.clone()
+        out[f"{chunk}/{rename(name)}"] = entry
+    return dict(member, params=out)
+
+
+def _single_buffer(param_state: Any, params: list, where: str) -> Dict[str, Any]:
+    """The one grad buffer's world tensors of a ``distrib_optim.pt``; several buffers,
+    chained optimizers (a list) or virtual stages are refused."""
+    buffers = [k for k in param_state if isinstance(k, int)] \
+        if isinstance(param_state, dict) else None
+    chunks = {chunk for chunk, _, _ in params}
+    if buffers != [0] or len(param_state[0]) != 1 or chunks != {0}:
+        raise UnsupportedOptimizerState(
+            f"{where}: {DISTRIB_OPTIM_FILENAME} holds several grad buffers or optimizers "
+            "(mixed param dtypes, expert parallelism or virtual pipeline stages), which "
+            "megacore does not read; resume with --no-load-optim")
+    return next(iter(param_state[0].values()))

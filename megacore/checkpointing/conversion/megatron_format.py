@@ -77,10 +77,13 @@ from megacore.checkpointing.conversion.megatron_args import (
     load_megatron_file,
 )
 from megacore.checkpointing.conversion.megatron_dp_buckets import (
+    DISTRIB_OPTIM_FILENAME,
     DP_BUCKET_FIELDS,
     assemble_dp_field,
     dp_bucket_keys,
     dp_group_object_key,
+    is_distributed_optimizer_state,
+    megacore_optimizer_from_distrib_optim,
 )
 from megacore.checkpointing.conversion.megatron_optimizer import (
     DP_RESHARDABLE,
@@ -304,10 +307,15 @@ class MegatronLegacySource(LegacySource):
             if state.get("optimizer") is None:
                 raise ConversionError(f"{path} holds no optimizer state while other rank "
                                       "files do; resume with --no-load-optim")
+            models = [state[k] for k in chunk_keys(chunks)]
             try:
+                if is_distributed_optimizer_state(state["optimizer"]):
+                    converted[(t, p, e)] = megacore_optimizer_from_distrib_optim(
+                        state["optimizer"], _distrib_optim(path), megatron_params(models),
+                        megatron_to_megacore_name, path)
+                    continue
                 converted[(t, p, e)] = megacore_optimizer_from_megatron(
-                    state["optimizer"], [state[k] for k in chunk_keys(chunks)],
-                    megatron_to_megacore_name, lay.ep > 1, path)
+                    state["optimizer"], models, megatron_to_megacore_name, lay.ep > 1, path)
             except UnsupportedOptimizerState as exc:
                 if required:
                     raise
@@ -329,6 +337,16 @@ class MegatronLegacySource(LegacySource):
                 self._dropped_extra.append(local)
             return None
         return megatron_to_megacore_name(local)
+
+
+def _distrib_optim(rank_file: str) -> Any:
+    """The distributed optimizer's ``distrib_optim.pt`` next to a legacy rank file."""
+    path = os.path.join(os.path.dirname(rank_file), DISTRIB_OPTIM_FILENAME)
+    if not os.path.exists(path):
+        raise UnsupportedOptimizerState(f"{rank_file}: saved by Megatron's distributed "
+                                        f"optimizer, but {path} is missing; resume with "
+                                        "--no-load-optim")
+    return load_megatron_file(path)
 
 
 # -- torch_dist source --------------------------------------------------------------------

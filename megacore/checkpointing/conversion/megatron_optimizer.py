@@ -26,7 +26,8 @@ Member forms: ``FP32Optimizer`` saves ``{"state", "param_groups"}``;
 ``Float16OptimizerWithFloat16Params`` (``--bf16``/``--fp16``) saves ``{"optimizer": that,
 "grad_scaler", "fp32_from_fp16_params": [per group, the fp32 main copies of its
 half-precision params in order]}``; the distributed optimizer saves only hyper-parameters
-here and its moments in ``distrib_optim.pt`` (Megatron's flattened DDP buffers): refused.
+here and its moments in ``distrib_optim.pt`` (Megatron's flattened DDP buffers): read by
+``megatron_dp_buckets`` (the legacy source routes it there).
 
 torch_dist (``dist_checkpointing``): the non-distributed optimizer's
 ``sharded_state_dict`` names each param's state after the param's sharded key,
@@ -71,9 +72,9 @@ __all__ = ["megatron_params", "megacore_optimizer_from_megatron",
 
 
 class UnsupportedOptimizerState(ConversionError):
-    """Megatron optimizer state of a kind megacore does not read (the legacy distributed
-    optimizer's ``distrib_optim.pt``, some torch_dist sharding types, decoupled learning
-    rates): the converter notes it, loading it for training fails."""
+    """Megatron optimizer state of a kind megacore does not read (some distributed-optimizer
+    layouts and torch_dist sharding types, decoupled learning rates): the converter notes
+    it, loading it for training fails."""
 
 _HALF = (torch.float16, torch.bfloat16)
 _EXTRA_STATE = "_extra_state"

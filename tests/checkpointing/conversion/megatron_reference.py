@@ -483,6 +483,24 @@ def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int, 
     dist.barrier()
 
 
+def save_legacy_distributed(save_dir: str, kind: str, model, optimizer, scheduler,
+                            tp: int) -> None:
+    """A legacy checkpoint of the distributed optimizer as Megatron-LM's
+    ``save_checkpoint`` writes it (collective over the ranks): dp rank 0 of each tp rank
+    writes the rank file (the optimizer entry: ``state_dict()``, param groups only), then
+    ``save_parameter_state`` gathers the dp shards into ``distrib_optim.pt`` beside it."""
+    from megatron.core import parallel_state as mps
+
+    tp_rank = mps.get_tensor_model_parallel_rank()
+    if mps.get_data_parallel_rank() == 0:
+        save_legacy(save_dir, kind, [model.state_dict()], tp_rank, 0, 0, tp, 1, 1,
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+    dist.barrier()
+    optimizer.save_parameter_state(os.path.join(
+        save_dir, f"iter_{ITERATION:07d}", f"mp_rank_{tp_rank:02d}", "distrib_optim.pt"))
+    dist.barrier()
+
+
 def load_legacy_into(model, path: str) -> None:
     """What Megatron-LM's ``load_checkpoint`` does with a rank file (strict)."""
     state = torch.load(path, map_location="cpu", weights_only=False)

@@ -1,20 +1,24 @@
-"""Megatron's distributed-optimizer state (torch_dist), against megatron-core 0.16.1 itself.
+"""Megatron's distributed-optimizer state, against megatron-core 0.16.1 itself.
 
 megatron-core's own ``DistributedDataParallel`` and ``DistributedOptimizer``
-(``--use-distributed-optimizer``) train the Llama-style model at tp 1 x dp 2 on gloo for
-two iterations (each dp rank holds half of every bucket's main params and moments), save
-with ``dist_checkpointing.save`` in two of the distributed optimizer's sharding types,
-and go on for two more iterations: the uninterrupted run.
+(``--use-distributed-optimizer``) train the Llama-style model at tp 1 x dp 2 (each dp
+rank holds part of every bucket's main params and moments) or tp 2 x dp 1 on gloo for
+two iterations, save
+with ``dist_checkpointing.save`` in the distributed optimizer's sharding types and in
+the legacy format (rank files and ``distrib_optim.pt``), and go on for two more
+iterations: the uninterrupted run.
 
-* ``fully_reshardable`` (``--dist-ckpt-optim-fully-reshardable``): megacore loads it
-  directly (``load_megatron_checkpoint``, what ``pretrain_gpt.py --load`` calls): each
-  dp rank's shard of every main param and Adam moment, as megatron-core's optimizer
+* ``dp_reshardable`` (Megatron-LM's default: the flat DDP buckets, one and several),
+  ``fully_reshardable`` (``--dist-ckpt-optim-fully-reshardable``) and the legacy
+  ``distrib_optim.pt`` (one bucket; several are refused: the file lacks their sizes):
+  megacore loads each directly (``load_megatron_checkpoint``, what ``pretrain_gpt.py
+  --load`` calls): each rank's shard of every main param and Adam moment, as megatron-core's optimizer
   holds it (its ``_get_main_param_and_optimizer_states``), equals the same slice of
   megacore's, bitwise; the step too; iterations 2-3 give megatron's losses and grad norms.
   Converted to megacore (torch_dist) the state is carried: the same moments and losses.
   ``pretrain_gpt.py --load`` continues from it exactly as from its conversion.
-* ``dp_reshardable`` (Megatron-LM's default: flat DDP buckets): a note naming the
-  sharding type when converting, an error naming it and ``common.pt`` when training.
+* ``dp_zero_gather_scatter`` (deprecated, pickled objects): a note naming the sharding
+  type when converting, an error naming it and ``common.pt`` when training.
 
 Tolerances: dp 2 with the same batch on both ranks averages two equal grads (exact in
 fp32), so megacore's single-optimizer continuation differs from megatron-core's only by
@@ -38,24 +42,26 @@ from tests.checkpointing.conversion.test_megatron_optimizer import (  # noqa: E4
 
 RTOL = dict(rtol=1e-5, atol=1e-6)
 SHARDING_TYPES = ("fully_reshardable", "dp_reshardable")
+LEGACY = "legacy"  # the legacy format: rank files and distrib_optim.pt
 SEVERAL_BUCKETS = 4000  # elements (--overlap-grad-reduce --ddp-bucket-size): 5 buckets
 REFUSED = "dp_zero_gather_scatter"  # deprecated; one pickled object per model-parallel rank
 
 
-def _megatron_distopt_train(root, tp, bucket_size):
+def _megatron_distopt_train(root, tp, bucket_size, kind="llama"):
     """Rank body (tp x dp = 2): iterations 0-1, a save per sharding type, 2-3."""
     mr.stub_for_cpu()
     mr.init_parallel(tp=tp)
-    model = mr.build_model("llama", tp=tp).train()
+    model = mr.build_model(kind, tp=tp).train()
     ddp, optimizer, scheduler = mr.megatron_distributed_optimizer(model, bucket_size)
-    buckets = [len(b.buckets) for b in ddp.buffers]
+    buckets = [b.numel_unpadded for b in ddp.buffers[0].buckets]  # one buffer
     losses = [mr.ddp_train_step(ddp, optimizer, scheduler, step) for step in (0, 1)]
     shards = mr.distributed_adam_state_by_name(model, optimizer)
     for sharding in SHARDING_TYPES + (REFUSED,):
         # Megatron-LM saves the unwrapped model's sharded state dict (no DDP prefix).
-        mr.save_torch_dist(f"{root}/{sharding}", "llama", model, tp, 1, 1,
+        mr.save_torch_dist(f"{root}/{sharding}", kind, model, tp, 1, 1,
                            optimizer=optimizer, scheduler=scheduler,
                            metadata={"distrib_optim_sharding_type": sharding})
+    mr.save_legacy_distributed(f"{root}/{LEGACY}", kind, model, optimizer, scheduler, tp)
     losses += [mr.ddp_train_step(ddp, optimizer, scheduler, step) for step in (2, 3)]
     return {"losses": losses, "shards": shards, "buckets": buckets}
 
@@ -100,8 +106,8 @@ def test_megatron_distributed_optimizer_state_resumes_exactly(tmp_path, tp, buck
     root = str(tmp_path)
     ref = run_distributed(_megatron_distopt_train, world_size=2,
                           args=(root, tp, bucket_size), timeout=300)
-    assert (ref[0]["buckets"][0] > 2) == (bucket_size is not None)
-    for sharding in SHARDING_TYPES[bool(bucket_size):]:
+    assert (len(ref[0]["buckets"]) > 2) == (bucket_size is not None)
+    for sharding in SHARDING_TYPES[bool(bucket_size):] + (LEGACY,):
         saved = f"{root}/{sharding}"
         direct = run_distributed(_megacore_resume, world_size=2, args=(saved, tp),
                                  timeout=240)
@@ -124,6 +130,27 @@ def test_megatron_distributed_optimizer_state_resumes_exactly(tmp_path, tp, buck
     fresh = run_distributed(_megacore_resume, world_size=2,
                             args=(f"{root}/dp_reshardable", tp, True), timeout=240)
     assert fresh[0]["losses"][1][0] != pytest.approx(ref[0]["losses"][3][0], rel=1e-3)
+
+
+def test_unaligned_buckets_read_from_torch_dist_refused_from_legacy(tmp_path):
+    """GPT-2 style (32-element biases) with 2200-element buckets: some buckets end off
+    the 64-element grid, and ``distrib_optim.pt`` records no bucket sizes, so its offsets
+    are unknown: a note when converting, not a misread state."""
+    root = str(tmp_path)
+    ref = run_distributed(_megatron_distopt_train, world_size=2,
+                          args=(root, 1, 2200, "gpt2"), timeout=300)
+    assert any(size % 64 for size in ref[0]["buckets"])
+    report = convert_checkpoint(load_dir=f"{root}/{LEGACY}", save_dir=f"{root}/x",
+                                progress=False)
+    assert any("mp_rank_00/model_optim_rng.pt: distrib_optim.pt does not match the model "
+               "as one bucket" in note and "several DDP buckets" in note
+               for note in report.notes), report.notes
+    # The torch_dist form records the bucket sizes: read exactly.
+    direct = run_distributed(_megacore_resume, world_size=2,
+                             args=(f"{root}/dp_reshardable", 1), timeout=240)
+    for rank in (0, 1):
+        _assert_shards_equal(ref[rank]["shards"], direct[rank]["params"])
+        torch.testing.assert_close(direct[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
 
 
 def test_pretrain_resumes_megatron_distributed_optimizer(tmp_path):
