@@ -286,11 +286,12 @@ def megatron_optimizer(model, bf16: bool = False):
     return optimizer, OptimizerParamScheduler(optimizer, **SCHEDULE)
 
 
-def megatron_distributed_optimizer(model, bucket_size=None):
+def megatron_distributed_optimizer(model, bucket_size=None, bf16: bool = False):
     """``(ddp, optimizer, scheduler)``: ``model`` wrapped in megatron-core's DDP with the
     distributed optimizer (fp32 grad buffers, dp shards of the main params and moments),
     as Megatron-LM builds them for ``--use-distributed-optimizer``; ``bucket_size``
-    (elements): several buckets, as ``--overlap-grad-reduce --ddp-bucket-size`` give."""
+    (elements): several buckets, as ``--overlap-grad-reduce --ddp-bucket-size`` give;
+    ``bf16``: the model's params are bf16 (fp32 main params in the optimizer)."""
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -304,7 +305,7 @@ def megatron_distributed_optimizer(model, bucket_size=None):
         ddp = DistributedDataParallel(model.config, ddp_config, model)
     config = OptimizerConfig(optimizer="adam", lr=LR, min_lr=MIN_LR,
                              weight_decay=WEIGHT_DECAY, clip_grad=0.0,
-                             use_distributed_optimizer=True)
+                             use_distributed_optimizer=True, bf16=bf16)
     with cpu_tensors(), cuda_type_names():
         optimizer = get_megatron_optimizer(config, [ddp])
     return ddp, optimizer, OptimizerParamScheduler(optimizer, **SCHEDULE)
@@ -454,7 +455,8 @@ def save_legacy(save_dir: str, kind: str, model_state_dicts, tp_rank: int, pp_ra
 
 
 def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int, *,
-                    optimizer=None, scheduler=None, metadata=None) -> None:
+                    optimizer=None, scheduler=None, metadata=None,
+                    bf16: bool = False) -> None:
     """A ``torch_dist`` checkpoint through megatron-core's ``dist_checkpointing.save``
     (collective over the ranks that hold the model); with ``optimizer``, its
     ``sharded_state_dict`` of the model's and the scheduler state, as Megatron-LM's
@@ -467,7 +469,7 @@ def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int, 
         os.makedirs(iter_dir, exist_ok=True)
     dist.barrier()
     state = {"model": model.sharded_state_dict(),
-             "args": megatron_args(kind, tp, pp, ep, "torch_dist"),
+             "args": megatron_args(kind, tp, pp, ep, "torch_dist", bf16=bf16),
              "checkpoint_version": 3.0, "iteration": ITERATION,
              "num_floating_point_operations_so_far": 123.0}
     if optimizer is not None:
@@ -484,7 +486,7 @@ def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int, 
 
 
 def save_legacy_distributed(save_dir: str, kind: str, model, optimizer, scheduler,
-                            tp: int) -> None:
+                            tp: int, bf16: bool = False) -> None:
     """A legacy checkpoint of the distributed optimizer as Megatron-LM's
     ``save_checkpoint`` writes it (collective over the ranks): dp rank 0 of each tp rank
     writes the rank file (the optimizer entry: ``state_dict()``, param groups only), then
@@ -494,7 +496,8 @@ def save_legacy_distributed(save_dir: str, kind: str, model, optimizer, schedule
     tp_rank = mps.get_tensor_model_parallel_rank()
     if mps.get_data_parallel_rank() == 0:
         save_legacy(save_dir, kind, [model.state_dict()], tp_rank, 0, 0, tp, 1, 1,
-                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    bf16=bf16)
     dist.barrier()
     optimizer.save_parameter_state(os.path.join(
         save_dir, f"iter_{ITERATION:07d}", f"mp_rank_{tp_rank:02d}", "distrib_optim.pt"))

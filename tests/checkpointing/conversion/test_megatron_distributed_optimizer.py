@@ -38,7 +38,7 @@ pytest.importorskip("megatron.core")
 
 from tests.checkpointing.conversion import megatron_reference as mr  # noqa: E402
 from tests.checkpointing.conversion.test_megatron_optimizer import (  # noqa: E402
-    _megacore_resume, _pretrain_losses)
+    _megacore_bf16_load, _megacore_resume, _pretrain_losses)
 
 RTOL = dict(rtol=1e-5, atol=1e-6)
 SHARDING_TYPES = ("fully_reshardable", "dp_reshardable")
@@ -200,3 +200,35 @@ def test_dp_bucket_keys_refuse_other_buffers():
         dp_bucket_keys(keys[:2], 1, "ckpt")
     with pytest.raises(ConversionError, match="model-parallel rank 1 are missing"):
         dp_bucket_keys(keys, 2, "ckpt")
+
+
+def _megatron_bf16_distopt_train(root):
+    """Rank body (dp 2): a bf16 model with the distributed optimizer, two iterations,
+    the default torch_dist save and the legacy one."""
+    mr.stub_for_cpu()
+    mr.init_parallel()
+    model = mr.build_model("llama").train().bfloat16()  # what Float16Module does
+    ddp, optimizer, scheduler = mr.megatron_distributed_optimizer(model, bf16=True)
+    for step in (0, 1):
+        mr.ddp_train_step(ddp, optimizer, scheduler, step)
+    mr.save_torch_dist(f"{root}/dp_reshardable", "llama", model, 1, 1, 1,
+                       optimizer=optimizer, scheduler=scheduler,
+                       metadata={"distrib_optim_sharding_type": "dp_reshardable"},
+                       bf16=True)
+    mr.save_legacy_distributed(f"{root}/{LEGACY}", "llama", model, optimizer, scheduler, 1,
+                               bf16=True)
+    return mr.distributed_adam_state_by_name(model, optimizer)
+
+
+def test_megatron_bf16_distributed_optimizer_state(tmp_path):
+    """bf16 weights, fp32 main params and moments in the buckets: megacore's
+    mixed-precision optimizer loads each dp rank's shard bitwise (torch_dist and legacy)."""
+    root = str(tmp_path)
+    ref = run_distributed(_megatron_bf16_distopt_train, world_size=2, args=(root,),
+                          timeout=300)
+    for form in ("dp_reshardable", LEGACY):
+        loaded = run_distributed(_megacore_bf16_load, world_size=1, args=(f"{root}/{form}",),
+                                 timeout=240)[0]
+        assert loaded["0/decoder.final_layernorm.weight"]["main_param"].dtype == torch.float32
+        for rank in (0, 1):
+            _assert_shards_equal(ref[rank], loaded)
