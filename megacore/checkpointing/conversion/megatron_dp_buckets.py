@@ -195,6 +195,11 @@ def megacore_optimizer_from_distrib_optim(opt_state: dict, param_state: Any,
         _, start, end = ranges[name]
         entry = {field: world[suffix][start:end].view(weight.shape).clone()
                  for field, suffix in DP_BUCKET_FIELDS.items()}
+        if not torch.equal(entry["main_param"].to(weight.dtype), weight):
+            # megatron-core copies the main params into the model after every step.
+            raise ConversionError(f"{where}: the main param of {name} in "
+                                  f"{DISTRIB_OPTIM_FILENAME} does not match the weight: "
+                                  "the file is for another model or layout")
         entry["step"] = step.clone()
         out[f"{chunk}/{rename(name)}"] = entry
     return dict(member, params=out)

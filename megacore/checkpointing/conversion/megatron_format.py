@@ -102,11 +102,11 @@ from megacore.checkpointing.conversion.tensor_rules import (
     WORD_EMBEDDING,
     MegacoreLayout,
     layer_index,
+    merge_from_tp,
     model_key,
     optimizer_key,
     parse_key,
     shard_rule,
-    merge_from_tp,
     split_for_tp,
 )
 from megacore.checkpointing.paths import (
@@ -509,28 +509,47 @@ class MegatronDistSource(CanonicalSource):
         self._register_steps(step, member)
 
     def _dp_field(self, field: str) -> Dict[str, torch.Tensor]:
-        """Every param's ``field`` from the ``dp_reshardable`` buckets (cached): each tp
-        rank's params in megatron-core's order with their local shapes (the weights split
-        as Megatron splits them), sliced from the buckets and merged over tp."""
+        """Every param's ``field`` from the ``dp_reshardable`` buckets (cached); the
+        main params are checked against the weights first (:meth:`_check_dp_layout`)."""
+        if not self._dp_fields:
+            self._dp_fields["main_param"] = self._assemble_dp_field("main_param")
+            self._check_dp_layout(self._dp_fields["main_param"])
         if field not in self._dp_fields:
-            prefixes, sizes = self._dp_buckets
-            desc, impl = self.description, getattr(self.megatron_args, "transformer_impl",
-                                                   "local")
-            names = [n for n in self.model_names()]
-            order = megatron_module_order({megacore_to_megatron_name(n, impl, False): n
-                                           for n in names})
-            rows = int(self.meta[WORD_EMBEDDING].size[0])
-            padded = dataclasses.replace(desc, vocab_size=rows, config_dict=None)
-            weights = {n: self._raw(model_key(n)) for n in names}
-            shapes = [{n: tuple(split_for_tp(w, shard_rule(n, desc), padded,
-                                             self.layout.tp)[t].shape)
-                       for n, w in weights.items()} for t in range(self.layout.tp)]
-            self._dp_fields[field] = assemble_dp_field(
-                DP_BUCKET_FIELDS[field], list(order.items()), shapes, prefixes, sizes,
-                self._stacked, lambda n, parts: merge_from_tp(parts, shard_rule(n, desc),
-                                                              desc, n),
-                self.iter_dir)
+            self._dp_fields[field] = self._assemble_dp_field(field)
         return self._dp_fields[field]
+
+    def _check_dp_layout(self, mains: Dict[str, torch.Tensor]) -> None:
+        """Each weight is its fp32 main param rounded to the weight's dtype (megatron-core
+        copies the main params into the model after every step): a param order or
+        padding that differs from megatron-core's would not match."""
+        for name, main in mains.items():
+            weight = self._read([model_key(name)])[model_key(name)]
+            if not torch.equal(main.to(weight.dtype), weight):
+                raise ConversionError(
+                    f"{self.iter_dir}: the distributed optimizer's main param of {name} "
+                    "does not match the weight: its bucket layout is not megatron-core "
+                    "0.16.1's as megacore derives it; resume with --no-load-optim")
+
+    def _assemble_dp_field(self, field: str) -> Dict[str, torch.Tensor]:
+        """One field from the buckets: each tp rank's params in megatron-core's order
+        with their local shapes (the weights split as Megatron splits them), sliced from
+        the buckets and merged over tp."""
+        prefixes, sizes = self._dp_buckets
+        desc, impl = self.description, getattr(self.megatron_args, "transformer_impl",
+                                               "local")
+        names = list(self.model_names())
+        order = megatron_module_order({megacore_to_megatron_name(n, impl, False): n
+                                       for n in names})
+        rows = int(self.meta[WORD_EMBEDDING].size[0])
+        padded = dataclasses.replace(desc, vocab_size=rows, config_dict=None)
+        weights = {n: self._raw(model_key(n)) for n in names}
+        shapes = [{n: tuple(split_for_tp(w, shard_rule(n, desc), padded,
+                                         self.layout.tp)[t].shape)
+                   for n, w in weights.items()} for t in range(self.layout.tp)]
+        return assemble_dp_field(
+            DP_BUCKET_FIELDS[field], list(order.items()), shapes, prefixes, sizes,
+            self._stacked, lambda n, parts: merge_from_tp(parts, shard_rule(n, desc), desc, n),
+            self.iter_dir)
 
     def _register_steps(self, step: torch.Tensor, member: dict) -> None:
         """One common step for every param; the weights are the main params of runs

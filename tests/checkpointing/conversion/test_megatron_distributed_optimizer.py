@@ -132,7 +132,7 @@ def test_megatron_distributed_optimizer_state_resumes_exactly(tmp_path, tp, buck
     assert fresh[0]["losses"][1][0] != pytest.approx(ref[0]["losses"][3][0], rel=1e-3)
 
 
-def test_unaligned_buckets_read_from_torch_dist_refused_from_legacy(tmp_path):
+def test_unaligned_buckets_read_from_torch_dist_refused_from_legacy(tmp_path, monkeypatch):
     """GPT-2 style (32-element biases) with 2200-element buckets: some buckets end off
     the 64-element grid, and ``distrib_optim.pt`` records no bucket sizes, so its offsets
     are unknown: a note when converting, not a misread state."""
@@ -151,6 +151,21 @@ def test_unaligned_buckets_read_from_torch_dist_refused_from_legacy(tmp_path):
     for rank in (0, 1):
         _assert_shards_equal(ref[rank]["shards"], direct[rank]["params"])
         torch.testing.assert_close(direct[rank]["losses"], ref[rank]["losses"][2:], **RTOL)
+    # A param order differing from megatron-core's (two same-size params swapped: the
+    # same offsets) is caught by the main params not matching the weights.
+    from megacore.checkpointing.conversion import megatron_format
+
+    def swapped(order, original=megatron_format.megatron_module_order):
+        items = list(original(order).items())
+        i = next(i for i, (k, _) in enumerate(items) if k.endswith("input_layernorm.weight"))
+        items[i], items[i + 1] = items[i + 1], items[i]
+        assert items[i][0].endswith("input_layernorm.bias")
+        return dict(items)
+
+    monkeypatch.setattr(megatron_format, "megatron_module_order", swapped)
+    with pytest.raises(ConversionError, match="main param of .* does not match the weight"):
+        convert_checkpoint(load_dir=f"{root}/dp_reshardable", save_dir=f"{root}/z",
+                           progress=False)
 
 
 def test_pretrain_resumes_megatron_distributed_optimizer(tmp_path):
