@@ -1,4 +1,5 @@
-"""Where each param sits in Megatron's distributed-optimizer buckets (``dp_reshardable``).
+"""Where each param sits in Megatron's distributed-optimizer buckets (torch_dist
+``dp_reshardable``, legacy ``distrib_optim.pt``), and its state read from them.
 
 Megatron-LM's default torch_dist form of ``--use-distributed-optimizer`` state (megatron-core
 0.16.1, ``DistributedOptimizer.sharded_param_state_dp_reshardable``) stores, per
