@@ -76,10 +76,21 @@ from megacore.checkpointing.conversion.megatron_args import (
     layout_from_args,
     load_megatron_file,
 )
+from megacore.checkpointing.conversion.megatron_dp_buckets import (
+    DISTRIB_OPTIM_FILENAME,
+    DP_BUCKET_FIELDS,
+    assemble_dp_field,
+    dp_bucket_keys,
+    dp_group_object_key,
+    is_distributed_optimizer_state,
+    megacore_optimizer_from_distrib_optim,
+)
 from megacore.checkpointing.conversion.megatron_optimizer import (
+    DP_RESHARDABLE,
     UnsupportedOptimizerState,
     dist_optimizer_common,
     dist_optimizer_entries,
+    distributed_optimizer_common,
     megatron_dist_optimizer_common,
     megacore_optimizer_from_megatron,
     megatron_optimizer_from_megacore,
@@ -91,6 +102,7 @@ from megacore.checkpointing.conversion.tensor_rules import (
     WORD_EMBEDDING,
     MegacoreLayout,
     layer_index,
+    merge_from_tp,
     model_key,
     optimizer_key,
     parse_key,
@@ -295,10 +307,15 @@ class MegatronLegacySource(LegacySource):
             if state.get("optimizer") is None:
                 raise ConversionError(f"{path} holds no optimizer state while other rank "
                                       "files do; resume with --no-load-optim")
+            models = [state[k] for k in chunk_keys(chunks)]
             try:
+                if is_distributed_optimizer_state(state["optimizer"]):
+                    converted[(t, p, e)] = megacore_optimizer_from_distrib_optim(
+                        state["optimizer"], _distrib_optim(path), megatron_params(models),
+                        megatron_to_megacore_name, path)
+                    continue
                 converted[(t, p, e)] = megacore_optimizer_from_megatron(
-                    state["optimizer"], [state[k] for k in chunk_keys(chunks)],
-                    megatron_to_megacore_name, lay.ep > 1, path)
+                    state["optimizer"], models, megatron_to_megacore_name, lay.ep > 1, path)
             except UnsupportedOptimizerState as exc:
                 if required:
                     raise
@@ -320,6 +337,16 @@ class MegatronLegacySource(LegacySource):
                 self._dropped_extra.append(local)
             return None
         return megatron_to_megacore_name(local)
+
+
+def _distrib_optim(rank_file: str) -> Any:
+    """The distributed optimizer's ``distrib_optim.pt`` next to a legacy rank file."""
+    path = os.path.join(os.path.dirname(rank_file), DISTRIB_OPTIM_FILENAME)
+    if not os.path.exists(path):
+        raise UnsupportedOptimizerState(f"{rank_file}: saved by Megatron's distributed "
+                                        f"optimizer, but {path} is missing; resume with "
+                                        "--no-load-optim")
+    return load_megatron_file(path)
 
 
 # -- torch_dist source --------------------------------------------------------------------
@@ -360,6 +387,9 @@ class MegatronDistSource(CanonicalSource):
         self.refs: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
         self._cache: Dict[str, torch.Tensor] = {}
         self._steps: Dict[str, torch.Tensor] = {}
+        # dp_reshardable: field -> {name: tensor}, assembled from the buckets on first read.
+        self._dp_buckets: Optional[Tuple[Dict[int, List[str]], Dict[int, List[int]]]] = None
+        self._dp_fields: Dict[str, Dict[str, torch.Tensor]] = {}
         self._index()
         if self._optimizer[0] is not None:
             self.common.opt_param_scheduler = common.get("opt_param_scheduler")
@@ -374,7 +404,10 @@ class MegatronDistSource(CanonicalSource):
                 optimizer_keys.append(key)
                 continue
             self._add_refs(key, model_key)
-        if optimizer_keys and self._optimizer[0] is not None:
+        common = self._optimizer[0]
+        # A distributed optimizer's state may be byte items only (dp_zero_gather_scatter).
+        distributed = isinstance(common, dict) and "param_state_sharding_type" in common
+        if (optimizer_keys or distributed) and common is not None:
             try:
                 self._index_optimizer(optimizer_keys)
                 return
@@ -392,11 +425,6 @@ class MegatronDistSource(CanonicalSource):
         """Megatron-LM's RNG state list of the (pp, tp) position: the ``rng_state``
         ShardedObject (``shard_<pp>.<tp>_<PP>.<TP>``; with ``<dp>`` as a third offset, one
         shard per dp rank), unpickled with ``weights_only``; None when not saved."""
-        import torch.distributed.checkpoint as dcp
-
-        from megacore.checkpointing.conversion.megatron_args import megatron_safe_globals
-        from megacore.checkpointing.safe_dcp import SafeLoadPlanner
-
         shards = {}
         for key in self.meta:
             match = _RNG_SHARD.match(key)
@@ -406,6 +434,19 @@ class MegatronDistSource(CanonicalSource):
         keys = [shards[o] for o in sorted(shards)]
         if not keys:
             return None
+        # megatron-core saves a byte item as the list of its ShardedObjects' data
+        # (strategies/torch.py: _mcore_to_torch_sharded_object): one object per key here.
+        objects = self._objects(keys)
+        return [entry for k in keys for entry in objects[k]]
+
+    def _objects(self, keys: List[str]) -> Dict[str, Any]:
+        """The first ShardedObject of each byte item ``keys``, unpickled with
+        ``weights_only`` (Megatron's allow-listed globals)."""
+        import torch.distributed.checkpoint as dcp
+
+        from megacore.checkpointing.conversion.megatron_args import megatron_safe_globals
+        from megacore.checkpointing.safe_dcp import SafeLoadPlanner
+
         request: Dict[str, Any] = {k: io.BytesIO() for k in keys}
         # Metadata as for the tensors (_stacked); the byte items with weights_only.
         with torch.serialization.safe_globals(megatron_safe_globals()), \
@@ -413,9 +454,7 @@ class MegatronDistSource(CanonicalSource):
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(request, checkpoint_id=self.iter_dir, planner=SafeLoadPlanner(),
                      no_dist=True)
-        # megatron-core saves a byte item as the list of its ShardedObjects' data
-        # (strategies/torch.py: _mcore_to_torch_sharded_object): one object per key here.
-        return [entry for k in keys for entry in request[k][0]]
+        return {k: request[k][0] for k in keys}
 
     def _add_refs(self, key: str, canonical_key, dcp_key: Optional[str] = None) -> None:
         """Refs of the canonical tensors of one stacked checkpoint tensor ``key`` (a
@@ -429,15 +468,95 @@ class MegatronDistSource(CanonicalSource):
             self._register(canonical_key(name))
 
     def _index_optimizer(self, keys: List[str]) -> None:
-        """Megatron's non-distributed optimizer state (``megatron_optimizer``): moments
+        """Megatron's optimizer state (``megatron_optimizer``: the non-distributed
+        optimizer's, or the distributed optimizer's ``fully_reshardable`` form): moments
         and fp32 main params by sharded key; the weights are the main params of fp32
-        runs; one common step for every param."""
-        where = self.iter_dir
-        step, member = dist_optimizer_common(self._optimizer[0], where)
+        runs without them; one common step for every param."""
+        where, common = self.iter_dir, self._optimizer[0]
+        if isinstance(common, dict) and \
+                common.get("param_state_sharding_type") == DP_RESHARDABLE:
+            self._index_dp_buckets(keys, os.path.join(where, COMMON_FILENAME))
+            return
+        step, member = dist_optimizer_common(common, os.path.join(where, COMMON_FILENAME))
         for field, key, dcp_key in dist_optimizer_entries(keys, where):
             self._add_refs(key, lambda name, f=field: optimizer_key(f, name), dcp_key)
+        self._register_steps(step, member)
+
+    def _index_dp_buckets(self, keys: List[str], where: str) -> None:
+        """The distributed optimizer's ``dp_reshardable`` buckets
+        (``megatron_dp_buckets``): dense models at pp 1 without virtual stages; the
+        param groups and step from model-parallel rank 0's ``optimizer`` object."""
+        lay, desc = self.layout, self.description
+        if lay.pp > 1 or lay.num_chunks > 1 or desc.is_moe:
+            raise UnsupportedOptimizerState(
+                f"{where}: Megatron's distributed-optimizer state in sharding type "
+                f"'{DP_RESHARDABLE}' is read for dense models without pipeline "
+                f"parallelism only (this one: pp {lay.pp}, {lay.num_chunks} virtual "
+                f"stages, MoE {desc.is_moe}); resume with --no-load-optim")
+        prefixes = dp_bucket_keys(keys, lay.tp, where)
+        sizes = {g: [int(self.meta[f"{p}.param"].size[0]) for p in ps]
+                 for g, ps in prefixes.items()}
+        entries = {entry: [k for k in self.meta if k.startswith(dp_group_object_key(entry)
+                                                                 + "/")]
+                   for entry in ("optimizer", "grad_scaler")}
+        objects = self._objects([k for ks in entries.values() for k in ks[:1]])
+        state = {entry: objects[ks[0]] for entry, ks in entries.items() if ks}
+        step, member = distributed_optimizer_common(state, where)
+        self._dp_buckets = (prefixes, sizes)
         for name in list(self._names):
-            if optimizer_key("main_param", name) not in self.refs:
+            for field in DP_BUCKET_FIELDS:
+                self._register(optimizer_key(field, name))
+        self._register_steps(step, member)
+
+    def _dp_field(self, field: str) -> Dict[str, torch.Tensor]:
+        """Every param's ``field`` from the ``dp_reshardable`` buckets (cached); the
+        main params are checked against the weights first (:meth:`_check_dp_layout`)."""
+        if not self._dp_fields:
+            self._dp_fields["main_param"] = self._assemble_dp_field("main_param")
+            self._check_dp_layout(self._dp_fields["main_param"])
+        if field not in self._dp_fields:
+            self._dp_fields[field] = self._assemble_dp_field(field)
+        return self._dp_fields[field]
+
+    def _check_dp_layout(self, mains: Dict[str, torch.Tensor]) -> None:
+        """Each weight is its fp32 main param rounded to the weight's dtype (megatron-core
+        copies the main params into the model after every step): a param order or
+        padding that differs from megatron-core's would not match."""
+        for name, main in mains.items():
+            weight = self._read([model_key(name)])[model_key(name)]
+            if not torch.equal(main.to(weight.dtype), weight):
+                raise ConversionError(
+                    f"{self.iter_dir}: the distributed optimizer's main param of {name} "
+                    "does not match the weight: its bucket layout is not megatron-core "
+                    "0.16.1's as megacore derives it; resume with --no-load-optim")
+
+    def _assemble_dp_field(self, field: str) -> Dict[str, torch.Tensor]:
+        """One field from the buckets: each tp rank's params in megatron-core's order
+        with their local shapes (the weights split as Megatron splits them), sliced from
+        the buckets and merged over tp."""
+        prefixes, sizes = self._dp_buckets
+        desc, impl = self.description, getattr(self.megatron_args, "transformer_impl",
+                                               "local")
+        names = list(self.model_names())
+        order = megatron_module_order({megacore_to_megatron_name(n, impl, False): n
+                                       for n in names})
+        rows = int(self.meta[WORD_EMBEDDING].size[0])
+        padded = dataclasses.replace(desc, vocab_size=rows, config_dict=None)
+        weights = {n: self._raw(model_key(n)) for n in names}
+        shapes = [{n: tuple(split_for_tp(w, shard_rule(n, desc), padded,
+                                         self.layout.tp)[t].shape)
+                   for n, w in weights.items()} for t in range(self.layout.tp)]
+        return assemble_dp_field(
+            DP_BUCKET_FIELDS[field], list(order.items()), shapes, prefixes, sizes,
+            self._stacked, lambda n, parts: merge_from_tp(parts, shard_rule(n, desc), desc, n),
+            self.iter_dir)
+
+    def _register_steps(self, step: torch.Tensor, member: dict) -> None:
+        """One common step for every param; the weights are the main params of runs
+        without fp32 main params in the checkpoint."""
+        for name in list(self._names):
+            if optimizer_key("main_param", name) not in self.refs and \
+                    self._dp_buckets is None:
                 self.refs[optimizer_key("main_param", name)] = self.refs[model_key(name)]
                 self._register(optimizer_key("main_param", name))
             self._steps[optimizer_key("step", name)] = step
@@ -475,18 +594,27 @@ class MegatronDistSource(CanonicalSource):
             if key in self._steps:
                 out[key] = self._steps[key].clone()
                 continue
-            if key not in self.refs:
-                raise ConversionError(f"{self.iter_dir}: no tensor {key}")
-            dcp_key, index = self.refs[key]
-            tensor = self._stacked(dcp_key)[index] if index else self._stacked(dcp_key)
-            rule = shard_rule(parse_key(key)[1], self.description)
+            field, name = parse_key(key)
+            if field is not None and self._dp_buckets is not None:
+                out[key] = self._dp_field(field)[name].clone()
+                continue
+            tensor = self._raw(key)
+            rule = shard_rule(name, self.description)
             if rule.vocab:
                 tensor = tensor[:self.description.vocab_size]
             out[key] = tensor.clone()
         return out
 
+    def _raw(self, key: str) -> torch.Tensor:
+        """The checkpoint tensor of a canonical key (vocabulary rows still padded)."""
+        if key not in self.refs:
+            raise ConversionError(f"{self.iter_dir}: no tensor {key}")
+        dcp_key, index = self.refs[key]
+        return self._stacked(dcp_key)[index] if index else self._stacked(dcp_key)
+
     def close(self) -> None:
         self._cache.clear()
+        self._dp_fields.clear()
 
 
 # -- savers -------------------------------------------------------------------------------

@@ -163,7 +163,8 @@ def load_megatron_checkpoint(model_chunks, optimizer, opt_param_scheduler, *, lo
 
     Raises:
         CheckpointError: optimizer state asked for that the checkpoint lacks or megacore
-            does not read (Megatron's distributed optimizer),
+            does not read (distributed-optimizer layouts and sharding types listed in
+            docs/megatron_checkpoints.md),
             state for another model, or tensors the model needs are missing; the message
             names the file, flag or tensors.
     """

@@ -26,15 +26,29 @@ Member forms: ``FP32Optimizer`` saves ``{"state", "param_groups"}``;
 ``Float16OptimizerWithFloat16Params`` (``--bf16``/``--fp16``) saves ``{"optimizer": that,
 "grad_scaler", "fp32_from_fp16_params": [per group, the fp32 main copies of its
 half-precision params in order]}``; the distributed optimizer saves only hyper-parameters
-here and its moments in ``distrib_optim.pt`` (Megatron's flattened DDP buffers): refused.
+here and its moments in ``distrib_optim.pt`` (Megatron's flattened DDP buffers): read by
+``megatron_dp_buckets`` (the legacy source routes it there).
 
 torch_dist (``dist_checkpointing``): the non-distributed optimizer's
 ``sharded_state_dict`` names each param's state after the param's sharded key,
 ``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>`` (stacked and sharded like
 the weight), and keeps the rest in ``common.pt``: ``optimizer`` (or, mixed precision,
 ``optimizer.optimizer``) ``{"state": {"common_step": step}, "param_groups": [...]}`` and
-the grad scaler. Other optimizer keys (the distributed optimizer's buffers, chained
-prefixes) are refused.
+the grad scaler. Other optimizer keys (chained prefixes) are refused.
+
+torch_dist from the distributed optimizer (``--use-distributed-optimizer``,
+``distrib_optimizer.py``: ``DistributedOptimizer.sharded_state_dict``): ``common.pt``'s
+``optimizer`` entry is ``{"optimizer": {"param_groups": [... "step": n]}, ["grad_scaler"],
+"param_state_sharding_type": <type>}`` (the step is in every group, no ``state``). Of the
+types, ``fully_reshardable`` (Megatron-LM's ``--dist-ckpt-optim-fully-reshardable``)
+gathers the dp shards into whole tensors shaped like the param,
+``optimizer.state.<param|exp_avg|exp_avg_sq>.<model key>`` (``param``: the fp32 main
+param), so it maps by name as above. ``dp_reshardable`` (Megatron-LM's default) stores
+the flat DDP buckets and its groups in ShardedObjects (``common.pt`` holds only the type):
+``megatron_dp_buckets``, routed by the torch_dist source. ``dp_zero_gather_scatter`` (one
+pickled object per model-parallel rank), ``fully_sharded_model_space`` (flattened ranges,
+no longer saved by megatron-core 0.16.1) and ``fsdp_dtensor`` (Megatron-FSDP's DTensors)
+are refused, naming the type.
 
 megacore's form (``megacore.optimizer.optimizer``) is keyed by ``"<chunk>/<name>"`` with
 ``main_param`` (the fp32 master copy; the weight itself for fp32 params) and Adam's
@@ -52,13 +66,15 @@ from megacore.checkpointing.conversion.manifest import ConversionError
 
 __all__ = ["megatron_params", "megacore_optimizer_from_megatron",
            "megatron_optimizer_from_megacore", "UnsupportedOptimizerState",
-           "dist_optimizer_entries", "dist_optimizer_common",
+           "dist_optimizer_entries", "dist_optimizer_common", "distributed_optimizer_common",
+           "DP_RESHARDABLE",
            "megatron_dist_optimizer_common"]
 
 
 class UnsupportedOptimizerState(ConversionError):
-    """Megatron optimizer state of a kind megacore does not read (distributed optimizer,
-    decoupled learning rates): the converter notes it, loading it for training fails."""
+    """Megatron optimizer state of a kind megacore does not read (some distributed-optimizer
+    layouts and torch_dist sharding types, decoupled learning rates): the converter notes
+    it, loading it for training fails."""
 
 _HALF = (torch.float16, torch.bfloat16)
 _EXTRA_STATE = "_extra_state"
@@ -68,8 +84,13 @@ _GROUP_KEYS = ("lr", "weight_decay", "betas", "eps", "wd_mult", "lr_mult",
                "is_expert_parallel", "max_lr", "min_lr")
 
 Param = Tuple[int, str, torch.Tensor]  # (chunk, Megatron name, weight)
-_DIST_KEY = re.compile(r"^optimizer\.state\.(exp_avg_sq|exp_avg|fp32_param)\.(.+)$")
-_DIST_FIELDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "fp32_param": "main_param"}
+_DIST_KEY = re.compile(r"^optimizer\.state\.(exp_avg_sq|exp_avg|fp32_param|param)\.(.+)$")
+_DIST_FIELDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "fp32_param": "main_param",
+                "param": "main_param"}
+# DistributedOptimizer sharding types megacore reads: whole tensors named like the params
+# (here), and the flat buckets (megatron_dp_buckets, routed by the torch_dist source).
+DP_RESHARDABLE = "dp_reshardable"
+_READ_SHARDING_TYPES = ("fully_reshardable", DP_RESHARDABLE)
 
 
 def megatron_params(model_state_dicts: List[Dict[str, Any]]) -> List[Param]:
@@ -270,17 +291,52 @@ def dist_optimizer_common(common_optimizer: Any, where: str) -> Tuple[torch.Tens
                                         f"{type(common_optimizer).__name__}; resume with "
                                         "--no-load-optim")
     inner = common_optimizer.get("optimizer", common_optimizer)
+    if "param_state_sharding_type" in common_optimizer:
+        return _distributed_common(common_optimizer, where)
     state, groups = inner.get("state") or {}, inner.get("param_groups") or []
     if "common_step" not in state or not groups:
         raise UnsupportedOptimizerState(f"{where}: common.pt's optimizer entry has no "
                                         "common_step or param groups (keys "
                                         f"{sorted(common_optimizer)[:6]}); resume with "
                                         "--no-load-optim")
+    return _step_and_member(state["common_step"], groups, common_optimizer, where)
+
+
+def _step_and_member(step: Any, groups: list, common_optimizer: dict,
+                     where: str) -> Tuple[torch.Tensor, dict]:
     for group in groups:
         _check_group(group, where)
-    step = torch.as_tensor(state["common_step"], dtype=torch.float32).reshape(())
+    step = torch.as_tensor(step, dtype=torch.float32).reshape(())
     return step, {"param_groups": [{k: g[k] for k in _GROUP_KEYS if k in g} for g in groups],
                   "grad_scaler": common_optimizer.get("grad_scaler")}
+
+
+def _distributed_common(common_optimizer: dict, where: str) -> Tuple[torch.Tensor, dict]:
+    """:func:`dist_optimizer_common` for the distributed optimizer's
+    ``fully_reshardable`` type (``dp_reshardable`` keeps its groups in its own entries:
+    the torch_dist source reads them before calling here); other types are refused."""
+    sharding = common_optimizer["param_state_sharding_type"]
+    if sharding not in _READ_SHARDING_TYPES or sharding == DP_RESHARDABLE:
+        raise UnsupportedOptimizerState(
+            f"{where}: saved by Megatron's distributed optimizer with sharding type "
+            f"{sharding!r}, which megacore does not read here (it reads "
+            f"{', '.join(_READ_SHARDING_TYPES)} in torch_dist); resume with "
+            "--no-load-optim, or re-save from Megatron-LM with its default sharding or "
+            "--dist-ckpt-optim-fully-reshardable")
+    return distributed_optimizer_common(common_optimizer, where)
+
+
+def distributed_optimizer_common(state: dict, where: str) -> Tuple[torch.Tensor, dict]:
+    """``(step, megacore optimizer member without params)`` of megatron-core's
+    ``DistributedOptimizer.state_dict()`` (``{"optimizer": {"param_groups"},
+    ["grad_scaler"]}``): the step is every group's ``step``."""
+    inner = state.get("optimizer")
+    groups = inner.get("param_groups") if isinstance(inner, dict) else None
+    steps = {float(g["step"]) for g in groups or [] if g.get("step") is not None}
+    if len(steps) != 1:
+        raise ConversionError(f"{where}: the distributed optimizer's param groups hold "
+                              f"steps {sorted(steps)}, expected one common step")
+    return _step_and_member(steps.pop(), groups, state, where)
 
 
 def megatron_dist_optimizer_common(optimizer_common: Dict[str, Dict[str, Any]],

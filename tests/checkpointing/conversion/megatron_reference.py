@@ -19,6 +19,12 @@ gradient clipping is off (its check asserts CUDA tensors), the grad norm is stil
 computed and returned by ``step``. ``Float16OptimizerWithFloat16Params`` (bf16 models)
 accepts params whose ``type()`` names a CUDA tensor: :func:`cuda_type_names`.
 
+Distributed optimizer (``--use-distributed-optimizer``): megatron-core's own
+``DistributedDataParallel`` (grad buffers on the CPU: ``current_device`` is stubbed) and
+``DistributedOptimizer`` over gloo (:func:`megatron_distributed_optimizer`); its
+``fully_reshardable`` save gathers the dp shards with ``Tensor.cuda()`` copies, which
+:func:`cpu_tensor_moves` makes the identity.
+
 Checkpoints are written as Megatron-LM's ``save_checkpoint`` writes them
 (``megatron/training/checkpointing.py``: ``generate_state_dict``): legacy rank files
 ``{args, checkpoint_version: 3.0, iteration, model | model0.., optimizer,
@@ -116,19 +122,15 @@ def build_model(kind: str, tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 3)
     torch.manual_seed(seed)
     spec = get_gpt_layer_local_spec(num_experts=f["num_experts"],
                                     normalization=f["normalization"])
-    cuda = torch.Tensor.cuda
     # With tied embeddings and pp > 1 the constructor moves the shared weight to the GPU
     # and all-reduces it over the embedding group (the last stage's copy starts at 0):
     # keep it on the CPU, the all-reduce runs on gloo.
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
+    with cpu_tensor_moves():
         model = GPTModel(config, spec, vocab_size=PADDED_VOCAB, max_sequence_length=SEQ,
                          pre_process=mps.is_pipeline_first_stage(),
                          post_process=mps.is_pipeline_last_stage(), parallel_output=False,
                          share_embeddings_and_output_weights=not f["untie"],
                          position_embedding_type=f["position_embedding_type"])
-    finally:
-        torch.Tensor.cuda = cuda
     with torch.no_grad():  # norms start at 1, biases at 0: perturb them
         for name, param in model.named_parameters():
             if param.dim() == 1 and "router" not in name:
@@ -284,6 +286,85 @@ def megatron_optimizer(model, bf16: bool = False):
     return optimizer, OptimizerParamScheduler(optimizer, **SCHEDULE)
 
 
+def megatron_distributed_optimizer(model, bucket_size=None, bf16: bool = False):
+    """``(ddp, optimizer, scheduler)``: ``model`` wrapped in megatron-core's DDP with the
+    distributed optimizer (fp32 grad buffers, dp shards of the main params and moments),
+    as Megatron-LM builds them for ``--use-distributed-optimizer``; ``bucket_size``
+    (elements): several buckets, as ``--overlap-grad-reduce --ddp-bucket-size`` give;
+    ``bf16``: the model's params are bf16 (fp32 main params in the optimizer)."""
+    from megatron.core.distributed import (DistributedDataParallel,
+                                           DistributedDataParallelConfig)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                               grad_reduce_in_fp32=True,
+                                               overlap_grad_reduce=bucket_size is not None,
+                                               bucket_size=bucket_size)
+    with cpu_tensors():
+        ddp = DistributedDataParallel(model.config, ddp_config, model)
+    config = OptimizerConfig(optimizer="adam", lr=LR, min_lr=MIN_LR,
+                             weight_decay=WEIGHT_DECAY, clip_grad=0.0,
+                             use_distributed_optimizer=True, bf16=bf16)
+    with cpu_tensors(), cuda_type_names():
+        optimizer = get_megatron_optimizer(config, [ddp])
+    return ddp, optimizer, OptimizerParamScheduler(optimizer, **SCHEDULE)
+
+
+def ddp_train_step(ddp, optimizer, scheduler, step: int):
+    """:func:`train_step` through megatron-core's DDP: the grads are reduced (and, with
+    the distributed optimizer, the updated params all-gathered) by megatron-core."""
+    ids, labels = batch(step)
+    loss = token_loss(ddp(ids, *causal_inputs()), labels)
+    loss.backward()
+    ddp.finish_grad_sync()
+    with cpu_tensors(), cuda_type_names():
+        ok, grad_norm, _ = optimizer.step()
+    assert ok
+    optimizer.zero_grad()
+    ddp.zero_grad_buffer()
+    scheduler.step(increment=1)
+    return loss.item(), float(grad_norm)
+
+
+def distributed_adam_state_by_name(model, optimizer) -> dict:
+    """``{param name: {range, exp_avg, exp_avg_sq, main_param, step}}`` of this dp rank's
+    shards in megatron-core's distributed optimizer (through its own
+    ``_get_main_param_and_optimizer_states``); ``range``: the ``(start, end)`` slice of the
+    flattened param the shard holds. Params without a shard on this rank are absent."""
+    out = {}
+    for member in optimizer.chained_optimizers:
+        for gbuf_range_maps in member.gbuf_ranges:
+            for bucket_maps in gbuf_range_maps.values():
+                for bucket_map in bucket_maps:
+                    for param, ranges in bucket_map["param_map"].items():
+                        out[_param_name(model, param)] = _shard_state(member, param, ranges)
+    return out
+
+
+def _param_name(model, param) -> str:
+    return next(name for name, p in model.named_parameters() if p is param)
+
+
+def _shard_state(member, param, ranges) -> dict:
+    tensors = member._get_main_param_and_optimizer_states(param)
+    return {"range": (ranges["param"].start, ranges["param"].end),
+            "main_param": tensors["param"].detach().clone(),
+            "exp_avg": tensors["exp_avg"].clone(), "exp_avg_sq": tensors["exp_avg_sq"].clone(),
+            "step": tensors["step"].clone()}
+
+
+@contextlib.contextmanager
+def cpu_tensor_moves():
+    """``Tensor.cuda()`` returns the tensor itself (megatron-core's dp gathers)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
 def batch(step: int):
     """Tokens and next-token labels ``[b, s]`` of training iteration ``step``."""
     ids = tokens(seed=100 + step)
@@ -374,11 +455,13 @@ def save_legacy(save_dir: str, kind: str, model_state_dicts, tp_rank: int, pp_ra
 
 
 def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int, *,
-                    optimizer=None, scheduler=None) -> None:
+                    optimizer=None, scheduler=None, metadata=None,
+                    bf16: bool = False) -> None:
     """A ``torch_dist`` checkpoint through megatron-core's ``dist_checkpointing.save``
     (collective over the ranks that hold the model); with ``optimizer``, its
     ``sharded_state_dict`` of the model's and the scheduler state, as Megatron-LM's
-    ``generate_state_dict`` adds them."""
+    ``generate_state_dict`` adds them; ``metadata``: Megatron-LM's sharded state dict
+    metadata (``distrib_optim_sharding_type`` for the distributed optimizer)."""
     from megatron.core import dist_checkpointing
 
     iter_dir = os.path.join(save_dir, f"iter_{ITERATION:07d}")
@@ -386,17 +469,38 @@ def save_torch_dist(save_dir: str, kind: str, model, tp: int, pp: int, ep: int, 
         os.makedirs(iter_dir, exist_ok=True)
     dist.barrier()
     state = {"model": model.sharded_state_dict(),
-             "args": megatron_args(kind, tp, pp, ep, "torch_dist"),
+             "args": megatron_args(kind, tp, pp, ep, "torch_dist", bf16=bf16),
              "checkpoint_version": 3.0, "iteration": ITERATION,
              "num_floating_point_operations_so_far": 123.0}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+        with cpu_tensor_moves():
+            state["optimizer"] = optimizer.sharded_state_dict(state["model"],
+                                                              metadata=metadata)
         state["opt_param_scheduler"] = scheduler.state_dict()
         state["rng_state"] = _sharded_rng_state()
     dist_checkpointing.save(state, iter_dir)
     if dist.get_rank() == 0:
         with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write(str(ITERATION))
+    dist.barrier()
+
+
+def save_legacy_distributed(save_dir: str, kind: str, model, optimizer, scheduler,
+                            tp: int, bf16: bool = False) -> None:
+    """A legacy checkpoint of the distributed optimizer as Megatron-LM's
+    ``save_checkpoint`` writes it (collective over the ranks): dp rank 0 of each tp rank
+    writes the rank file (the optimizer entry: ``state_dict()``, param groups only), then
+    ``save_parameter_state`` gathers the dp shards into ``distrib_optim.pt`` beside it."""
+    from megatron.core import parallel_state as mps
+
+    tp_rank = mps.get_tensor_model_parallel_rank()
+    if mps.get_data_parallel_rank() == 0:
+        save_legacy(save_dir, kind, [model.state_dict()], tp_rank, 0, 0, tp, 1, 1,
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    bf16=bf16)
+    dist.barrier()
+    optimizer.save_parameter_state(os.path.join(
+        save_dir, f"iter_{ITERATION:07d}", f"mp_rank_{tp_rank:02d}", "distrib_optim.pt"))
     dist.barrier()
 
 

@@ -79,14 +79,16 @@ def _megatron_train(root):
 
 def _megacore_resume(load_dir, tp, no_load_optim=False):
     """Rank body: megacore's model and optimizer at ``tp`` load the Megatron checkpoint
-    directly; returns its moments, RNG draws, and iterations 2-3."""
-    from megacore.checkpointing.conversion.megatron_format import open_megatron_source
+    directly (or a megacore one, its conversion); returns its moments, RNG draws, and
+    iterations 2-3."""
+    from megacore.checkpointing import load_checkpoint
+    from megacore.checkpointing.conversion.megatron_format import is_megatron_checkpoint
     from megacore.checkpointing.conversion.megatron_load import load_megatron_checkpoint
     from megacore.optimizer import OptimizerConfig, OptimizerParamScheduler
     from megacore.optimizer.optimizer_factory import get_megatron_optimizer
     from tests.checkpointing.conversion import fixtures as fx
 
-    source = open_megatron_source(load_dir)
+    source = open_source("auto", load_dir, load_optimizer=False)
     desc = source.description
     source.close()
     model = fx.build_model(desc, tp, 1, 1, seed=5).train()
@@ -94,9 +96,9 @@ def _megacore_resume(load_dir, tp, no_load_optim=False):
         OptimizerConfig(optimizer="adam", lr=mr.LR, min_lr=mr.MIN_LR,
                         weight_decay=mr.WEIGHT_DECAY, clip_grad=0.0), [model])
     scheduler = OptimizerParamScheduler(optimizer, **mr.SCHEDULE)
-    iteration, *_ = load_megatron_checkpoint([model], optimizer, scheduler, load_dir=load_dir,
-                                             no_load_optim=no_load_optim,
-                                             no_load_rng=tp != 2)
+    load = load_megatron_checkpoint if is_megatron_checkpoint(load_dir) else load_checkpoint
+    iteration, *_ = load([model], optimizer, scheduler, load_dir=load_dir,
+                         no_load_optim=no_load_optim, no_load_rng=tp != 2)
     out = {"iteration": iteration, "draws": _draws(), "num_steps": scheduler.num_steps,
            "params": optimizer.state_dict()["params"] if not no_load_optim else None}
     losses = []
@@ -316,7 +318,7 @@ def _megacore_bf16_load(load_dir):
     from megacore.optimizer import OptimizerConfig, get_megatron_optimizer
     from tests.checkpointing.conversion import fixtures as fx
 
-    source = open_megatron_source(load_dir)
+    source = open_source("auto", load_dir, load_optimizer=False)
     desc = source.description
     source.close()
     model = fx.build_model(desc, 1, 1, 1, seed=5)
