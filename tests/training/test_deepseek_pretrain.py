@@ -21,6 +21,7 @@ LAYOUTS = [
     ("tp2_sp", 2, "--tensor-model-parallel-size 2 --sequence-parallel"),
     ("tp4_sp", 4, "--tensor-model-parallel-size 4 --sequence-parallel"),
     ("cp2", 2, "--context-parallel-size 2"),
+    ("cp2_pp2", 4, "--context-parallel-size 2 --pipeline-model-parallel-size 2"),
     ("pp2", 2, "--pipeline-model-parallel-size 2"),
     ("ep2", 2, "--expert-model-parallel-size 2"),
 ]
