@@ -11,9 +11,9 @@ and back (exact inverses, so HF -> megacore -> HF is bitwise). Layout facts:
 * RoPE: HF rotates halves (``rotate_half``), like megacore's default; with
   ``rotary_interleaved`` the q/k rows of each head are permuted (pairs ``(2i, 2i+1)`` <->
   ``(i, i + hn/2)``).
-* SwiGLU: megacore's fc1 is ``[gate; up]`` (``tensor_rules``' stride 2 splits it for tp);
-  HF has ``gate_proj``/``up_proj`` (Mixtral experts: ``w1`` gate, ``w3`` up, ``w2`` down;
-  the router is ``block_sparse_moe.gate``).
+* SwiGLU: megacore's fc1 is ``[gate; up]`` (its stride 2, read from the layer by
+  ``tensor_split``, splits it for tp); HF has ``gate_proj``/``up_proj`` (Mixtral
+  experts: ``w1`` gate, ``w3`` up, ``w2`` down; the router is ``block_sparse_moe.gate``).
 * Qwen2: ``q/k/v_proj`` have biases (megacore's ``add_qkv_bias``: the fused QKV bias,
   laid out like the weight rows). Qwen3: per-head RMSNorms ``q_norm``/``k_norm`` over
   ``hn`` channels, before RoPE (megacore's ``qk_layernorm``).
@@ -70,8 +70,8 @@ from megacore.checkpointing.conversion.model_description import GPTDescription
 from megacore.checkpointing.conversion.tensor_rules import OUTPUT_LAYER, WORD_EMBEDDING
 
 __all__ = ["MappingGroup", "HF_ARCHITECTURES", "refuse_extra_layers", "mapping_groups",
-           "choose_architecture", "description_from_hf_config", "hf_config_from_description", "qkv_to_megacore",
-           "qkv_from_megacore"]
+           "choose_architecture", "description_from_hf_config", "hf_config_from_description",
+           "qkv_to_megacore", "qkv_from_megacore"]
 
 DEEPSEEK, QWEN3_MOE = "DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM"
 HF_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
