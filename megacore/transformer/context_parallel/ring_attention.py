@@ -358,45 +358,46 @@ def _fused_kernel(device_type: str, scale: float):
     return _CudaEfficientKernel(scale) if device_type == "cuda" else _CpuFusedKernel(scale)
 
 
-def _fused_ring_forward(ring: Optional[_Ring], q4, kv, kernel, causal):
-    """Ring on fused blocks: ``out [b, np, s, hn]`` and ``lse [b, np, s]`` (float32)."""
+def _ring_steps(ring: Optional[_Ring], kv, seq: int, causal: bool):
+    """The ring walk every pass shares. Yields ``(step, block, rows, cols, kv)`` per step:
+    the block plan, its query rows and key columns in this rank's ``seq`` rows, and the K/V
+    block held at that step. The next block's transfer starts before the step is yielded
+    (overlapping the caller's compute) and is waited for when the caller asks for the next
+    step."""
     cp_size, cp_rank = (ring.size, ring.rank) if ring is not None else (1, 0)
-    seq = q4.size(2)
-    out = lse = None
     for step in range(cp_size):
         transfer = ring.shift(kv, _KV_TAG) if step + 1 < cp_size else None
         block = ring_block_plan(step, cp_rank, cp_size, causal)
-        rows, cols = _rows(block.query, seq), _rows(block.key, seq)
+        yield step, block, _rows(block.query, seq), _rows(block.key, seq), kv
+        if transfer is not None:
+            kv = transfer.wait()
+
+
+def _fused_ring_forward(ring: Optional[_Ring], q4, kv, kernel, causal):
+    """Ring on fused blocks: ``out [b, np, s, hn]`` and ``lse [b, np, s]`` (float32)."""
+    out = lse = None
+    for _, block, rows, cols, kv in _ring_steps(ring, kv, q4.size(2), causal):
         block_out, block_lse = kernel.forward(q4[..., rows, :], kv[0][..., cols, :],
                                               kv[1][..., cols, :], block.causal)
         if out is None:  # step 0 covers every query row
             out, lse = block_out.float(), block_lse.float()
         else:
             _merge_into(out[..., rows, :], lse[..., rows], block_out.float(), block_lse)
-        if transfer is not None:
-            kv = transfer.wait()
     return out, lse
 
 
 def _fused_ring_backward(ring: Optional[_Ring], q4, kv, out4, lse, dout4, kernel, causal):
     """Returns ``dq [b, np, s, hn]`` and ``dkv [2, b, ng, s, hn]`` (float32)."""
-    cp_size, cp_rank = (ring.size, ring.rank) if ring is not None else (1, 0)
-    seq = q4.size(2)
     dq = torch.zeros(q4.shape, dtype=torch.float32, device=q4.device)
     dkv_transfer: Optional[_Transfer] = None
     dkv = None
-    for step in range(cp_size):
-        kv_transfer = ring.shift(kv, _KV_TAG) if step + 1 < cp_size else None
-        block = ring_block_plan(step, cp_rank, cp_size, causal)
-        rows, cols = _rows(block.query, seq), _rows(block.key, seq)
+    for _, block, rows, cols, kv in _ring_steps(ring, kv, q4.size(2), causal):
         # The merged output and LSE make the kernel's backward the block's exact share.
         block_dq, dk, dv = kernel.backward(
             dout4[..., rows, :], q4[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :],
             out4[..., rows, :], lse[..., rows].contiguous(), block.causal)
         dq[..., rows, :] += block_dq
         dkv, dkv_transfer = _pass_dkv(kv, dkv_transfer, ring, cols, dk, dv)
-        if kv_transfer is not None:
-            kv = kv_transfer.wait()
     if dkv_transfer is not None:
         dkv = dkv_transfer.wait()
     return dq, dkv
@@ -456,13 +457,8 @@ def _block_keep(dropout: Optional[_Dropout], step, cp_rank, cp_size, rows, cols,
 def _ring_forward(ring: Optional[_Ring], q5, kv, scale, causal, dropout: Optional[_Dropout]):
     """Run the ring; returns ``out [b, ng, g, s, hn]`` and ``lse [b, ng, g, s]`` (fp32)."""
     cp_size, cp_rank = (ring.size, ring.rank) if ring is not None else (1, 0)
-    seq = q5.size(3)
     out = lse = None
-    for step in range(cp_size):
-        # Start the next block's transfer before computing this one (overlap).
-        transfer = ring.shift(kv, _KV_TAG) if step + 1 < cp_size else None
-        block = ring_block_plan(step, cp_rank, cp_size, causal)
-        rows, cols = _rows(block.query, seq), _rows(block.key, seq)
+    for step, block, rows, cols, kv in _ring_steps(ring, kv, q5.size(3), causal):
         keep, p = _block_keep(dropout, step, cp_rank, cp_size, rows, cols, q5.shape)
         block_out, block_lse = _block_forward(q5[..., rows, :], kv[0][..., cols, :],
                                               kv[1][..., cols, :], scale, block.causal,
@@ -471,8 +467,6 @@ def _ring_forward(ring: Optional[_Ring], q5, kv, scale, causal, dropout: Optiona
             out, lse = block_out, block_lse
         else:
             _merge_into(out[..., rows, :], lse[..., rows], block_out, block_lse)
-        if transfer is not None:
-            kv = transfer.wait()
     return out, lse
 
 
@@ -480,15 +474,11 @@ def _ring_backward(ring: Optional[_Ring], q5, kv, out5, lse, dout5, scale, causa
                    dropout: Optional[_Dropout]):
     """Returns ``dq [b, ng, g, s, hn]`` and ``dkv [2, b, ng, s, hn]`` (fp32)."""
     cp_size, cp_rank = (ring.size, ring.rank) if ring is not None else (1, 0)
-    seq = q5.size(3)
     delta = (dout5.float() * out5.float()).sum(-1)  # rowsum(dO * O): [b, ng, g, s]
     dq = torch.zeros(q5.shape, dtype=torch.float32, device=q5.device)
     dkv_transfer: Optional[_Transfer] = None
     dkv = None
-    for step in range(cp_size):
-        kv_transfer = ring.shift(kv, _KV_TAG) if step + 1 < cp_size else None
-        block = ring_block_plan(step, cp_rank, cp_size, causal)
-        rows, cols = _rows(block.query, seq), _rows(block.key, seq)
+    for step, block, rows, cols, kv in _ring_steps(ring, kv, q5.size(3), causal):
         keep, p = _block_keep(dropout, step, cp_rank, cp_size, rows, cols, q5.shape)
         block_dq, dk, dv = _block_backward(
             q5[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :],
@@ -496,8 +486,6 @@ def _ring_backward(ring: Optional[_Ring], q5, kv, out5, lse, dout5, scale, causa
             keep, p)
         dq[..., rows, :] += block_dq
         dkv, dkv_transfer = _pass_dkv(kv, dkv_transfer, ring, cols, dk, dv)
-        if kv_transfer is not None:
-            kv = kv_transfer.wait()
     if dkv_transfer is not None:
         dkv = dkv_transfer.wait()
     return dq, dkv
